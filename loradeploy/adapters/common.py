@@ -1,0 +1,74 @@
+"""Helpers shared by the per-method readers."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..errors import AdapterFormatError
+from ..ir import HEAD_PREFIXES, IRError
+from .checkpoint import Checkpoint, ReadOptions
+from ..tensorio import load_tensors
+
+
+@contextlib.contextmanager
+def blame(path: Path):
+    """Re-raise IR consistency errors as format errors naming ``path``."""
+    try:
+        yield
+    except IRError as e:
+        raise AdapterFormatError(path, str(e)) from e
+
+
+def group_by_module(tensors: dict[str, torch.Tensor], pattern: re.Pattern) -> dict[str, dict]:
+    """Group keys matched by ``pattern`` (groups ``module`` and ``role``) per module path."""
+    groups: dict[str, dict] = defaultdict(dict)
+    for key, t in tensors.items():
+        m = pattern.match(key)
+        if m:
+            groups[m["module"]][m["role"]] = t
+    return dict(groups)
+
+
+def require(path: Path, module: str, parts: dict, roles: tuple[str, ...]) -> None:
+    missing = [r for r in roles if r not in parts]
+    if missing:
+        raise AdapterFormatError(path, f"module {module}: missing {', '.join(missing)}")
+
+
+def head_tensors(tensors: dict[str, torch.Tensor], strip: str = "") -> dict[str, torch.Tensor]:
+    """Task-head tensors (classifier etc.) among ``tensors``, keys without ``strip``."""
+    out = {}
+    for key, t in tensors.items():
+        name = key[len(strip):] if strip and key.startswith(strip) else key
+        if name.startswith(HEAD_PREFIXES):
+            out[name] = t
+    return out
+
+
+def load_head(ckpt: Checkpoint, options: ReadOptions) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """A head the user names (``--head``) or a ``head.safetensors`` beside the checkpoint."""
+    path = options.head or (ckpt.folder / "head.safetensors")
+    if options.head is None and not path.is_file():
+        return {}, []
+    tensors = load_tensors(path)
+    head = head_tensors(tensors)
+    if not head:
+        raise AdapterFormatError(
+            path, f"no head tensors (names starting with {', '.join(HEAD_PREFIXES)})"
+        )
+    return head, [path]
+
+
+def positive_number(path: Path, name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not v > 0 or v == float("inf"):
+        raise AdapterFormatError(path, f"{name} must be a positive number, got {value!r}")
+    return v

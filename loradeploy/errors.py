@@ -1,0 +1,39 @@
+"""The one exception family of loradeploy.
+
+Library code raises a subclass of :class:`LoradeployError` with a one-line message that names
+the file or value at fault and, where there is one, the fix. Only ``cli.main`` catches them.
+"""
+
+from __future__ import annotations
+
+
+class LoradeployError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug."""
+
+    exit_code = 2
+
+
+class AdapterFileError(LoradeployError):
+    """A checkpoint file cannot be read (missing, truncated, corrupt, unsafe pickle)."""
+
+    def __init__(self, path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+class AdapterFormatError(LoradeployError):
+    """The file reads, but its tensors do not form a valid adapter of the claimed format."""
+
+    def __init__(self, path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+class BaseModelError(LoradeployError):
+    """The base model cannot be resolved or loaded, or does not fit the adapter."""
+
+
+class OutputError(LoradeployError):
+    """The output location cannot be written."""

@@ -1,0 +1,44 @@
+"""Artifacts are written to a temporary folder beside their destination and renamed into
+place only when complete, so a failure or a kill never leaves a half-written output."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import OutputError
+
+
+def _check_destination(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"{out}: folder exists and is not empty (pass --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path | str, overwrite: bool = False):
+    """Yield a temporary folder; on success it replaces ``out``, on error it is removed."""
+    out = Path(out).absolute()
+    _check_destination(out, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write here ({e.strerror or e})") from e
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,72 @@
+"""Human-readable output of the CLI (rich tables); ``--json`` bypasses this module."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False)
+
+
+def human_bytes(n: int | float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _bits(bits: dict) -> str:
+    return " ".join(f"{k.removeprefix('lora_')}:{v}" for k, v in bits.items()) or "-"
+
+
+def print_inspect(record: dict) -> None:
+    t = record["totals"]
+    console.print(f"[bold]{record['sources'][0]['path']}[/bold]")
+    console.print(f"format: {record['method']}   task: {record['task']}"
+                  + (f" ({record['num_labels']} labels)" if record["num_labels"] else ""))
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("module", "out×in", "scale", "rank", "bytes", "bits"):
+        table.add_column(col, justify="left" if col in ("module", "bits") else "right")
+    for m in record["modules"]:
+        rank = f"{m['rank_before']} → {m['rank_after']}"
+        size = f"{human_bytes(m['bytes_before'])} → {human_bytes(m['bytes_after'])}"
+        table.add_row(m["name"], "×".join(map(str, m["shape"])), f"{m['scale']:.4g}", rank, size,
+                      _bits(m["bits"]))
+    console.print(table)
+    console.print(
+        f"modules {t['modules_before']} → {t['modules_after']}, rank {t['rank_before']} → "
+        f"{t['rank_after']}, LoRA bytes {human_bytes(t['bytes_before'])} → "
+        f"{human_bytes(t['bytes_after'])}, params {t['params_before']:,}"
+        + (f", extra tensors {human_bytes(t['extra_bytes'])}" if t["extra_bytes"] else "")
+    )
+    for note in record["notes"]:
+        console.print(f"note: {note}")
+
+
+def print_prune(record: dict) -> None:
+    t = record["totals"]
+    out = record["output"]
+    console.print(
+        f"{record['method']}: rank {t['rank_before']} → {t['rank_after']}, modules "
+        f"{t['modules_before']} → {t['modules_after']}, LoRA bytes {human_bytes(t['bytes_before'])} → "
+        f"{human_bytes(t['bytes_after'])}; ΔW {'unchanged' if t['exact'] else 'changed (tolerance)'}"
+    )
+    console.print(f"wrote {out['folder']}: {', '.join(out['files'])}")
+    for note in record["notes"]:
+        console.print(f"note: {note}")
+
+
+def print_summary_table(rows: list[dict]) -> None:
+    """The demo's one-line-per-adapter table."""
+    table = Table(title="inspect + prune", show_edge=False)
+    for col in ("adapter", "format", "modules", "rank", "LoRA bytes", "saved", "ΔW exact"):
+        table.add_column(col, justify="left" if col in ("adapter", "format") else "right")
+    for r in rows:
+        t = r["totals"]
+        saved = 1 - t["bytes_after"] / t["bytes_before"] if t["bytes_before"] else 0
+        table.add_row(r["name"], r["method"], f"{t['modules_before']} → {t['modules_after']}",
+                      f"{t['rank_before']} → {t['rank_after']}",
+                      f"{human_bytes(t['bytes_before'])} → {human_bytes(t['bytes_after'])}",
+                      f"{saved:.0%}", "yes" if t["exact"] else "NO")
+    console.print(table)
