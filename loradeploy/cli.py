@@ -98,6 +98,7 @@ def _emit(record: dict, as_json: bool, printer) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: known errors print one line and exit 2; bugs keep their traceback."""
+    _quiet_third_party_logs()
     try:
         cli.main(args=argv, prog_name="loradeploy", standalone_mode=False)
     except LoradeployError as e:
@@ -114,6 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as e:
         return e.exit_code
     return 0
+
+
+def _quiet_third_party_logs() -> None:
+    """Keep stderr for our own messages: bitsandbytes warns on import about optional hub
+    kernels it cannot fetch, transformers about heads it initialises."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 if __name__ == "__main__":

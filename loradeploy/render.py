@@ -6,6 +6,8 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(highlight=False)
+if not console.is_terminal:  # pipes and CI logs: do not squeeze tables into 80 columns
+    console.width = 160
 
 
 def human_bytes(n: int | float) -> str:
@@ -27,7 +29,8 @@ def print_inspect(record: dict) -> None:
                   + (f" ({record['num_labels']} labels)" if record["num_labels"] else ""))
     table = Table(show_edge=False, pad_edge=False)
     for col in ("module", "out×in", "scale", "rank", "bytes", "bits"):
-        table.add_column(col, justify="left" if col in ("module", "bits") else "right")
+        table.add_column(col, justify="left" if col in ("module", "bits") else "right",
+                         no_wrap=col != "module", overflow="fold")
     for m in record["modules"]:
         rank = f"{m['rank_before']} → {m['rank_after']}"
         size = f"{human_bytes(m['bytes_before'])} → {human_bytes(m['bytes_after'])}"
