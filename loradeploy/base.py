@@ -44,6 +44,7 @@ def load_torch_model(folder: Path, task: Task, num_labels: int | None = None):
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     classes = {
         Task.SEQUENCE_CLASSIFICATION: transformers.AutoModelForSequenceClassification,
         Task.FEATURE_EXTRACTION: transformers.AutoModel,
