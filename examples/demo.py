@@ -1,7 +1,9 @@
 """`make demo`: inspect and exactly prune the three shipped example adapters (SoRA, IncreLoRA,
-Bayesian-LoRA, all trained on all-MiniLM-L6-v2) and print one table.
+Bayesian-LoRA, all trained on all-MiniLM-L6-v2) and print one table; then export the SoRA
+adapter to ONNX Runtime (`loradeploy export --target onnx-cpu`) and print its validation table.
 
-Each pruned adapter is written as a PEFT LoRA folder under out/demo/<method>/.
+Pruned adapters are written as PEFT LoRA folders under out/demo/<method>/, the ONNX artifact
+to out/demo/onnx-cpu/ (manifest.json, report.html).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from pathlib import Path
 
 from loradeploy.cli import _quiet_third_party_logs
 from loradeploy.errors import LoradeployError
+from loradeploy.export import AdapterSpec, export
 from loradeploy.pipeline import prune_adapter
-from loradeploy.render import console, print_summary_table
+from loradeploy.render import console, print_export, print_summary_table, progress_steps
 
 HERE = Path(__file__).resolve().parent
 ADAPTERS = {"sora": HERE / "adapters" / "sora", "increlora": HERE / "adapters" / "increlora",
@@ -34,8 +37,17 @@ def main() -> int:
     for r in rows:
         for note in r["notes"]:
             console.print(f"{r['name']}: {note}")
-    console.print(f"pruned PEFT adapters written under {OUT}")
-    return 0
+    console.print(f"pruned PEFT adapters written under {OUT}\n")
+    console.print("[bold]loradeploy export --base minilm --adapter examples/adapters/sora --target onnx-cpu[/]")
+    try:
+        with progress_steps() as step:
+            record = export("minilm", [AdapterSpec("sora", ADAPTERS["sora"])], "onnx-cpu", OUT / "onnx-cpu",
+                            overwrite=True, progress=step)
+    except LoradeployError as e:
+        console.print(f"error: {e}")
+        return 2
+    print_export(record)
+    return 0 if record["validation"]["passed"] else 1
 
 
 if __name__ == "__main__":

@@ -89,6 +89,62 @@ def prune_cmd(path, out, method, lora_alpha, lora_r, head, tolerance, overwrite,
     _emit(record, as_json, print_prune)
 
 
+@cli.command("export")
+@click.option("--base", required=True, help="Base model: a Hugging Face folder or a built-in alias (minilm).")
+@click.option("--adapter", "adapters", required=True, multiple=True, metavar="[NAME=]PATH",
+              help="Adapter checkpoint (file or folder); repeat for several adapters in one swappable artifact.")
+@click.option("--target", required=True, help="Target profile name (see `loradeploy targets`) or a .yaml path.")
+@click.option("--mode", type=click.Choice(["merged", "swappable"]), help="Default: the profile's.")
+@click.option("--eval", "eval_path", type=click.Path(dir_okay=False), help="JSON lines {text, label}; default: the shipped example set.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@adapter_options
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def export_cmd(base, adapters, target, mode, eval_path, out, method, lora_alpha, lora_r, head, overwrite, as_json):
+    """Export adapters on a base for a target, validate there, write manifest + report.
+
+    Exits 1 when a validation measure is outside the profile's budget."""
+    from .export import AdapterSpec, export
+    from .render import print_export, progress_steps
+
+    with progress_steps(not as_json) as step:
+        record = export(base, [AdapterSpec.parse(a) for a in adapters], target, Path(out), mode,
+                        Path(eval_path) if eval_path else None, Method(method) if method else None,
+                        _read_options(lora_alpha, lora_r, head), overwrite, step)
+    _emit(record, as_json, print_export)
+    return 0 if record["validation"]["passed"] else 1
+
+
+@cli.command("validate")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--eval", "eval_path", type=click.Path(dir_okay=False), help="JSON lines {text, label}; default: the shipped example set.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def validate_cmd(artifact, eval_path, as_json):
+    """Validate an exported artifact again against the fp32 reference (exit 1 on FAIL)."""
+    from .export import revalidate
+    from .render import print_validation, progress_steps
+
+    with progress_steps(not as_json) as step:
+        record = revalidate(Path(artifact), Path(eval_path) if eval_path else None, step)
+    _emit(record, as_json, print_validation)
+    return 0 if record["validation"]["passed"] else 1
+
+
+@cli.command("targets")
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+def targets_cmd(as_json):
+    """List the target profiles (built-in and from LORADEPLOY_TARGETS folders)."""
+    from .manifest import profile_dict
+    from .render import print_targets
+    from .targets.profile import load_profile, profile_paths
+
+    profiles = [profile_dict(load_profile(str(p))) for p in profile_paths().values()]
+    if as_json:
+        click.echo(json.dumps(profiles, indent=2))
+    else:
+        print_targets(profiles)
+
+
 def _emit(record: dict, as_json: bool, printer) -> None:
     if as_json:
         click.echo(json.dumps(record, indent=2, default=str))
@@ -100,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: known errors print one line and exit 2; bugs keep their traceback."""
     _quiet_third_party_logs()
     try:
-        cli.main(args=argv, prog_name="loradeploy", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="loradeploy", standalone_mode=False)
     except LoradeployError as e:
         if os.environ.get(DEBUG_ENV):
             raise
@@ -114,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except click.exceptions.Exit as e:
         return e.exit_code
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _quiet_third_party_logs() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(highlight=False)
@@ -34,7 +35,7 @@ def print_inspect(record: dict) -> None:
     for m in record["modules"]:
         rank = f"{m['rank_before']} → {m['rank_after']}"
         size = f"{human_bytes(m['bytes_before'])} → {human_bytes(m['bytes_after'])}"
-        table.add_row(m["name"], "×".join(map(str, m["shape"])), f"{m['scale']:.4g}", rank, size,
+        table.add_row(escape(m["name"]), "×".join(map(str, m["shape"])), f"{m['scale']:.4g}", rank, size,
                       _bits(m["bits"]))
     console.print(table)
     console.print(
@@ -73,3 +74,60 @@ def print_summary_table(rows: list[dict]) -> None:
                       f"{human_bytes(t['bytes_before'])} → {human_bytes(t['bytes_after'])}",
                       f"{saved:.0%}", "yes" if t["exact"] else "NO")
     console.print(table)
+
+
+def print_validation(record: dict) -> None:
+    """The PASS/FAIL table of a validation (from ``export`` or ``validate``)."""
+    v = record["validation"]
+    table = Table(title=f"validation: {record.get('target', '')} ({record.get('mode', '')}), "
+                        f"{v['eval_inputs']} eval inputs", show_edge=False)
+    for col in ("adapter", "measure", "value", "budget", "status"):
+        table.add_column(col, justify="left" if col in ("adapter", "measure") else "right")
+    colors = {"PASS": "green", "FAIL": "bold red", "INFO": "dim"}
+    for c in v["checks"]:
+        budget = "" if c["budget"] is None else f"{c['direction']} {c['budget']:g}"
+        table.add_row(escape(c["adapter"]), escape(c["measure"]), f"{c['value']:.4g}", budget,
+                      f"[{colors[c['status']]}]{c['status']}[/]")
+    console.print(table)
+    console.print("[green]PASS[/]" if v["passed"] else "[bold red]FAIL[/]: a measure is outside its budget")
+
+
+def print_export(record: dict) -> None:
+    for a in record["adapters"]:
+        console.print(f"{a['name']} ({a['method']}): rank {a['rank_total'][0]} → {a['rank_total'][1]}, "
+                      f"LoRA bytes {human_bytes(a['lora_bytes'][0])} → {human_bytes(a['lora_bytes'][1])}")
+    print_validation({**record, "target": record["target"]["name"]})
+    console.print(f"wrote {record['artifact']} ({human_bytes(record['validation']['artifact_bytes'])}): "
+                  f"{', '.join(f['path'] for f in record['files'])}, manifest.json, report.html")
+
+
+def print_targets(profiles: list[dict]) -> None:
+    table = Table(show_edge=False)
+    for col in ("target", "runtime", "precision", "mode", "description"):
+        table.add_column(col, justify="left")
+    for p in profiles:
+        table.add_row(p["name"], p["runtime"], p["precision"], p["mode"], p["description"])
+    console.print(table)
+
+
+class progress_steps:
+    """A spinner on stderr naming the running step; each finished step is printed once."""
+
+    def __init__(self, enabled: bool = True):
+        self._console = Console(stderr=True, highlight=False)
+        self._enabled = enabled and self._console.is_terminal
+        self._status = None
+
+    def __enter__(self):
+        if self._enabled:
+            self._status = self._console.status("working…")
+            self._status.__enter__()
+        return self
+
+    def __call__(self, message: str) -> None:
+        if self._enabled:
+            self._console.print(f"[dim]✓ {message}[/]")
+
+    def __exit__(self, *exc):
+        if self._status is not None:
+            self._status.__exit__(*exc)

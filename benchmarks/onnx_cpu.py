@@ -1,0 +1,200 @@
+"""ONNX Runtime target, ratios measured side by side in one run (MiniLM classifier, SoRA example).
+
+    python benchmarks/onnx_cpu.py [--rounds 40] [--skip-optimum]
+
+Runners, timed round by round (interleaved) at batch 1 × seq 128 with ORT spinning off:
+  - PyTorch eager, base + the unmerged pruned PEFT adapter (the anchor)
+  - loradeploy onnx-cpu merged fp32, onnx-cpu swappable (adapter active), onnx-cpu-int8 merged
+  - optimum ONNX export + ORT dynamic int8 (avx2 config) of the same merged model, made in a
+    separate venv (.venv-optimum: optimum-onnx needs transformers < 4.58)
+Also: adapter load/activation vs a new InferenceSession, and the wall time of `loradeploy export`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+ADAPTER = REPO / "examples" / "adapters" / "sora"
+OPTIMUM_VENV = REPO / ".venv-optimum"
+SEQ = 128
+
+
+def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def timed_export(target: str, mode: str, out: Path) -> float:
+    t0 = time.perf_counter()
+    sh([sys.executable, "-m", "loradeploy.cli", "export", "--base", "minilm", "--adapter", str(ADAPTER),
+        "--target", target, "--mode", mode, "-o", str(out), "--overwrite"])
+    return time.perf_counter() - t0
+
+
+def optimum_int8(merged_hf: Path, work: Path) -> Path:
+    """optimum's own export + dynamic int8 quantization, in its own venv."""
+    py = OPTIMUM_VENV / "bin" / "python"
+    if not py.exists():
+        sh([sys.executable, "-m", "venv", str(OPTIMUM_VENV)])
+        sh([str(py), "-m", "pip", "install", "-q", "torch==2.13.0"])
+        sh([str(py), "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt"),
+            "optimum-onnx[onnxruntime]", "transformers<4.58"])
+    onnx_dir, q_dir = work / "optimum-onnx", work / "optimum-int8"
+    sh([str(OPTIMUM_VENV / "bin" / "optimum-cli"), "export", "onnx", "--model", str(merged_hf),
+        "--task", "text-classification", str(onnx_dir)], env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    sh([str(OPTIMUM_VENV / "bin" / "optimum-cli"), "onnxruntime", "quantize", "--onnx_model", str(onnx_dir),
+        "--avx2", "-o", str(q_dir)], env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    return next(q_dir.glob("*.onnx"))
+
+
+class OrtFile:
+    """A plain ORT session on an .onnx file (for optimum's output)."""
+
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        from loradeploy.targets.onnx import session_options
+
+        self.session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+        self.names = {i.name for i in self.session.get_inputs()}
+
+    def run(self, ids, mask, adapter=None):
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self.names:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        return self.session.run(None, feeds)[0]
+
+
+def interleaved(runners: dict, ids, mask, rounds: int) -> dict[str, float]:
+    for fn in runners.values():  # warm-up
+        for _ in range(3):
+            fn(ids, mask)
+    samples = {k: [] for k in runners}
+    for _ in range(rounds):
+        for k, fn in runners.items():
+            t0 = time.perf_counter()
+            fn(ids, mask)
+            samples[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def fidelity(fn, ref: np.ndarray, tokenizer, texts) -> dict:
+    from loradeploy.validate import batches, fidelity as fid
+    from loradeploy.ir import Task
+
+    got = np.concatenate([fn(i, m) for i, m in batches(tokenizer, texts)])
+    f = fid(ref, got, None, Task.SEQUENCE_CLASSIFICATION)
+    return {"label_agreement": f["label_agreement"], "max_abs_logit": f["max_abs_logit"],
+            "mean_abs_logit": f["mean_abs_logit"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--skip-optimum", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    import onnxruntime as ort
+    from peft import PeftModel
+
+    from loradeploy.adapters import peft as peft_format, read_adapter
+    from loradeploy.base import load_tokenizer, load_torch_model, resolve_base
+    from loradeploy.evaldata import load_eval
+    from loradeploy.ir import Task
+    from loradeploy.manifest import read as read_manifest
+    from loradeploy.merge import merge_into
+    from loradeploy.prune import prune
+    from loradeploy.targets.onnx import ADAPTER_DIR, MODEL_FILE, OnnxTarget, session_options
+    from loradeploy.validate import reference_outputs
+
+    work = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
+    wall = {"export onnx-cpu swappable (demo)": timed_export("onnx-cpu", "swappable", work / "swap")}
+    wall["export onnx-cpu merged"] = timed_export("onnx-cpu", "merged", work / "merged")
+    wall["export onnx-cpu-int8 merged"] = timed_export("onnx-cpu-int8", "merged", work / "int8")
+
+    base_dir = resolve_base("minilm")
+    tok = load_tokenizer(base_dir)
+    base = load_torch_model(base_dir, Task.SEQUENCE_CLASSIFICATION, 2)
+    original = read_adapter(ADAPTER)
+    pruned, _ = prune(original)
+    peft_dir = work / "peft"
+    peft_dir.mkdir()
+    peft_format.write(pruned, peft_dir)
+    eager = PeftModel.from_pretrained(copy.deepcopy(base), str(peft_dir)).eval()
+    merged_hf = work / "merged-hf"
+    merge_into(copy.deepcopy(base), original).save_pretrained(merged_hf)
+    tok.save_pretrained(merged_hf)
+
+    def torch_fn(ids, mask):
+        with torch.no_grad():
+            return eager(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+
+    art = {k: OnnxTarget().open(work / k, read_manifest(work / k)) for k in ("swap", "merged", "int8")}
+    runners = {
+        "pytorch eager + unmerged PEFT": torch_fn,
+        "onnx-cpu merged fp32": lambda i, m: art["merged"].run(i, m),
+        "onnx-cpu swappable (adapter on)": lambda i, m: art["swap"].run(i, m, "sora"),
+        "onnx-cpu-int8 merged": lambda i, m: art["int8"].run(i, m),
+    }
+    if not args.skip_optimum:
+        opt = OrtFile(optimum_int8(merged_hf, work))
+        runners["optimum export + ORT dynamic int8"] = opt.run
+    enc = tok(load_eval().texts[:1], padding="max_length", max_length=SEQ, return_tensors="np")
+    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    ms = interleaved(runners, ids, mask, args.rounds)
+
+    texts = load_eval().texts
+    ref = reference_outputs(base, original, Task.SEQUENCE_CLASSIFICATION, tok, texts)
+    fid = {k: fidelity(fn, ref, tok, texts) for k, fn in runners.items() if k != "pytorch eager + unmerged PEFT"}
+
+    # adapter activation vs a new session
+    lora = ort.LoraAdapter()
+    t0 = time.perf_counter()
+    for _ in range(100):
+        lora = ort.LoraAdapter()
+        lora.Load(str(work / "swap" / ADAPTER_DIR / "sora.onnx_adapter"))
+    load_s = (time.perf_counter() - t0) / 100
+    t0 = time.perf_counter()
+    for _ in range(1000):
+        ro = ort.RunOptions()
+        ro.add_active_adapter(lora)
+    activate_s = (time.perf_counter() - t0) / 1000
+    t0 = time.perf_counter()
+    for _ in range(5):
+        ort.InferenceSession(str(work / "swap" / MODEL_FILE), session_options(), providers=["CPUExecutionProvider"])
+    session_s = (time.perf_counter() - t0) / 5
+
+    anchor = ms["pytorch eager + unmerged PEFT"]
+    print(f"\nMiniLM classifier + SoRA example adapter, b1 s{SEQ}, median of {args.rounds} interleaved rounds")
+    print(f"{'runner':40} {'ms':>8} {'speed-up vs eager':>18} {'agree':>7} {'max|Δlogit|':>12}")
+    for k, v in ms.items():
+        f = fid.get(k, {})
+        print(f"{k:40} {v:8.2f} {anchor / v:17.2f}x {f.get('label_agreement', 1.0):7.3f} {f.get('max_abs_logit', 0.0):12.3g}")
+    print("\nratios")
+    print(f"  int8 artifact vs eager PyTorch+PEFT: {anchor / ms['onnx-cpu-int8 merged']:.2f}x faster (goal >= 3)")
+    print(f"  fp32 merged artifact vs eager:       {anchor / ms['onnx-cpu merged fp32']:.2f}x faster")
+    if "optimum export + ORT dynamic int8" in ms:
+        print(f"  int8 artifact time / optimum int8:   {ms['onnx-cpu-int8 merged'] / ms['optimum export + ORT dynamic int8']:.3f} (goal <= 1.0)")
+    print(f"  swappable / merged fp32:             {ms['onnx-cpu swappable (adapter on)'] / ms['onnx-cpu merged fp32']:.3f} (goal <= 1.05)")
+    print(f"  new InferenceSession / activation:   {session_s / activate_s:,.0f}x  ({session_s * 1e3:.1f} ms vs {activate_s * 1e6:.2f} us)")
+    print(f"  new InferenceSession / adapter load: {session_s / load_s:,.0f}x  (load {load_s * 1e3:.2f} ms)")
+    for k, v in wall.items():
+        print(f"  wall time of `loradeploy {k}`: {v:.1f} s" + (" (goal <= 60 s)" if "demo" in k else ""))
+    (work / "results.json").write_text(json.dumps({"ms": ms, "fidelity": fid, "wall_s": wall}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""Evaluation inputs: JSON lines with ``text`` and, optionally, an integer ``label``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LoradeployError
+
+#: The example evaluation set shipped with the tool (sentiment, 500 held-back sentences).
+DEFAULT_EVAL = Path(__file__).resolve().parent / "data" / "sentiment" / "eval.jsonl"
+
+
+class EvalDataError(LoradeployError):
+    pass
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    path: Path
+    texts: list[str]
+    labels: list[int] | None  # None when not every line has a label
+
+
+def load_eval(path: Path | None = None, limit: int | None = None) -> EvalSet:
+    """Read an eval file (default: :data:`DEFAULT_EVAL`); one clear error per bad line."""
+    path = Path(path) if path else DEFAULT_EVAL
+    if not path.is_file():
+        raise EvalDataError(f"{path}: no such eval file")
+    texts, labels = [], []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalDataError(f"{path}: cannot read ({e})") from e
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalDataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"]:
+            raise EvalDataError(f"{path}:{n}: expected an object with a non-empty \"text\"")
+        label = obj.get("label")
+        if label is not None and (not isinstance(label, int) or isinstance(label, bool) or label < 0):
+            raise EvalDataError(f"{path}:{n}: \"label\" must be a non-negative integer, got {label!r}")
+        texts.append(obj["text"])
+        labels.append(label)
+    if not texts:
+        raise EvalDataError(f"{path}: no eval inputs")
+    if limit:
+        texts, labels = texts[:limit], labels[:limit]
+    return EvalSet(path, texts, labels if all(lb is not None for lb in labels) else None)

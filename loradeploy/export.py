@@ -1,0 +1,187 @@
+"""The ``export`` verb: read + prune adapters, load the base once, export through the target
+plugin into a temporary folder, validate there, write manifest and report, rename into place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import manifest as mf
+from .adapters import ReadOptions, read_adapter
+from .base import load_tokenizer, load_torch_model, resolve_base
+from .errors import BaseModelError, LoradeployError
+from .evaldata import load_eval
+from .fsutil import atomic_output_dir
+from .ir import Method, Task
+from .merge import check_fits
+from .prune import prune
+from .report import write_report
+from .targets.common import AdapterEntry, ExportJob, copy_tokenizer, get_target
+from .targets.profile import load_profile, parse_profile
+from .validate import reference_outputs, validate
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    name: str
+    path: Path
+
+    @classmethod
+    def parse(cls, text: str) -> "AdapterSpec":
+        """``NAME=PATH`` or ``PATH`` (the name is then the folder or file stem)."""
+        name, sep, path = text.partition("=")
+        if not sep:
+            path, name = text, Path(text.rstrip("/")).stem
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise LoradeployError(f"adapter name {name!r}: use letters, digits, '-', '_' or '.'")
+        return cls(name, Path(path))
+
+
+def load_entries(specs: list[AdapterSpec], method: Method | None, options: ReadOptions) -> list[AdapterEntry]:
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise LoradeployError(f"adapter names must differ (got {', '.join(names)}); name them NAME=PATH")
+    entries = []
+    for spec in specs:
+        original = read_adapter(spec.path, method, options)
+        pruned, report = prune(original)
+        entries.append(AdapterEntry(spec.name, spec.path, original, pruned, report))
+    tasks = {(e.original.task, e.original.num_labels) for e in entries}
+    if len(tasks) > 1:
+        raise LoradeployError("the adapters are for different tasks or label counts: "
+                              + ", ".join(f"{e.name}: {e.original.task.value}/{e.original.num_labels}" for e in entries))
+    return entries
+
+
+def _check_fits(base_model, base_dir: Path, entries: list[AdapterEntry]) -> None:
+    for e in entries:
+        try:
+            check_fits(base_model, e.original)
+        except BaseModelError as err:
+            raise BaseModelError(f"{e.source}: does not fit base {base_dir}: {err}") from err
+
+
+def _adapter_record(e: AdapterEntry, mode: str) -> dict:
+    return {
+        "name": e.name,
+        "method": e.original.method.value,
+        "sources": [s.__dict__ for s in e.original.sources],
+        "file": f"adapters/{e.name}.onnx_adapter" if mode == "swappable" else None,
+        "ranks": {m.name: [m.rank_before, m.rank_after] for m in e.prune_report.modules},
+        "rank_total": [e.prune_report.rank_before, e.prune_report.rank_after],
+        "lora_bytes": [e.prune_report.bytes_before, e.prune_report.bytes_after],
+        "bit_hints": {n: m.bits for n, m in e.original.modules.items() if m.bits},
+        "notes": e.original.notes,
+    }
+
+
+def _base_record(spec: str, base_dir: Path) -> dict:
+    weights = sorted(p for p in base_dir.glob("*.safetensors")) or sorted(base_dir.glob("*.bin"))
+    return {"spec": spec, "path": str(base_dir),
+            "weights": [{"file": p.name, "sha256": mf.sha256_file(p)} for p in weights]}
+
+
+def export(base: str, adapters: list[AdapterSpec], target: str, out: Path, mode: str | None = None,
+           eval_path: Path | None = None, method: Method | None = None, options: ReadOptions | None = None,
+           overwrite: bool = False, progress: Progress | None = None) -> dict:
+    """Export ``adapters`` on ``base`` for ``target`` into ``out``; returns the manifest."""
+    step = progress or (lambda _msg: None)
+    options = options or ReadOptions()
+    profile = load_profile(target)
+    mode = mode or profile.mode
+    plugin = get_target(profile.runtime)
+    if mode == "merged" and len(adapters) != 1:
+        raise LoradeployError(f"merged mode takes exactly one adapter, got {len(adapters)}")
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        manifest = _export_into(tmp, base, adapters, profile, plugin, mode, eval_path, method, options, step)
+    manifest["artifact"] = str(Path(out).absolute())
+    return manifest
+
+
+def _export_into(tmp: Path, base: str, adapters: list[AdapterSpec], profile, plugin, mode: str,
+                 eval_path: Path | None, method: Method | None, options: ReadOptions, step: Progress) -> dict:
+    entries = load_entries(adapters, method, options)
+    step("read and pruned adapters")
+    base_dir = resolve_base(base)
+    task, num_labels = entries[0].original.task, entries[0].original.num_labels
+    base_model = load_torch_model(base_dir, task, num_labels)
+    _check_fits(base_model, base_dir, entries)
+    step("loaded base model")
+    eval_set = load_eval(eval_path)
+    tokenizer = load_tokenizer(base_dir)
+    references = {(e.name if mode == "swappable" else None):
+                  reference_outputs(base_model, e.original, task, tokenizer, eval_set.texts) for e in entries}
+    step("computed fp32 reference")
+    job = ExportJob(base, base_dir, task, num_labels, entries, profile, mode, base_model)
+    decisions = plugin.export(job, tmp)
+    copy_tokenizer(base_dir, tmp)
+    step(f"exported {mode} artifact")
+    manifest = _manifest(job, decisions, tmp, method, options)
+    mf.write(tmp, manifest)
+    runner = plugin.open(tmp, manifest, threads=profile.threads)
+    manifest["validation"] = validate(tmp, runner, profile.runtime, profile, task, tokenizer, eval_set,
+                                      references, progress=step)
+    del runner
+    step("validated")
+    manifest["environment"] = mf.environment()
+    mf.write(tmp, manifest)
+    write_report(tmp, manifest)
+    return manifest
+
+
+def _manifest(job: ExportJob, decisions: dict, folder: Path, method: Method | None, options: ReadOptions) -> dict:
+    return {
+        "manifest_version": mf.MANIFEST_VERSION,
+        "tool": mf.tool(),
+        "target": {"name": job.profile.name, "runtime": job.profile.runtime, "profile": mf.profile_dict(job.profile)},
+        "mode": job.mode,
+        "task": job.task.value,
+        "num_labels": job.num_labels,
+        "base": _base_record(job.base_spec, job.base_dir),
+        "read_options": {"format": method.value if method else None, "lora_alpha": options.lora_alpha,
+                         "lora_r": options.lora_r, "head": str(options.head) if options.head else None},
+        "adapters": [_adapter_record(e, job.mode) for e in job.adapters],
+        "decisions": decisions,
+        "files": mf.file_entries(folder),
+    }
+
+
+def revalidate(artifact: Path, eval_path: Path | None = None, progress: Progress | None = None) -> dict:
+    """Validate an existing artifact again, rebuilding the reference from the inputs recorded
+    in its manifest (their sha256 must still match). Writes nothing."""
+    step = progress or (lambda _msg: None)
+    manifest = mf.read(artifact)
+    profile = parse_profile(Path(manifest["target"]["profile"]["source"]), _profile_data(manifest))
+    opts = manifest.get("read_options", {})
+    options = ReadOptions(opts.get("lora_alpha"), opts.get("lora_r"), Path(opts["head"]) if opts.get("head") else None)
+    method = Method(opts["format"]) if opts.get("format") else None
+    specs = []
+    for a in manifest["adapters"]:
+        src = a["sources"][0]
+        if not Path(src["path"]).is_file() or mf.sha256_file(Path(src["path"])) != src["sha256"]:
+            raise LoradeployError(f"{src['path']}: the adapter this artifact was exported from is missing or changed")
+        specs.append(AdapterSpec(a["name"], Path(src["path"])))
+    entries = load_entries(specs, method, options)
+    base_dir = resolve_base(manifest["base"]["spec"])
+    task = Task(manifest["task"])
+    base_model = load_torch_model(base_dir, task, manifest["num_labels"])
+    eval_set = load_eval(eval_path)
+    tokenizer = load_tokenizer(base_dir)
+    swappable = manifest["mode"] == "swappable"
+    references = {(e.name if swappable else None): reference_outputs(base_model, e.original, task, tokenizer,
+                                                                      eval_set.texts) for e in entries}
+    step("computed fp32 reference")
+    runner = get_target(profile.runtime).open(Path(artifact), manifest, threads=profile.threads)
+    result = validate(Path(artifact), runner, profile.runtime, profile, task, tokenizer, eval_set, references, step)
+    return {"artifact": str(Path(artifact).absolute()), "target": profile.name, "mode": manifest["mode"],
+            "validation": result}
+
+
+def _profile_data(manifest: dict) -> dict:
+    data = dict(manifest["target"]["profile"])
+    data.pop("source", None)
+    return data
+

@@ -1,0 +1,72 @@
+"""Latency worker: ``python -m loradeploy.latency ARTIFACT --runtime R [--adapter A]
+--shape BxS …`` loads the artifact in this fresh process (only the runtime, no PyTorch model),
+times each shape after warm-up, and prints JSON with p50/p95 per shape and peak RSS."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process image. ``VmHWM`` is reset by exec; ``ru_maxrss`` is not (it
+    would report the parent's size after fork+exec), so it is only the fallback."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(samples), q))
+
+
+def time_runner(runner, adapter, batch: int, seq: int, warmup: int, runs: int, vocab: int = 1000) -> dict:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 1000 + vocab, size=(batch, seq), dtype=np.int64)
+    mask = np.ones_like(ids)
+    for _ in range(warmup):
+        runner.run(ids, mask, adapter)
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        runner.run(ids, mask, adapter)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return {"p50_ms": _percentile(samples, 50), "p95_ms": _percentile(samples, 95),
+            "mean_ms": float(np.mean(samples)), "samples_ms": samples}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loradeploy.latency")
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--runtime", required=True)
+    ap.add_argument("--adapter")
+    ap.add_argument("--shape", action="append", required=True, help="BATCHxSEQ")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    from .targets.common import get_target
+
+    manifest = json.loads((args.artifact / "manifest.json").read_text())
+    t0 = time.perf_counter()
+    runner = get_target(args.runtime).open(args.artifact, manifest, threads=args.threads)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    shapes = {}
+    for shape in args.shape:
+        b, s = (int(x) for x in shape.lower().split("x"))
+        shapes[f"b{b}xs{s}"] = time_runner(runner, args.adapter, b, s, args.warmup, args.runs)
+    print(json.dumps({"load_ms": load_ms, "shapes": shapes, "peak_rss_mb": peak_rss_mb()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

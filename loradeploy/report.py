@@ -1,0 +1,99 @@
+"""``report.html``: the manifest as a page — validation table, latency distributions per
+shape, fidelity per class, ranks kept per module. Plots are inline SVG (no plotting library)."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from .manifest import REPORT
+
+_CSS = """body{font:14px system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4f4}td:first-child{text-align:left}
+.PASS{color:#070}.FAIL{color:#b00;font-weight:bold}.INFO{color:#666}svg{background:#fafafa;margin:4px}
+code{background:#f4f4f4;padding:1px 4px}"""
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    else:
+        text = str(value)
+    cls = f' class="{text}"' if text in ("PASS", "FAIL", "INFO") else ""
+    return f"<td{cls}>{html.escape(text)}</td>"
+
+
+def histogram_svg(samples: list[float], title: str, bins: int = 20, w: int = 320, h: int = 140) -> str:
+    if not samples:
+        return ""
+    lo, hi = min(samples), max(samples)
+    width = (hi - lo) / bins or 1.0
+    counts = [0] * bins
+    for s in samples:
+        counts[min(int((s - lo) / width), bins - 1)] += 1
+    top = max(counts)
+    bw = (w - 20) / bins
+    bars = "".join(
+        f'<rect x="{10 + i * bw:.1f}" y="{h - 25 - (c / top) * (h - 45):.1f}" width="{bw - 1:.1f}" '
+        f'height="{(c / top) * (h - 45):.1f}" fill="#4a7"/>' for i, c in enumerate(counts))
+    label = f'<text x="10" y="14">{html.escape(title)}</text><text x="10" y="{h - 8}">{lo:.1f} ms</text>' \
+            f'<text x="{w - 70}" y="{h - 8}">{hi:.1f} ms</text>'
+    return f'<svg width="{w}" height="{h}" font-size="11">{bars}{label}</svg>'
+
+
+def bars_svg(values: dict[str, float], title: str, w: int = 520, bar_h: int = 14) -> str:
+    if not values:
+        return ""
+    top = max(abs(v) for v in values.values()) or 1.0
+    h = 24 + bar_h * len(values)
+    rows = []
+    for i, (k, v) in enumerate(values.items()):
+        y = 20 + i * bar_h
+        rows.append(f'<text x="4" y="{y + 10}">{html.escape(k[-48:])}</text>'
+                    f'<rect x="300" y="{y}" width="{(abs(v) / top) * (w - 360):.1f}" height="{bar_h - 3}" fill="#47a"/>'
+                    f'<text x="{w - 55}" y="{y + 10}">{v:.3g}</text>')
+    return f'<svg width="{w}" height="{h}" font-size="10"><text x="4" y="12">{html.escape(title)}</text>{"".join(rows)}</svg>'
+
+
+def render(manifest: dict) -> str:
+    v = manifest.get("validation", {})
+    parts = [f"<h1>loradeploy artifact: {html.escape(manifest['target']['name'])} ({manifest['mode']})</h1>",
+             f"<p>base <code>{html.escape(manifest['base']['spec'])}</code>, task {manifest['task']}, "
+             f"{len(manifest['adapters'])} adapter(s), eval set <code>{html.escape(str(v.get('eval_file')))}</code> "
+             f"({v.get('eval_inputs')} inputs). Result: <b class=\"{'PASS' if v.get('passed') else 'FAIL'}\">"
+             f"{'PASS' if v.get('passed') else 'FAIL'}</b></p>", "<h2>Validation</h2>"]
+    parts.append(_table(["adapter", "measure", "value", "budget", "status"],
+                        [[c["adapter"], c["measure"], c["value"], "" if c["budget"] is None else f"{c['direction']} {c['budget']}",
+                          c["status"]] for c in v.get("checks", [])]))
+    parts.append("<h2>Latency</h2>")
+    for label, stats in v.get("latency", {}).get("shapes", {}).items():
+        parts.append(histogram_svg(stats["samples_ms"], f"{label}: p50 {stats['p50_ms']:.1f} ms, p95 {stats['p95_ms']:.1f} ms"))
+    parts.append("<h2>Fidelity per class</h2>")
+    for name, m in v.get("metrics", {}).items():
+        if "max_abs_logit_per_class" in m:
+            parts.append(bars_svg({f"class {i}": x for i, x in enumerate(m["max_abs_logit_per_class"])},
+                                  f"{name}: max |Δlogit| per class"))
+    parts.append("<h2>Adapters</h2>")
+    for a in manifest["adapters"]:
+        parts.append(f"<h3>{html.escape(a['name'])} ({a['method']}): rank {a['rank_total'][0]} → {a['rank_total'][1]}, "
+                     f"LoRA bytes {a['lora_bytes'][0]:,} → {a['lora_bytes'][1]:,}</h3>")
+        parts.append(bars_svg({k: r[1] for k, r in a["ranks"].items()}, "ranks kept per module"))
+    parts.append("<h2>Files</h2>")
+    parts.append(_table(["file", "bytes", "sha256"], [[f["path"], f"{f['bytes']:,}", f["sha256"][:16] + "…"]
+                                                      for f in manifest["files"]]))
+    parts.append("<h2>Decisions</h2><pre>" + html.escape(json.dumps(manifest.get("decisions", {}), indent=1)) + "</pre>")
+    parts.append("<h2>Environment</h2><pre>" + html.escape(json.dumps(manifest.get("environment", {}), indent=1)) + "</pre>")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>loradeploy report</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"
+
+
+def write_report(folder: Path, manifest: dict) -> Path:
+    path = folder / REPORT
+    path.write_text(render(manifest))
+    return path

@@ -1,0 +1,1 @@
+"""Target plugins, one per runtime (see ``common.TARGETS``), and target profiles."""

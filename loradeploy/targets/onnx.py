@@ -1,0 +1,232 @@
+"""ONNX Runtime target: merged graphs, or swappable graphs whose LoRA weights are graph inputs.
+
+Swappable layout (Olive's ``ExtractAdapters`` convention): each adapted linear ``P`` computes
+``P(x) + (x @ P.lora_A) @ P.lora_B`` with ``P.lora_A [in, r]`` and ``P.lora_B [r, out]`` (scale
+and rank gates folded into it) as **graph inputs with empty rank-0 defaults**, so the graph
+runs as the base when no adapter is active. The rank dimension of every module is its own
+dynamic axis, so pruned adapters with different ranks per module — and different adapters
+with different ranks — all fit one graph without padding. Tensors that travel with an adapter
+(a classifier head) are overridable inputs too, defaulting to the first adapter's. Every
+adapter is one ``.onnx_adapter`` file (onnxruntime ``AdapterFormat``), activated per run with
+``RunOptions.add_active_adapter``.
+
+The base is quantized with onnxruntime's own tools (``quantize_dynamic``, ``MatMulNBitsQuantizer``);
+nodes that read an overridable input are excluded, so LoRA paths stay fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import LoradeployError
+from .common import Runner, Target
+
+if TYPE_CHECKING:
+    from .common import ExportJob
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+ADAPTER_DIR = "adapters"
+INT4_BLOCK = 32
+
+
+def _set_defaults(path: Path, defaults: dict[str, np.ndarray]) -> None:
+    """Give overridable graph inputs a default value (an initializer of the same name)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    present = {i.name for i in model.graph.initializer}
+    for name, arr in defaults.items():
+        if name not in present:
+            model.graph.initializer.append(numpy_helper.from_array(arr, name))
+    onnx.save(model, str(path))
+
+
+def _nodes_reading(path: Path, inputs: set[str]) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return [n.name for n in model.graph.node if inputs.intersection(n.input)]
+
+
+def fuse_transformer(src: Path, dst: Path, config) -> bool:
+    """onnxruntime's offline transformer fusions (Attention, SkipLayerNorm, BiasGelu …) so
+    that quantization sees fused ops; only for graphs without overridable inputs."""
+    from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
+
+    if config.model_type not in MODEL_TYPES:
+        return False
+    with _quiet_logs():
+        optimize_model(str(src), model_type=config.model_type, num_heads=getattr(config, "num_attention_heads", 0),
+                       hidden_size=getattr(config, "hidden_size", 0)).save_model_to_file(str(dst))
+    return True
+
+
+class _quiet_logs:
+    """onnxruntime's python tools log advice at WARNING (root logger included) on every call."""
+
+    def __enter__(self):
+        self._level = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+
+    def __exit__(self, *exc):
+        logging.disable(self._level)
+
+
+def quantize(src: Path, dst: Path, precision: str, exclude: list[str]) -> None:
+    """Quantize the base with onnxruntime's tools; ``exclude`` nodes (LoRA paths) stay fp32."""
+    import onnx
+
+    if precision == "int8-dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         nodes_to_exclude=exclude,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    elif precision == "int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=INT4_BLOCK, is_symmetric=True,
+                                 nodes_to_exclude=exclude)
+        q.process()
+        q.model.save_model_to_file(str(dst), use_external_data_format=False)
+    else:
+        raise LoradeployError(f"precision {precision!r} is not supported by the ONNX target")
+
+
+def write_adapter_file(tensors: dict[str, np.ndarray], path: Path) -> None:
+    import onnxruntime as ort
+
+    # OrtValue.ortvalue_from_numpy does not copy: `tensors` must stay alive until exported
+    values = {name: ort.OrtValue.ortvalue_from_numpy(arr) for name, arr in tensors.items()}
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters(values)
+    fmt.export_adapter(str(path))
+
+
+def _eager_attention(model):
+    """Trace attention as explicit MatMul/Softmax, the pattern onnxruntime fuses into its
+    Attention kernel (the SDPA form exports as ops it does not fuse)."""
+    model.set_attn_implementation("eager")
+    return model
+
+
+class OnnxTarget(Target):
+    runtime = "onnxruntime"
+
+    def export(self, job: ExportJob, out: Path) -> dict:
+        fp32 = out / ("model.fp32.onnx" if job.profile.precision != "fp32" else MODEL_FILE)
+        if job.mode == "merged":
+            overridable = self._export_merged(job, fp32)
+        else:
+            overridable = self._export_swappable(job, fp32, out)
+        decisions = {"graph_inputs_overridable": sorted(overridable), "fused_offline": False}
+        if job.profile.precision != "fp32":
+            src = fp32
+            if not overridable:
+                fused = out / "model.fused.onnx"
+                if fuse_transformer(fp32, fused, job.base_model.config):
+                    decisions["fused_offline"], src = True, fused
+            with _quiet_logs():
+                quantize(src, out / MODEL_FILE, job.profile.precision, _nodes_reading(src, overridable))
+            for tmp in (fp32, out / "model.fused.onnx"):
+                tmp.unlink(missing_ok=True)
+        decisions.update(self._precision_summary(out / MODEL_FILE, job.profile.precision, overridable))
+        return decisions
+
+    def _export_merged(self, job: ExportJob, path: Path) -> set[str]:
+        import copy
+
+        from ..merge import merge_into
+        from .onnx_graph import GraphModule, export_graph
+
+        (entry,) = job.adapters
+        model = merge_into(_eager_attention(copy.deepcopy(job.base_model)), entry.pruned)
+        export_graph(GraphModule(model, job.task, [], []), {}, {}, path, job.profile.opset)
+        return set()
+
+    def _export_swappable(self, job: ExportJob, path: Path, out: Path) -> set[str]:
+        import copy
+
+        from ..merge import find_module
+        from .onnx_graph import GraphModule, export_graph, extra_inputs, lora_factors
+
+        qualified, slot_shapes = {}, {}
+        for entry in job.adapters:
+            for name, m in entry.pruned.modules.items():
+                qualified[name] = find_module(job.base_model, name)[0]
+                slot_shapes[qualified[name]] = (m.in_features, m.out_features)
+        slot_shapes = dict(sorted(slot_shapes.items()))
+        extras = extra_inputs(job.adapters[0].pruned, job.base_model)
+        module = GraphModule(_eager_attention(copy.deepcopy(job.base_model)), job.task, list(slot_shapes), list(extras))
+        export_graph(module, slot_shapes, extras, path, job.profile.opset)
+        defaults = {f"{q}.lora_A": np.zeros((i, 0), np.float32) for q, (i, o) in slot_shapes.items()}
+        defaults.update({f"{q}.lora_B": np.zeros((0, o), np.float32) for q, (i, o) in slot_shapes.items()})
+        defaults.update(extras)
+        _set_defaults(path, defaults)
+        (out / ADAPTER_DIR).mkdir()
+        for entry in job.adapters:
+            tensors = {**lora_factors(entry.pruned, qualified), **extra_inputs(entry.pruned, job.base_model)}
+            write_adapter_file(tensors, out / ADAPTER_DIR / f"{entry.name}.onnx_adapter")
+        return set(defaults)
+
+    @staticmethod
+    def _precision_summary(path: Path, precision: str, overridable: set[str]) -> dict:
+        import onnx
+
+        model = onnx.load(str(path))
+        dtypes: dict[str, int] = {}
+        for init in model.graph.initializer:
+            if init.name in overridable:
+                continue
+            kind = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
+            dtypes[kind] = dtypes.get(kind, 0) + int(np.prod(init.dims))
+        ops = sorted({n.op_type for n in model.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "QAttention", "Attention")})
+        return {"base_precision": precision, "base_parameters_by_dtype": dtypes, "quantized_ops": ops,
+                "lora_precision": "float32", "rank_dimension": "dynamic per module"}
+
+    def open(self, artifact: Path, manifest: dict, threads: int = 0) -> "OnnxRunner":
+        return OnnxRunner(artifact, [a["name"] for a in manifest.get("adapters", []) if a.get("file")], threads)
+
+
+def session_options(threads: int = 0):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # overridable initializers would each print a warning
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+class OnnxRunner(Runner):
+    def __init__(self, artifact: Path, adapters: list[str], threads: int = 0):
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)
+        self.session = ort.InferenceSession(str(artifact / MODEL_FILE), session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self.adapters = tuple(adapters)
+        self._run_options = {None: ort.RunOptions()}
+        for name in adapters:
+            lora = ort.LoraAdapter()
+            lora.Load(str(artifact / ADAPTER_DIR / f"{name}.onnx_adapter"))
+            ro = ort.RunOptions()
+            ro.add_active_adapter(lora)
+            self._run_options[name] = ro
+            setattr(self, f"_lora_{len(self._run_options)}", lora)  # keep it alive with its RunOptions
+
+    def run(self, input_ids, attention_mask, adapter=None):
+        if adapter not in self._run_options:
+            raise LoradeployError(f"adapter {adapter!r} is not in this artifact (has: {', '.join(self.adapters) or 'none'})")
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        return self.session.run(None, feeds, self._run_options[adapter])[0]

@@ -1,0 +1,124 @@
+"""Torch side of the ONNX target: the module that is traced to ONNX, with LoRA factors and
+adapter tensors (a classifier head) as extra inputs so they become overridable graph inputs.
+Imported only while exporting (the runtime side, ``onnx.py``, needs no PyTorch)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import LoradeployError
+from ..ir import AdapterSet, Task
+
+INPUTS = ("input_ids", "attention_mask")
+OUTPUT = {Task.SEQUENCE_CLASSIFICATION: "logits", Task.FEATURE_EXTRACTION: "sentence_embedding"}
+
+
+class _LoraSlot(torch.nn.Module):
+    """A linear layer plus a LoRA path whose factors are set per call (traced as inputs)."""
+
+    def __init__(self, base: torch.nn.Module):
+        super().__init__()
+        self.base = base
+        self.factors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x):
+        a, b = self.factors
+        return self.base(x) + torch.matmul(torch.matmul(x, a), b)
+
+
+class _LinearSlot(torch.nn.Module):
+    """A linear layer (e.g. the classifier head) whose weight and bias are set per call."""
+
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__()
+        self.params: dict[str, torch.Tensor] = {}
+        self.has_bias = base.bias is not None
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.params["weight"], self.params.get("bias"))
+
+
+def _replace(model: torch.nn.Module, name: str, factory):
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    new = factory(getattr(owner, child))
+    setattr(owner, child, new)
+    return new
+
+
+class GraphModule(torch.nn.Module):
+    """What gets exported: the task output from token ids, with LoRA factors and adapter
+    tensors (head) taken as extra inputs."""
+
+    def __init__(self, model, task: Task, slots: list[str], extras: list[str]):
+        super().__init__()
+        self.model, self.task, self.extras = model, task, extras
+        self.slots = [_replace(model, name, _LoraSlot) for name in slots]
+        self.heads = {}
+        for param in extras:
+            module_name, _, kind = param.rpartition(".")
+            if not isinstance(model.get_submodule(module_name), (torch.nn.Linear, _LinearSlot)) or kind not in ("weight", "bias"):
+                raise LoradeployError(f"tensor {param} travels with the adapter but is not a linear layer's "
+                                      "weight/bias: the swappable ONNX graph cannot take it as an input")
+            if module_name not in self.heads:
+                self.heads[module_name] = _replace(model, module_name, _LinearSlot)
+
+    def forward(self, input_ids, attention_mask, *tensors):
+        for i, slot in enumerate(self.slots):
+            slot.factors = (tensors[2 * i], tensors[2 * i + 1])
+        for param, value in zip(self.extras, tensors[2 * len(self.slots):]):
+            module_name, _, kind = param.rpartition(".")
+            self.heads[module_name].params[kind] = value
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if self.task is Task.SEQUENCE_CLASSIFICATION:
+            return out.logits
+        mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+        return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def lora_factors(adapters: AdapterSet, qualified: dict[str, str]) -> dict[str, np.ndarray]:
+    """The graph-input tensors of an adapter: ``P.lora_A = Aᵀ [in,r]``, ``P.lora_B = (s·B·g)ᵀ [r,out]``."""
+    out = {}
+    for name, m in adapters.modules.items():
+        q = qualified[name]
+        b = (m.lora_B.to(torch.float64) * m.rank_gain() * m.scale).T
+        out[f"{q}.lora_A"] = np.ascontiguousarray(m.lora_A.to(torch.float32).T.numpy())
+        out[f"{q}.lora_B"] = np.ascontiguousarray(b.to(torch.float32).numpy())
+    return out
+
+
+def extra_inputs(adapters: AdapterSet, model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Tensors travelling with the adapter, keyed by their parameter name in ``model`` (the
+    unmodified base)."""
+    params = dict(model.named_parameters())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out = {}
+    for key, t in adapters.extra_tensors.items():
+        name = key if key in params else f"{prefix}.{key}"
+        out[name] = np.ascontiguousarray(t.to(torch.float32).numpy())
+    return out
+
+
+def export_graph(module: GraphModule, slot_shapes: dict[str, tuple[int, int]],
+                  extras: dict[str, np.ndarray], path: Path, opset: int) -> None:
+    ids = torch.ones(2, 16, dtype=torch.long)
+    example, names = [ids, torch.ones_like(ids)], list(INPUTS)
+    axes = {n: {0: "batch", 1: "sequence"} for n in INPUTS}
+    for q, (in_f, out_f) in slot_shapes.items():
+        example += [torch.zeros(in_f, 2), torch.zeros(2, out_f)]
+        names += [f"{q}.lora_A", f"{q}.lora_B"]
+        axes[f"{q}.lora_A"], axes[f"{q}.lora_B"] = {1: f"rank_{q}"}, {0: f"rank_{q}"}
+    for name, arr in extras.items():
+        example.append(torch.from_numpy(arr.copy()))
+        names.append(name)
+    output = OUTPUT[module.task]
+    axes[output] = {0: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, tuple(example), str(path), dynamo=False, input_names=names,
+                          output_names=[output], dynamic_axes=axes, opset_version=opset,
+                          do_constant_folding=True)

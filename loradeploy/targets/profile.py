@@ -1,0 +1,168 @@
+"""Target profiles: one YAML file per target (runtime, precision, adapter mode, benchmark
+shapes, budgets), validated on load. Built-in profiles live in the repository's ``targets/``;
+users add their own by path or through ``LORADEPLOY_TARGETS`` (folders, ``:``-separated)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from ..errors import LoradeployError
+
+PROFILE_VERSION = 1
+BUILTIN_DIR = Path(__file__).resolve().parent / "profiles"
+RUNTIMES = ("onnxruntime", "llama.cpp", "bitsandbytes")
+MODES = ("merged", "swappable")
+
+
+class ProfileError(LoradeployError):
+    """A target profile is missing, unreadable or invalid."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    seq: int
+
+    @property
+    def label(self) -> str:
+        return f"b{self.batch}xs{self.seq}"
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Thresholds the validation holds each measure against (None: not checked)."""
+
+    label_agreement_min: float | None = field(default=None, metadata={"help": "classifier: fraction of eval inputs with the reference's label"})
+    max_abs_logit_max: float | None = field(default=None, metadata={"help": "classifier: max |Δlogit| vs the fp32 reference"})
+    mean_abs_logit_max: float | None = field(default=None, metadata={"help": "classifier: mean |Δlogit|"})
+    accuracy_drop_max: float | None = field(default=None, metadata={"help": "task accuracy may drop at most this (absolute)"})
+    cosine_min: float | None = field(default=None, metadata={"help": "embeddings: min cosine similarity to the reference"})
+    kl_mean_max: float | None = field(default=None, metadata={"help": "LM: mean per-token KL divergence"})
+    top1_agreement_min: float | None = field(default=None, metadata={"help": "LM: per-token top-1 agreement"})
+    latency_p95_ms: dict[str, float] = field(default_factory=dict, metadata={"help": "shape label → p95 ms"})
+    artifact_mb_max: float | None = field(default=None, metadata={"help": "size of the artifact folder"})
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    runtime: str
+    precision: str
+    mode: str = "swappable"
+    description: str = ""
+    execution_provider: str = "CPUExecutionProvider"
+    opset: int = 17
+    threads: int = 0
+    shapes: tuple[Shape, ...] = (Shape(1, 128), Shape(8, 128))
+    warmup: int = 3
+    runs: int = 20
+    budgets: Budgets = Budgets()
+    source: str = ""
+    version: int = PROFILE_VERSION
+
+
+PRECISIONS = {
+    "onnxruntime": ("fp32", "int8-dynamic", "int4"),
+    "llama.cpp": ("f32", "f16", "q8_0", "q4_0", "q4_k"),
+    "bitsandbytes": ("nf4", "fp4", "int8"),
+}
+
+
+def _fail(path, message: str):
+    raise ProfileError(f"{path}: {message}")
+
+
+def _check_keys(path, where: str, data: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        _fail(path, f"unknown key {unknown[0]!r} in {where} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _budgets(path, data) -> Budgets:
+    if not isinstance(data, dict):
+        _fail(path, "budgets must be a mapping")
+    names = {f.name for f in fields(Budgets)}
+    _check_keys(path, "budgets", data, names)
+    data = {k: v for k, v in data.items() if v is not None}
+    for key, value in data.items():
+        if key == "latency_p95_ms":
+            if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in value.values()):
+                _fail(path, "budgets.latency_p95_ms must map shape labels (e.g. b1xs128) to positive ms")
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            _fail(path, f"budgets.{key} must be a number, got {value!r}")
+    return Budgets(**data)
+
+
+def _shapes(path, data) -> tuple[Shape, ...]:
+    if not isinstance(data, list) or not data:
+        _fail(path, "shapes must be a non-empty list of {batch, seq}")
+    shapes = []
+    for item in data:
+        if not isinstance(item, dict) or set(item) != {"batch", "seq"} or not all(
+                isinstance(v, int) and v > 0 for v in item.values()):
+            _fail(path, f"bad shape {item!r}: expected {{batch: N, seq: N}} with positive integers")
+        shapes.append(Shape(item["batch"], item["seq"]))
+    return tuple(shapes)
+
+
+def parse_profile(path: Path, data) -> TargetProfile:
+    """Validate ``data`` (a YAML document) into a :class:`TargetProfile`."""
+    if not isinstance(data, dict):
+        _fail(path, "a target profile must be a YAML mapping")
+    allowed = {f.name for f in fields(TargetProfile)} - {"source"}
+    _check_keys(path, "the profile", data, allowed)
+    for key in ("name", "runtime", "precision"):
+        if key not in data:
+            _fail(path, f"missing required key {key!r}")
+    if data.get("version", PROFILE_VERSION) != PROFILE_VERSION:
+        _fail(path, f"profile version {data['version']} is not supported (expected {PROFILE_VERSION})")
+    runtime = data["runtime"]
+    if runtime not in RUNTIMES:
+        _fail(path, f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if data["precision"] not in PRECISIONS[runtime]:
+        _fail(path, f"precision {data['precision']!r} is not one of {', '.join(PRECISIONS[runtime])} for {runtime}")
+    if data.get("mode", "swappable") not in MODES:
+        _fail(path, f"mode {data['mode']!r} is not one of {', '.join(MODES)}")
+    for key in ("opset", "threads", "warmup", "runs"):
+        if key in data and (not isinstance(data[key], int) or data[key] < 0):
+            _fail(path, f"{key} must be a non-negative integer")
+    values = dict(data)
+    if "shapes" in values:
+        values["shapes"] = _shapes(path, values["shapes"])
+    if "budgets" in values:
+        values["budgets"] = _budgets(path, values["budgets"])
+    return TargetProfile(**values, source=str(path))
+
+
+def _search_dirs() -> list[Path]:
+    extra = [Path(p) for p in os.environ.get("LORADEPLOY_TARGETS", "").split(":") if p]
+    return [*extra, BUILTIN_DIR]
+
+
+def profile_paths() -> dict[str, Path]:
+    """Every known profile name → its file (earlier search folders win)."""
+    found: dict[str, Path] = {}
+    for folder in reversed(_search_dirs()):
+        for p in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+            found[p.stem] = p
+    return found
+
+
+def load_profile(name_or_path: str) -> TargetProfile:
+    """A profile by name (see :func:`profile_paths`) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        known = profile_paths()
+        if name_or_path not in known:
+            raise ProfileError(f"unknown target {name_or_path!r} (known: {', '.join(sorted(known))}; "
+                               "or give a path to a .yaml profile)")
+        path = known[name_or_path]
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        _fail(path, f"cannot read YAML ({str(e).splitlines()[0]})")
+    return parse_profile(path, data)

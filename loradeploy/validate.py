@@ -1,0 +1,159 @@
+"""Validation of an artifact in its runtime against the PyTorch fp32 reference (the base with
+the adapter as trained, before pruning): fidelity and task metrics on eval inputs, latency
+per benchmark shape and peak RSS (measured in a fresh process holding only the runtime),
+artifact bytes — each held against the target profile's budget."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import LoradeployError
+from .evaldata import EvalSet
+from .ir import AdapterSet, Task
+from .merge import merge_into
+from .targets.profile import Budgets, TargetProfile
+
+BATCH = 32
+MAX_LENGTH = 128
+
+
+@dataclass
+class Check:
+    adapter: str
+    measure: str
+    value: float
+    budget: float | None
+    direction: str  # ">=" or "<=" (value must be … budget)
+
+    @property
+    def status(self) -> str:
+        if self.budget is None:
+            return "INFO"
+        ok = self.value >= self.budget if self.direction == ">=" else self.value <= self.budget
+        return "PASS" if ok else "FAIL"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "status": self.status}
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int = MAX_LENGTH):
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+
+def batches(tokenizer, texts: list[str]):
+    for i in range(0, len(texts), BATCH):
+        yield tokenize(tokenizer, texts[i:i + BATCH])
+
+
+@torch.no_grad()
+def reference_outputs(base_model, adapters: AdapterSet, task: Task, tokenizer, texts) -> np.ndarray:
+    """Outputs of the base with ``adapters`` as trained, ΔW merged in float64 then fp32."""
+    model = merge_into(copy.deepcopy(base_model), adapters)
+    outs = []
+    for ids, mask in batches(tokenizer, texts):
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+        if task is Task.SEQUENCE_CLASSIFICATION:
+            outs.append(out.logits.numpy())
+        else:
+            m = torch.from_numpy(mask).unsqueeze(-1).float()
+            outs.append(((out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)).numpy())
+    return np.concatenate(outs)
+
+
+def runner_outputs(runner, adapter: str | None, tokenizer, texts) -> np.ndarray:
+    return np.concatenate([runner.run(ids, mask, adapter) for ids, mask in batches(tokenizer, texts)])
+
+
+def fidelity(ref: np.ndarray, got: np.ndarray, labels: list[int] | None, task: Task) -> dict:
+    """Label agreement, |Δlogit| and accuracy (classifier) or cosine (embeddings)."""
+    if task is Task.SEQUENCE_CLASSIFICATION:
+        diff = np.abs(got.astype(np.float64) - ref)
+        metrics = {
+            "label_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),
+            "max_abs_logit": float(diff.max()),
+            "mean_abs_logit": float(diff.mean()),
+            "max_abs_logit_per_class": diff.max(0).tolist(),
+        }
+        if labels is not None:
+            y = np.asarray(labels)
+            metrics["accuracy_reference"] = float((ref.argmax(-1) == y).mean())
+            metrics["accuracy"] = float((got.argmax(-1) == y).mean())
+            metrics["accuracy_drop"] = metrics["accuracy_reference"] - metrics["accuracy"]
+        return metrics
+    num = (ref * got).sum(-1)
+    cos = num / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1) + 1e-12)
+    return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean())}
+
+
+def fidelity_checks(adapter: str, m: dict, b: Budgets) -> list[Check]:
+    table = [("label_agreement", b.label_agreement_min, ">="), ("max_abs_logit", b.max_abs_logit_max, "<="),
+             ("mean_abs_logit", b.mean_abs_logit_max, "<="), ("accuracy_drop", b.accuracy_drop_max, "<="),
+             ("accuracy", None, ">="), ("cosine_min", b.cosine_min, ">=")]
+    return [Check(adapter, k, m[k], budget, d) for k, budget, d in table if k in m]
+
+
+def measure_latency(artifact: Path, runtime: str, adapter: str | None, profile: TargetProfile) -> dict:
+    """Latency per shape and peak RSS, measured by ``loradeploy.latency`` in a fresh process."""
+    cmd = [sys.executable, "-m", "loradeploy.latency", str(artifact), "--runtime", runtime,
+           "--warmup", str(profile.warmup), "--runs", str(profile.runs), "--threads", str(profile.threads)]
+    cmd += [a for s in profile.shapes for a in ("--shape", f"{s.batch}x{s.seq}")]
+    if adapter:
+        cmd += ["--adapter", adapter]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LoradeployError(f"{artifact}: the latency run failed ({tail})")
+    return json.loads(proc.stdout)
+
+
+def latency_checks(adapter: str, latency: dict, budgets: Budgets) -> list[Check]:
+    checks = []
+    for label, stats in latency["shapes"].items():
+        checks.append(Check(adapter, f"latency_p50_ms[{label}]", stats["p50_ms"], None, "<="))
+        checks.append(Check(adapter, f"latency_p95_ms[{label}]", stats["p95_ms"],
+                            budgets.latency_p95_ms.get(label), "<="))
+    checks.append(Check(adapter, "peak_rss_mb", latency["peak_rss_mb"], None, "<="))
+    return checks
+
+
+def artifact_bytes(artifact: Path) -> int:
+    return sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file()
+               and p.name not in ("manifest.json", "report.html"))
+
+
+def validate(artifact: Path, runner, runtime: str, profile: TargetProfile, task: Task, tokenizer,
+             eval_set: EvalSet, references: dict[str | None, np.ndarray], progress=None) -> dict:
+    """Run every adapter (``None`` for a merged artifact) on the eval set, compare with its
+    reference, measure latency with the first adapter active, and judge against budgets."""
+    checks, metrics = [], {}
+    for adapter, ref in references.items():
+        label = adapter or "merged"
+        got = runner_outputs(runner, adapter, tokenizer, eval_set.texts)
+        metrics[label] = fidelity(ref, got, eval_set.labels, task)
+        checks += fidelity_checks(label, metrics[label], profile.budgets)
+        if progress:
+            progress(f"fidelity {label}")
+    first = next(iter(references))
+    latency = measure_latency(artifact, runtime, first, profile)
+    checks += latency_checks(first or "merged", latency, profile.budgets)
+    size = artifact_bytes(artifact)
+    mb_budget = profile.budgets.artifact_mb_max
+    checks.append(Check("artifact", "artifact_mb", size / 2**20, mb_budget, "<="))
+    return {
+        "eval_file": str(eval_set.path),
+        "eval_inputs": len(eval_set.texts),
+        "metrics": metrics,
+        "latency": latency,
+        "artifact_bytes": size,
+        "checks": [c.to_dict() for c in checks],
+        "passed": all(c.status != "FAIL" for c in checks),
+    }

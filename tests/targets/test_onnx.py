@@ -1,0 +1,172 @@
+"""ONNX Runtime target on MiniLM with the shipped example adapters."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from loradeploy.cli import main
+from loradeploy.export import AdapterSpec, export
+from loradeploy.manifest import read as read_manifest
+from loradeploy.tensorio import sha256_file
+from loradeploy.targets.profile import BUILTIN_DIR
+from tests.conftest import EXAMPLE_ADAPTERS
+
+pytestmark = pytest.mark.slow
+AGREE_ATOL = 1e-4  # max |Δlogit| between two fp32 paths (ORT swappable, ORT merged, PyTorch)
+
+
+def fast_profile(tmp_path, name: str, **changes) -> str:
+    """A built-in profile with fewer timing runs (tests time nothing)."""
+    data = yaml.safe_load((BUILTIN_DIR / f"{name}.yaml").read_text())
+    data.update({"warmup": 1, "runs": 3, **changes})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def eval_small(tmp_path_factory):
+    from loradeploy.evaldata import DEFAULT_EVAL
+
+    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
+    path.write_text("\n".join(DEFAULT_EVAL.read_text().splitlines()[:96]) + "\n")
+    return path
+
+
+def _outputs(artifact, adapter, texts):
+    from loradeploy.base import load_tokenizer
+    from loradeploy.targets.onnx import OnnxTarget
+    from loradeploy.validate import runner_outputs
+
+    runner = OnnxTarget().open(artifact, read_manifest(artifact))
+    return runner_outputs(runner, adapter, load_tokenizer(artifact), texts)
+
+
+def test_two_adapters_on_one_session_match_merged_and_reference(tmp_path, eval_small):
+    """Activating adapter X on the swappable artifact gives the merged artifact of X and the
+    fp32 reference of X (max |Δlogit| < 1e-4), for two adapters with different ranks and heads."""
+    from loradeploy.evaldata import load_eval
+
+    profile = fast_profile(tmp_path, "onnx-cpu")
+    names = ["sora", "increlora"]
+    specs = [AdapterSpec(n, EXAMPLE_ADAPTERS / n) for n in names]
+    swap = export("minilm", specs, profile, tmp_path / "swap", mode="swappable", eval_path=eval_small)
+    assert swap["validation"]["passed"]
+    texts = load_eval(eval_small).texts
+    outs = {n: _outputs(tmp_path / "swap", n, texts) for n in names}
+    for spec in specs:
+        merged = export("minilm", [spec], profile, tmp_path / f"merged-{spec.name}", mode="merged", eval_path=eval_small)
+        merged_out = _outputs(tmp_path / f"merged-{spec.name}", None, texts)
+        assert np.abs(outs[spec.name] - merged_out).max() < AGREE_ATOL
+        assert swap["validation"]["metrics"][spec.name]["max_abs_logit"] < AGREE_ATOL
+        assert merged["validation"]["metrics"]["merged"]["max_abs_logit"] < AGREE_ATOL
+    # the two adapters really differ, so a mix-up would be caught
+    assert np.abs(outs["sora"] - outs["increlora"]).max() > 100 * AGREE_ATOL
+    # no adapter active: the base (rank-0 defaults) with the default head, different again
+    base = _outputs(tmp_path / "swap", None, texts)
+    assert np.abs(base - outs["sora"]).max() > 100 * AGREE_ATOL
+
+
+@pytest.mark.parametrize("name", ["sora", "increlora", "blora"])
+@pytest.mark.parametrize("mode", ["merged", "swappable"])
+def test_examples_export_in_both_modes(tmp_path, eval_small, name, mode, capsys):
+    out = tmp_path / "out"
+    code = main(["export", "--base", "minilm", "--adapter", str(EXAMPLE_ADAPTERS / name),
+                 "--target", fast_profile(tmp_path, "onnx-cpu"), "--mode", mode,
+                 "--eval", str(eval_small), "-o", str(out), "--json"])
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0 and record["validation"]["passed"]
+    manifest = read_manifest(out)
+    for f in manifest["files"]:
+        assert sha256_file(out / f["path"]) == f["sha256"]
+    assert (out / "report.html").read_text().count("<svg") >= 2
+    assert (out / "adapters" / f"{name}.onnx_adapter").is_file() == (mode == "swappable")
+    kept = {m: r[1] for m, r in manifest["adapters"][0]["ranks"].items()}
+    assert sum(kept.values()) == manifest["adapters"][0]["rank_total"][1] < manifest["adapters"][0]["rank_total"][0]
+
+
+def test_int8_merged_label_agreement(tmp_path):
+    """On the full shipped eval set, the int8 merged artifact agrees with fp32 on ≥ 99.5%."""
+    record = export("minilm", [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")],
+                    fast_profile(tmp_path, "onnx-cpu-int8"), tmp_path / "int8")
+    m = record["validation"]["metrics"]["merged"]
+    assert record["validation"]["eval_inputs"] == 500
+    assert m["label_agreement"] >= 0.995
+    assert "MatMulInteger" in record["decisions"]["quantized_ops"]
+
+
+def test_int4_swappable_keeps_lora_in_fp32(tmp_path, eval_small):
+    record = export("minilm", [AdapterSpec("blora", EXAMPLE_ADAPTERS / "blora")],
+                    fast_profile(tmp_path, "onnx-cpu-int4"), tmp_path / "int4", mode="swappable",
+                    eval_path=eval_small)
+    assert "MatMulNBits" in record["decisions"]["quantized_ops"]
+    assert record["validation"]["metrics"]["blora"]["label_agreement"] >= 0.95
+    import onnx
+    model = onnx.load(str(tmp_path / "int4" / "model.onnx"))
+    inputs = {i.name for i in model.graph.input}
+    assert any(n.endswith(".lora_A") for n in inputs)
+    floats = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert all(n in floats for n in inputs if n.endswith((".lora_A", ".lora_B")))
+
+
+def test_validate_command_reruns(tmp_path, eval_small, capsys):
+    out = tmp_path / "a"
+    export("minilm", [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")], fast_profile(tmp_path, "onnx-cpu"),
+           out, mode="merged", eval_path=eval_small)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert main(["validate", str(out), "--eval", str(eval_small), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["validation"]["metrics"]["merged"]["max_abs_logit"] < AGREE_ATOL
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*")}  # validate writes nothing
+
+
+def test_budget_failure_exits_1(tmp_path, eval_small, capsys):
+    profile = fast_profile(tmp_path, "onnx-cpu", budgets={"max_abs_logit_max": 1e-12})
+    code = main(["export", "--base", "minilm", "--adapter", str(EXAMPLE_ADAPTERS / "sora"), "--target", profile,
+                 "--mode", "merged", "--eval", str(eval_small), "-o", str(tmp_path / "o")])
+    assert code == 1
+    assert "FAIL" in capsys.readouterr().out
+    assert (tmp_path / "o" / "manifest.json").is_file()  # a failing artifact is still written, for inspection
+
+
+def _sora_for(tmp_path, modules: dict[str, tuple[int, int]]):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "bad-adapter"
+    folder.mkdir()
+    sd = {}
+    for name, (o, i) in modules.items():
+        sd[f"{name}.lora.lora_A"], sd[f"{name}.lora.lora_B"] = torch.randn(2, i), torch.randn(o, 2)
+        sd[f"{name}.lora.gate"] = torch.ones(1, 2)
+    save_file(sd, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("modules,message", [
+    ({"bert.encoder.layer.9.attention.self.query": (384, 384)}, "is not in the base model"),
+    ({"bert.encoder.layer.0.attention.self.query": (512, 512)}, "adapter ΔW is [512, 512] but the base weight is [384, 384]"),
+])
+def test_adapter_base_mismatch(tmp_path, capsys, modules, message):
+    adapter = _sora_for(tmp_path, modules)
+    out = tmp_path / "out"
+    code = main(["export", "--base", "minilm", "--adapter", str(adapter), "--target", "onnx-cpu", "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0] and "bad-adapter" in err[0]
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_unknown_target_and_unwritable_output(tmp_path, capsys):
+    adapter = str(EXAMPLE_ADAPTERS / "sora")
+    assert main(["export", "--base", "minilm", "--adapter", adapter, "--target", "tpu", "-o", str(tmp_path / "o")]) == 2
+    assert "unknown target 'tpu'" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["export", "--base", "minilm", "--adapter", adapter, "--target", "onnx-cpu",
+                 "-o", str(tmp_path / "file" / "o")]) == 2
+    assert "cannot write here" in capsys.readouterr().err
+    assert main(["export", "--base", "/nonexistent", "--adapter", adapter, "--target", "onnx-cpu",
+                 "-o", str(tmp_path / "o")]) == 2
+    assert "not a model folder or a built-in base" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
