@@ -170,3 +170,21 @@ def test_unknown_target_and_unwritable_output(tmp_path, capsys):
                  "-o", str(tmp_path / "o")]) == 2
     assert "not a model folder or a built-in base" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mode", ["merged", "swappable"])
+def test_feature_extraction_without_head(tmp_path, eval_small, mode):
+    """A SoRA checkpoint without a head exports sentence embeddings (mean pooling)."""
+    import shutil
+
+    src = tmp_path / "sora-nohead"
+    src.mkdir()
+    for name in ("pytorch_model.bin", "lora_config.json"):
+        shutil.copy(EXAMPLE_ADAPTERS / "sora" / name, src / name)
+    record = export("minilm", [AdapterSpec("emb", src)], fast_profile(tmp_path, "onnx-cpu"), tmp_path / "o",
+                    mode=mode, eval_path=eval_small)
+    assert record["task"] == "feature-extraction"
+    m = record["validation"]["metrics"]["emb" if mode == "swappable" else "merged"]
+    assert m["cosine_min"] > 0.99999 and record["validation"]["passed"]
+    out = _outputs(tmp_path / "o", "emb" if mode == "swappable" else None, ["a short sentence"])
+    assert out.shape == (1, 384)
