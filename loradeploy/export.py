@@ -9,7 +9,7 @@ from typing import Callable
 
 from . import manifest as mf
 from .adapters import ReadOptions, read_adapter
-from .base import load_tokenizer, load_torch_model, resolve_base
+from .base import base_task, load_tokenizer, load_torch_model, resolve_base
 from .errors import BaseModelError, LoradeployError
 from .evaldata import load_eval
 from .fsutil import atomic_output_dir
@@ -19,7 +19,7 @@ from .prune import prune
 from .report import write_report
 from .targets.common import AdapterEntry, ExportJob, copy_tokenizer, get_target
 from .targets.profile import load_profile, parse_profile
-from .validate import reference_outputs, validate
+from .validate import reference_outputs, validate, validate_lm
 
 Progress = Callable[[str], None]
 
@@ -64,12 +64,12 @@ def _check_fits(base_model, base_dir: Path, entries: list[AdapterEntry]) -> None
             raise BaseModelError(f"{e.source}: does not fit base {base_dir}: {err}") from err
 
 
-def _adapter_record(e: AdapterEntry, mode: str) -> dict:
+def _adapter_record(e: AdapterEntry, mode: str, suffix: str) -> dict:
     return {
         "name": e.name,
         "method": e.original.method.value,
         "sources": [s.__dict__ for s in e.original.sources],
-        "file": f"adapters/{e.name}.onnx_adapter" if mode == "swappable" else None,
+        "file": f"adapters/{e.name}{suffix}" if mode == "swappable" else None,
         "ranks": {m.name: [m.rank_before, m.rank_after] for m in e.prune_report.modules},
         "rank_total": [e.prune_report.rank_before, e.prune_report.rank_after],
         "lora_bytes": [e.prune_report.bytes_before, e.prune_report.bytes_after],
@@ -79,7 +79,10 @@ def _adapter_record(e: AdapterEntry, mode: str) -> dict:
 
 
 def _base_record(spec: str, base_dir: Path) -> dict:
-    weights = sorted(p for p in base_dir.glob("*.safetensors")) or sorted(base_dir.glob("*.bin"))
+    if base_dir.is_file():
+        weights = [base_dir]
+    else:
+        weights = sorted(p for p in base_dir.glob("*.safetensors")) or sorted(base_dir.glob("*.bin"))
     return {"spec": spec, "path": str(base_dir),
             "weights": [{"file": p.name, "sha256": mf.sha256_file(p)} for p in weights]}
 
@@ -106,30 +109,40 @@ def _export_into(tmp: Path, base: str, adapters: list[AdapterSpec], profile, plu
     entries = load_entries(adapters, method, options)
     step("read and pruned adapters")
     base_dir = resolve_base(base)
-    task, num_labels = entries[0].original.task, entries[0].original.num_labels
+    task = base_task(base_dir) or entries[0].original.task
+    num_labels = entries[0].original.num_labels if task is Task.SEQUENCE_CLASSIFICATION else None
     base_model = load_torch_model(base_dir, task, num_labels)
     _check_fits(base_model, base_dir, entries)
     step("loaded base model")
-    eval_set = load_eval(eval_path)
-    tokenizer = load_tokenizer(base_dir)
-    references = {(e.name if mode == "swappable" else None):
-                  reference_outputs(base_model, e.original, task, tokenizer, eval_set.texts) for e in entries}
-    step("computed fp32 reference")
     job = ExportJob(base, base_dir, task, num_labels, entries, profile, mode, base_model)
+    eval_set = load_eval(eval_path, lm=task is Task.CAUSAL_LM)
     decisions = plugin.export(job, tmp)
-    copy_tokenizer(base_dir, tmp)
+    if base_dir.is_dir():
+        copy_tokenizer(base_dir, tmp)
     step(f"exported {mode} artifact")
     manifest = _manifest(job, decisions, tmp, method, options)
     mf.write(tmp, manifest)
-    runner = plugin.open(tmp, manifest, threads=profile.threads)
-    manifest["validation"] = validate(tmp, runner, profile.runtime, profile, task, tokenizer, eval_set,
-                                      references, progress=step)
-    del runner
+    manifest["validation"] = _validate(tmp, plugin, manifest, job, eval_set, step)
     step("validated")
     manifest["environment"] = mf.environment()
     mf.write(tmp, manifest)
     write_report(tmp, manifest)
     return manifest
+
+
+def _validate(artifact: Path, plugin, manifest: dict, job: ExportJob, eval_set, step: Progress) -> dict:
+    """Validate ``artifact`` against the fp32 references of ``job``'s adapters as trained."""
+    profile, task = job.profile, job.task
+    runner = plugin.open(artifact, manifest, threads=profile.threads)
+    originals = {(e.name if job.mode == "swappable" else None): e.original for e in job.adapters}
+    if task is Task.CAUSAL_LM:
+        base_runner = runner if job.mode == "swappable" else plugin.open_base(job.base_dir, profile.threads)
+        return validate_lm(artifact, runner, profile.runtime, profile, job.base_model, originals, eval_set,
+                           base_runner, progress=step)
+    tokenizer = load_tokenizer(job.base_dir)
+    references = {k: reference_outputs(job.base_model, a, task, tokenizer, eval_set.texts) for k, a in originals.items()}
+    step("computed fp32 reference")
+    return validate(artifact, runner, profile.runtime, profile, task, tokenizer, eval_set, references, progress=step)
 
 
 def _manifest(job: ExportJob, decisions: dict, folder: Path, method: Method | None, options: ReadOptions) -> dict:
@@ -143,7 +156,7 @@ def _manifest(job: ExportJob, decisions: dict, folder: Path, method: Method | No
         "base": _base_record(job.base_spec, job.base_dir),
         "read_options": {"format": method.value if method else None, "lora_alpha": options.lora_alpha,
                          "lora_r": options.lora_r, "head": str(options.head) if options.head else None},
-        "adapters": [_adapter_record(e, job.mode) for e in job.adapters],
+        "adapters": [_adapter_record(e, job.mode, get_target(job.profile.runtime).adapter_suffix) for e in job.adapters],
         "decisions": decisions,
         "files": mf.file_entries(folder),
     }
@@ -168,14 +181,10 @@ def revalidate(artifact: Path, eval_path: Path | None = None, progress: Progress
     base_dir = resolve_base(manifest["base"]["spec"])
     task = Task(manifest["task"])
     base_model = load_torch_model(base_dir, task, manifest["num_labels"])
-    eval_set = load_eval(eval_path)
-    tokenizer = load_tokenizer(base_dir)
-    swappable = manifest["mode"] == "swappable"
-    references = {(e.name if swappable else None): reference_outputs(base_model, e.original, task, tokenizer,
-                                                                      eval_set.texts) for e in entries}
-    step("computed fp32 reference")
-    runner = get_target(profile.runtime).open(Path(artifact), manifest, threads=profile.threads)
-    result = validate(Path(artifact), runner, profile.runtime, profile, task, tokenizer, eval_set, references, step)
+    job = ExportJob(manifest["base"]["spec"], base_dir, task, manifest["num_labels"], entries, profile,
+                    manifest["mode"], base_model)
+    eval_set = load_eval(eval_path, lm=task is Task.CAUSAL_LM)
+    result = _validate(Path(artifact), get_target(profile.runtime), manifest, job, eval_set, step)
     return {"artifact": str(Path(artifact).absolute()), "target": profile.name, "mode": manifest["mode"],
             "validation": result}
 

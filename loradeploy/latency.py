@@ -60,11 +60,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     runner = get_target(args.runtime).open(args.artifact, manifest, threads=args.threads)
     load_ms = (time.perf_counter() - t0) * 1e3
-    shapes = {}
-    for shape in args.shape:
-        b, s = (int(x) for x in shape.lower().split("x"))
-        shapes[f"b{b}xs{s}"] = time_runner(runner, args.adapter, b, s, args.warmup, args.runs)
-    print(json.dumps({"load_ms": load_ms, "shapes": shapes, "peak_rss_mb": peak_rss_mb()}))
+    parsed = [tuple(int(x) for x in shape.lower().split("x")) for shape in args.shape]
+    if hasattr(runner, "measure"):  # runtimes with their own notion of throughput (llama.cpp)
+        result = runner.measure(args.adapter, parsed, args.warmup, args.runs)
+    else:
+        result = {"shapes": {f"b{b}xs{s}": time_runner(runner, args.adapter, b, s, args.warmup, args.runs)
+                             for b, s in parsed}}
+    print(json.dumps({"load_ms": load_ms, **result, "peak_rss_mb": peak_rss_mb()}))
     return 0
 
 

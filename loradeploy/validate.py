@@ -157,3 +157,79 @@ def validate(artifact: Path, runner, runtime: str, profile: TargetProfile, task:
         "checks": [c.to_dict() for c in checks],
         "passed": all(c.status != "FAIL" for c in checks),
     }
+
+
+# --- causal language models (llama.cpp target) ---------------------------------------------
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def lm_fidelity(pairs: list[tuple[np.ndarray, np.ndarray, list[int]]]) -> dict:
+    """Per-token KL(reference ‖ artifact) and top-1 agreement over every position, and the
+    perplexity of each on the next tokens (as ``llama-perplexity --kl-divergence`` reports)."""
+    kls, top1, nll_ref, nll_art = [], [], [], []
+    for ref, art, tokens in pairs:
+        p, q = _log_softmax(ref), _log_softmax(art)
+        kls.append((np.exp(p) * (p - q)).sum(-1))
+        top1.append(ref.argmax(-1) == art.argmax(-1))
+        nxt = np.asarray(tokens[1:])
+        nll_ref.append(-p[np.arange(len(nxt)), nxt])
+        nll_art.append(-q[np.arange(len(nxt)), nxt])
+    kl = np.concatenate(kls)
+    return {"kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
+            "top1_agreement": float(np.concatenate(top1).mean()),
+            "ppl_reference": float(np.exp(np.concatenate(nll_ref).mean())),
+            "ppl_artifact": float(np.exp(np.concatenate(nll_art).mean())), "tokens": int(kl.size)}
+
+
+@torch.no_grad()
+def lm_reference(model, token_lists: list[list[int]]) -> list[np.ndarray]:
+    return [model(torch.tensor([t])).logits[0].float().numpy() for t in token_lists]
+
+
+def lm_checks(label: str, m: dict, b: Budgets) -> list[Check]:
+    return [Check(label, "kl_mean", m["kl_mean"], b.kl_mean_max, "<="),
+            Check(label, "top1_agreement", m["top1_agreement"], b.top1_agreement_min, ">="),
+            Check(label, "ppl_reference", m["ppl_reference"], None, "<="),
+            Check(label, "ppl_artifact", m["ppl_artifact"], None, "<=")]
+
+
+def validate_lm(artifact: Path, runner, runtime: str, profile: TargetProfile, base_model,
+                adapters: dict[str | None, AdapterSet], eval_set: EvalSet, base_runner=None, progress=None) -> dict:
+    """LM validation: every adapter (``None``: merged artifact) against its PyTorch reference;
+    the base alone measured the same way (``base_runner`` with no adapter vs the PyTorch base)
+    tells how much of the gap is the quantized base's; then throughput and switch times."""
+    tokens = [runner.tokenize(t) for t in eval_set.texts]
+    checks, metrics = [], {}
+    for adapter, original in adapters.items():
+        label = adapter or "merged"
+        ref = lm_reference(merge_into(copy.deepcopy(base_model), original), tokens)
+        metrics[label] = lm_fidelity([(r, runner.logits(t, adapter), t) for r, t in zip(ref, tokens)])
+        checks += lm_checks(label, metrics[label], profile.budgets)
+        if progress:
+            progress(f"fidelity {label}")
+    if base_runner is not None:
+        ref = lm_reference(base_model, tokens)
+        base = metrics["base alone"] = lm_fidelity([(r, base_runner.logits(t, None), t) for r, t in zip(ref, tokens)])
+        checks += lm_checks("base alone", base, Budgets())
+        for adapter in adapters:
+            m = metrics[adapter or "merged"]
+            m["kl_excess_vs_base"] = m["kl_mean"] - base["kl_mean"]
+            m["top1_drop_vs_base"] = base["top1_agreement"] - m["top1_agreement"]
+            checks += [Check(adapter or "merged", "kl_excess_vs_base", m["kl_excess_vs_base"],
+                             profile.budgets.kl_excess_vs_base_max, "<="),
+                       Check(adapter or "merged", "top1_drop_vs_base", m["top1_drop_vs_base"],
+                             profile.budgets.top1_drop_vs_base_max, "<=")]
+    first = next(iter(adapters))
+    latency = measure_latency(artifact, runtime, first, profile)
+    checks += latency_checks(first or "merged", latency, profile.budgets)
+    for key, value in latency.get("llama", {}).items():
+        checks.append(Check(first or "merged", key, value, None, "<="))
+    size = artifact_bytes(artifact)
+    checks.append(Check("artifact", "artifact_mb", size / 2**20, profile.budgets.artifact_mb_max, "<="))
+    return {"eval_file": str(eval_set.path), "eval_inputs": len(eval_set.texts), "metrics": metrics,
+            "latency": latency, "artifact_bytes": size, "checks": [c.to_dict() for c in checks],
+            "passed": all(c.status != "FAIL" for c in checks)}

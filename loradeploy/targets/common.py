@@ -63,6 +63,7 @@ class Target(ABC):
     decisions it took (files, precision per tensor); ``open`` loads an artifact."""
 
     runtime: str = ""
+    adapter_suffix: str = ""  # file name ending of one adapter in a swappable artifact
 
     @abstractmethod
     def export(self, job: ExportJob, out: Path) -> dict: ...
@@ -70,10 +71,15 @@ class Target(ABC):
     @abstractmethod
     def open(self, artifact: Path, manifest: dict, threads: int = 0) -> Runner: ...
 
+    def open_base(self, base: Path, threads: int = 0) -> Runner | None:
+        """The base alone in this runtime, when the base is itself a runtime file (GGUF)."""
+        return None
+
 
 #: runtime → "module:Class"; imported only when used, so a target's runtime is optional.
 TARGETS: dict[str, str] = {
     "onnxruntime": "loradeploy.targets.onnx:OnnxTarget",
+    "llama.cpp": "loradeploy.targets.gguf:GgufTarget",
 }
 
 

@@ -121,6 +121,7 @@ def _eager_attention(model):
 
 class OnnxTarget(Target):
     runtime = "onnxruntime"
+    adapter_suffix = ".onnx_adapter"
 
     def export(self, job: ExportJob, out: Path) -> dict:
         fp32 = out / ("model.fp32.onnx" if job.profile.precision != "fp32" else MODEL_FILE)
