@@ -12,6 +12,12 @@ Also: adapter load/activation vs a new InferenceSession, and the wall time of `l
 
 from __future__ import annotations
 
+import os
+
+# Neither runtime may spin idle threads between calls (ORT: allow_spinning=0 in its session
+# options; PyTorch/OpenMP: passive wait), or each steals the cores of the one timed next.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import copy
 import json
