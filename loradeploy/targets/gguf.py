@@ -39,8 +39,11 @@ ADAPTER_DIR = "adapters"
 PERMUTED_QK_ARCHS = {"llama"}
 #: K-quant (which the gguf package cannot write) → the nearest writable type of no lower quality
 NEAREST_WRITABLE = {"Q2_K": "Q4_0", "Q3_K": "Q4_1", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-#: adapter tensor types by profile precision; block types need rows that are whole blocks
-ADAPTER_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+#: adapter tensor types by profile precision: llama.cpp's LoRA loader takes any ggml type and
+#: checks only shapes; these are the ones the gguf package can write. Block types need rows
+#: that are whole blocks (32): lora_a rows are `in` long, lora_b rows only `r` (else F16).
+ADAPTER_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "q5_1": "Q5_1", "q5_0": "Q5_0",
+                 "q4_1": "Q4_1", "q4_0": "Q4_0"}
 
 
 def _gguf():

@@ -69,7 +69,7 @@ class TargetProfile:
 
 PRECISIONS = {
     "onnxruntime": ("fp32", "int8-dynamic", "int4"),
-    "llama.cpp": ("f32", "f16", "q8_0", "q4_0", "q4_k"),
+    "llama.cpp": ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"),
     "bitsandbytes": ("nf4", "fp4", "int8"),
 }
 

@@ -1,0 +1,57 @@
+"""Adapter GGUF layout, read back with the gguf package (no model needed)."""
+
+import numpy as np
+import pytest
+import torch
+
+from loradeploy.ir import AdapterSet, LoraModule, Method
+from loradeploy.targets import gguf as target
+
+INFO = {"arch": "gemma3", "blocks": 2, "heads": 4, "heads_kv": 1}
+
+
+def _adapter(rank=3):
+    g = torch.Generator().manual_seed(0)
+    mods = {}
+    for name, (o, i) in {"model.layers.0.self_attn.q_proj": (1024, 640),
+                         "model.layers.1.self_attn.o_proj": (640, 1024)}.items():
+        mods[name] = LoraModule(name, torch.randn(rank, i, generator=g), torch.randn(o, rank, generator=g), 0.5,
+                                gate=torch.tensor([1.0, -2.0, 0.5][:rank]))
+    return AdapterSet(Method.SORA, mods)
+
+
+@pytest.mark.parametrize("precision,a_type", [("f16", "F16"), ("q8_0", "Q8_0"), ("q4_0", "Q4_0"), ("f32", "F32")])
+def test_adapter_gguf_layout(tmp_path, precision, a_type):
+    import gguf
+
+    adapters = _adapter()
+    path = tmp_path / "a.gguf"
+    types = target.write_adapter(path, adapters, INFO, precision)
+    reader = gguf.GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["adapter.lora.alpha"] == 0.0 and fields["general.architecture"] == "gemma3"
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == {"blk.0.attn_q.weight.lora_a", "blk.0.attn_q.weight.lora_b",
+                            "blk.1.attn_output.weight.lora_a", "blk.1.attn_output.weight.lora_b"}
+    assert types["blk.0.attn_q.weight.lora_a"] == a_type
+    assert types["blk.0.attn_q.weight.lora_b"] == ("F32" if precision == "f32" else "F16")  # rows of r=3
+    # values: ΔW from the file (llama.cpp's scale 1 with alpha 0) equals the IR's ΔW
+    for name, module in adapters.modules.items():
+        g = target.tensor_name(INFO, name)
+        a, b = (gguf.quants.dequantize(tensors[f"{g}.weight.{s}"].data, tensors[f"{g}.weight.{s}"].tensor_type)
+                for s in ("lora_a", "lora_b"))
+        delta = b.reshape(module.out_features, -1) @ a.reshape(-1, module.in_features)
+        ref = module.delta_weight().numpy()
+        tol = {"F32": 1e-5, "F16": 2e-3, "Q8_0": 2e-2, "Q4_0": 0.3}[a_type]
+        assert np.abs(delta - ref).max() <= tol * np.abs(ref).max()
+
+
+def test_permutation_only_for_llama_q_and_k():
+    llama = {"arch": "llama", "blocks": 1, "heads": 4, "heads_kv": 2}
+    assert target._permutation_heads(llama, "blk.0.attn_q") == 4
+    assert target._permutation_heads(llama, "blk.0.attn_k") == 2
+    assert target._permutation_heads(llama, "blk.0.attn_v") is None
+    assert target._permutation_heads(INFO, "blk.0.attn_q") is None
+    w = np.arange(16 * 3).reshape(16, 3)
+    assert sorted(target.permute_rows(w, 4)[:, 0].tolist()) == sorted(w[:, 0].tolist())
