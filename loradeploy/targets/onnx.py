@@ -185,17 +185,21 @@ class OnnxTarget(Target):
 
         model = onnx.load(str(path))
         dtypes: dict[str, int] = {}
+        per_tensor: dict[str, str] = {}
         for init in model.graph.initializer:
-            if init.name in overridable:
-                continue
             kind = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
-            dtypes[kind] = dtypes.get(kind, 0) + int(np.prod(init.dims))
+            per_tensor[init.name] = kind
+            if init.name not in overridable:
+                dtypes[kind] = dtypes.get(kind, 0) + int(np.prod(init.dims))
         ops = sorted({n.op_type for n in model.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "QAttention", "Attention")})
         return {"base_precision": precision, "base_parameters_by_dtype": dtypes, "quantized_ops": ops,
-                "lora_precision": "float32", "rank_dimension": "dynamic per module"}
+                "lora_precision": "float32", "rank_dimension": "dynamic per module",
+                "tensor_precision": dict(sorted(per_tensor.items()))}
 
     def open(self, artifact: Path, manifest: dict, threads: int = 0) -> "OnnxRunner":
-        return OnnxRunner(artifact, [a["name"] for a in manifest.get("adapters", []) if a.get("file")], threads)
+        provider = manifest.get("target", {}).get("profile", {}).get("execution_provider", "CPUExecutionProvider")
+        return OnnxRunner(artifact, [a["name"] for a in manifest.get("adapters", []) if a.get("file")], threads,
+                          provider)
 
 
 def session_options(threads: int = 0):
@@ -210,12 +214,16 @@ def session_options(threads: int = 0):
 
 
 class OnnxRunner(Runner):
-    def __init__(self, artifact: Path, adapters: list[str], threads: int = 0):
+    def __init__(self, artifact: Path, adapters: list[str], threads: int = 0,
+                 provider: str = "CPUExecutionProvider"):
         import onnxruntime as ort
 
         ort.set_default_logger_severity(3)
+        if provider not in ort.get_available_providers():
+            raise LoradeployError(f"execution provider {provider} is not available in this onnxruntime "
+                                  f"(available: {', '.join(ort.get_available_providers())})")
         self.session = ort.InferenceSession(str(artifact / MODEL_FILE), session_options(threads),
-                                            providers=["CPUExecutionProvider"])
+                                            providers=[provider])
         self.adapters = tuple(adapters)
         self._run_options = {None: ort.RunOptions()}
         for name in adapters:
