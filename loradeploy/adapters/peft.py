@@ -15,8 +15,6 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from ..errors import AdapterFormatError
 from ..ir import AdapterSet, LoraModule, Method, Task
 from .checkpoint import Checkpoint, ReadOptions

@@ -323,9 +323,9 @@ class LlamaRunner(Runner):
             llama["adapter_switch_ms"] = (time.perf_counter() - t0) * 1e3 / 200
             self._active = None
             t0 = time.perf_counter()
-            reload = llama_cpp.Llama(model_path=self.llm.model_path, n_ctx=self.llm.n_ctx(), verbose=False)
+            reloaded = llama_cpp.Llama(model_path=self.llm.model_path, n_ctx=self.llm.n_ctx(), verbose=False)
             llama["model_reload_ms"] = (time.perf_counter() - t0) * 1e3
-            del reload
+            reloaded.close()
             llama["reload_over_switch"] = llama["model_reload_ms"] / llama["adapter_switch_ms"]
         return {"shapes": result, "llama": llama}
 
