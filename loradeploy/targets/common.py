@@ -80,6 +80,7 @@ class Target(ABC):
 TARGETS: dict[str, str] = {
     "onnxruntime": "loradeploy.targets.onnx:OnnxTarget",
     "llama.cpp": "loradeploy.targets.gguf:GgufTarget",
+    "bitsandbytes": "loradeploy.targets.bnb:BnbTarget",
 }
 
 

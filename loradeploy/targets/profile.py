@@ -59,6 +59,7 @@ class TargetProfile:
     execution_provider: str = "CPUExecutionProvider"
     opset: int = 17
     threads: int = 0
+    double_quant: bool = False  # bitsandbytes 4-bit: quantize the quantization constants too
     shapes: tuple[Shape, ...] = (Shape(1, 128), Shape(8, 128))
     warmup: int = 3
     runs: int = 20
@@ -129,6 +130,8 @@ def parse_profile(path: Path, data) -> TargetProfile:
         _fail(path, f"precision {data['precision']!r} is not one of {', '.join(PRECISIONS[runtime])} for {runtime}")
     if data.get("mode", "swappable") not in MODES:
         _fail(path, f"mode {data['mode']!r} is not one of {', '.join(MODES)}")
+    if "double_quant" in data and not isinstance(data["double_quant"], bool):
+        _fail(path, "double_quant must be true or false")
     for key in ("opset", "threads", "warmup", "runs"):
         if key in data and (not isinstance(data[key], int) or data[key] < 0):
             _fail(path, f"{key} must be a non-negative integer")

@@ -1,0 +1,91 @@
+"""bitsandbytes target: artifacts that plain transformers (+ peft) load in a fresh process and
+that reproduce the outputs loradeploy validated, bit for bit."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from loradeploy.export import AdapterSpec, export
+from loradeploy.manifest import read as read_manifest
+from loradeploy.targets.profile import BUILTIN_DIR
+from tests.conftest import EXAMPLE_ADAPTERS
+
+pytestmark = pytest.mark.slow
+N_EVAL = 48
+
+# What a user without loradeploy runs: transformers (+ peft), nothing else.
+PLAIN_LOAD = r"""
+import json, sys, numpy as np, torch, transformers
+from pathlib import Path
+art, adapter, texts = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+model = transformers.AutoModelForSequenceClassification.from_pretrained(art).eval()
+if adapter != "-":
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, art / "adapters" / adapter).eval()
+tok = transformers.AutoTokenizer.from_pretrained(art)
+enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+with torch.no_grad():
+    print(json.dumps(model(**enc).logits.tolist()))
+"""
+
+
+def fast_profile(tmp_path, name):
+    data = yaml.safe_load((BUILTIN_DIR / f"{name}.yaml").read_text())
+    data.update({"warmup": 0, "runs": 1, "shapes": [{"batch": 1, "seq": 32}, {"batch": 8, "seq": 32}]})
+    data["budgets"].pop("latency_p95_ms", None)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def eval_small(tmp_path_factory):
+    from loradeploy.evaldata import DEFAULT_EVAL
+
+    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
+    path.write_text("\n".join(DEFAULT_EVAL.read_text().splitlines()[:N_EVAL]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("name", ["sora", "increlora", "blora"])
+@pytest.mark.parametrize("precision", ["nf4", "int8"])
+@pytest.mark.parametrize("mode", ["merged", "swappable"])
+def test_plain_transformers_reproduces_validated_outputs(tmp_path, eval_small, name, precision, mode):
+    from loradeploy.evaldata import load_eval
+    from loradeploy.targets.bnb import BnbTarget
+    from loradeploy.validate import tokenize
+
+    out = tmp_path / "art"
+    record = export("minilm", [AdapterSpec(name, EXAMPLE_ADAPTERS / name)], fast_profile(tmp_path, f"bnb-{precision}"),
+                    out, mode=mode, eval_path=eval_small)
+    label = name if mode == "swappable" else "merged"
+    assert record["validation"]["metrics"][label]["label_agreement"] >= 0.98
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "bitsandbytes"
+    texts = load_eval(eval_small).texts
+    runner = BnbTarget().open(out, read_manifest(out))
+    ids, mask = tokenize(runner._tokenizer, texts)
+    ours = runner.run(ids, mask, name if mode == "swappable" else None)
+    proc = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), name if mode == "swappable" else "-",
+                           json.dumps(texts)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = np.asarray(json.loads(proc.stdout.strip().splitlines()[-1]), dtype=np.float32)
+    assert np.array_equal(ours, theirs)
+
+
+def test_gemma_nf4_swappable_lm(tmp_path):
+    """Gemma-270M nf4 base + the shipped SoRA LM adapter as a PEFT folder, validated by KL and
+    top-1 against the fp32 reference."""
+    eval_file = tmp_path / "eval.txt"
+    from loradeploy.evaldata import DEFAULT_LM_EVAL
+
+    eval_file.write_text("\n".join(DEFAULT_LM_EVAL.read_text().splitlines()[:16]) + "\n")
+    record = export("gemma3-270m", [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora-gemma")],
+                    fast_profile(tmp_path, "bnb-nf4"), tmp_path / "art", eval_path=eval_file)
+    m = record["validation"]["metrics"]["sora"]
+    assert m["tokens"] > 100 and m["kl_mean"] <= 0.1 and m["top1_agreement"] >= 0.8
+    assert "base alone" in record["validation"]["metrics"]
