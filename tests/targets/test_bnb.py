@@ -79,7 +79,8 @@ def test_plain_transformers_reproduces_validated_outputs(tmp_path, eval_small, n
 
 def test_gemma_nf4_swappable_lm(tmp_path):
     """Gemma-270M nf4 base + the shipped SoRA LM adapter as a PEFT folder, validated by KL and
-    top-1 against the fp32 reference."""
+    top-1 against the fp32 reference. nf4 itself costs this small model a lot (base alone:
+    KL 0.17, top-1 69% on these 16 sentences); the adapter's own share is small."""
     eval_file = tmp_path / "eval.txt"
     from loradeploy.evaldata import DEFAULT_LM_EVAL
 
@@ -87,5 +88,7 @@ def test_gemma_nf4_swappable_lm(tmp_path):
     record = export("gemma3-270m", [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora-gemma")],
                     fast_profile(tmp_path, "bnb-nf4"), tmp_path / "art", eval_path=eval_file)
     m = record["validation"]["metrics"]["sora"]
-    assert m["tokens"] > 100 and m["kl_mean"] <= 0.1 and m["top1_agreement"] >= 0.8
-    assert "base alone" in record["validation"]["metrics"]
+    base = record["validation"]["metrics"]["base alone"]
+    assert m["tokens"] > 100 and base["kl_mean"] > 0.05  # the measure sees nf4's own error
+    assert m["kl_excess_vs_base"] <= 0.1 and m["top1_drop_vs_base"] <= 0.05
+    assert m["ppl_reference"] < 0.2 * base["ppl_reference"]  # the adapter is active
