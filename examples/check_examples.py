@@ -22,22 +22,18 @@ or if an adapter folder is 5 MB or more.
 import argparse
 import json
 import os
-import re
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import adapter_files  # noqa: E402
 import common  # noqa: E402
+from adapter_files import load_json, sizes  # noqa: E402
 
 TEST_THRESHOLD = -0.9353
 SIZE_LIMIT = 5 * 1024 * 1024
 MARGIN_TOL = 2e-3
-
-
-def load_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 # ------------------------------------------------------------------ SoRA
@@ -66,24 +62,7 @@ def sora_delta(folder):
 def increlora_delta(folder):
     sd = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
     cfg = load_json(os.path.join(folder, "config.json"))
-    alpha = cfg["lora_alpha"]
-    pat = re.compile(r"^(.*)\.lora_([AEB])\.(\d+)$")
-    parts = {}
-    for key, t in sd.items():
-        m = pat.match(key)
-        if m:
-            parts.setdefault(m.group(1), {}).setdefault(m.group(2), {})[int(m.group(3))] = t
-    deltas, ranks = {}, {}
-    for p in sorted(parts):
-        d = parts[p]
-        ks = sorted(d["A"])
-        assert ks == sorted(d["E"]) == sorted(d["B"]) == list(range(len(ks)))
-        A = torch.cat([d["A"][k] for k in ks], 0)
-        E = torch.cat([d["E"][k] for k in ks], 0)
-        B = torch.cat([d["B"][k] for k in ks], 1)
-        ranknum = sd[p + ".ranknum"]
-        deltas[p] = B @ (A * E) * (alpha / (ranknum + 1e-5))
-        ranks[p] = (A.shape[0], int((E != 0).sum()), int(ranknum.item()))
+    deltas, ranks = adapter_files.increlora_deltas(sd, cfg["lora_alpha"])
     head = {k: sd[k] for k in ("classifier.weight", "classifier.bias")}
     return deltas, head, ranks, {"full_model": any(k.endswith("word_embeddings.weight") for k in sd)}
 
@@ -152,11 +131,6 @@ def merged_eval(deltas, head, data):
         model.classifier.weight.copy_(head["classifier.weight"])
         model.classifier.bias.copy_(head["classifier.bias"])
     return common.evaluate(model, data["eval"])
-
-
-def sizes(folder):
-    return {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))
-            if os.path.isfile(os.path.join(folder, f))}
 
 
 def main():

@@ -27,16 +27,17 @@ prints a few greedy continuations (base, SoRA, IncreLoRA) for illustration.
 Exits 1 on any mismatch or if an adapter folder is 10 MB or more.
 """
 import argparse
-import json
 import math
 import os
-import re
 import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep, not spin
 import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import adapter_files  # noqa: E402  (readers of the saved files, shared with check_examples.py)
+from adapter_files import load_json, sizes  # noqa: E402
 TEXT_DIR = os.path.join(HERE, "data", "gemma_text")
 GEMMA_DIR = os.environ.get("LORADEPLOY_GEMMA_DIR", "/tmp/gemma")
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
@@ -48,19 +49,9 @@ PROMPTS = ["The pasta was", "I think the headphones", "Honestly, the movie"]
 GEN_TOKENS = 12
 
 
-def load_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def read_lines(path):
     with open(path, encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f if line.strip()]
-
-
-def sizes(folder):
-    return {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))
-            if os.path.isfile(os.path.join(folder, f))}
 
 
 # ------------------------------------------------------------------ adapters -> dW
@@ -90,28 +81,7 @@ def increlora_delta(folder):
     sd = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
     cfg = load_json(os.path.join(folder, "config.json"))
     assert cfg["apply_lora"] is True and cfg["lora_type"] == "svd", cfg
-    alpha = cfg["lora_alpha"]
-    pat = re.compile(r"^(.*)\.lora_([AEB])\.(\d+)$")
-    parts = {}
-    for key, t in sd.items():
-        m = pat.match(key)
-        if m:
-            parts.setdefault(m.group(1), {}).setdefault(m.group(2), {})[int(m.group(3))] = t
-        else:
-            assert key.endswith(".ranknum"), f"unexpected key {key} (base tensors must not be saved)"
-    deltas, ranks = {}, {}
-    for p in sorted(parts):
-        d = parts[p]
-        ks = sorted(d["A"])
-        assert ks == sorted(d["E"]) == sorted(d["B"]) == list(range(len(ks)))
-        A = torch.cat([d["A"][k] for k in ks], 0)
-        E = torch.cat([d["E"][k] for k in ks], 0)
-        B = torch.cat([d["B"][k] for k in ks], 1)
-        assert E.shape == (A.shape[0], 1) and B.shape[1] == A.shape[0]
-        ranknum = sd[p + ".ranknum"]
-        assert ranknum.shape == (1,)
-        deltas[p] = B @ (A * E) * (alpha / (ranknum + 1e-5))
-        ranks[p] = (A.shape[0], int((E != 0).sum()), int(ranknum.item()))
+    deltas, ranks = adapter_files.increlora_deltas(sd, cfg["lora_alpha"], strict=True)
     assert len(sd) == sum(3 * r[0] + 1 for r in ranks.values())
     modules = {p.rpartition(".")[2] for p in deltas}
     assert modules <= set(cfg["lora_module"].split(",")), (modules, cfg["lora_module"])

@@ -7,6 +7,7 @@ no hub access), loaded as ``BertForSequenceClassification(num_labels=2)``; modul
 ``classifier.bias [2]``. Base weights stay frozen; only adapter parameters and the head train.
 """
 import json
+import math
 import os
 import random
 import time
@@ -160,11 +161,53 @@ def evaluate(model, split_data):
             "predicted_positive": int(preds.sum())}
 
 
+def start_run(seed):
+    """Seed (``setup``), start the wall clock, load the tokenizer, the tokenised data and a
+    fresh model whose head is initialised from ``seed``. Returns (timer, data, model)."""
+    setup(seed)
+    timer = Timer()
+    tok = load_tokenizer()
+    data = load_data(tok)
+    model = load_model(seed=seed)
+    return timer, data, model
+
+
+def epoch_schedule(data, epochs, warmup_frac=0.06):
+    """(steps_per_epoch, total steps, warm-up steps) for ``epochs`` passes over data["train"]."""
+    steps_per_epoch = math.ceil(len(data["train"][2]) / BATCH_SIZE)
+    total = steps_per_epoch * epochs
+    warm = int(warmup_frac * total)
+    return steps_per_epoch, total, warm
+
+
 def linear_schedule(step, total, warmup):
     """Linear warm-up then linear decay to 10%."""
     if step < warmup:
         return (step + 1) / warmup
     return max(0.1, 1.0 - 0.9 * (step - warmup) / max(1, total - warmup))
+
+
+def set_lr(opt, f):
+    """Scale every param group's ``base_lr`` by the schedule factor ``f`` (groups with
+    ``"sched": False`` keep their ``base_lr``)."""
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * (f if g.get("sched", True) else 1.0)
+
+
+def schedule_lr(opt, step, total, warm):
+    """Set the lrs for ``step`` (``set_lr`` with ``linear_schedule``); returns the factor."""
+    f = linear_schedule(step, total, warm)
+    set_lr(opt, f)
+    return f
+
+
+def train_epochs(model, data, epochs, seed):
+    """Put ``model`` in train mode and yield (epoch, shuffled training batches) for every
+    epoch; the shuffling generator is seeded once with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for epoch in range(epochs):
+        yield epoch, batches(data["train"], BATCH_SIZE, shuffle=True, generator=gen)
 
 
 class Timer:
@@ -184,3 +227,11 @@ def write_json(path, obj):
 def dir_size(path):
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
                if os.path.isfile(os.path.join(path, f)))
+
+
+def eval_log(ev):
+    """train_log.json fields of an ``evaluate`` result."""
+    return {"eval_accuracy": ev["accuracy"],
+            "eval_mean_margin": ev["mean_margin"],
+            "eval_mean_abs_margin": ev["mean_abs_margin"],
+            "eval_predicted_positive": ev["predicted_positive"]}

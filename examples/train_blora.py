@@ -48,7 +48,6 @@ import sys
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -204,11 +203,7 @@ def main():
     ap.add_argument("--float-train", action="store_true", help="debug: train without quantizers")
     args = ap.parse_args()
 
-    common.setup(args.seed)
-    timer = common.Timer()
-    tok = common.load_tokenizer()
-    data = common.load_data(tok)
-    model = common.load_model(seed=args.seed)
+    timer, data, model = common.start_run(args.seed)
     paths = common.target_paths()
     torch.manual_seed(args.seed)
     inits = [args.gamma_init] * 4
@@ -229,23 +224,17 @@ def main():
                               "sched": False}],
                             lr=args.lr)
 
-    steps_per_epoch = math.ceil(len(data["train"][2]) / common.BATCH_SIZE)
-    total = steps_per_epoch * args.epochs
-    warm = int(0.06 * total)
+    steps_per_epoch, total, warm = common.epoch_schedule(data, args.epochs)
     p0, p1 = int(args.penalty_start * total), max(1, int(args.penalty_ramp * total))
 
     def pen_w(step):
         return 0.0 if step < p0 else min(1.0, (step - p0 + 1) / max(1, p1 - p0))
 
-    gen = torch.Generator().manual_seed(args.seed)
-    model.train()
     step = 0
-    for epoch in range(args.epochs):
+    for epoch, train_batches in common.train_epochs(model, data, args.epochs, args.seed):
         run = [0.0, 0.0, 0.0]
-        for b in common.batches(data["train"], common.BATCH_SIZE, shuffle=True, generator=gen):
-            f = common.linear_schedule(step, total, warm)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * (f if g["sched"] else 1.0)
+        for b in train_batches:
+            common.schedule_lr(opt, step, total, warm)
             loss = model(**b).loss
             pr = [m.penalties() for m in mods.values()]
             rank_pen = torch.stack([p[0] for p in pr]).mean()
@@ -334,10 +323,7 @@ def main():
             "target_modules": common.LINEAR_PATHS,
         },
         "steps": step,
-        "eval_accuracy": ev_f["accuracy"],
-        "eval_mean_margin": ev_f["mean_margin"],
-        "eval_mean_abs_margin": ev_f["mean_abs_margin"],
-        "eval_predicted_positive": ev_f["predicted_positive"],
+        **common.eval_log(ev_f),
         "eval_accuracy_quantized": ev_q["accuracy"],
         "eval_mean_margin_quantized": ev_q["mean_margin"],
         "eval_mean_abs_margin_quantized": ev_q["mean_abs_margin"],

@@ -33,60 +33,14 @@ Output folder:
   train_log.json     hyper-parameters, steps, eval accuracy, wall time, per-module rank
 """
 import argparse
-import math
 import os
 import sys
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-
-RESERVE_E = 1e-5
-
-
-class SVDLinear(nn.Module):
-    """IncreLoRA's replacement Linear: base weight/bias + growing SVD-form LoRA lists."""
-
-    def __init__(self, base: nn.Linear, r0, lora_alpha):
-        super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # frozen base tensors, same keys as the original Linear
-        self.bias = base.bias
-        self.lora_alpha = lora_alpha
-        self.lora_A = nn.ParameterList()
-        self.lora_E = nn.ParameterList()
-        self.lora_B = nn.ParameterList()
-        self.ranknum = nn.Parameter(torch.zeros(1), requires_grad=False)
-        # entry 0: the r0 initial active ranks (AdaLoRA init: E = 0, A/B small normal)
-        self.lora_A.append(nn.Parameter(torch.randn(r0, self.in_features) * 0.02))
-        self.lora_E.append(nn.Parameter(torch.zeros(r0, 1)))
-        self.lora_B.append(nn.Parameter(torch.randn(self.out_features, r0) * 0.02))
-        self.ranknum.fill_(float(r0))
-        self.add_reserve()
-
-    def add_reserve(self):
-        """Append one reserve rank: E = 1e-5 (not trained), A random, B small."""
-        self.lora_A.append(nn.Parameter(torch.randn(1, self.in_features) * 0.02))
-        self.lora_E.append(nn.Parameter(torch.full((1, 1), RESERVE_E), requires_grad=False))
-        self.lora_B.append(nn.Parameter(torch.randn(self.out_features, 1) * 0.02))
-
-    def cat(self):
-        return (torch.cat(list(self.lora_A), 0), torch.cat(list(self.lora_E), 0),
-                torch.cat(list(self.lora_B), 1))
-
-    def forward(self, x):
-        out = F.linear(x, self.weight, self.bias)
-        A, E, B = self.cat()
-        return out + ((x @ (A * E).t()) @ B.t()) * (self.lora_alpha / (self.ranknum + 1e-5))
-
-
-def orth_reg(mod):
-    A, _, B = mod.cat()
-    ia = torch.eye(A.shape[0])
-    return ((A @ A.t() - ia) ** 2).sum() + ((B.t() @ B - ia) ** 2).sum()
+import methods  # noqa: E402  (IncreLoRA layer, importance and rank allocation)
 
 
 def main():
@@ -96,119 +50,40 @@ def main():
                     help="also save every base tensor (IncreLoRA's full-model checkpoint, ~90 MB)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--r0", type=int, default=1)
-    ap.add_argument("--lora-alpha", type=float, default=16)
-    ap.add_argument("--lr", type=float, default=5e-3, help="AdamW lr for lora_A/lora_B/head")
-    ap.add_argument("--lr-e", type=float, default=5e-2, help="AdamW lr for lora_E")
-    ap.add_argument("--budget", type=int, default=144, help="total active ranks (36 modules x 4)")
-    ap.add_argument("--warmup-steps", type=int, default=20, help="steps before the first allocation")
-    ap.add_argument("--delta-t", type=int, default=8, help="steps between allocations")
-    ap.add_argument("--top-k", type=int, default=9, help="modules that get a rank per allocation")
-    ap.add_argument("--beta1", type=float, default=0.85)
-    ap.add_argument("--beta2", type=float, default=0.85)
-    ap.add_argument("--orth-reg", type=float, default=0.1)
+    methods.add_increlora_args(ap, lr=5e-3, lr_help="AdamW lr for lora_A/lora_B/head", lr_e=5e-2,
+                               budget=144, budget_help="total active ranks (36 modules x 4)",
+                               delta_t=8, top_k=9)
     args = ap.parse_args()
 
-    common.setup(args.seed)
-    timer = common.Timer()
-    tok = common.load_tokenizer()
-    data = common.load_data(tok)
-    model = common.load_model(seed=args.seed)
+    timer, data, model = common.start_run(args.seed)
     paths = common.target_paths()
     torch.manual_seed(args.seed)
-    mods = {}
-    for path in paths:
-        mods[path] = SVDLinear(common.get_module(model, path), args.r0, args.lora_alpha)
-        common.set_module(model, path, mods[path])
+    mods = methods.add_svd_linears(model, paths, args.r0, args.lora_alpha, common.set_module)
 
     head = [model.classifier.weight, model.classifier.bias]
-    ab_params = [p for m in mods.values() for lst in (m.lora_A, m.lora_B) for p in lst]
-    e_params = [p for m in mods.values() for p in m.lora_E if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": ab_params, "weight_decay": 0.0, "base_lr": args.lr},
-                             {"params": e_params, "weight_decay": 0.0, "base_lr": args.lr_e},
-                             {"params": head, "weight_decay": 0.01, "base_lr": args.lr}], lr=args.lr)
+    opt = torch.optim.AdamW(methods.svd_param_groups(mods, args.lr, args.lr_e)
+                            + [{"params": head, "weight_decay": 0.01, "base_lr": args.lr}], lr=args.lr)
 
-    steps_per_epoch = math.ceil(len(data["train"][2]) / common.BATCH_SIZE)
-    total = steps_per_epoch * args.epochs
-    warm = int(0.06 * total)
-    ipt, unc = {}, {}  # smoothed sensitivity and its uncertainty, per parameter (by id)
+    steps_per_epoch, total, warm = common.epoch_schedule(data, args.epochs)
+    importance = methods.Importance(mods, args.beta1, args.beta2)
 
-    def lora_of(m):
-        return [p for lst in (m.lora_A, m.lora_E, m.lora_B) for p in lst]
-
-    def update_importance():
-        scores = {}
-        for path, m in mods.items():
-            vals = []
-            for p in lora_of(m):
-                if p.grad is None:
-                    continue
-                s = (p * p.grad).abs().detach()
-                k = id(p)
-                if k not in ipt:
-                    ipt[k], unc[k] = torch.zeros_like(s), torch.zeros_like(s)
-                ipt[k].mul_(args.beta1).add_(s, alpha=1 - args.beta1)
-                unc[k].mul_(args.beta2).add_((s - ipt[k]).abs(), alpha=1 - args.beta2)
-                vals.append(float((ipt[k] * unc[k]).mean()))
-            scores[path] = sum(vals) / max(1, len(vals))
-        return scores
-
-    active = sum(int(m.ranknum.item()) for m in mods.values())
-    budget_reached = active >= args.budget
-    allocations = []
-    gen = torch.Generator().manual_seed(args.seed)
-    model.train()
+    alloc = methods.RankAllocator.from_args(mods, paths, args)
     step = 0
-    for epoch in range(args.epochs):
+    for epoch, train_batches in common.train_epochs(model, data, args.epochs, args.seed):
         run_loss = 0.0
-        for b in common.batches(data["train"], common.BATCH_SIZE, shuffle=True, generator=gen):
-            f = common.linear_schedule(step, total, warm)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * f
+        for b in train_batches:
+            f = common.schedule_lr(opt, step, total, warm)
             loss = model(**b).loss
-            reg = sum(orth_reg(m) for m in mods.values()) / len(mods)
-            opt.zero_grad(set_to_none=True)
-            (loss + args.orth_reg * reg).backward()
-            scores = update_importance()
-            opt.step()
+            reg, scores = methods.increlora_backward_step(opt, mods, importance, loss, args.orth_reg)
             run_loss += float(loss.detach())
             step += 1
-            # incremental allocation
-            if (not budget_reached and step >= args.warmup_steps
-                    and (step - args.warmup_steps) % args.delta_t == 0):
-                k = min(args.top_k, args.budget - active)
-                chosen = sorted(paths, key=lambda p: (-scores[p], paths.index(p)))[:k]
-                new_ab, new_e = [], []
-                for p in chosen:
-                    m = mods[p]
-                    m.lora_E[-1].requires_grad_(True)  # the reserve becomes an active rank
-                    new_e.append(m.lora_E[-1])
-                    m.ranknum.add_(1.0)
-                    m.add_reserve()
-                    new_ab += [m.lora_A[-1], m.lora_B[-1]]
-                opt.add_param_group({"params": new_ab, "weight_decay": 0.0, "base_lr": args.lr,
-                                     "lr": args.lr * f})
-                opt.add_param_group({"params": new_e, "weight_decay": 0.0, "base_lr": args.lr_e,
-                                     "lr": args.lr_e * f})
-                active += k
-                allocations.append({"step": step, "modules": chosen})
-                if active >= args.budget:
-                    budget_reached = True
-                    with torch.no_grad():
-                        for m in mods.values():  # the last entry of every list is a reserve
-                            m.lora_E[-1].zero_()
-                            for t in (m.lora_A[-1], m.lora_E[-1], m.lora_B[-1]):
-                                t.requires_grad_(False)
-                                t.grad = None
-                    print(f"step {step}: budget {args.budget} reached, reserve E set to 0.0", flush=True)
-        print(f"epoch {epoch + 1}: loss {run_loss / steps_per_epoch:.4f}  active ranks {active}  "
+            alloc.after_step(step, scores, opt, f)  # incremental allocation
+        print(f"epoch {epoch + 1}: loss {run_loss / steps_per_epoch:.4f}  active ranks {alloc.active}  "
               f"[{timer()} s]", flush=True)
 
     ev = common.evaluate(model, data["eval"])
     acc = ev["accuracy"]
-    ranks = {p: int(m.ranknum.item()) for p, m in mods.items()}
-    live = {p: int((torch.cat(list(m.lora_E), 0) != 0).sum()) for p, m in mods.items()}
-    entries = {p: len(m.lora_E) for p, m in mods.items()}
+    ranks, live, entries = methods.increlora_ranks(mods)
     print(f"eval accuracy {acc:.4f}; active ranks {sum(ranks.values())} "
           f"(list entries {sum(entries.values())}, nonzero E {sum(live.values())}); "
           f"per-module ranknum {sorted(ranks.values())}", flush=True)
@@ -223,41 +98,22 @@ def main():
     cfg = model.config.to_dict()
     cfg["architectures"] = ["BertForSequenceClassification"]
     cfg["_name_or_path"] = common.BASE_MODEL_NAME
-    cfg.update({"apply_lora": True, "lora_type": "svd",
-                "lora_module": "query,key,value,intermediate,layer.output,attention.output",
-                "lora_alpha": int(args.lora_alpha), "lora_dropout": 0.0, "lora_r": args.r0})
-    common.write_json(os.path.join(args.out, "config.json"), cfg)
-    common.write_json(os.path.join(args.out, "rank_pattern.json"), ranks)
+    methods.write_increlora_config(args.out, cfg, "query,key,value,intermediate,layer.output,attention.output",
+                                   args.lora_alpha, args.r0, ranks)
     common.write_json(os.path.join(args.out, "train_log.json"), {
         "method": "IncreLoRA",
         "base_model": common.BASE_MODEL_NAME,
         "data": "examples/data/sentiment",
         "hyper_parameters": {
             "seed": args.seed, "epochs": args.epochs, "batch_size": common.BATCH_SIZE,
-            "max_len": common.MAX_LEN, "lora_r (r0)": args.r0, "lora_alpha": args.lora_alpha,
-            "scale": "lora_alpha / (ranknum + 1e-5)",
-            "lr_adamw": args.lr, "lr_adamw_E": args.lr_e, "lr_schedule": f"linear warm-up {warm} steps, linear decay to 10%",
-            "rank_budget": args.budget, "allocation_warmup_steps": args.warmup_steps,
-            "delta_t": args.delta_t, "top_k": args.top_k, "importance": "mean over the module's "
-            "LoRA params of EMA(|p*grad|, beta1) * EMA(|s - EMA|, beta2)",
-            "beta1": args.beta1, "beta2": args.beta2, "orth_reg_coef": args.orth_reg,
-            "reserve_E_while_training": RESERVE_E, "full_model_saved": args.full_model,
+            "max_len": common.MAX_LEN, 
+            **methods.increlora_hparams(args, warm), "full_model_saved": args.full_model,
             "target_modules": common.LINEAR_PATHS,
         },
         "steps": step,
-        "eval_accuracy": acc,
-        "eval_mean_margin": ev["mean_margin"],
-        "eval_mean_abs_margin": ev["mean_abs_margin"],
-        "eval_predicted_positive": ev["predicted_positive"],
+        **common.eval_log(ev),
         "wall_seconds": timer(),
-        "ranks_initial_total": len(paths) * args.r0,
-        "ranks_active_total": sum(ranks.values()),
-        "list_entries_total": sum(entries.values()),
-        "nonzero_E_total": sum(live.values()),
-        "allocations": allocations,
-        "per_module_rank": ranks,
-        "per_module_list_entries": entries,
-        "per_module_nonzero_E": live,
+        **methods.increlora_rank_log(paths, args.r0, ranks, live, entries, alloc.allocations),
     })
     print(f"saved to {args.out} ({len(sd)} tensors) [{timer()} s]")
 

@@ -49,6 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402
+import methods  # noqa: E402  (shared options and train_log fields; the IncreLoRA training code stays here)
 import train_sora_gemma as G  # noqa: E402  (Gemma loading, data and perplexity helpers)
 
 RESERVE_E = 1e-5
@@ -107,17 +108,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layers", default="all", help='"all" (0..17) or a comma list, e.g. 0,4,8,12,16')
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--r0", type=int, default=1)
-    ap.add_argument("--lora-alpha", type=float, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW lr for lora_A/lora_B")
-    ap.add_argument("--lr-e", type=float, default=1e-2, help="AdamW lr for lora_E")
-    ap.add_argument("--budget", type=int, default=216, help="total active ranks (72 modules x 3)")
-    ap.add_argument("--warmup-steps", type=int, default=20, help="steps before the first allocation")
-    ap.add_argument("--delta-t", type=int, default=10, help="steps between allocations")
-    ap.add_argument("--top-k", type=int, default=12, help="modules that get a rank per allocation")
-    ap.add_argument("--beta1", type=float, default=0.85)
-    ap.add_argument("--beta2", type=float, default=0.85)
-    ap.add_argument("--orth-reg", type=float, default=0.1)
+    methods.add_increlora_args(ap, lr=1e-3, lr_help="AdamW lr for lora_A/lora_B", lr_e=1e-2,
+                               budget=216, budget_help="total active ranks (72 modules x 3)",
+                               delta_t=10, top_k=12)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = ap.parse_args()
@@ -267,15 +260,7 @@ def main():
             "seed": args.seed, "torch_threads": args.threads, "steps": total,
             "batch_size": G.BATCH_SIZE, "max_len": G.MAX_LEN,
             "layers": layers, "target_modules": G.PROJ,
-            "lora_r (r0)": args.r0, "lora_alpha": args.lora_alpha,
-            "scale": "lora_alpha / (ranknum + 1e-5)",
-            "lr_adamw": args.lr, "lr_adamw_E": args.lr_e,
-            "lr_schedule": f"linear warm-up {warm} steps, linear decay to 10%",
-            "rank_budget": args.budget, "allocation_warmup_steps": args.warmup_steps,
-            "delta_t": args.delta_t, "top_k": args.top_k, "importance": "mean over the module's "
-            "LoRA params of EMA(|p*grad|, beta1) * EMA(|s - EMA|, beta2)",
-            "beta1": args.beta1, "beta2": args.beta2, "orth_reg_coef": args.orth_reg,
-            "reserve_E_while_training": RESERVE_E, "full_model_saved": False,
+            **methods.increlora_hparams(args, warm), "full_model_saved": False,
             "loss": "mean next-token cross-entropy over the tokens after <bos> (no <eos>)",
         },
         "steps": step,
@@ -283,20 +268,9 @@ def main():
         "wall_seconds_load": t_load,
         "wall_seconds_train": train_seconds,
         "wall_seconds": timer(),
-        "perplexity": {
-            "measured": "PyTorch float32, dequantized base, adapter in SVDLinear; "
-                        "exp(mean NLL of the tokens after <bos>) over examples/data/gemma_text/eval.txt lines",
-            "positive_eval": {"base": base_pos, "adapted": ad_pos, "sentences": len(ev_pos), "tokens": n_pos},
-            "negative_eval": {"base": base_neg, "adapted": ad_neg, "sentences": len(ev_neg), "tokens": n_neg},
-        },
-        "ranks_initial_total": len(paths) * args.r0,
-        "ranks_active_total": sum(ranks.values()),
-        "list_entries_total": sum(entries.values()),
-        "nonzero_E_total": sum(live.values()),
-        "allocations": allocations,
-        "per_module_rank": ranks,
-        "per_module_list_entries": entries,
-        "per_module_nonzero_E": live,
+        "perplexity": G.perplexity_log("adapter in SVDLinear", ev_pos, ev_neg, base_pos, ad_pos, n_pos,
+                                        base_neg, ad_neg, n_neg),
+        **methods.increlora_rank_log(paths, args.r0, ranks, live, entries, allocations),
     })
     print(f"saved to {args.out} ({len(sd)} tensors, {common.dir_size(args.out):,d} bytes) [{timer()} s]")
 

@@ -30,32 +30,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-
-
-class SoRAParallel(nn.Module):
-    """The parallel branch OpenDelta attaches as ``<linear>.lora``."""
-
-    def __init__(self, in_features, out_features, r, lora_alpha):
-        super().__init__()
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.scaling = lora_alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r))
-        self.gate = nn.Parameter(torch.ones(1, r))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def forward(self, x):
-        return ((x @ self.lora_A.t()) * self.gate) @ self.lora_B.t() * self.scaling
-
-
-def add_sora(model, r, lora_alpha):
-    paths = common.target_paths()
-    for path in paths:
-        lin = common.get_module(model, path)
-        lin.lora = SoRAParallel(lin.in_features, lin.out_features, r, lora_alpha)
-        lin.register_forward_hook(lambda mod, inp, out: out + mod.lora(inp[0]))
-    return paths
+import methods  # noqa: E402  (SoRA layer, gate step, xi schedule)
 
 
 def main():
@@ -63,22 +38,11 @@ def main():
     ap.add_argument("--out", default=os.path.join(common.HERE, "adapters", "sora"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--lora-alpha", type=float, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3, help="AdamW lr for lora_A/lora_B/head")
-    ap.add_argument("--gate-lr", type=float, default=30.0, help="SGD lr of the gate step")
-    ap.add_argument("--xi", type=float, default=0.008, help="final soft-threshold per step")
-    ap.add_argument("--xi-warmup", type=float, default=0.1,
-                    help="fraction of steps with xi = 0, then xi ramps linearly to --xi at --xi-ramp")
-    ap.add_argument("--xi-ramp", type=float, default=0.4, help="fraction of steps where xi reaches --xi")
+    methods.add_sora_args(ap, lr=2e-3, lr_help="AdamW lr for lora_A/lora_B/head", xi=0.008)
     args = ap.parse_args()
 
-    common.setup(args.seed)
-    timer = common.Timer()
-    tok = common.load_tokenizer()
-    data = common.load_data(tok)
-    model = common.load_model(seed=args.seed)
-    paths = add_sora(model, args.r, args.lora_alpha)
+    timer, data, model = common.start_run(args.seed)
+    paths = methods.add_sora(model, common.target_paths(), args.r, args.lora_alpha)
     torch.manual_seed(args.seed)
     for path in paths:  # re-init A in a fixed order after the head, for reproducibility
         nn.init.kaiming_uniform_(common.get_module(model, path).lora.lora_A, a=math.sqrt(5))
@@ -87,42 +51,22 @@ def main():
     ab = [t for p in paths for t in (common.get_module(model, p).lora.lora_A,
                                      common.get_module(model, p).lora.lora_B)]
     head = [model.classifier.weight, model.classifier.bias]
-    opt = torch.optim.AdamW([{"params": ab, "weight_decay": 0.0},
-                             {"params": head, "weight_decay": 0.01}], lr=args.lr)
+    opt = torch.optim.AdamW([{"params": ab, "weight_decay": 0.0, "base_lr": args.lr},
+                             {"params": head, "weight_decay": 0.01, "base_lr": args.lr}], lr=args.lr)
 
-    steps_per_epoch = math.ceil(len(data["train"][2]) / common.BATCH_SIZE)
-    total = steps_per_epoch * args.epochs
-    warm = int(0.06 * total)
-    xi_start, xi_full = int(args.xi_warmup * total), max(1, int(args.xi_ramp * total))
+    steps_per_epoch, total, warm = common.epoch_schedule(data, args.epochs)
+    xi_at, xi_start, xi_full = methods.xi_schedule(args.xi, total, args.xi_warmup, args.xi_ramp)
 
-    def xi_at(step):
-        if step < xi_start:
-            return 0.0
-        return args.xi * min(1.0, (step - xi_start + 1) / max(1, xi_full - xi_start))
-
-    gen = torch.Generator().manual_seed(args.seed)
-    model.train()
     step = 0
-    for epoch in range(args.epochs):
+    for epoch, train_batches in common.train_epochs(model, data, args.epochs, args.seed):
         run_loss = 0.0
-        for b in common.batches(data["train"], common.BATCH_SIZE, shuffle=True, generator=gen):
-            f = common.linear_schedule(step, total, warm)
-            for g in opt.param_groups:
-                g["lr"] = args.lr * f
+        for b in train_batches:
+            f = common.schedule_lr(opt, step, total, warm)
             loss = model(**b).loss
-            opt.zero_grad(set_to_none=True)
-            for g in gates:
-                g.grad = None
-            loss.backward()
-            opt.step()
+            methods.sora_backward_step(opt, gates, loss)
             # SoRA's proximal gate step: SGD, then soft-threshold with xi
             xi = xi_at(step)
-            with torch.no_grad():
-                for g in gates:
-                    g.add_(g.grad, alpha=-args.gate_lr * f)
-                    if xi > 0:  # shift towards 0 by xi, then |g| < xi -> exactly 0.0
-                        g.sub_(xi * torch.sign(g))
-                        g.masked_fill_(g.abs() < xi, 0.0)
+            methods.sora_gate_step(gates, args.gate_lr, f, xi)
             run_loss += float(loss.detach())
             step += 1
         zeros = sum(int((g == 0).sum()) for g in gates)
@@ -135,13 +79,7 @@ def main():
     live = sum(ranks.values())
     print(f"eval accuracy {acc:.4f}; live ranks {live}/{len(paths) * args.r}", flush=True)
 
-    os.makedirs(args.out, exist_ok=True)
-    sd = {k: v.detach().to(torch.float32).contiguous().clone()
-          for k, v in model.state_dict().items() if ".lora." in k}
-    assert len(sd) == 3 * len(paths)
-    torch.save(sd, os.path.join(args.out, "pytorch_model.bin"))
-    common.write_json(os.path.join(args.out, "lora_config.json"),
-                      {"lora_r": args.r, "lora_alpha": int(args.lora_alpha)})
+    methods.save_sora(model, args.out, paths, args.r, args.lora_alpha)
     from safetensors.torch import save_file
     save_file({"classifier.weight": model.classifier.weight.detach().contiguous().clone(),
                "classifier.bias": model.classifier.bias.detach().contiguous().clone()},
@@ -161,10 +99,7 @@ def main():
             "target_modules": common.LINEAR_PATHS,
         },
         "steps": step,
-        "eval_accuracy": acc,
-        "eval_mean_margin": ev["mean_margin"],
-        "eval_mean_abs_margin": ev["mean_abs_margin"],
-        "eval_predicted_positive": ev["predicted_positive"],
+        **common.eval_log(ev),
         "wall_seconds": timer(),
         "ranks_total_max": len(paths) * args.r,
         "ranks_live": live,

@@ -45,6 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402
+import methods  # noqa: E402  (shared command-line options; the SoRA training code below stays here)
 
 GEMMA_DIR = os.environ.get("LORADEPLOY_GEMMA_DIR", "/tmp/gemma")
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
@@ -161,6 +162,16 @@ def perplexity(model, seqs, batch_size=EVAL_BATCH_SIZE):
     return math.exp(tot / n), n
 
 
+def perplexity_log(adapter, ev_pos, ev_neg, base_pos, ad_pos, n_pos, base_neg, ad_neg, n_neg):
+    """train_log.json's "perplexity" record; ``adapter`` says how the adapter was applied."""
+    return {
+        "measured": f"PyTorch float32, dequantized base, {adapter}; "
+                    "exp(mean NLL of the tokens after <bos>) over examples/data/gemma_text/eval.txt lines",
+        "positive_eval": {"base": base_pos, "adapted": ad_pos, "sentences": len(ev_pos), "tokens": n_pos},
+        "negative_eval": {"base": base_neg, "adapted": ad_neg, "sentences": len(ev_neg), "tokens": n_neg},
+    }
+
+
 def steps_schedule(total, warm):
     return lambda step: common.linear_schedule(step, total, warm)
 
@@ -196,14 +207,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layers", default="all", help='"all" (0..17) or a comma list, e.g. 0,4,8,12,16')
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--lora-alpha", type=float, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW lr for lora_A/lora_B")
-    ap.add_argument("--gate-lr", type=float, default=30.0, help="SGD lr of the gate step")
-    ap.add_argument("--xi", type=float, default=0.0095, help="final soft-threshold per step")
-    ap.add_argument("--xi-warmup", type=float, default=0.1,
-                    help="fraction of steps with xi = 0, then xi ramps linearly to --xi at --xi-ramp")
-    ap.add_argument("--xi-ramp", type=float, default=0.4, help="fraction of steps where xi reaches --xi")
+    methods.add_sora_args(ap, lr=1e-3, lr_help="AdamW lr for lora_A/lora_B", xi=0.0095)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = ap.parse_args()
@@ -315,12 +319,8 @@ def main():
         "wall_seconds_load": t_load,
         "wall_seconds_train": train_seconds,
         "wall_seconds": timer(),
-        "perplexity": {
-            "measured": "PyTorch float32, dequantized base, adapter as parallel branch; "
-                        "exp(mean NLL of the tokens after <bos>) over examples/data/gemma_text/eval.txt lines",
-            "positive_eval": {"base": base_pos, "adapted": ad_pos, "sentences": len(ev_pos), "tokens": n_pos},
-            "negative_eval": {"base": base_neg, "adapted": ad_neg, "sentences": len(ev_neg), "tokens": n_neg},
-        },
+        "perplexity": perplexity_log("adapter as parallel branch", ev_pos, ev_neg, base_pos, ad_pos, n_pos,
+                                        base_neg, ad_neg, n_neg),
         "ranks_total_max": len(paths) * args.r,
         "ranks_live": live,
         "gates_exactly_zero": int((gate_vals == 0).sum()),
