@@ -1,5 +1,8 @@
 """bitsandbytes target: artifacts that plain transformers (+ peft) load in a fresh process and
-that reproduce the outputs loradeploy validated, bit for bit."""
+that reproduce the outputs loradeploy validated: bit for bit for int8; for nf4 within 1e-3 with
+identical labels, because bitsandbytes 0.50's 4-bit CPU kernels are not bit-reproducible across
+processes (seen: 0 difference in one full run, up to 1.3e-4 on a few rows in 2 of 6 nf4 cases
+in another)."""
 
 import json
 import subprocess
@@ -74,7 +77,11 @@ def test_plain_transformers_reproduces_validated_outputs(tmp_path, eval_small, n
                            json.dumps(texts)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     theirs = np.asarray(json.loads(proc.stdout.strip().splitlines()[-1]), dtype=np.float32)
-    assert np.array_equal(ours, theirs)
+    if precision == "int8":
+        assert np.array_equal(ours, theirs)
+    else:
+        assert np.abs(ours - theirs).max() <= 1e-3
+        assert np.array_equal(ours.argmax(-1), theirs.argmax(-1))
 
 
 def test_gemma_nf4_swappable_lm(tmp_path):
