@@ -117,7 +117,7 @@ def load_gguf_torch(path: Path):
     read the cache. (Such models refuse ``save_pretrained``, hence safetensors' ``save_model``.)"""
     import torch
     import transformers
-    from safetensors.torch import load_model, save_model
+    from safetensors.torch import load_model
 
     from .tensorio import sha256_file
 
@@ -126,35 +126,29 @@ def load_gguf_torch(path: Path):
     cached = cache_dir() / "dequantized" / sha256_file(path)[:32]
     weights, config_file = cached / "model.safetensors", cached / "config.json"
     if not (weights.is_file() and config_file.is_file()):
-        try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise BaseModelError(f"{path}: transformers cannot load this GGUF ({str(e).splitlines()[0]})") from e
-        cached.mkdir(parents=True, exist_ok=True)
-        tmp = weights.with_suffix(".partial")
-        save_model(model, str(tmp))
-        os.replace(tmp, weights)
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config_file.write_text(json.dumps(config))
-        del model
+        _dequantize_to_cache(path, weights, config_file)
     # always built from the cache: a model loaded with gguf_file= is marked quantized and
     # refuses save_pretrained, which exporters need
     config = transformers.AutoConfig.for_model(**json.loads(config_file.read_text()))
     model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     load_model(model, str(weights))
     return model.eval()
+
+
+def _dequantize_to_cache(path: Path, weights: Path, config_file: Path) -> None:
+    import torch
+    import transformers
+    from safetensors.torch import save_model
+
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise BaseModelError(f"{path}: transformers cannot load this GGUF ({str(e).splitlines()[0]})") from e
-    cached.mkdir(parents=True, exist_ok=True)
+    weights.parent.mkdir(parents=True, exist_ok=True)
     tmp = weights.with_suffix(".partial")
     save_model(model, str(tmp))
     os.replace(tmp, weights)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config_file.write_text(json.dumps(config))
-    return model.eval()
