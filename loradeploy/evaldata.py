@@ -12,6 +12,10 @@ from .errors import LoradeployError
 #: sentences) and, for language models, held-back review sentences as plain text.
 DEFAULT_EVAL = Path(__file__).resolve().parent / "data" / "sentiment" / "eval.jsonl"
 DEFAULT_LM_EVAL = Path(__file__).resolve().parent / "data" / "gemma_text" / "eval.txt"
+#: Calibration inputs for quantization plans: the examples' training texts, never the eval sets.
+DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "data" / "sentiment" / "train.jsonl"
+DEFAULT_LM_CALIBRATION = (Path(__file__).resolve().parent / "data" / "gemma_text" / "positive_train.txt",
+                          Path(__file__).resolve().parent / "data" / "gemma_text" / "negative_train.txt")
 
 
 class EvalDataError(LoradeployError):
@@ -60,3 +64,15 @@ def load_eval(path: Path | None = None, limit: int | None = None, lm: bool = Fal
     if limit:
         texts, labels = texts[:limit], labels[:limit]
     return EvalSet(path, texts, labels if all(lb is not None for lb in labels) else None)
+
+
+def load_calibration(path: Path | None, limit: int, lm: bool = False) -> EvalSet:
+    """Calibration texts for a quantization plan: ``path`` (same formats as eval files) or the
+    examples' training texts (for language models, alternating between the two text files)."""
+    if path is not None:
+        return load_eval(path, limit, lm)
+    if not lm:
+        return load_eval(DEFAULT_CALIBRATION, limit)
+    parts = [load_eval(p, limit, lm=True).texts for p in DEFAULT_LM_CALIBRATION]
+    texts = [t for pair in zip(*parts) for t in pair][:limit]
+    return EvalSet(DEFAULT_LM_CALIBRATION[0].parent, texts, None)

@@ -16,6 +16,7 @@ from .fsutil import atomic_output_dir
 from .ir import Method, Task
 from .merge import check_fits
 from .prune import prune
+from .quantize import apply_plan, plan_for
 from .report import write_report
 from .targets.common import AdapterEntry, ExportJob, copy_tokenizer, get_target
 from .targets.profile import load_profile, parse_profile
@@ -64,8 +65,8 @@ def _check_fits(base_model, base_dir: Path, entries: list[AdapterEntry]) -> None
             raise BaseModelError(f"{e.source}: does not fit base {base_dir}: {err}") from err
 
 
-def _adapter_record(e: AdapterEntry, mode: str, suffix: str) -> dict:
-    return {
+def _adapter_record(e: AdapterEntry, mode: str, suffix: str, plan=None) -> dict:
+    record = {
         "name": e.name,
         "method": e.original.method.value,
         "sources": [s.__dict__ for s in e.original.sources],
@@ -76,6 +77,9 @@ def _adapter_record(e: AdapterEntry, mode: str, suffix: str) -> dict:
         "bit_hints": {n: m.bits for n, m in e.original.modules.items() if m.bits},
         "notes": e.original.notes,
     }
+    if plan is not None:
+        record["plan"] = {"method": plan.method, "budget": plan.budget, **plan.adapters[e.name]}
+    return record
 
 
 def _base_record(spec: str, base_dir: Path) -> dict:
@@ -87,9 +91,20 @@ def _base_record(spec: str, base_dir: Path) -> dict:
             "weights": [{"file": p.name, "sha256": mf.sha256_file(p)} for p in weights]}
 
 
+@dataclass(frozen=True)
+class PlanOptions:
+    """How the adapters' tensors are stored (swappable mode): ``plan`` is ``learned``,
+    ``uniform:BITS`` or a plan file (None: the profile's plan, else as trained)."""
+
+    plan: str | None = None
+    budget: str | None = None
+    max_bytes: int | None = None
+    calibration: Path | None = None
+
+
 def export(base: str, adapters: list[AdapterSpec], target: str, out: Path, mode: str | None = None,
            eval_path: Path | None = None, method: Method | None = None, options: ReadOptions | None = None,
-           overwrite: bool = False, progress: Progress | None = None) -> dict:
+           overwrite: bool = False, progress: Progress | None = None, plan: PlanOptions | None = None) -> dict:
     """Export ``adapters`` on ``base`` for ``target`` into ``out``; returns the manifest."""
     step = progress or (lambda _msg: None)
     options = options or ReadOptions()
@@ -98,14 +113,19 @@ def export(base: str, adapters: list[AdapterSpec], target: str, out: Path, mode:
     plugin = get_target(profile.runtime)
     if mode == "merged" and len(adapters) != 1:
         raise LoradeployError(f"merged mode takes exactly one adapter, got {len(adapters)}")
+    plan = plan or PlanOptions()
+    if mode == "merged" and plan.plan:
+        raise LoradeployError("--plan applies to adapters kept beside the base (swappable mode); a merged "
+                              "adapter is folded into the base's weights")
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        manifest = _export_into(tmp, base, adapters, profile, plugin, mode, eval_path, method, options, step)
+        manifest = _export_into(tmp, base, adapters, profile, plugin, mode, eval_path, method, options, step, plan)
     manifest["artifact"] = str(Path(out).absolute())
     return manifest
 
 
 def _export_into(tmp: Path, base: str, adapters: list[AdapterSpec], profile, plugin, mode: str,
-                 eval_path: Path | None, method: Method | None, options: ReadOptions, step: Progress) -> dict:
+                 eval_path: Path | None, method: Method | None, options: ReadOptions, step: Progress,
+                 plan_options: PlanOptions) -> dict:
     entries = load_entries(adapters, method, options)
     step("read and pruned adapters")
     base_dir = resolve_base(base)
@@ -116,6 +136,13 @@ def _export_into(tmp: Path, base: str, adapters: list[AdapterSpec], profile, plu
     step("loaded base model")
     job = ExportJob(base, base_dir, task, num_labels, entries, profile, mode, base_model)
     eval_set = load_eval(eval_path, lm=task is Task.CAUSAL_LM)
+    plan_option = plan_options.plan or (profile.plan if mode == "swappable" else None)
+    if plan_option:
+        plan = plan_for(entries, profile.runtime, profile.name, plan_option, base_model, base_dir, task,
+                        plan_options.budget, plan_options.max_bytes, plan_options.calibration, step)
+        apply_plan(entries, plan)
+        job.decisions["plan"] = plan
+        step(f"applied precision plan ({plan.method})")
     decisions = plugin.export(job, tmp)
     if base_dir.is_dir():
         copy_tokenizer(base_dir, tmp)
@@ -156,7 +183,8 @@ def _manifest(job: ExportJob, decisions: dict, folder: Path, method: Method | No
         "base": _base_record(job.base_spec, job.base_dir),
         "read_options": {"format": method.value if method else None, "lora_alpha": options.lora_alpha,
                          "lora_r": options.lora_r, "head": str(options.head) if options.head else None},
-        "adapters": [_adapter_record(e, job.mode, get_target(job.profile.runtime).adapter_suffix) for e in job.adapters],
+        "adapters": [_adapter_record(e, job.mode, get_target(job.profile.runtime).adapter_suffix,
+                                     job.decisions.get("plan")) for e in job.adapters],
         "decisions": decisions,
         "files": mf.file_entries(folder),
     }

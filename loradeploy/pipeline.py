@@ -37,3 +37,46 @@ def prune_adapter(path: Path, out: Path, method: Method | None = None,
         (tmp / "prune_report.json").write_text(json.dumps(
             {**record, "prune": report.to_dict()}, indent=2, default=str))
     return record
+
+
+def quantize_plan(base: str, adapter_specs: list[str], target: str, out: Path, plan: str = "learned",
+                  budget: str | None = None, max_bytes: int | None = None, calibration: Path | None = None,
+                  method: Method | None = None, options: ReadOptions | None = None, overwrite: bool = False,
+                  progress=None) -> dict:
+    """Compute a precision plan for the adapters on ``base`` for ``target`` and write it to
+    ``out`` (JSON; written whole, then renamed into place)."""
+    import os
+
+    from .base import base_task, load_torch_model, resolve_base
+    from .errors import OutputError
+    from .export import AdapterSpec, _check_fits, load_entries
+    from .ir import Task
+    from .quantize import plan_for
+    from .targets.profile import load_profile
+
+    step = progress or (lambda _m: None)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out}: exists (use --overwrite to replace it)")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out.parent}: no such folder for the plan file")
+    profile = load_profile(target)
+    entries = load_entries([AdapterSpec.parse(a) for a in adapter_specs], method, options or ReadOptions())
+    step("read and pruned adapters")
+    base_dir = resolve_base(base)
+    task = base_task(base_dir) or entries[0].original.task
+    num_labels = entries[0].original.num_labels if task is Task.SEQUENCE_CLASSIFICATION else None
+    base_model = load_torch_model(base_dir, task, num_labels)
+    _check_fits(base_model, base_dir, entries)
+    step("loaded base model")
+    result = plan_for(entries, profile.runtime, profile.name, plan, base_model, base_dir, task, budget, max_bytes,
+                      calibration, step)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        result.save(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    record = result.to_dict()
+    record["output"] = str(out.absolute())
+    return record

@@ -101,6 +101,31 @@ def print_export(record: dict) -> None:
                   f"{', '.join(f['path'] for f in record['files'])}, manifest.json, report.html")
 
 
+def print_plan(record: dict) -> None:
+    """One row per adapter: bytes, formats, measured fidelity, and B-LoRA's starting plan."""
+    budget = record.get("budget") or {}
+    title = escape(f"precision plan ({record['method']}) for {record['target']} [{record['runtime']}]")
+    if "measure" in budget:
+        title += f", budget {budget['measure']} ≤ {budget['max']:g}"
+    table = Table(title=title, show_edge=False)
+    for col in ("adapter", "plan", "bytes", "of dense fp16", "formats", "measured (PyTorch)"):
+        table.add_column(col, justify="left" if col in ("adapter", "plan", "formats") else "right")
+    for name, a in record["adapters"].items():
+        measured = ", ".join(f"{k} {v:.4g}" for k, v in (a.get("measured_pytorch") or {}).items())
+        formats = ", ".join(f"{k}×{v}" for k, v in a["format_counts"].items())
+        share = f"{a['bytes'] / a['bytes_dense_fp16_max_rank']:.1%}"
+        table.add_row(escape(name), a.get("chosen_from", a["chosen_by"]), human_bytes(a["bytes"]), share,
+                      formats, measured)
+        start = a.get("start_plan")
+        if start:
+            m = ", ".join(f"{k} {v:.4g}" for k, v in start.items() if k not in ("formats", "bytes"))
+            table.add_row(escape(name), "B-LoRA bit hints", human_bytes(start["bytes"]),
+                          f"{start['bytes'] / a['bytes_dense_fp16_max_rank']:.1%}", "", m)
+    console.print(table)
+    if "output" in record:
+        console.print(f"wrote {record['output']}")
+
+
 def print_targets(profiles: list[dict]) -> None:
     table = Table(show_edge=False)
     for col in ("target", "runtime", "precision", "mode", "description"):

@@ -62,6 +62,44 @@ def bars_svg(values: dict[str, float], title: str, w: int = 520, bar_h: int = 14
     return f'<svg width="{w}" height="{h}" font-size="10"><text x="4" y="12">{html.escape(title)}</text>{"".join(rows)}</svg>'
 
 
+def scatter_svg(points: list[tuple[float, float, str, str]], title: str, xlabel: str, ylabel: str,
+                w: int = 520, h: int = 260) -> str:
+    """(x, y, colour, label) points on linear axes; labelled points get their label beside them."""
+    if not points:
+        return ""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = 0.0, max(ys) or 1.0
+    sx = lambda x: 50 + (x - x0) / ((x1 - x0) or 1.0) * (w - 80)  # noqa: E731
+    sy = lambda y: h - 35 - (y - y0) / ((y1 - y0) or 1.0) * (h - 60)  # noqa: E731
+    dots = "".join(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{5 if label else 3}" fill="{c}"/>'
+                   + (f'<text x="{sx(x) + 7:.1f}" y="{sy(y) - 4:.1f}">{html.escape(label)}</text>' if label else "")
+                   for x, y, c, label in points)
+    axes = (f'<line x1="50" y1="{h - 35}" x2="{w - 20}" y2="{h - 35}" stroke="#999"/>'
+            f'<line x1="50" y1="20" x2="50" y2="{h - 35}" stroke="#999"/>'
+            f'<text x="4" y="12">{html.escape(title)}</text>'
+            f'<text x="50" y="{h - 8}">{html.escape(xlabel)}: {x0:,.0f} … {x1:,.0f}</text>'
+            f'<text x="54" y="30">{html.escape(ylabel)} (max {y1:.3g})</text>')
+    return f'<svg width="{w}" height="{h}" font-size="10">{axes}{dots}</svg>'
+
+
+def plan_svg(adapter: dict, runtime_metrics: dict | None) -> str:
+    """Bytes vs fidelity of the plans the search checked end to end, the start plan (B-LoRA's
+    bit hints), the chosen plan in PyTorch and the same plan measured in the runtime."""
+    plan = adapter.get("plan") or {}
+    measure = (plan.get("budget") or {}).get("measure")
+    if not plan.get("checked_plans") or not measure:
+        return ""
+    points = [(c["bytes"], c[measure], "#9ab", "") for c in plan["checked_plans"]]
+    if plan.get("start_plan"):
+        points.append((plan["start_plan"]["bytes"], plan["start_plan"][measure], "#c80", "B-LoRA bits"))
+    points.append((plan["bytes"], plan["measured_pytorch"][measure], "#47a", "chosen (PyTorch)"))
+    if runtime_metrics and measure in runtime_metrics:
+        points.append((plan["bytes"], runtime_metrics[measure], "#b00", "chosen (runtime, eval set)"))
+    return scatter_svg(points, f"{adapter['name']}: adapter bytes vs {measure} (budget {plan['budget'].get('max')})",
+                       "bytes", measure)
+
+
 def render(manifest: dict) -> str:
     v = manifest.get("validation", {})
     parts = [f"<h1>loradeploy artifact: {html.escape(manifest['target']['name'])} ({manifest['mode']})</h1>",
@@ -85,6 +123,12 @@ def render(manifest: dict) -> str:
         parts.append(f"<h3>{html.escape(a['name'])} ({a['method']}): rank {a['rank_total'][0]} → {a['rank_total'][1]}, "
                      f"LoRA bytes {a['lora_bytes'][0]:,} → {a['lora_bytes'][1]:,}</h3>")
         parts.append(bars_svg({k: r[1] for k, r in a["ranks"].items()}, "ranks kept per module"))
+        if a.get("plan"):
+            p = a["plan"]
+            parts.append(f"<p>precision plan ({html.escape(p['method'])}): {p['bytes']:,} bytes "
+                         f"({p['bytes'] / p['bytes_dense_fp16_max_rank']:.1%} of the dense fp16 adapter at its "
+                         f"trained rank), formats {html.escape(json.dumps(p['format_counts']))}</p>")
+            parts.append(plan_svg(a, v.get("metrics", {}).get(a["name"])))
     parts.append("<h2>Files</h2>")
     parts.append(_table(["file", "bytes", "sha256"], [[f["path"], f"{f['bytes']:,}", f["sha256"][:16] + "…"]
                                                       for f in manifest["files"]]))

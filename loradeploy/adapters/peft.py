@@ -96,10 +96,13 @@ def read(ckpt: Checkpoint, options: ReadOptions) -> AdapterSet:
         )
 
 
-def write(adapters: AdapterSet, out_dir: Path, task: Task | None = None) -> list[Path]:
+def write(adapters: AdapterSet, out_dir: Path, task: Task | None = None,
+          stored: dict[str, torch.Tensor] | None = None) -> list[Path]:
     """Write ``adapters`` (gate-free, e.g. pruned) as a PEFT LoRA folder that
     ``peft.PeftModel.from_pretrained`` loads: one rank and alpha per module through
-    ``rank_pattern``/``alpha_pattern`` with alpha_m = scale_m · r_m, so ΔW is unchanged."""
+    ``rank_pattern``/``alpha_pattern`` with alpha_m = scale_m · r_m, so ΔW is unchanged.
+    ``stored`` (``<module>.lora_A`` → tensor) replaces tensors by their planned precision
+    (fp16/bf16; PEFT casts them to the model's dtype on load)."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -126,9 +129,10 @@ def write(adapters: AdapterSet, out_dir: Path, task: Task | None = None) -> list
     )
     config.save_pretrained(str(out_dir))
     tensors = {}
+    stored = stored or {}
     for m in modules:
-        tensors[f"{PREFIX}{m.name}.lora_A.weight"] = m.lora_A.contiguous()
-        tensors[f"{PREFIX}{m.name}.lora_B.weight"] = m.lora_B.contiguous()
+        for role, t in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
+            tensors[f"{PREFIX}{m.name}.{role}.weight"] = stored.get(f"{m.name}.{role}", t).contiguous()
     for key, t in adapters.extra_tensors.items():
         tensors[f"{PREFIX}{key}"] = t.contiguous()
     weights = Path(out_dir) / "adapter_model.safetensors"

@@ -54,6 +54,28 @@ def _head_modules(job: ExportJob) -> list[str]:
     return sorted({k.rsplit(".", 1)[0] for e in job.adapters for k in e.pruned.extra_tensors})
 
 
+def _counts(formats: dict[str, str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for fmt in formats.values():
+        out[fmt] = out.get(fmt, 0) + 1
+    return out
+
+
+def _planned(entry) -> dict | None:
+    """The adapter's tensors in the precision its plan gives (fp32 / fp16 / bf16)."""
+    import torch
+
+    if entry.quantized is None:
+        return None
+    out = {}
+    for key, q in entry.quantized.stored.items():
+        if "values_bf16" in q.payload:
+            out[key] = torch.from_numpy(q.payload["values_bf16"].copy()).view(torch.bfloat16)
+        else:
+            out[key] = torch.from_numpy(q.payload["values"].copy())
+    return out
+
+
 class BnbTarget(Target):
     runtime = "bitsandbytes"
     adapter_suffix = ""  # each adapter is a PEFT folder adapters/NAME
@@ -83,8 +105,10 @@ class BnbTarget(Target):
             for entry in job.adapters:
                 folder = out / ADAPTER_DIR / entry.name
                 folder.mkdir()
-                peft_format.write(entry.pruned, folder, task=job.task)
-        return {"quantization_config": config.to_dict(), "skip_modules": skip, "adapter_precision": "float32",
+                peft_format.write(entry.pruned, folder, task=job.task, stored=_planned(entry))
+        precision = {e.name: dict(sorted(_counts(e.quantized.formats).items())) if e.quantized else {"fp32": "all"}
+                     for e in job.adapters} if job.mode == "swappable" else "merged in fp32"
+        return {"quantization_config": config.to_dict(), "skip_modules": skip, "adapter_precision": precision,
                 "quantized_modules": sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in quantized.modules())}
 
     def open(self, artifact: Path, manifest: dict, threads: int = 0) -> "BnbRunner":

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # the runtime side (latency worker) must not pull in PyTorch
 
     from ..ir import AdapterSet, Task
     from ..prune import PruneReport
+    from ..quant.plan import QuantizedAdapter
     from .profile import TargetProfile
 
 #: Tokenizer files copied next to an exported model so the artifact is self-contained.
@@ -33,6 +34,7 @@ class AdapterEntry:
     original: AdapterSet
     pruned: AdapterSet
     prune_report: PruneReport
+    quantized: "QuantizedAdapter | None" = None  # the precision plan applied (swappable exports)
 
 
 @dataclass

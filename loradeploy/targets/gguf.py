@@ -112,17 +112,40 @@ def _typed(arr: np.ndarray, type_name: str):
     return gguf.quants.quantize(arr, qtype), qtype
 
 
-def write_adapter(path: Path, adapters: AdapterSet, info: dict, precision: str) -> dict[str, str]:
-    """Write one adapter GGUF; returns the GGML type chosen per tensor."""
+def planned_tensors(quantized, info: dict) -> dict[str, tuple[tuple[np.ndarray, str], tuple[np.ndarray, str]]]:
+    """GGUF name → ((lora_a, type), (lora_b, type)) from a quantization plan's stored forms:
+    float formats as values, GGML block types as the clipped values the plan chose (the gguf
+    package's quantizer then reproduces the plan's blocks exactly)."""
+    out = {}
+    for name, m in quantized.simulated.modules.items():
+        g = tensor_name(info, name)
+        pair = []
+        for role in ("lora_A", "lora_B"):
+            q = quantized.stored[f"{name}.{role}"]
+            arr = q.payload["clipped"] if "clipped" in q.payload else q.payload["values"].astype(np.float32)
+            heads = _permutation_heads(info, g) if role == "lora_B" else None
+            pair.append((np.ascontiguousarray(permute_rows(arr, heads) if heads else arr), q.format.upper()))
+        out[g] = tuple(pair)
+    return out
+
+
+def write_adapter(path: Path, adapters: AdapterSet, info: dict, precision: str, quantized=None) -> dict[str, str]:
+    """Write one adapter GGUF; returns the GGML type chosen per tensor. With ``quantized`` (a
+    plan applied) each tensor takes its planned type, else every tensor ``precision``."""
     gguf = _gguf()
     writer = gguf.GGUFWriter(str(path), info["arch"])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # 0: llama.cpp applies scale 1, see module doc
+    if quantized is not None:
+        tensors = planned_tensors(quantized, info)
+    else:
+        kind = ADAPTER_TYPES[precision]
+        tensors = {g: ((a, kind), (b, kind)) for g, (a, b) in adapter_tensors(adapters, info).items()}
     types = {}
-    for name, (a, b) in sorted(adapter_tensors(adapters, info).items()):
-        for suffix, arr in (("lora_a", a), ("lora_b", b)):
-            data, qtype = _typed(arr, ADAPTER_TYPES[precision])
+    for name, pair in sorted(tensors.items()):
+        for suffix, (arr, type_name) in zip(("lora_a", "lora_b"), pair):
+            data, qtype = _typed(arr, type_name)
             writer.add_tensor(f"{name}.weight.{suffix}", data, raw_dtype=qtype)
             types[f"{name}.weight.{suffix}"] = qtype.name
     writer.write_header_to_file()
@@ -192,7 +215,7 @@ class GgufTarget(Target):
         types = {}
         for entry in job.adapters:
             types[entry.name] = write_adapter(out / ADAPTER_DIR / f"{entry.name}.gguf", entry.pruned, info,
-                                              job.profile.precision)
+                                              job.profile.precision, entry.quantized)
         return {"base_architecture": info["arch"], "adapter_alpha": 0.0, "adapter_tensor_types": types,
                 "qk_permuted": info["arch"] in PERMUTED_QK_ARCHS}
 

@@ -141,6 +141,13 @@ class OnnxTarget(Target):
             for tmp in (fp32, out / "model.fused.onnx"):
                 tmp.unlink(missing_ok=True)
         decisions.update(self._precision_summary(out / MODEL_FILE, job.profile.precision, overridable))
+        lora = getattr(self, "_lora_formats", None)
+        if lora:
+            counts: dict[str, int] = {}
+            for fmt in lora.values():
+                counts[fmt] = counts.get(fmt, 0) + 1
+            decisions["lora_precision"] = dict(sorted(counts.items()))
+            decisions["lora_input_formats"] = dict(sorted(lora.items()))
         return decisions
 
     def _export_merged(self, job: ExportJob, path: Path) -> set[str]:
@@ -157,8 +164,11 @@ class OnnxTarget(Target):
     def _export_swappable(self, job: ExportJob, path: Path, out: Path) -> set[str]:
         import copy
 
+        import onnx
+
         from ..merge import find_module
         from .onnx_graph import GraphModule, export_graph, extra_inputs, lora_factors
+        from .onnx_lora import default_arrays, lower_inputs
 
         qualified, slot_shapes = {}, {}
         for entry in job.adapters:
@@ -169,15 +179,25 @@ class OnnxTarget(Target):
         extras = extra_inputs(job.adapters[0].pruned, job.base_model)
         module = GraphModule(_eager_attention(copy.deepcopy(job.base_model)), job.task, list(slot_shapes), list(extras))
         export_graph(module, slot_shapes, extras, path, job.profile.opset)
-        defaults = {f"{q}.lora_A": np.zeros((i, 0), np.float32) for q, (i, o) in slot_shapes.items()}
-        defaults.update({f"{q}.lora_B": np.zeros((0, o), np.float32) for q, (i, o) in slot_shapes.items()})
-        defaults.update(extras)
+        formats = slot_formats(job, qualified, slot_shapes)
+        if any(f != "fp32" for f, _, _ in formats.values()):
+            model = onnx.load(str(path))
+            lower_inputs(model, formats)
+            onnx.save(model, str(path))
+        defaults = dict(extras)
+        for name, (fmt, role, n) in formats.items():
+            defaults.update(default_arrays(name, role, fmt, n))
         _set_defaults(path, defaults)
         (out / ADAPTER_DIR).mkdir()
         for entry in job.adapters:
-            tensors = {**lora_factors(entry.pruned, qualified), **extra_inputs(entry.pruned, job.base_model)}
+            if entry.quantized is None:
+                tensors = lora_factors(entry.pruned, qualified)
+            else:
+                tensors = lora_inputs(entry, qualified, formats)
+            tensors.update(extra_inputs(entry.pruned, job.base_model))
             write_adapter_file(tensors, out / ADAPTER_DIR / f"{entry.name}.onnx_adapter")
-        return set(defaults)
+        self._lora_formats = {name: fmt for name, (fmt, _, _) in formats.items()}
+        return set(defaults) | set(formats)
 
     @staticmethod
     def _precision_summary(path: Path, precision: str, overridable: set[str]) -> dict:
@@ -200,6 +220,43 @@ class OnnxTarget(Target):
         provider = manifest.get("target", {}).get("profile", {}).get("execution_provider", "CPUExecutionProvider")
         return OnnxRunner(artifact, [a["name"] for a in manifest.get("adapters", []) if a.get("file")], threads,
                           provider)
+
+
+def slot_formats(job: ExportJob, qualified: dict[str, str],
+                 slot_shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[str, str, int]]:
+    """Graph input → (format, role, row length): the plan's format for that tensor, the
+    highest precision any adapter of the artifact needs (they share one graph)."""
+    from ..quant.formats import LADDERS
+
+    ladder = LADDERS["onnxruntime"]
+    out = {}
+    for q, (in_f, out_f) in slot_shapes.items():
+        for role, n in (("lora_A", in_f), ("lora_B", out_f)):
+            wanted = [e.quantized.formats[f"{name}.{role}"] for e in job.adapters if e.quantized is not None
+                      for name, qn in qualified.items() if qn == q and name in e.pruned.modules]
+            if any(e.quantized is None for e in job.adapters):
+                wanted.append("fp32")
+            out[f"{q}.{role}"] = (min(wanted, key=ladder.index) if wanted else "fp32", role, n)
+    return out
+
+
+def lora_inputs(entry, qualified: dict[str, str], formats: dict[str, tuple[str, str, int]]) -> dict[str, np.ndarray]:
+    """An adapter's LoRA tensors in the graph's stored forms; a tensor whose planned format is
+    lower than the graph's (another adapter needs more) is stored in the graph's format."""
+    from ..quant.formats import quantize
+    from ..quant.plan import stored_matrix
+    from .onnx_lora import input_arrays
+
+    tensors = {}
+    for name, m in entry.pruned.modules.items():
+        for role in ("lora_A", "lora_B"):
+            graph_name = f"{qualified[name]}.{role}"
+            fmt = formats[graph_name][0]
+            stored = entry.quantized.stored[f"{name}.{role}"]
+            if stored.format != fmt:
+                stored = quantize(stored_matrix(m, role, "onnxruntime"), fmt)
+            tensors.update(input_arrays(graph_name, role, fmt, stored))
+    return tensors
 
 
 def session_options(threads: int = 0):

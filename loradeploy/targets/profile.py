@@ -60,6 +60,7 @@ class TargetProfile:
     opset: int = 17
     threads: int = 0
     double_quant: bool = False  # bitsandbytes 4-bit: quantize the quantization constants too
+    plan: str | None = None  # swappable adapters' precision plan: "learned" or "uniform:BITS" (None: as trained)
     shapes: tuple[Shape, ...] = (Shape(1, 128), Shape(8, 128))
     warmup: int = 3
     runs: int = 20
@@ -130,6 +131,10 @@ def parse_profile(path: Path, data) -> TargetProfile:
         _fail(path, f"precision {data['precision']!r} is not one of {', '.join(PRECISIONS[runtime])} for {runtime}")
     if data.get("mode", "swappable") not in MODES:
         _fail(path, f"mode {data['mode']!r} is not one of {', '.join(MODES)}")
+    plan = data.get("plan")
+    if plan is not None and not (plan == "learned" or (isinstance(plan, str) and plan.startswith("uniform:")
+                                                       and plan.split(":", 1)[1].isdigit())):
+        _fail(path, f"plan must be 'learned' or 'uniform:BITS' (e.g. uniform:8), got {plan!r}")
     if "double_quant" in data and not isinstance(data["double_quant"], bool):
         _fail(path, "double_quant must be true or false")
     for key in ("opset", "threads", "warmup", "runs"):

@@ -1,0 +1,184 @@
+"""Quantizers for the number formats each runtime can store a LoRA tensor in.
+
+Every quantizer works on a 2-D float32 matrix whose *rows* are the unit the runtime groups
+values by (a per-row scale for int8, blocks of 32 along the row for int4 and the GGML block
+types), returns what the runtime stores (``payload``), the values the runtime will compute
+with (``dequantized``) and the exact bytes stored. Integer formats choose their scales by an
+MSE-optimal clipping search: per row (int8) or per block (int4, GGML types), every clip ratio
+on a grid is tried and the one with the least squared error kept — not plain min/max.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import LoradeployError
+
+BLOCK = 32
+#: clip ratios tried by the search (1.0 = plain absmax scaling)
+CLIP_GRID = np.linspace(1.0, 0.5, 26)
+
+
+@dataclass
+class Quantized:
+    """One tensor in one stored format."""
+
+    format: str
+    dequantized: np.ndarray  # float32, same shape as the input: what the runtime computes with
+    nbytes: int  # bytes the runtime stores for it (values + scales)
+    payload: dict[str, np.ndarray] = field(default_factory=dict)  # what the target writes
+    clip: np.ndarray | None = None  # the clip ratio chosen per row / block (integer formats)
+
+    @property
+    def bits_per_value(self) -> float:
+        return 8.0 * self.nbytes / max(self.dequantized.size, 1)
+
+
+# --- float formats ---------------------------------------------------------------------------
+
+def _float(x: np.ndarray, fmt: str) -> Quantized:
+    import torch
+
+    if fmt in ("fp32", "f32"):
+        v = x.astype(np.float32)
+        return Quantized(fmt, v, v.size * 4, {"values": v})
+    if fmt in ("fp16", "f16"):
+        v = x.astype(np.float16)
+        return Quantized(fmt, v.astype(np.float32), v.size * 2, {"values": v})
+    if fmt == "bf16":
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16)
+        return Quantized(fmt, t.float().numpy(), t.numel() * 2, {"values_bf16": t.view(torch.int16).numpy()})
+    raise LoradeployError(f"unknown float format {fmt!r}")
+
+
+# --- symmetric integer formats (ONNX int8 per row, int4 blocks of 32) -------------------------
+
+def _best_clip(x: np.ndarray, qmax: int, qmin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``x`` is [groups, n]: per group, the scale (from a clip ratio on CLIP_GRID) with the least
+    squared round-trip error. Returns (scale [groups], q [groups, n] int8, clip [groups])."""
+    amax = np.abs(x).max(axis=1)
+    amax = np.where(amax > 0, amax, 1.0)
+    best_err = np.full(x.shape[0], np.inf)
+    best_scale = amax / qmax
+    best_clip = np.ones(x.shape[0])
+    for c in CLIP_GRID:
+        s = c * amax / qmax
+        q = np.clip(np.rint(x / s[:, None]), qmin, qmax)
+        err = ((q * s[:, None] - x) ** 2).sum(axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, s, best_scale)
+        best_clip = np.where(better, c, best_clip)
+    q = np.clip(np.rint(x / best_scale[:, None]), qmin, qmax).astype(np.int8)
+    return best_scale.astype(np.float32), q, best_clip
+
+
+def _int8_rows(x: np.ndarray) -> Quantized:
+    scale, q, clip = _best_clip(x.astype(np.float64), 127, -127)
+    deq = (q.astype(np.float32) * scale[:, None]).astype(np.float32)
+    return Quantized("int8", deq, q.size + scale.size * 4, {"q": q, "scale": scale}, clip)
+
+
+def _blocks(x: np.ndarray) -> tuple[np.ndarray, int]:
+    rows, n = x.shape
+    pad = (-n) % BLOCK
+    if pad:
+        x = np.concatenate([x, np.zeros((rows, pad), x.dtype)], axis=1)
+    return x.reshape(rows, -1, BLOCK), pad
+
+
+def _int4_blocks(x: np.ndarray) -> Quantized:
+    rows, n = x.shape
+    blocks, pad = _blocks(x.astype(np.float64))
+    nb = blocks.shape[1]
+    scale, q, clip = _best_clip(blocks.reshape(-1, BLOCK), 7, -8)
+    deq = (q.astype(np.float32) * scale[:, None]).reshape(rows, nb * BLOCK)[:, :n]
+    q = q.reshape(rows, nb * BLOCK)
+    # two values per byte (low nibble first), scales fp32 per block
+    nbytes = rows * nb * BLOCK // 2 + scale.size * 4
+    return Quantized("int4", deq.astype(np.float32), nbytes,
+                     {"q": q, "scale": scale.reshape(rows, nb), "columns": np.asarray(n)}, clip.reshape(rows, nb))
+
+
+# --- GGML block types (llama.cpp), through the gguf package's own quantizer -------------------
+
+GGML_FORMATS = {"q8_0": "Q8_0", "q5_0": "Q5_0", "q5_1": "Q5_1", "q4_0": "Q4_0", "q4_1": "Q4_1"}
+
+
+def ggml_fits(fmt: str, row_length: int) -> bool:
+    """GGML block types quantize along a row in blocks of 32: the row must be whole blocks."""
+    return fmt not in GGML_FORMATS or row_length % BLOCK == 0
+
+
+def _ggml(x: np.ndarray, fmt: str) -> Quantized:
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[GGML_FORMATS[fmt]]
+    if not ggml_fits(fmt, x.shape[1]):
+        raise LoradeployError(f"{fmt} needs rows of whole {BLOCK}-blocks, got rows of {x.shape[1]}")
+    x = x.astype(np.float32)
+    rows, n = x.shape
+    blocks = x.reshape(rows, n // BLOCK, BLOCK)
+    amax = np.abs(blocks).max(axis=2, keepdims=True)
+    best_err = np.full(amax.shape, np.inf)
+    best = blocks
+    best_clip = np.ones(amax.shape)
+    for c in CLIP_GRID:
+        clipped = np.clip(blocks, -c * amax, c * amax).astype(np.float32)
+        deq = gguf.quants.dequantize(gguf.quants.quantize(clipped.reshape(rows, n), qtype), qtype)
+        err = ((deq.reshape(blocks.shape).astype(np.float64) - blocks) ** 2).sum(axis=2, keepdims=True)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = np.where(better, clipped, best)
+        best_clip = np.where(better, c, best_clip)
+    clipped = best.reshape(rows, n).astype(np.float32)
+    data = gguf.quants.quantize(clipped, qtype)
+    deq = gguf.quants.dequantize(data, qtype).reshape(rows, n).astype(np.float32)
+    return Quantized(fmt, deq, int(data.nbytes), {"clipped": clipped}, best_clip.reshape(rows, -1))
+
+
+# --- registry --------------------------------------------------------------------------------
+
+#: every format, by runtime, highest precision first (the order the plan search lowers them in)
+LADDERS: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("fp32", "fp16", "int8", "int4"),
+    "llama.cpp": ("f32", "f16", "q8_0", "q5_0", "q4_0"),
+    "bitsandbytes": ("fp32", "fp16"),
+}
+#: formats a plan file may name, by runtime (LADDERS plus alternatives of equal size)
+ACCEPTED: dict[str, tuple[str, ...]] = {
+    "onnxruntime": LADDERS["onnxruntime"],
+    "llama.cpp": LADDERS["llama.cpp"] + ("q5_1", "q4_1"),
+    "bitsandbytes": LADDERS["bitsandbytes"] + ("bf16",),
+}
+#: nominal bit width → format, for uniform plans and B-LoRA bit hints
+BY_BITS: dict[str, dict[int, str]] = {
+    "onnxruntime": {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"},
+    "llama.cpp": {32: "f32", 16: "f16", 8: "q8_0", 5: "q5_0", 4: "q4_0"},
+    "bitsandbytes": {32: "fp32", 16: "fp16"},
+}
+
+
+def quantize(x: np.ndarray, fmt: str) -> Quantized:
+    """``x`` (2-D, rows = the runtime's grouping) in format ``fmt``."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise LoradeployError(f"quantize expects a matrix, got shape {list(x.shape)}")
+    if fmt in ("fp32", "f32", "fp16", "f16", "bf16"):
+        return _float(x, fmt)
+    if fmt == "int8":
+        return _int8_rows(x)
+    if fmt == "int4":
+        return _int4_blocks(x)
+    if fmt in GGML_FORMATS:
+        return _ggml(x, fmt)
+    raise LoradeployError(f"unknown quantization format {fmt!r}")
+
+
+def format_for_bits(runtime: str, bits: int) -> str:
+    """The lowest format of ``runtime`` with at least ``bits`` bits (the ladder's lowest below)."""
+    table = BY_BITS[runtime]
+    wide = sorted(b for b in table if b >= bits)
+    return table[wide[0]] if wide else table[min(table)]

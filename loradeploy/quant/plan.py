@@ -1,0 +1,222 @@
+"""A quantization plan: the stored format of every LoRA tensor of an adapter, per runtime.
+
+Tensors are named ``<module>.lora_A`` / ``<module>.lora_B`` (the adapter's module names). What
+is quantized is what the runtime stores, laid out so that rows are the runtime's grouping:
+
+* onnxruntime and llama.cpp store the scale (and rank gates) folded into B: ``A [r, in]`` and
+  ``s·B`` — onnxruntime as ``(s·B)ᵀ [r, out]`` (per-rank rows), llama.cpp as ``s·B [out, r]``
+  (GGML rows of length r: block types only when r is a multiple of 32);
+* bitsandbytes (a PEFT folder) stores ``A`` and ``B`` as they are, the scale in the config.
+
+``quantize_adapter`` applies a plan: it returns the stored form per tensor (what targets
+write) and an :class:`~loradeploy.ir.AdapterSet` holding the values the runtime computes
+with, for measuring fidelity in PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import LoradeployError
+from ..ir import AdapterSet, LoraModule
+from .formats import ACCEPTED, LADDERS, Quantized, ggml_fits, quantize
+
+PLAN_VERSION = 1
+ROLES = ("lora_A", "lora_B")
+
+
+class PlanError(LoradeployError):
+    """A plan file is unreadable, or does not fit the adapter or runtime it is used with."""
+
+
+def tensor_key(module: str, role: str) -> str:
+    return f"{module}.{role}"
+
+
+def stored_matrix(m: LoraModule, role: str, runtime: str) -> np.ndarray:
+    """The matrix the runtime stores for ``role`` of ``m``, rows = its quantization grouping."""
+    if role == "lora_A":
+        return m.lora_A.to(torch.float32).numpy()
+    if runtime == "bitsandbytes":
+        return m.lora_B.to(torch.float32).numpy()
+    b = (m.lora_B.to(torch.float64) * m.rank_gain() * m.scale).to(torch.float32).numpy()
+    return np.ascontiguousarray(b.T) if runtime == "onnxruntime" else b
+
+
+def allowed_formats(m: LoraModule, role: str, runtime: str) -> tuple[str, ...]:
+    """The runtime's ladder, minus formats this tensor's shape cannot take."""
+    if runtime not in LADDERS:
+        raise PlanError(f"runtime {runtime!r} has no quantization formats")
+    ladder = LADDERS[runtime]
+    if runtime == "llama.cpp":
+        row = m.in_features if role == "lora_A" else m.rank
+        ladder = tuple(f for f in ladder if ggml_fits(f, row))
+    return ladder
+
+
+def _from_stored(values: np.ndarray, m: LoraModule, role: str, runtime: str) -> torch.Tensor:
+    """Back to the IR orientation (B unfolded stays folded: the returned module has scale 1)."""
+    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    return t.T.contiguous() if (role == "lora_B" and runtime == "onnxruntime") else t
+
+
+@dataclass
+class QuantizedAdapter:
+    """An adapter with a plan applied: stored form per tensor and the values computed with."""
+
+    runtime: str
+    formats: dict[str, str]
+    stored: dict[str, Quantized]
+    simulated: AdapterSet
+
+    @property
+    def nbytes(self) -> int:
+        return sum(q.nbytes for q in self.stored.values())
+
+
+def quantize_adapter(adapters: AdapterSet, runtime: str, formats: dict[str, str]) -> QuantizedAdapter:
+    """Apply ``formats`` (tensor key → format) to a pruned, gate-free adapter."""
+    stored, modules = {}, {}
+    for name, m in adapters.modules.items():
+        values = {}
+        for role in ROLES:
+            key = tensor_key(name, role)
+            fmt = formats.get(key)
+            if fmt is None:
+                raise PlanError(f"the plan has no format for tensor {key}")
+            if fmt not in ACCEPTED[runtime]:
+                raise PlanError(f"tensor {key}: format {fmt!r} is not one {runtime} stores "
+                                f"({', '.join(ACCEPTED[runtime])})")
+            matrix = stored_matrix(m, role, runtime)
+            if fmt.startswith("q") and not ggml_fits(fmt, matrix.shape[1]):
+                raise PlanError(f"tensor {key}: {fmt} needs rows of whole 32-blocks, this one has rows of "
+                                f"{matrix.shape[1]}")
+            stored[key] = quantize(matrix, fmt)
+            values[role] = _from_stored(stored[key].dequantized, m, role, runtime)
+        folded = runtime != "bitsandbytes"
+        modules[name] = LoraModule(name, values["lora_A"], values["lora_B"], 1.0 if folded else m.scale)
+    sim = AdapterSet(adapters.method, modules, dict(adapters.extra_tensors), adapters.base_model_hint,
+                     dict(adapters.hyperparameters), list(adapters.sources), list(adapters.notes))
+    return QuantizedAdapter(runtime, dict(formats), stored, sim)
+
+
+def uniform_formats(adapters: AdapterSet, runtime: str, fmt: str) -> dict[str, str]:
+    """Every tensor in ``fmt``, or the nearest higher format its shape allows."""
+    out = {}
+    for name, m in adapters.modules.items():
+        for role in ROLES:
+            ladder = allowed_formats(m, role, runtime)
+            full = LADDERS[runtime]
+            if fmt not in full:
+                raise PlanError(f"{runtime} has no {fmt} format ({', '.join(full)})")
+            want = full.index(fmt)
+            fits = [f for f in ladder if full.index(f) <= want]
+            out[tensor_key(name, role)] = fits[-1]
+    return out
+
+
+def hinted_formats(adapters: AdapterSet, runtime: str, original: AdapterSet) -> dict[str, str] | None:
+    """A B-LoRA adapter's learned bit widths (held by ``original``, the adapter as trained) as a
+    plan for its pruned form ``adapters`` (None when it has none)."""
+    from .formats import format_for_bits
+
+    if not any(m.bits for m in original.modules.values()):
+        return None
+    out = {}
+    for name, m in adapters.modules.items():
+        bits = original.modules[name].bits if name in original.modules else {}
+        for role in ROLES:
+            ladder = allowed_formats(m, role, runtime)
+            fmt = format_for_bits(runtime, bits.get(role, 32))
+            full = LADDERS[runtime]
+            fits = [f for f in ladder if full.index(f) <= full.index(fmt)] if fmt in full else list(ladder[:1])
+            out[tensor_key(name, role)] = fits[-1]
+    return out
+
+
+def dense_fp16_bytes_at_max_rank(original: AdapterSet) -> int:
+    """Bytes of the adapter as trained, fp16, every module at its trained (maximum) rank."""
+    return sum(2 * m.rank * (m.in_features + m.out_features) for m in original.modules.values())
+
+
+# --- plan files ------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """Formats per adapter (by adapter name) and what was measured choosing them."""
+
+    runtime: str
+    target: str
+    adapters: dict[str, dict] = field(default_factory=dict)  # name → {"formats": {...}, ...}
+    budget: dict = field(default_factory=dict)
+    method: str = "learned"
+
+    def formats_for(self, adapter_name: str, adapters: AdapterSet, source: str = "plan") -> dict[str, str]:
+        if adapter_name in self.adapters:
+            entry = self.adapters[adapter_name]
+        elif len(self.adapters) == 1:
+            entry = next(iter(self.adapters.values()))
+        else:
+            raise PlanError(f"{source}: no plan for adapter {adapter_name!r} (has: {', '.join(self.adapters)})")
+        formats = entry["formats"]
+        wanted = {tensor_key(n, r) for n in adapters.modules for r in ROLES}
+        missing = sorted(wanted - set(formats))
+        extra = sorted(set(formats) - wanted)
+        if missing or extra:
+            what = f"no format for {missing[0]}" if missing else f"tensor {extra[0]} is not in the adapter"
+            raise PlanError(f"{source}: the plan does not fit adapter {adapter_name!r}: {what} "
+                            "(plans are made for the pruned adapter: run `loradeploy quantize` on it)")
+        return dict(formats)
+
+    def to_dict(self) -> dict:
+        return {"plan_version": PLAN_VERSION, "runtime": self.runtime, "target": self.target,
+                "method": self.method, "budget": self.budget, "adapters": self.adapters}
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"{path}: no such plan file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PlanError(f"{path}: not a JSON plan file ({e})") from e
+        if not isinstance(data, dict) or data.get("plan_version") != PLAN_VERSION:
+            raise PlanError(f"{path}: not a loradeploy quantization plan (plan_version {PLAN_VERSION})")
+        runtime = data.get("runtime")
+        if runtime not in LADDERS:
+            raise PlanError(f"{path}: unknown runtime {runtime!r}")
+        adapters = data.get("adapters")
+        if not isinstance(adapters, dict) or not adapters:
+            raise PlanError(f"{path}: the plan lists no adapters")
+        for name, entry in adapters.items():
+            formats = entry.get("formats") if isinstance(entry, dict) else None
+            if not isinstance(formats, dict) or not formats:
+                raise PlanError(f"{path}: adapter {name!r} has no formats")
+            for key, fmt in formats.items():
+                if fmt not in ACCEPTED[runtime]:
+                    raise PlanError(f"{path}: tensor {key}: format {fmt!r} is not one {runtime} stores "
+                                    f"({', '.join(ACCEPTED[runtime])})")
+        return cls(runtime, str(data.get("target", "")), adapters, data.get("budget") or {},
+                   str(data.get("method", "learned")))
+
+
+def parse_plan_option(text: str) -> tuple[str, object]:
+    """``--plan`` values: ``uniform:BITS`` (32/16/8/5/4), ``learned`` or a plan file path."""
+    if text.startswith("uniform:"):
+        bits = text.split(":", 1)[1]
+        if not bits.isdigit():
+            raise PlanError(f"--plan {text}: expected uniform:BITS, e.g. uniform:8")
+        return "uniform", int(bits)
+    if text == "learned":
+        return "learned", None
+    return "file", Path(text)

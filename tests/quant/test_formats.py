@@ -1,0 +1,89 @@
+"""Round-trip error bounds of every quantizer, and that the clipping search beats min/max."""
+
+import numpy as np
+import pytest
+
+from loradeploy.quant import formats
+from loradeploy.quant.formats import BLOCK, quantize
+
+
+def _matrix(rows=16, cols=256, seed=0, heavy_tail=True):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, cols)).astype(np.float32)
+    if heavy_tail:  # a few outliers per row, as trained LoRA factors have
+        x[:, ::37] *= 6
+    return x * 0.02
+
+
+def _minmax_mse(x, qmax, qmin, group):
+    g = x.reshape(-1, group).astype(np.float64)
+    s = np.abs(g).max(1, keepdims=True) / qmax
+    return float(((np.clip(np.rint(g / s), qmin, qmax) * s - g) ** 2).mean())
+
+
+@pytest.mark.parametrize("fmt,rel", [("fp32", 0.0), ("f32", 0.0), ("fp16", 2 ** -11), ("f16", 2 ** -11), ("bf16", 2 ** -8)])
+def test_float_formats_relative_error(fmt, rel):
+    x = _matrix()
+    q = quantize(x, fmt)
+    assert q.dequantized.dtype == np.float32 and q.dequantized.shape == x.shape
+    tiny = 2.0 ** -24 if fmt in ("fp16", "f16") else 1e-38  # fp16 subnormal spacing
+    assert np.all(np.abs(q.dequantized - x) <= rel * np.abs(x) + tiny)
+    assert q.nbytes == x.size * (4 if fmt in ("fp32", "f32") else 2)
+
+
+def test_int8_per_row_bound_and_clipping_beats_minmax():
+    x = _matrix()
+    q = quantize(x, "int8")
+    s = q.payload["scale"][:, None]
+    err = np.abs(q.dequantized - x)
+    clipped = np.abs(x) > 127 * s
+    # values inside the clipping range are within half a step; the rest lose only what was clipped
+    assert np.all(err[~clipped] <= s.repeat(x.shape[1], 1)[~clipped] / 2 * (1 + 1e-5))
+    assert np.all(err[clipped] <= (np.abs(x) - 127 * s.repeat(x.shape[1], 1))[clipped] * (1 + 1e-5) + 1e-7)
+    mse = float(((q.dequantized - x) ** 2).mean())
+    assert mse <= _minmax_mse(x, 127, -127, x.shape[1]) * (1 + 1e-6)  # float32 rounding of the sum
+    assert q.nbytes == x.size + 4 * x.shape[0]
+    assert q.payload["q"].dtype == np.int8 and np.abs(q.payload["q"]).max() <= 127
+
+
+def test_int4_blocks_bound_and_clipping_beats_minmax():
+    x = _matrix(cols=250)  # not whole blocks: padded, padding dropped again
+    q = quantize(x, "int4")
+    assert q.dequantized.shape == x.shape
+    assert q.payload["q"].min() >= -8 and q.payload["q"].max() <= 7
+    padded = np.concatenate([x, np.zeros((x.shape[0], 6), np.float32)], 1)
+    mse_opt = float(((np.concatenate([q.dequantized, np.zeros((x.shape[0], 6), np.float32)], 1) - padded) ** 2).mean())
+    assert mse_opt <= _minmax_mse(padded, 7, -8, BLOCK) * (1 + 1e-6)
+    rel = np.linalg.norm(q.dequantized - x) / np.linalg.norm(x)
+    assert rel < 0.2  # heavy-tailed rows: a 4-bit grid of 16 levels per 32 values
+    assert q.nbytes == x.shape[0] * 256 // 2 + 4 * x.shape[0] * 8
+
+
+@pytest.mark.parametrize("fmt,rel_max", [("q8_0", 0.01), ("q5_0", 0.09), ("q4_0", 0.2)])
+def test_ggml_types_round_trip_through_gguf(fmt, rel_max):
+    import gguf
+
+    x = _matrix(cols=256)
+    q = quantize(x, fmt)
+    qtype = gguf.GGMLQuantizationType[formats.GGML_FORMATS[fmt]]
+    # the stored form, quantized by the gguf package, gives exactly the values the plan measured
+    data = gguf.quants.quantize(q.payload["clipped"], qtype)
+    assert np.array_equal(gguf.quants.dequantize(data, qtype).reshape(x.shape), q.dequantized)
+    assert q.nbytes == data.nbytes
+    plain = gguf.quants.dequantize(gguf.quants.quantize(x, qtype), qtype).reshape(x.shape)
+    assert ((q.dequantized - x) ** 2).sum() <= ((plain - x) ** 2).sum() * (1 + 1e-6)
+    assert np.linalg.norm(q.dequantized - x) / np.linalg.norm(x) < rel_max
+
+
+def test_ggml_types_need_whole_blocks():
+    from loradeploy.errors import LoradeployError
+
+    with pytest.raises(LoradeployError, match="whole 32-blocks"):
+        quantize(_matrix(cols=40), "q8_0")
+
+
+def test_format_for_bits():
+    assert formats.format_for_bits("onnxruntime", 8) == "int8"
+    assert formats.format_for_bits("onnxruntime", 2) == "int4"  # lowest available
+    assert formats.format_for_bits("llama.cpp", 16) == "f16"
+    assert formats.format_for_bits("bitsandbytes", 4) == "fp16"

@@ -1,0 +1,104 @@
+"""The plan search on MiniLM with the shipped SoRA adapter: it respects the budget where
+uniform 4-bit does not, and a plan file round-trips through export into the runtime."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from loradeploy.adapters import ReadOptions
+from loradeploy.base import load_torch_model, resolve_base
+from loradeploy.cli import main
+from loradeploy.export import AdapterSpec, load_entries
+from loradeploy.ir import Task
+from loradeploy.quant.plan import Plan, quantize_adapter, uniform_formats
+from loradeploy.quant.search import Evaluator, calibration_batches, search
+from tests.conftest import EXAMPLE_ADAPTERS
+
+pytestmark = pytest.mark.slow
+BUDGET = 0.01
+
+
+@pytest.fixture(scope="module")
+def sora_setup():
+    from loradeploy.base import load_tokenizer
+    from loradeploy.evaldata import load_calibration
+
+    (entry,) = load_entries([AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")], None, ReadOptions())
+    base_dir = resolve_base("minilm")
+    model = load_torch_model(base_dir, Task.SEQUENCE_CLASSIFICATION, 2)
+    texts = load_calibration(None, 32).texts
+    batches = calibration_batches(load_tokenizer(base_dir), texts, Task.SEQUENCE_CLASSIFICATION, 128)
+    return entry, model, batches
+
+
+def test_search_meets_budget_where_uniform_int4_fails(sora_setup):
+    entry, model, batches = sora_setup
+    ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches)
+    uniform4 = uniform_formats(entry.pruned, "onnxruntime", "int4")
+    uniform4_err = ev.error(uniform4)["mean_abs_logit"]
+    assert uniform4_err > BUDGET, "the case must be one where uniform 4-bit misses the budget"
+    result = search(ev, budget=BUDGET)
+    assert result.measured["mean_abs_logit"] <= BUDGET
+    # measured again from scratch: the plan as returned meets the budget end to end
+    assert ev.error(result.formats)["mean_abs_logit"] == pytest.approx(result.measured["mean_abs_logit"])
+    uniform8 = quantize_adapter(entry.pruned, "onnxruntime", uniform_formats(entry.pruned, "onnxruntime", "int8"))
+    assert result.nbytes < uniform8.nbytes  # it mixes in 4-bit tensors where they are cheap
+    assert "int4" in set(result.formats.values())
+    # every checked plan over the budget was rejected
+    assert all(c["bytes"] >= result.nbytes or c["mean_abs_logit"] > BUDGET for c in result.curve)
+
+
+def test_search_under_a_byte_budget(sora_setup):
+    entry, model, batches = sora_setup
+    ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches)
+    uniform8 = uniform_formats(entry.pruned, "onnxruntime", "int8")
+    cap = quantize_adapter(entry.pruned, "onnxruntime", uniform8).nbytes
+    result = search(ev, max_bytes=cap)
+    assert result.nbytes <= cap
+    assert result.measured["mean_abs_logit"] <= ev.error(uniform8)["mean_abs_logit"]
+
+
+def test_quantize_command_writes_plan_and_export_uses_it(tmp_path, capsys):
+    """`quantize` → plan.json → `export --plan plan.json`: the runtime's outputs equal the
+    plan's simulated adapter in PyTorch (so the graph rebuilds every stored format exactly)."""
+    plan_path = tmp_path / "plan.json"
+    calib = tmp_path / "calib.jsonl"
+    from loradeploy.evaldata import DEFAULT_CALIBRATION
+
+    calib.write_text("\n".join(DEFAULT_CALIBRATION.read_text().splitlines()[:16]) + "\n")
+    assert main(["quantize", "--base", "minilm", "--adapter", f"sora={EXAMPLE_ADAPTERS / 'sora'}",
+                 "--target", "onnx-cpu", "--calibration", str(calib), "-o", str(plan_path), "--json"]) == 0
+    plan = Plan.load(plan_path)
+    # force every stored format into the plan, so the graph's four input forms are all exercised
+    formats = plan.adapters["sora"]["formats"]
+    for i, key in enumerate(sorted(formats)):
+        formats[key] = ("fp32", "fp16", "int8", "int4")[i % 4]
+    plan.save(plan_path)
+    from tests.targets.test_onnx import _outputs, fast_profile
+
+    eval_path = tmp_path / "eval.jsonl"
+    from loradeploy.evaldata import DEFAULT_EVAL, load_eval
+
+    eval_path.write_text("\n".join(DEFAULT_EVAL.read_text().splitlines()[:48]) + "\n")
+    out = tmp_path / "art"
+    code = main(["export", "--base", "minilm", "--adapter", f"sora={EXAMPLE_ADAPTERS / 'sora'}", "--target",
+                 fast_profile(tmp_path, "onnx-cpu-learned"), "--plan", str(plan_path), "--eval", str(eval_path),
+                 "-o", str(out), "--json"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["adapters"][0]["plan"]["formats"] == formats
+    assert manifest["decisions"]["lora_precision"] == {f: 36 for f in ("fp16", "fp32", "int4", "int8")} or \
+        sum(manifest["decisions"]["lora_precision"].values()) == len(formats)
+    texts = load_eval(eval_path).texts
+    got = _outputs(out, "sora", texts)
+    (entry,) = load_entries([AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")], None, ReadOptions())
+    simulated = quantize_adapter(entry.pruned, "onnxruntime", formats).simulated
+    from loradeploy.base import load_tokenizer
+    from loradeploy.validate import reference_outputs
+
+    base_dir = resolve_base("minilm")
+    ref = reference_outputs(load_torch_model(base_dir, Task.SEQUENCE_CLASSIFICATION, 2), simulated,
+                            Task.SEQUENCE_CLASSIFICATION, load_tokenizer(base_dir), texts)
+    assert np.abs(got - ref).max() < 1e-4
+    assert code in (0, 1)
