@@ -20,7 +20,7 @@ from .quantize import apply_plan, plan_for
 from .report import write_report
 from .targets.common import AdapterEntry, ExportJob, copy_tokenizer, get_target
 from .targets.profile import load_profile, parse_profile
-from .validate import reference_outputs, validate, validate_lm
+from .validate import base_alone_outputs, reference_outputs, validate, validate_lm
 
 Progress = Callable[[str], None]
 
@@ -113,6 +113,8 @@ def export(base: str, adapters: list[AdapterSpec], target: str, out: Path, mode:
     plugin = get_target(profile.runtime)
     if mode == "merged" and len(adapters) != 1:
         raise LoradeployError(f"merged mode takes exactly one adapter, got {len(adapters)}")
+    if mode == "auto" and len(adapters) != 1:
+        mode = "swappable"  # several adapters share one base: only swappable holds them
     plan = plan or PlanOptions()
     if mode == "merged" and plan.plan:
         raise LoradeployError("--plan applies to adapters kept beside the base (swappable mode); a merged "
@@ -136,20 +138,28 @@ def _export_into(tmp: Path, base: str, adapters: list[AdapterSpec], profile, plu
     step("loaded base model")
     job = ExportJob(base, base_dir, task, num_labels, entries, profile, mode, base_model)
     eval_set = load_eval(eval_path, lm=task is Task.CAUSAL_LM)
-    plan_option = plan_options.plan or (profile.plan if mode == "swappable" else None)
+    plan_option = plan_options.plan or (profile.plan if mode in ("swappable", "auto") else None)
     if plan_option:
         plan = plan_for(entries, profile.runtime, profile.name, plan_option, base_model, base_dir, task,
                         plan_options.budget, plan_options.max_bytes, plan_options.calibration, step)
         apply_plan(entries, plan)
         job.decisions["plan"] = plan
         step(f"applied precision plan ({plan.method})")
+    selection = None
+    if mode == "auto":
+        mode, selection = _choose_mode(tmp, job, plugin, eval_set, method, options, step)
+        job.mode = mode
     decisions = plugin.export(job, tmp)
     if base_dir.is_dir():
         copy_tokenizer(base_dir, tmp)
     step(f"exported {mode} artifact")
+    if selection:
+        decisions["mode_selection"] = selection
     manifest = _manifest(job, decisions, tmp, method, options)
     mf.write(tmp, manifest)
     manifest["validation"] = _validate(tmp, plugin, manifest, job, eval_set, step)
+    if selection:
+        _add_other_mode(manifest["validation"], selection, mode)
     step("validated")
     manifest["environment"] = mf.environment()
     mf.write(tmp, manifest)
@@ -157,7 +167,49 @@ def _export_into(tmp: Path, base: str, adapters: list[AdapterSpec], profile, plu
     return manifest
 
 
-def _validate(artifact: Path, plugin, manifest: dict, job: ExportJob, eval_set, step: Progress) -> dict:
+def _choose_mode(tmp: Path, job: ExportJob, plugin, eval_set, method, options, step: Progress) -> tuple[str, dict]:
+    """``auto`` mode: export and validate (fidelity only) each mode in a scratch folder; merged
+    when it passes the profile's fidelity budget (one file, no adapter path at run time), else
+    swappable. Both results go into the manifest; the validation table shows both."""
+    import copy as _copy
+    import shutil
+
+    candidates = ["merged", "swappable"] if len(job.adapters) == 1 else ["swappable"]
+    selection = {}
+    for cand in candidates:
+        scratch = tmp / f".mode-{cand}"
+        scratch.mkdir()
+        trial = _copy.copy(job)
+        trial.mode = cand
+        decisions = plugin.export(trial, scratch)
+        if job.base_dir.is_dir():
+            copy_tokenizer(job.base_dir, scratch)
+        manifest = _manifest(trial, decisions, scratch, method, options)
+        mf.write(scratch, manifest)
+        result = _validate(scratch, plugin, manifest, trial, eval_set, step, timing=False)
+        shutil.rmtree(scratch)
+        selection[cand] = {"passed": result["passed"], "metrics": result["metrics"], "checks": result["checks"],
+                           "artifact_bytes": result["artifact_bytes"]}
+        step(f"tried {cand}: {'passes' if result['passed'] else 'misses'} the fidelity budget")
+    chosen = next((c for c in candidates if selection[c]["passed"]), candidates[-1])
+    return chosen, {"chosen": chosen, "rule": "merged if it passes the fidelity budget, else swappable",
+                    "candidates": selection}
+
+
+def _add_other_mode(validation: dict, selection: dict, chosen: str) -> None:
+    """The modes not shipped, as INFO rows of the validation table."""
+    for mode, result in selection["candidates"].items():
+        if mode == chosen:
+            continue
+        for c in result["checks"]:
+            if c["adapter"] == "artifact":
+                continue
+            validation["checks"].append({**c, "adapter": f"{c['adapter']} ({mode}, not shipped: {c['status']})",
+                                         "budget": c["budget"], "status": "INFO"})
+
+
+def _validate(artifact: Path, plugin, manifest: dict, job: ExportJob, eval_set, step: Progress,
+              timing: bool = True) -> dict:
     """Validate ``artifact`` against the fp32 references of ``job``'s adapters as trained."""
     profile, task = job.profile, job.task
     runner = plugin.open(artifact, manifest, threads=profile.threads)
@@ -165,11 +217,13 @@ def _validate(artifact: Path, plugin, manifest: dict, job: ExportJob, eval_set, 
     if task is Task.CAUSAL_LM:
         base_runner = runner if job.mode == "swappable" else plugin.open_base(job.base_dir, profile.threads)
         return validate_lm(artifact, runner, profile.runtime, profile, job.base_model, originals, eval_set,
-                           base_runner, progress=step)
+                           base_runner, progress=step, timing=timing)
     tokenizer = load_tokenizer(job.base_dir)
     references = {k: reference_outputs(job.base_model, a, task, tokenizer, eval_set.texts) for k, a in originals.items()}
+    base_outputs = {k: base_alone_outputs(job.base_model, a, task, tokenizer, eval_set.texts) for k, a in originals.items()}
     step("computed fp32 reference")
-    return validate(artifact, runner, profile.runtime, profile, task, tokenizer, eval_set, references, progress=step)
+    return validate(artifact, runner, profile.runtime, profile, task, tokenizer, eval_set, references, progress=step,
+                    timing=timing, base_outputs=base_outputs)
 
 
 def _manifest(job: ExportJob, decisions: dict, folder: Path, method: Method | None, options: ReadOptions) -> dict:

@@ -69,6 +69,33 @@ def reference_outputs(base_model, adapters: AdapterSet, task: Task, tokenizer, t
     return np.concatenate(outs)
 
 
+@torch.no_grad()
+def base_alone_outputs(base_model, adapters: AdapterSet, task: Task, tokenizer, texts) -> np.ndarray:
+    """The fp32 base with only the adapter's extra tensors (its head): what the adapter's ΔW
+    moves the outputs away from."""
+    from .merge import load_extras
+
+    model = copy.deepcopy(base_model)
+    load_extras(model, adapters)
+    outs = []
+    for ids, mask in batches(tokenizer, texts):
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+        if task is Task.SEQUENCE_CLASSIFICATION:
+            outs.append(out.logits.numpy())
+        else:
+            m = torch.from_numpy(mask).unsqueeze(-1).float()
+            outs.append(((out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)).numpy())
+    return np.concatenate(outs)
+
+
+def adapter_effect_kept(ref: np.ndarray, got: np.ndarray, base: np.ndarray) -> float:
+    """1 − ‖artifact − reference‖ / ‖reference − base alone‖ over every output: 1 when the
+    artifact reproduces the adapter's effect, 0 when its error is as large as the effect
+    (e.g. a small ΔW rounded away by a 4-bit base)."""
+    effect = np.linalg.norm(ref.astype(np.float64) - base)
+    return float(1.0 - np.linalg.norm(got.astype(np.float64) - ref) / effect) if effect > 0 else float("nan")
+
+
 def runner_outputs(runner, adapter: str | None, tokenizer, texts) -> np.ndarray:
     return np.concatenate([runner.run(ids, mask, adapter) for ids, mask in batches(tokenizer, texts)])
 
@@ -97,7 +124,7 @@ def fidelity(ref: np.ndarray, got: np.ndarray, labels: list[int] | None, task: T
 def fidelity_checks(adapter: str, m: dict, b: Budgets) -> list[Check]:
     table = [("label_agreement", b.label_agreement_min, ">="), ("max_abs_logit", b.max_abs_logit_max, "<="),
              ("mean_abs_logit", b.mean_abs_logit_max, "<="), ("accuracy_drop", b.accuracy_drop_max, "<="),
-             ("accuracy", None, ">="), ("cosine_min", b.cosine_min, ">=")]
+             ("accuracy", None, ">="), ("cosine_min", b.cosine_min, ">="), ("adapter_effect_kept", None, ">=")]
     return [Check(adapter, k, m[k], budget, d) for k, budget, d in table if k in m]
 
 
@@ -131,7 +158,8 @@ def artifact_bytes(artifact: Path) -> int:
 
 
 def validate(artifact: Path, runner, runtime: str, profile: TargetProfile, task: Task, tokenizer,
-             eval_set: EvalSet, references: dict[str | None, np.ndarray], progress=None) -> dict:
+             eval_set: EvalSet, references: dict[str | None, np.ndarray], progress=None,
+             timing: bool = True, base_outputs: dict[str | None, np.ndarray] | None = None) -> dict:
     """Run every adapter (``None`` for a merged artifact) on the eval set, compare with its
     reference, measure latency with the first adapter active, and judge against budgets."""
     checks, metrics = [], {}
@@ -139,12 +167,15 @@ def validate(artifact: Path, runner, runtime: str, profile: TargetProfile, task:
         label = adapter or "merged"
         got = runner_outputs(runner, adapter, tokenizer, eval_set.texts)
         metrics[label] = fidelity(ref, got, eval_set.labels, task)
+        if base_outputs and adapter in base_outputs:
+            metrics[label]["adapter_effect_kept"] = adapter_effect_kept(ref, got, base_outputs[adapter])
         checks += fidelity_checks(label, metrics[label], profile.budgets)
         if progress:
             progress(f"fidelity {label}")
     first = next(iter(references))
-    latency = measure_latency(artifact, runtime, first, profile)
-    checks += latency_checks(first or "merged", latency, profile.budgets)
+    latency = measure_latency(artifact, runtime, first, profile) if timing else {"shapes": {}}
+    if timing:
+        checks += latency_checks(first or "merged", latency, profile.budgets)
     size = artifact_bytes(artifact)
     mb_budget = profile.budgets.artifact_mb_max
     checks.append(Check("artifact", "artifact_mb", size / 2**20, mb_budget, "<="))
@@ -198,7 +229,8 @@ def lm_checks(label: str, m: dict, b: Budgets) -> list[Check]:
 
 
 def validate_lm(artifact: Path, runner, runtime: str, profile: TargetProfile, base_model,
-                adapters: dict[str | None, AdapterSet], eval_set: EvalSet, base_runner=None, progress=None) -> dict:
+                adapters: dict[str | None, AdapterSet], eval_set: EvalSet, base_runner=None, progress=None,
+                timing: bool = True) -> dict:
     """LM validation: every adapter (``None``: merged artifact) against its PyTorch reference;
     the base alone measured the same way (``base_runner`` with no adapter vs the PyTorch base)
     tells how much of the gap is the quantized base's; then throughput and switch times."""
@@ -224,8 +256,9 @@ def validate_lm(artifact: Path, runner, runtime: str, profile: TargetProfile, ba
                        Check(adapter or "merged", "top1_drop_vs_base", m["top1_drop_vs_base"],
                              profile.budgets.top1_drop_vs_base_max, "<=")]
     first = next(iter(adapters))
-    latency = measure_latency(artifact, runtime, first, profile)
-    checks += latency_checks(first or "merged", latency, profile.budgets)
+    latency = measure_latency(artifact, runtime, first, profile) if timing else {"shapes": {}}
+    if timing:
+        checks += latency_checks(first or "merged", latency, profile.budgets)
     for key, value in latency.get("llama", {}).items():
         checks.append(Check(first or "merged", key, value, None, "<="))
     size = artifact_bytes(artifact)

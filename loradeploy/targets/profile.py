@@ -15,7 +15,7 @@ from ..errors import LoradeployError
 PROFILE_VERSION = 1
 BUILTIN_DIR = Path(__file__).resolve().parent / "profiles"
 RUNTIMES = ("onnxruntime", "llama.cpp", "bitsandbytes")
-MODES = ("merged", "swappable")
+MODES = ("merged", "swappable", "auto")  # auto: merged if it passes the fidelity budget, else swappable
 
 
 class ProfileError(LoradeployError):
