@@ -92,7 +92,10 @@ def plan_for(entries: list[AdapterEntry], runtime: str, target: str, option: str
                        "checked_plans": result.curve, "sensitivity": result.sensitivity,
                        "tensor_bytes": result.tensor_bytes, "start_plan": result.start})
         adapters[e.name] = record
-    budget_record = {"measure": measure, "max": limit} if not max_bytes else {"max_bytes": max_bytes}
+    from .quant.search import DEFAULT_FLOORS
+
+    budget_record = ({"measure": measure, "max": limit, "floors": DEFAULT_FLOORS.get(task, {})} if not max_bytes
+                     else {"max_bytes": max_bytes})
     budget_record["calibration"] = {"source": str(texts.path), "texts": len(texts.texts)}
     return Plan(runtime, target, adapters, budget_record, "learned")
 

@@ -140,8 +140,11 @@ def hinted_formats(adapters: AdapterSet, runtime: str, original: AdapterSet) -> 
 
 
 def dense_fp16_bytes_at_max_rank(original: AdapterSet) -> int:
-    """Bytes of the adapter as trained, fp16, every module at its trained (maximum) rank."""
-    return sum(2 * m.rank * (m.in_features + m.out_features) for m in original.modules.values())
+    """Bytes of a dense fp16 LoRA on the same modules at the adapter's trained maximum rank (the
+    largest rank any module holds as trained: SoRA/B-LoRA's initial r, the rank IncreLoRA grew
+    its largest module to) — the adapter a fixed-rank LoRA of the same capacity would ship."""
+    r_max = max(m.rank for m in original.modules.values())
+    return sum(2 * r_max * (m.in_features + m.out_features) for m in original.modules.values())
 
 
 # --- plan files ------------------------------------------------------------------------------

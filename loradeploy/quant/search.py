@@ -28,6 +28,9 @@ MEASURES = {Task.SEQUENCE_CLASSIFICATION: "mean_abs_logit", Task.FEATURE_EXTRACT
 #: default fidelity budget of the adapter's quantization alone (the target's budget covers the
 #: whole artifact, base quantization and runtime included)
 DEFAULT_BUDGETS = {"mean_abs_logit": 0.01, "cosine_distance": 1e-4, "kl_mean": 0.002}
+#: further constraints a plan is held to by default (measure → minimum), per task: a language
+#: model's top-1 token may flip at near-ties even when KL is tiny, and the targets budget top-1
+DEFAULT_FLOORS = {Task.CAUSAL_LM: {"top1_agreement": 0.98}, Task.SEQUENCE_CLASSIFICATION: {"label_agreement": 0.995}}
 
 Progress = Callable[[str], None]
 
@@ -178,6 +181,12 @@ def _bytes(ev: Evaluator, key: str, fmt: str) -> int:
 QUADRATIC = {"kl_mean", "cosine_distance"}
 
 
+def additive(measure: str, value: float) -> float:
+    """The measure in a form that adds up over independent perturbations of several tensors:
+    quadratic measures as they are, linear ones (mean |Δlogit|) squared."""
+    return value if measure in QUADRATIC else value * value
+
+
 def _model_sensitivity(ev, ladders, top, base_err, measure, step) -> dict[str, dict[str, float]]:
     """Every tensor at every lower format alone, measured on the model's outputs (one forward
     pass each: exact, slow for large models)."""
@@ -185,7 +194,7 @@ def _model_sensitivity(ev, ladders, top, base_err, measure, step) -> dict[str, d
     for i, (key, ladder) in enumerate(sorted(ladders.items())):
         sens[key] = {ladder[0]: 0.0}
         for fmt in ladder[1:]:
-            sens[key][fmt] = max(ev.error({**top, key: fmt})[measure] - base_err, 0.0)
+            sens[key][fmt] = max(additive(measure, ev.error({**top, key: fmt})[measure]) - additive(measure, base_err), 0.0)
         if i % 8 == 7:
             step(f"sensitivity {i + 1}/{len(ladders)} tensors")
     return sens
@@ -194,14 +203,14 @@ def _model_sensitivity(ev, ladders, top, base_err, measure, step) -> dict[str, d
 def _layer_sensitivity(ev, ladders, top, base_err, measure, step) -> dict[str, dict[str, float]]:
     """Each module's output error on its calibration inputs per format, converted to the model's
     output measure by one forward pass per module (both its tensors at their lowest format):
-    sensitivity = gain_m · layer_error^p, p = 2 for KL / cosine distance, else 1."""
-    p = 2 if measure in QUADRATIC else 1
+    sensitivity = gain_m · layer_error², in the additive form of the measure."""
+    p = 2
     top_fmt = LADDERS[ev.runtime][0]
     sens = {}
     for i, name in enumerate(sorted(ev.adapters.modules)):
         ka, kb = tensor_key(name, "lora_A"), tensor_key(name, "lora_B")
         low_a, low_b = ladders[ka][-1], ladders[kb][-1]
-        e2e = max(ev.error({**top, ka: low_a, kb: low_b})[measure] - base_err, 0.0)
+        e2e = max(additive(measure, ev.error({**top, ka: low_a, kb: low_b})[measure]) - additive(measure, base_err), 0.0)
         layer = ev.layer_error(name, low_a, low_b)
         gain = e2e / layer ** p if layer > 0 else 0.0
         sens[ka] = {f: gain * ev.layer_error(name, f, top_fmt) ** p for f in ladders[ka]}
@@ -211,9 +220,13 @@ def _layer_sensitivity(ev, ladders, top, base_err, measure, step) -> dict[str, d
     return sens
 
 
+def _from_additive(measure: str, value: float) -> float:
+    return value if measure in QUADRATIC else value ** 0.5
+
+
 def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = None,
            start: dict[str, str] | None = None, progress: Progress | None = None,
-           sensitivity: str = "layer") -> SearchResult:
+           sensitivity: str = "layer", floors: dict[str, float] | None = None) -> SearchResult:
     """Minimise bytes with ``measure ≤ budget`` (or minimise error with ``bytes ≤ max_bytes``).
     ``sensitivity``: ``layer`` (module output error, scaled to the model's by one forward pass
     per module) or ``model`` (one forward pass per tensor and format)."""
@@ -258,7 +271,7 @@ def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = N
 
     def check(n: int) -> dict:
         got = ev.error(plan_at(n))
-        predicted = sum(sens[k][f] for k, f in plan_at(n).items())
+        predicted = _from_additive(measure, sum(sens[k][f] for k, f in plan_at(n).items()))
         curve.append({"moves": n, "bytes": bytes_at[n], **got, "predicted": predicted})
         step(f"checked a plan of {bytes_at[n]:,} bytes: {measure} {got[measure]:.4g}")
         return got
@@ -271,26 +284,41 @@ def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = N
     else:
         lo, hi = 0, len(moves)
         first = check(0)
-        if first[measure] > budget:
+        floors = DEFAULT_FLOORS.get(ev.task, {}) if floors is None else floors
+
+        def meets(got: dict) -> bool:
+            return got[measure] <= budget and all(got.get(k, v) >= v for k, v in floors.items())
+
+        if not meets(first):
             raise LoradeployError(f"even the highest precision misses the budget: {measure} {first[measure]:.4g} > {budget}")
         measured_at = {0: first}
         while lo < hi:  # largest prefix whose whole plan meets the budget
             mid = (lo + hi + 1) // 2
             measured_at[mid] = check(mid)
-            if measured_at[mid][measure] <= budget:
+            if meets(measured_at[mid]):
                 lo = mid
             else:
                 hi = mid - 1
         n, measured = lo, measured_at[lo]
     result = SearchResult(plan_at(n), measured, bytes_at[n], sens, nbytes, curve,
-                          sum(sens[k][f] for k, f in plan_at(n).items()))
+                          _from_additive(measure, sum(sens[k][f] for k, f in plan_at(n).items())))
+    # whole plans outside the greedy order, measured the same way: B-LoRA's bit hints (the
+    # starting plan) and each uniform level (the additive model can misjudge how errors of many
+    # tensors combine; these keep the result no worse than either at its bytes)
+    candidates = []
     if start is not None:
-        got = ev.error(start)
-        start_bytes = sum(nbytes[k][f] for k, f in start.items())
-        result.start = {"formats": start, "bytes": start_bytes, **got}
-        fits = got[measure] <= budget if max_bytes is None else start_bytes <= max_bytes
-        better = start_bytes < result.nbytes if max_bytes is None else got[measure] < measured[measure]
+        candidates.append(("blora-bit-hints", dict(start)))
+    for level, fmt in enumerate(LADDERS[runtime]):
+        candidates.append((f"uniform {fmt}", {k: lad[min(level, len(lad) - 1)] if fmt not in lad else fmt
+                                              for k, lad in ladders.items()}))
+    for label, formats in candidates:
+        got = ev.error(formats)
+        size = sum(nbytes[k][f] for k, f in formats.items())
+        if label == "blora-bit-hints":
+            result.start = {"formats": formats, "bytes": size, **got}
+        fits = meets(got) if max_bytes is None else size <= max_bytes
+        better = (size, got[measure]) < (result.nbytes, result.measured[measure]) if max_bytes is None \
+            else (got[measure], size) < (result.measured[measure], result.nbytes)
         if fits and better:
-            result.formats, result.measured, result.nbytes = dict(start), got, start_bytes
-            result.chosen_from = "blora-bit-hints"
+            result.formats, result.measured, result.nbytes, result.chosen_from = formats, got, size, label
     return result

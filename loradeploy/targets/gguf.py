@@ -234,6 +234,9 @@ class LlamaRunner(Runner):
     def __init__(self, model: Path, adapters: dict[str, Path], threads: int = 0, n_ctx: int = 256):
         import llama_cpp
 
+        # llama.cpp logs through llama-cpp-python's logger; below ERROR it narrates every tensor
+        # (e.g. each quantized LoRA tensor that cannot use the repacked CPU buffer type)
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         self._ll = llama_cpp
         self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=n_ctx, n_batch=n_ctx,
                                    logits_all=True, verbose=False, n_threads=threads or os.cpu_count())
