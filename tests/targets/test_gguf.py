@@ -110,3 +110,44 @@ def test_gemma_merged_gguf(tmp_path):
     m = record["validation"]["metrics"]["merged"]
     assert m["kl_mean"] < 0.1 and m["ppl_artifact"] < 1.15 * m["ppl_reference"]
     assert m["ppl_reference"] < 0.2 * record["validation"]["metrics"]["base alone"]["ppl_reference"]  # ΔW is in
+
+
+def test_planned_tensor_types_reach_llama_cpp(tmp_path, tiny):
+    """A plan file mixing GGML types: the adapter GGUF holds each tensor in its planned type
+    (lora_b, rank 3 after pruning, only float types), and llama.cpp computes what the plan's
+    simulated adapter computes in PyTorch (the file holds exactly the values the plan measured)."""
+    import json
+
+    from transformers import LlamaForCausalLM
+
+    from loradeploy.export import load_entries
+    from loradeploy.adapters import ReadOptions
+    from loradeploy.quant.plan import Plan, quantize_adapter
+
+    hf, path, adapter = tiny
+    (entry,) = load_entries([AdapterSpec("qk", adapter)], None, ReadOptions())
+    kinds = ["q8_0", "q5_0", "q4_0", "f16"]
+    formats = {}
+    for i, name in enumerate(sorted(entry.pruned.modules)):
+        formats[f"{name}.lora_A"] = kinds[i % len(kinds)]
+        formats[f"{name}.lora_B"] = "f16" if i % 2 else "f32"
+    plan_file = tmp_path / "plan.json"
+    Plan("llama.cpp", "gguf-cpu", {"qk": {"formats": formats}}).save(plan_file)
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text("\n".join(TEXTS) + "\n")
+    from loradeploy.export import PlanOptions
+
+    record = export(str(path), [AdapterSpec("qk", adapter)], fast_profile(tmp_path, "gguf-cpu"), tmp_path / "art",
+                    eval_path=eval_file, plan=PlanOptions(str(plan_file)))
+    types = record["decisions"]["adapter_tensor_types"]["qk"]
+    assert set(types.values()) == {"Q8_0", "Q5_0", "Q4_0", "F16", "F32"}
+    assert record["adapters"][0]["plan"]["formats"] == formats
+    simulated = quantize_adapter(entry.pruned, "llama.cpp", formats).simulated
+    model = merge_into(LlamaForCausalLM.from_pretrained(hf).eval(), simulated)
+    tokens = [2, 10, 20, 30, 40, 50]
+    logits, _ = _runner_logits(tmp_path / "art", "qk", [tokens])
+    with torch.no_grad():
+        ref = model(torch.tensor([tokens])).logits[0].numpy()
+    ok = lm_fidelity([(ref, logits[0], tokens)])
+    assert ok["kl_mean"] < 1e-3 and ok["top1_agreement"] == 1.0
+    assert json.loads((tmp_path / "art" / "manifest.json").read_text())["adapters"][0]["plan"]["method"].startswith("file:")
