@@ -126,6 +126,25 @@ def print_plan(record: dict) -> None:
         console.print(f"wrote {record['output']}")
 
 
+def print_ab(record: dict) -> None:
+    """One row per arm of an A/B run: adapter, requests, latency (histogram estimates)."""
+    router = record["router"]
+    table = Table(title=escape(f"A/B on {record['artifact']} [{record['runtime']}], {record['requests']} requests"),
+                  show_edge=False)
+    for col in ("arm", "adapter", "weight", "requests", "share", "p50 ms", "p95 ms", "errors"):
+        table.add_column(col, justify="left" if col in ("arm", "adapter") else "right")
+    total = max(router["requests"], 1)
+    for name, a in router["arms"].items():
+        lat = a["latency_ms"]
+        ms = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
+        table.add_row(escape(name), escape(a["adapter"] or "(base)"), f"{a['weight']:.0%}", str(a["requests"]),
+                      f"{a['requests'] / total:.1%}", ms(lat["p50"]), ms(lat["p95"]), str(a["errors"]))
+    console.print(table)
+    if record["agreement"] is not None:
+        console.print(f"arms agree ({record['agreement_measure']}) on {record['agreement']:.1%} of "
+                      f"{record['requests']} inputs")
+
+
 def print_targets(profiles: list[dict]) -> None:
     table = Table(show_edge=False)
     for col in ("target", "runtime", "precision", "mode", "description"):
