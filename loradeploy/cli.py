@@ -108,7 +108,8 @@ def plan_options(f):
 @click.option("--adapter", "adapters", required=True, multiple=True, metavar="[NAME=]PATH",
               help="Adapter checkpoint (file or folder); repeat for several adapters in one swappable artifact.")
 @click.option("--target", required=True, help="Target profile name (see `loradeploy targets`) or a .yaml path.")
-@click.option("--mode", type=click.Choice(["merged", "swappable"]), help="Default: the profile's.")
+@click.option("--mode", type=click.Choice(["merged", "swappable", "auto"]),
+              help="Default: the profile's. auto: merged if that passes the fidelity budget, else swappable (both shown).")
 @click.option("--eval", "eval_path", type=click.Path(dir_okay=False), help="JSON lines {text, label}; default: the shipped example set.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @adapter_options
@@ -179,6 +180,32 @@ def validate_cmd(artifact, eval_path, as_json):
         record = revalidate(Path(artifact), Path(eval_path) if eval_path else None, step)
     _emit(record, as_json, print_validation)
     return 0 if record["validation"]["passed"] else 1
+
+
+@cli.command("ab")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--arm", "arms", required=True, multiple=True, metavar="NAME=PATH",
+              help="An arm and its adapter (a swappable artifact's adapters/FILE, an adapter name of "
+                   "ARTIFACT, or - for the base alone); repeat per arm.")
+@click.option("--weights", help="Traffic share per arm, in --arm order (e.g. 50,50); default: equal.")
+@click.option("--inputs", "inputs", required=True, type=click.Path(dir_okay=False),
+              help="Requests: JSON lines {text} or a .txt file, one per line.")
+@click.option("--keys", type=click.Path(dir_okay=False),
+              help="One user key per line (per request); an arm is chosen by sha256 of the key. "
+                   "Default: the line number.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def ab_cmd(artifact, arms, weights, inputs, keys, as_json):
+    """Serve requests through an A/B test of adapters on one loaded base.
+
+    Prints per-arm request counts, latency p50/p95 and how often the arms' outputs agree."""
+    from .render import print_ab, progress_steps
+    from .runtime.ab import ab_test, parse_arms, parse_weights
+
+    arm_map = parse_arms(list(arms))
+    with progress_steps(not as_json) as step:
+        record = ab_test(Path(artifact), arm_map, parse_weights(weights, len(arm_map)), Path(inputs),
+                         Path(keys) if keys else None, step)
+    _emit(record, as_json, print_ab)
 
 
 @cli.command("targets")

@@ -79,7 +79,7 @@ def scatter_svg(points: list[tuple[float, float, str, str]], title: str, xlabel:
             f'<line x1="50" y1="20" x2="50" y2="{h - 35}" stroke="#999"/>'
             f'<text x="4" y="12">{html.escape(title)}</text>'
             f'<text x="50" y="{h - 8}">{html.escape(xlabel)}: {x0:,.0f} … {x1:,.0f}</text>'
-            f'<text x="54" y="30">{html.escape(ylabel)} (max {y1:.3g})</text>')
+            f'<text x="{w - 150}" y="12">{html.escape(ylabel)}: 0 … {y1:.3g}</text>')
     return f'<svg width="{w}" height="{h}" font-size="10">{axes}{dots}</svg>'
 
 
@@ -95,7 +95,10 @@ def plan_svg(adapter: dict, runtime_metrics: dict | None) -> str:
         points.append((plan["start_plan"]["bytes"], plan["start_plan"][measure], "#c80", "B-LoRA bits"))
     points.append((plan["bytes"], plan["measured_pytorch"][measure], "#47a", "chosen (PyTorch)"))
     if runtime_metrics and measure in runtime_metrics:
-        points.append((plan["bytes"], runtime_metrics[measure], "#b00", "chosen (runtime, eval set)"))
+        label = "chosen (runtime, eval set)"
+        if "kl_excess_vs_base" in runtime_metrics:  # the runtime's own gap on the base is in it
+            label += f"; base alone {runtime_metrics[measure] - runtime_metrics['kl_excess_vs_base']:.3g}"
+        points.append((plan["bytes"], runtime_metrics[measure], "#b00", label))
     return scatter_svg(points, f"{adapter['name']}: adapter bytes vs {measure} (budget {plan['budget'].get('max')})",
                        "bytes", measure)
 
