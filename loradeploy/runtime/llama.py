@@ -18,17 +18,12 @@ from ..errors import BaseModelError, LoradeployError
 from .session import Loaded, Session, refuse
 
 log = logging.getLogger("llama.cpp")
-_LOG_CALLBACK = None  # kept alive for as long as llama.cpp may call it
 
 
 def _quiet(llama_cpp) -> None:
-    """Route llama.cpp's log (a warning per adapter tensor it places) to logging at DEBUG:
-    llama-cpp-python's own filter maps ggml's current level numbers wrongly and prints them."""
-    global _LOG_CALLBACK
-    if _LOG_CALLBACK is None:
-        _LOG_CALLBACK = llama_cpp.llama_log_callback(
-            lambda level, text, _: log.debug(text.decode("utf-8", "replace").rstrip()))
-        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+    from ..targets.gguf import route_llama_log
+
+    route_llama_log(llama_cpp)
 
 
 #: GGUF metadata value type → struct format of one value (8: string, 9: array)

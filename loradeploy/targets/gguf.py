@@ -227,6 +227,21 @@ class GgufTarget(Target):
         return LlamaRunner(Path(base), {}, threads)
 
 
+_LOG_CALLBACK = None  # kept alive for as long as llama.cpp may call it
+
+
+def route_llama_log(llama_cpp) -> None:
+    """Route llama.cpp's log (a warning per quantized adapter tensor it places) to the
+    ``llama.cpp`` logger at DEBUG: llama-cpp-python's own filter maps ggml's current level
+    numbers wrongly and prints them."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        llama_log = logging.getLogger("llama.cpp")
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(
+            lambda level, text, _: llama_log.debug(text.decode("utf-8", "replace").rstrip()))
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+
+
 class LlamaRunner(Runner):
     """llama.cpp through llama-cpp-python: the model once, adapters switched per call with
     ``llama_set_adapters_lora`` (a context is not shared across threads: one runner each)."""
@@ -234,9 +249,7 @@ class LlamaRunner(Runner):
     def __init__(self, model: Path, adapters: dict[str, Path], threads: int = 0, n_ctx: int = 256):
         import llama_cpp
 
-        # llama.cpp logs through llama-cpp-python's logger; below ERROR it narrates every tensor
-        # (e.g. each quantized LoRA tensor that cannot use the repacked CPU buffer type)
-        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+        route_llama_log(llama_cpp)
         self._ll = llama_cpp
         self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=n_ctx, n_batch=n_ctx,
                                    logits_all=True, verbose=False, n_threads=threads or os.cpu_count())
