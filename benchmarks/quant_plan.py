@@ -1,0 +1,134 @@
+"""Bytes vs fidelity of adapter precision plans, measured on exported artifacts in their runtime.
+
+For each MiniLM example adapter (ONNX Runtime, swappable, fp32 base) and the Gemma SoRA adapter
+(llama.cpp): uniform 16/8/4-bit plans, the learned plan under its default budget, and the
+learned plan held to the bytes of each uniform plan. Every plan is exported and validated on
+the eval set in the runtime (|Δlogit| and accuracy for the classifier, KL and top-1 for the
+LM, against the fp32 adapter as trained).
+
+Goals: at equal bytes the learned plan's error ≤ 0.7× the uniform plan's; pruning + learned
+plan ≤ 20% of the dense fp16 adapter at its trained (maximum) rank, with accuracy within 0.5
+points of the fp32 adapter.
+
+    python benchmarks/quant_plan.py [--adapters sora,increlora,blora] [--gemma/--no-gemma] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from loradeploy.export import AdapterSpec, PlanOptions, export  # noqa: E402
+from loradeploy.targets.profile import BUILTIN_DIR  # noqa: E402
+
+
+def fast_profile(folder: Path, name: str, **changes) -> str:
+    data = yaml.safe_load((BUILTIN_DIR / f"{name}.yaml").read_text())
+    data.update({"warmup": 0, "runs": 1, "budgets": {}, **changes})
+    data.pop("plan", None)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def run_plan(base, adapter, name, profile, plan: PlanOptions, folder: Path, measure: str) -> dict:
+    out = folder / f"{name}-{plan.plan.replace(':', '')}-{plan.max_bytes or 'b'}"
+    t = time.perf_counter()
+    manifest = export(base, [AdapterSpec(name, adapter)], profile, out, mode="swappable", plan=plan, overwrite=True)
+    record = manifest["adapters"][0]
+    m = manifest["validation"]["metrics"][name]
+    row = {"adapter": name, "plan": plan.plan + (f" @≤{plan.max_bytes:,} B" if plan.max_bytes else ""),
+           "bytes": record["plan"]["bytes"], "dense_fp16_max_rank": record["plan"]["bytes_dense_fp16_max_rank"],
+           "formats": record["plan"]["format_counts"], measure: m[measure], "seconds": time.perf_counter() - t}
+    for key in ("accuracy", "accuracy_drop", "label_agreement", "top1_agreement", "kl_excess_vs_base"):
+        if key in m:
+            row[key] = m[key]
+    if "measured_pytorch" in record["plan"]:
+        row["pytorch_calibration"] = record["plan"]["measured_pytorch"]
+    return row
+
+
+def pareto(base, adapter_dir: Path, name: str, target: str, folder: Path, measure: str, uniform_bits) -> list[dict]:
+    profile = fast_profile(folder, target)
+    rows = [run_plan(base, adapter_dir, name, profile, PlanOptions(f"uniform:{b}"), folder, measure) for b in uniform_bits]
+    rows.append(run_plan(base, adapter_dir, name, profile, PlanOptions("learned"), folder, measure))
+    for u in rows[1:len(uniform_bits)]:  # equal bytes as the lower uniform plans
+        learned = run_plan(base, adapter_dir, name, profile, PlanOptions("learned", max_bytes=u["bytes"]), folder, measure)
+        learned["vs"] = u["plan"]
+        learned["error_ratio_vs_uniform"] = learned[measure] / u[measure] if u[measure] else float("nan")
+        rows.append(learned)
+    return rows
+
+
+def print_table(rows: list[dict], measure: str) -> None:
+    print(f"\n{'adapter':10} {'plan':26} {'bytes':>9} {'% dense fp16':>12} {measure:>15} {'acc/top1':>9} "
+          f"{'ratio':>7}  formats")
+    for r in rows:
+        acc = r.get("accuracy", r.get("top1_agreement", float("nan")))
+        ratio = f"{r['error_ratio_vs_uniform']:.2f}" if "error_ratio_vs_uniform" in r else ""
+        print(f"{r['adapter']:10} {r['plan']:26} {r['bytes']:>9,} {r['bytes'] / r['dense_fp16_max_rank']:>12.1%} "
+              f"{r[measure]:>15.5f} {acc:>9.4f} {ratio:>7}  {r['formats']}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--adapters", default="sora,increlora,blora")
+    ap.add_argument("--gemma", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        rows = []
+        for name in [a for a in args.adapters.split(",") if a]:
+            rows += pareto("minilm", REPO / "examples" / "adapters" / name, name, "onnx-cpu", folder,
+                           "mean_abs_logit", (16, 8, 4))
+        results["minilm_onnx"] = rows
+        if rows:
+            print_table(rows, "mean_abs_logit")
+        if args.gemma:
+            lm = pareto("gemma3-270m", REPO / "examples" / "adapters" / "sora-gemma", "sora-gemma", "gguf-cpu",
+                        folder, "kl_mean", (16, 8, 4))
+            results["gemma_gguf"] = lm
+            print_table(lm, "kl_mean")
+    goals = []
+    for r in results.get("minilm_onnx", []):
+        if r["plan"] == "learned":
+            fp32_acc = r["accuracy"] + r["accuracy_drop"]
+            goals.append(f"{r['adapter']}: learned plan {r['bytes'] / r['dense_fp16_max_rank']:.1%} of dense fp16 "
+                         f"(goal ≤ 20%), accuracy {r['accuracy']:.3f} vs fp32 adapter {fp32_acc:.3f} "
+                         f"(drop {100 * r['accuracy_drop']:.1f} points, goal ≤ 0.5)")
+    for key, budget in (("minilm_onnx", 0.01), ("gemma_gguf", 0.002)):
+        rows = results.get(key, [])
+        for learned in [r for r in rows if r["plan"] == "learned"]:
+            # judged on the eval set in the runtime; for the LM, the share above the base alone's own gap
+            measure = "mean_abs_logit" if key == "minilm_onnx" else "kl_excess_vs_base"
+            within = [r for r in rows if r["adapter"] == learned["adapter"] and r["plan"].startswith("uniform")
+                      and r[measure] <= budget]
+            if within:
+                best = min(within, key=lambda r: r["bytes"])
+                goals.append(f"{learned['adapter']}: learned plan {learned['bytes']:,} B vs the smallest uniform plan "
+                             f"within the same budget ({best['plan']}, {best['bytes']:,} B): "
+                             f"{learned['bytes'] / best['bytes']:.2f}× the bytes")
+    for key in results:
+        for r in results[key]:
+            if "error_ratio_vs_uniform" in r:
+                goals.append(f"{r['adapter']}: learned at the bytes of {r['vs']}: error ratio "
+                             f"{r['error_ratio_vs_uniform']:.2f} (goal ≤ 0.7)")
+    print("\n" + "\n".join(goals))
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
