@@ -126,3 +126,24 @@ def test_nf4_auto_mode_validates_both_and_ships_the_passing_one(tmp_path, eval_s
     assert min(kept.values()) > 0.5
     assert code == (0 if manifest["validation"]["passed"] else 1)
     assert (out / "config.json").is_file() and (out / "adapters").is_dir() == (chosen == "swappable")
+
+
+def test_swappable_adapter_in_planned_precision(tmp_path, eval_small):
+    """`--plan uniform:16`: the PEFT folder holds fp16 LoRA tensors (half the bytes), plain
+    peft loads it onto the nf4 base, and the validation holds."""
+    from safetensors import safe_open
+
+    from loradeploy.export import PlanOptions
+
+    out = tmp_path / "art"
+    record = export("minilm", [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")], fast_profile(tmp_path, "bnb-nf4"),
+                    out, mode="swappable", eval_path=eval_small, plan=PlanOptions("uniform:16"))
+    assert record["decisions"]["adapter_precision"] == {"sora": {"fp16": 64}}
+    with safe_open(str(out / "adapters" / "sora" / "adapter_model.safetensors"), "pt") as f:
+        dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys() if ".lora_" in k}
+    assert dtypes == {"F16"}
+    assert record["validation"]["metrics"]["sora"]["label_agreement"] >= 0.98
+    texts = json.dumps([json.loads(line)["text"] for line in eval_small.read_text().splitlines()[:8]])
+    proc = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), "sora", texts], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
