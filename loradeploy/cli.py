@@ -182,6 +182,51 @@ def validate_cmd(artifact, eval_path, as_json):
     return 0 if record["validation"]["passed"] else 1
 
 
+@cli.command("verify")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--no-load", is_flag=True, help="Check files only; do not load the artifact in its runtime.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_cmd(artifact, no_load, as_json):
+    """Check an artifact against its manifest: every file's size and sha256, no missing or extra
+    files, each file sane for its format, and (unless --no-load) that it loads and runs in its
+    runtime. Exit 0 when all holds, 1 naming each file that fails, 2 when ARTIFACT is not one."""
+    from .render import print_verify
+    from .verify import verify
+
+    record = verify(Path(artifact), load=not no_load)
+    _emit(record, as_json, print_verify)
+    return 0 if record["ok"] else 1
+
+
+@cli.command("check")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--baseline", required=True, type=click.Path(),
+              help="Baseline manifest.json, or a baseline artifact folder.")
+@click.option("--tolerance", metavar="fidelity=F,latency=L,size=S",
+              help="Relative slack per kind (default fidelity=0.01,latency=0.25,size=0.01). Latency is "
+                   "compared as p50 / a reference workload timed in the same process.")
+@click.option("--eval", "eval_path", type=click.Path(dir_okay=False), help="Eval set (default: the shipped one).")
+@click.option("--junit", type=click.Path(dir_okay=False), help="Write JUnit XML: one test case per measure.")
+@click.option("--markdown", type=click.Path(dir_okay=False), help="Write a Markdown table for a pull-request comment.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def check_cmd(artifact, baseline, tolerance, eval_path, junit, markdown, as_json):
+    """CI gate: validate ARTIFACT again and compare with a baseline. Fidelity may not get worse,
+    size may not grow and latency (relative to the machine's speed) may not grow beyond the
+    tolerance. Exit 0 pass, 1 regression, 2 error."""
+    from .check import check, junit_xml, markdown as to_markdown
+    from .fsutil import write_text_atomic
+    from .render import print_check, progress_steps
+
+    with progress_steps(not as_json) as step:
+        record = check(Path(artifact), Path(baseline), tolerance, Path(eval_path) if eval_path else None, step)
+    if junit:
+        write_text_atomic(Path(junit), junit_xml(record))
+    if markdown:
+        write_text_atomic(Path(markdown), to_markdown(record))
+    _emit(record, as_json, print_check)
+    return 0 if record["passed"] else 1
+
+
 @cli.command("ab")
 @click.argument("artifact", type=click.Path(file_okay=False))
 @click.option("--arm", "arms", required=True, multiple=True, metavar="NAME=PATH",

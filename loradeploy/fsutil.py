@@ -42,3 +42,20 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a temporary file beside it, renamed into place)."""
+    import os
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError(f"{path.parent}: no such folder for {path.name}")
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror})") from e
+    finally:
+        tmp.unlink(missing_ok=True)

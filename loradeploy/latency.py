@@ -44,6 +44,22 @@ def time_runner(runner, adapter, batch: int, seq: int, warmup: int, runs: int, v
             "mean_ms": float(np.mean(samples)), "samples_ms": samples}
 
 
+def reference_workload_ms(repeats: int = 15) -> float:
+    """Median time of a fixed workload (a 384×1536 by 1536×384 fp32 matmul chain through numpy's
+    BLAS), measured in the same process as an artifact's latency: ``check`` compares latency as
+    a ratio to it, so a slower or busier machine does not read as a regression."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((384, 1536), dtype=np.float32)
+    b = rng.standard_normal((1536, 384), dtype=np.float32)
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(8):
+            (a @ b) @ a
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return _percentile(samples, 50)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loradeploy.latency")
     ap.add_argument("artifact", type=Path)
@@ -61,12 +77,14 @@ def main(argv=None) -> int:
     runner = get_target(args.runtime).open(args.artifact, manifest, threads=args.threads)
     load_ms = (time.perf_counter() - t0) * 1e3
     parsed = [tuple(int(x) for x in shape.lower().split("x")) for shape in args.shape]
+    before = reference_workload_ms()
     if hasattr(runner, "measure"):  # runtimes with their own notion of throughput (llama.cpp)
         result = runner.measure(args.adapter, parsed, args.warmup, args.runs)
     else:
         result = {"shapes": {f"b{b}xs{s}": time_runner(runner, args.adapter, b, s, args.warmup, args.runs)
                              for b, s in parsed}}
-    print(json.dumps({"load_ms": load_ms, **result, "peak_rss_mb": peak_rss_mb()}))
+    reference = float(np.median([before, reference_workload_ms()]))
+    print(json.dumps({"load_ms": load_ms, **result, "peak_rss_mb": peak_rss_mb(), "reference_workload_ms": reference}))
     return 0
 
 

@@ -145,6 +145,29 @@ def print_ab(record: dict) -> None:
                       f"{record['requests']} inputs")
 
 
+def print_check(record: dict) -> None:
+    table = Table(title=escape(f"check {record['artifact']} against {record['baseline']}"), show_edge=False)
+    for col in ("measure", "baseline", "now", "change", "allowed", "status"):
+        table.add_column(col, justify="left" if col == "measure" else "right")
+    colors = {"PASS": "green", "FAIL": "bold red", "NEW": "dim", "GONE": "dim"}
+    fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
+    for r in record["rows"]:
+        table.add_row(escape(r["name"]), fmt(r["baseline"]), fmt(r["now"]), r["change"], escape(r["allowed"]),
+                      f"[{colors[r['status']]}]{r['status']}[/]")
+    console.print(table)
+    console.print("[green]PASS[/]: no regression" if record["passed"] else
+                  f"[bold red]FAIL[/]: regressed {escape(', '.join(record['regressions']))}")
+
+
+def print_verify(record: dict) -> None:
+    for p in record["problems"]:
+        console.print(f"[bold red]FAIL[/] {escape(p['file'])}: {escape(p['problem'])}")
+    if record["ok"]:
+        loaded = f", loaded in {record['runtime']} and ran {', '.join(record['ran'])}" if record["loaded"] else ""
+        console.print(f"[green]OK[/] {escape(record['artifact'])}: {record['files_checked']} files match the "
+                      f"manifest{escape(loaded)}")
+
+
 def print_targets(profiles: list[dict]) -> None:
     table = Table(show_edge=False)
     for col in ("target", "runtime", "precision", "mode", "description"):
