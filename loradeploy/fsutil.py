@@ -19,6 +19,28 @@ def _check_destination(out: Path, overwrite: bool) -> None:
         raise OutputError(f"{out}: folder exists and is not empty (pass --overwrite to replace it)")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove the temporary folders of earlier writes of ``out`` whose process is gone (killed
+    mid-way: a SIGKILL runs no clean-up). Folders of a live process are left alone."""
+    removed = []
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        pid = p.name[len(f".{out.name}.partial-"):].split("-", 1)[0]
+        if p.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path | str, overwrite: bool = False):
     """Yield a temporary folder; on success it replaces ``out``, on error it is removed."""
@@ -26,7 +48,8 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False):
     _check_destination(out, overwrite)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        remove_stale_partials(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     except OSError as e:
         raise OutputError(f"{out}: cannot write here ({e.strerror or e})") from e
     try:
@@ -46,8 +69,6 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False):
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all (a temporary file beside it, renamed into place)."""
-    import os
-
     path = Path(path)
     if not path.parent.is_dir():
         raise OutputError(f"{path.parent}: no such folder for {path.name}")

@@ -75,5 +75,17 @@ def read(folder: Path) -> dict:
     return manifest
 
 
+#: manifest parts that differ run to run (when and where it ran, what it measured in time)
+NOT_REPRODUCIBLE = ("environment", "artifact", "validation")
+
+
+def reproducible(manifest: dict) -> dict:
+    """The part of a manifest that the same inputs and options reproduce byte for byte: inputs,
+    decisions, adapters, profile and every file's sha256. Timings, machine facts and the output
+    path are left out (``validation`` holds latency; its fidelity measures are compared by
+    ``loradeploy check``)."""
+    return {k: v for k, v in manifest.items() if k not in NOT_REPRODUCIBLE}
+
+
 def tool() -> dict:
     return {"name": "loradeploy", "version": __version__}

@@ -1,0 +1,80 @@
+"""verify and check on real artifacts: a changed byte fails verify naming the file; a
+regressed artifact (a lower-precision plan than the baseline's) fails check with the measure
+named in JUnit and Markdown; the untouched artifact passes."""
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+import yaml
+
+from loradeploy.cli import main
+from tests.conftest import EXAMPLE_ADAPTERS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from loradeploy.evaldata import DEFAULT_EVAL
+    from loradeploy.targets.profile import BUILTIN_DIR
+
+    root = tmp_path_factory.mktemp("check")
+    eval_file = root / "eval.jsonl"
+    eval_file.write_text("\n".join(DEFAULT_EVAL.read_text().splitlines()[:48]) + "\n")
+    data = yaml.safe_load((BUILTIN_DIR / "onnx-cpu-learned.yaml").read_text())
+    data.update({"warmup": 1, "runs": 5, "shapes": [{"batch": 1, "seq": 32}]})
+    profile = root / "profile.yaml"
+    profile.write_text(yaml.safe_dump(data))
+    arts = {}
+    for name, plan in (("baseline", "uniform:8"), ("regressed", "uniform:4")):
+        arts[name] = root / name
+        main(["export", "--base", "minilm", "--adapter", f"sora={EXAMPLE_ADAPTERS / 'sora'}", "--target",
+              str(profile), "--plan", plan, "--eval", str(eval_file), "-o", str(arts[name]), "--json"])
+    return root, arts, eval_file
+
+
+def test_untouched_artifact_passes_against_its_own_manifest(setup, capsys):
+    root, arts, eval_file = setup
+    junit, md = root / "ok.xml", root / "ok.md"
+    code = main(["check", str(arts["baseline"]), "--baseline", str(arts["baseline"] / "manifest.json"), "--eval",
+                 str(eval_file), "--junit", str(junit), "--markdown", str(md), "--json"])
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0 and record["passed"] and record["regressions"] == []
+    suite = ET.parse(junit).getroot()
+    assert suite.get("failures") == "0" and int(suite.get("tests")) >= 5
+    kinds = {r["kind"] for r in record["rows"] if r["status"] == "PASS"}
+    assert kinds == {"fidelity", "size", "latency"}  # latency as a ratio to the reference workload
+    assert "no regression" in md.read_text()
+
+
+def test_lower_precision_plan_is_a_regression(setup, capsys):
+    root, arts, eval_file = setup
+    junit, md = root / "bad.xml", root / "bad.md"
+    code = main(["check", str(arts["regressed"]), "--baseline", str(arts["baseline"]), "--eval", str(eval_file),
+                 "--junit", str(junit), "--markdown", str(md), "--json"])
+    record = json.loads(capsys.readouterr().out)
+    assert code == 1 and not record["passed"]
+    assert "sora/mean_abs_logit" in record["regressions"]
+    failures = {c.get("name"): c.find("failure") for c in ET.parse(junit).getroot().iter("testcase")}
+    assert failures["sora/mean_abs_logit"] is not None
+    assert "sora/mean_abs_logit regressed" in failures["sora/mean_abs_logit"].get("message")
+    assert failures["artifact_bytes"] is None  # smaller, so not a regression
+    text = md.read_text()
+    assert "| sora/mean_abs_logit |" in text and "**FAIL**" in text and "regression: " in text
+
+
+def test_verify_passes_then_names_a_changed_byte(setup, capsys):
+    root, arts, _ = setup
+    assert main(["verify", str(arts["baseline"])]) == 0
+    assert "match the manifest" in capsys.readouterr().out
+    target = arts["baseline"] / "adapters" / "sora.onnx_adapter"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 1
+    target.write_bytes(bytes(data))
+    try:
+        assert main(["verify", str(arts["baseline"])]) == 1
+        assert "adapters/sora.onnx_adapter" in capsys.readouterr().out
+    finally:
+        data[len(data) // 2] ^= 1
+        target.write_bytes(bytes(data))
