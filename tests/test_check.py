@@ -37,8 +37,10 @@ def setup(tmp_path_factory):
 def test_untouched_artifact_passes_against_its_own_manifest(setup, capsys):
     root, arts, eval_file = setup
     junit, md = root / "ok.xml", root / "ok.md"
+    # latency: a ratio to a reference unit timed in the same process; the slack is wide here
+    # because CI machines run other jobs (±3% quiet, up to +55% with a competing job, measured)
     code = main(["check", str(arts["baseline"]), "--baseline", str(arts["baseline"] / "manifest.json"), "--eval",
-                 str(eval_file), "--junit", str(junit), "--markdown", str(md), "--json"])
+                 str(eval_file), "--junit", str(junit), "--markdown", str(md), "--tolerance", "latency=1.5", "--json"])
     record = json.loads(capsys.readouterr().out)
     assert code == 0 and record["passed"] and record["regressions"] == []
     suite = ET.parse(junit).getroot()
@@ -78,3 +80,22 @@ def test_verify_passes_then_names_a_changed_byte(setup, capsys):
     finally:
         data[len(data) // 2] ^= 1
         target.write_bytes(bytes(data))
+
+
+def test_examples_ci_script_passes_against_the_committed_baseline(tmp_path):
+    """examples/ci/check.sh: export the example adapter, verify, check against
+    examples/ci/baseline/manifest.json (exported on the development machine)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "LORADEPLOY": str(Path(sys.executable).parent / "loradeploy"),
+           "OUT": str(tmp_path / "art"), "REPORTS": str(tmp_path / "reports")}
+    proc = subprocess.run(["bash", str(REPO / "examples" / "ci" / "check.sh")], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert (tmp_path / "reports" / "loradeploy-check.xml").is_file()
+    assert "no regression" in (tmp_path / "reports" / "loradeploy-check.md").read_text()
