@@ -125,10 +125,11 @@ class OnnxTarget(Target):
 
     def export(self, job: ExportJob, out: Path) -> dict:
         fp32 = out / ("model.fp32.onnx" if job.profile.precision != "fp32" else MODEL_FILE)
+        lora_formats: dict[str, str] = {}
         if job.mode == "merged":
             overridable = self._export_merged(job, fp32)
         else:
-            overridable = self._export_swappable(job, fp32, out)
+            overridable, lora_formats = self._export_swappable(job, fp32, out)
         decisions = {"graph_inputs_overridable": sorted(overridable), "fused_offline": False}
         if job.profile.precision != "fp32":
             src = fp32
@@ -141,13 +142,12 @@ class OnnxTarget(Target):
             for tmp in (fp32, out / "model.fused.onnx"):
                 tmp.unlink(missing_ok=True)
         decisions.update(self._precision_summary(out / MODEL_FILE, job.profile.precision, overridable))
-        lora = getattr(self, "_lora_formats", None)
-        if lora:
+        if any(fmt != "fp32" for fmt in lora_formats.values()):
             counts: dict[str, int] = {}
-            for fmt in lora.values():
+            for fmt in lora_formats.values():
                 counts[fmt] = counts.get(fmt, 0) + 1
             decisions["lora_precision"] = dict(sorted(counts.items()))
-            decisions["lora_input_formats"] = dict(sorted(lora.items()))
+            decisions["lora_input_formats"] = dict(sorted(lora_formats.items()))
         return decisions
 
     def _export_merged(self, job: ExportJob, path: Path) -> set[str]:
@@ -161,7 +161,9 @@ class OnnxTarget(Target):
         export_graph(GraphModule(model, job.task, [], []), {}, {}, path, job.profile.opset)
         return set()
 
-    def _export_swappable(self, job: ExportJob, path: Path, out: Path) -> set[str]:
+    def _export_swappable(self, job: ExportJob, path: Path, out: Path) -> tuple[set[str], dict[str, str]]:
+        """The graph with LoRA inputs (stored as the adapters' plans need) and one adapter file
+        each; returns the overridable input names and the format of every LoRA input."""
         import copy
 
         import onnx
@@ -196,8 +198,7 @@ class OnnxTarget(Target):
                 tensors = lora_inputs(entry, qualified, formats)
             tensors.update(extra_inputs(entry.pruned, job.base_model))
             write_adapter_file(tensors, out / ADAPTER_DIR / f"{entry.name}.onnx_adapter")
-        self._lora_formats = {name: fmt for name, (fmt, _, _) in formats.items()}
-        return set(defaults) | set(formats)
+        return set(defaults) | set(formats), {name: fmt for name, (fmt, _, _) in formats.items()}
 
     @staticmethod
     def _precision_summary(path: Path, precision: str, overridable: set[str]) -> dict:
