@@ -57,6 +57,17 @@ def load_entries(specs: list[AdapterSpec], method: Method | None, options: ReadO
     return entries
 
 
+def load_base_for(base: str, entries: list[AdapterEntry]):
+    """The base (the one loader) for these adapters: (folder or file, task, labels, fp32 model),
+    with every adapter checked to fit it."""
+    base_dir = resolve_base(base)
+    task = base_task(base_dir) or entries[0].original.task
+    num_labels = entries[0].original.num_labels if task is Task.SEQUENCE_CLASSIFICATION else None
+    base_model = load_torch_model(base_dir, task, num_labels)
+    _check_fits(base_model, base_dir, entries)
+    return base_dir, task, num_labels, base_model
+
+
 def _check_fits(base_model, base_dir: Path, entries: list[AdapterEntry]) -> None:
     for e in entries:
         try:
@@ -130,11 +141,7 @@ def _export_into(tmp: Path, base: str, adapters: list[AdapterSpec], profile, plu
                  plan_options: PlanOptions) -> dict:
     entries = load_entries(adapters, method, options)
     step("read and pruned adapters")
-    base_dir = resolve_base(base)
-    task = base_task(base_dir) or entries[0].original.task
-    num_labels = entries[0].original.num_labels if task is Task.SEQUENCE_CLASSIFICATION else None
-    base_model = load_torch_model(base_dir, task, num_labels)
-    _check_fits(base_model, base_dir, entries)
+    base_dir, task, num_labels, base_model = load_base_for(base, entries)
     step("loaded base model")
     job = ExportJob(base, base_dir, task, num_labels, entries, profile, mode, base_model)
     eval_set = load_eval(eval_path, lm=task is Task.CAUSAL_LM)

@@ -47,10 +47,8 @@ def quantize_plan(base: str, adapter_specs: list[str], target: str, out: Path, p
     ``out`` (JSON; written whole, then renamed into place)."""
     import os
 
-    from .base import base_task, load_torch_model, resolve_base
     from .errors import OutputError
-    from .export import AdapterSpec, _check_fits, load_entries
-    from .ir import Task
+    from .export import AdapterSpec, load_base_for, load_entries
     from .quantize import plan_for
     from .targets.profile import load_profile
 
@@ -63,11 +61,7 @@ def quantize_plan(base: str, adapter_specs: list[str], target: str, out: Path, p
     profile = load_profile(target)
     entries = load_entries([AdapterSpec.parse(a) for a in adapter_specs], method, options or ReadOptions())
     step("read and pruned adapters")
-    base_dir = resolve_base(base)
-    task = base_task(base_dir) or entries[0].original.task
-    num_labels = entries[0].original.num_labels if task is Task.SEQUENCE_CLASSIFICATION else None
-    base_model = load_torch_model(base_dir, task, num_labels)
-    _check_fits(base_model, base_dir, entries)
+    base_dir, task, _, base_model = load_base_for(base, entries)
     step("loaded base model")
     result = plan_for(entries, profile.runtime, profile.name, plan, base_model, base_dir, task, budget, max_bytes,
                       calibration, step)

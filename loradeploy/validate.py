@@ -55,9 +55,8 @@ def batches(tokenizer, texts: list[str]):
 
 
 @torch.no_grad()
-def reference_outputs(base_model, adapters: AdapterSet, task: Task, tokenizer, texts) -> np.ndarray:
-    """Outputs of the base with ``adapters`` as trained, ΔW merged in float64 then fp32."""
-    model = merge_into(copy.deepcopy(base_model), adapters)
+def model_outputs(model, task: Task, tokenizer, texts) -> np.ndarray:
+    """Logits (classifier) or mean-pooled embeddings of a PyTorch model on ``texts``."""
     outs = []
     for ids, mask in batches(tokenizer, texts):
         out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
@@ -69,7 +68,11 @@ def reference_outputs(base_model, adapters: AdapterSet, task: Task, tokenizer, t
     return np.concatenate(outs)
 
 
-@torch.no_grad()
+def reference_outputs(base_model, adapters: AdapterSet, task: Task, tokenizer, texts) -> np.ndarray:
+    """Outputs of the base with ``adapters`` as trained, ΔW merged in float64 then fp32."""
+    return model_outputs(merge_into(copy.deepcopy(base_model), adapters), task, tokenizer, texts)
+
+
 def base_alone_outputs(base_model, adapters: AdapterSet, task: Task, tokenizer, texts) -> np.ndarray:
     """The fp32 base with only the adapter's extra tensors (its head): what the adapter's ΔW
     moves the outputs away from."""
@@ -77,15 +80,7 @@ def base_alone_outputs(base_model, adapters: AdapterSet, task: Task, tokenizer, 
 
     model = copy.deepcopy(base_model)
     load_extras(model, adapters)
-    outs = []
-    for ids, mask in batches(tokenizer, texts):
-        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-        if task is Task.SEQUENCE_CLASSIFICATION:
-            outs.append(out.logits.numpy())
-        else:
-            m = torch.from_numpy(mask).unsqueeze(-1).float()
-            outs.append(((out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)).numpy())
-    return np.concatenate(outs)
+    return model_outputs(model, task, tokenizer, texts)
 
 
 def adapter_effect_kept(ref: np.ndarray, got: np.ndarray, base: np.ndarray) -> float:
