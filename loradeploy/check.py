@@ -5,7 +5,6 @@ each beyond its tolerance. Results as rows, JUnit XML and a Markdown table."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,16 +58,9 @@ def parse_tolerance(text: str | None) -> dict[str, float]:
 
 def read_baseline(path: Path) -> dict:
     path = Path(path)
-    if path.is_dir():
-        return mf.read(path)
-    if not path.is_file():
+    if not path.exists():
         raise LoradeployError(f"{path}: no such baseline (a manifest.json or an artifact folder)")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoradeployError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict) or data.get("manifest_version") != mf.MANIFEST_VERSION:
-        raise LoradeployError(f"{path}: not a loradeploy manifest (version {mf.MANIFEST_VERSION})")
+    data = mf.read(path) if path.is_dir() else mf.read_file(path)
     if not isinstance(data.get("validation"), dict):
         raise LoradeployError(f"{path}: the baseline manifest holds no validation to compare with")
     return data

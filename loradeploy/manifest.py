@@ -66,6 +66,12 @@ def read(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise LoradeployError(f"{folder}: no {MANIFEST}: not a loradeploy artifact")
+    return read_file(path)
+
+
+def read_file(path: Path) -> dict:
+    """A manifest from its own file (e.g. a baseline kept apart from its artifact)."""
+    path = Path(path)
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
