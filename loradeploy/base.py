@@ -9,16 +9,12 @@ import os
 from pathlib import Path
 
 from .errors import BaseModelError
+from .fsutil import cache_dir
 from .ir import Task
 
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
-
-
-def cache_dir() -> Path:
-    """Where assembled base files and dequantized references are kept (LORADEPLOY_CACHE)."""
-    return Path(os.environ.get("LORADEPLOY_CACHE", Path.home() / ".cache" / "loradeploy"))
 
 
 def _minilm() -> Path:

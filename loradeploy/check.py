@@ -1,7 +1,16 @@
 """The ``check`` verb, a CI gate: validate an artifact again and compare it with a baseline
-manifest (or a baseline artifact's). Fidelity may not get worse, the artifact may not grow, and
-latency — as a ratio to a fixed reference workload timed in the same process — may not grow,
-each beyond its tolerance. Results as rows, JUnit XML and a Markdown table."""
+manifest (or a baseline artifact's). The verdict depends on what matters, not on the machine:
+
+* fidelity: a measure regresses only when it gets worse by more than the relative tolerance
+  *and* more than its noise floor (:func:`loradeploy.measures.noise_floor`, tied to the
+  measure's budget or the reference outputs' spread), so float noise of another CPU's kernels
+  passes and a lower-precision adapter fails;
+* size: the artifact may not grow beyond the tolerance;
+* latency: the fastest call over the fastest run of the runtime's own reference unit, compared
+  only with a baseline measured under the same fingerprint (CPU model, ISA level, runtime
+  version, threads); otherwise shown as INFO with the reason, unless ``strict_latency``.
+
+Results as rows, JUnit XML and a Markdown table."""
 
 from __future__ import annotations
 
@@ -11,15 +20,11 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from . import manifest as mf
+from . import measures
 from .errors import LoradeployError
+from .machine import mismatch
 
-#: fidelity measures and the direction that is better
-HIGHER_BETTER = {"label_agreement", "accuracy", "cosine_min", "cosine_mean", "top1_agreement", "adapter_effect_kept"}
-LOWER_BETTER = {"max_abs_logit", "mean_abs_logit", "kl_mean", "kl_p99", "kl_excess_vs_base", "top1_drop_vs_base",
-                "accuracy_drop"}
 DEFAULT_TOLERANCE = {"fidelity": 0.01, "latency": 0.25, "size": 0.01}
-#: absolute slack under the relative fidelity tolerance, so values at ~0 do not fail on noise
-FIDELITY_FLOOR = 1e-6
 
 
 @dataclass
@@ -29,7 +34,8 @@ class Row:
     baseline: float | None
     now: float | None
     allowed: str
-    status: str  # PASS | FAIL | NEW | GONE
+    status: str  # PASS | FAIL | NEW | GONE | INFO
+    note: str = ""
 
     @property
     def change(self) -> str:
@@ -66,63 +72,85 @@ def read_baseline(path: Path) -> dict:
     return data
 
 
-def _fidelity_rows(base: dict, now: dict, tol: float) -> list[Row]:
+def _fidelity_rows(baseline: dict, now: dict, tol: float) -> list[Row]:
+    """One row per measure of each adapter in both validations; slack = max(relative, floor)."""
+    budgets = (baseline.get("target", {}).get("profile", {}) or {}).get("budgets") or {}
+    bval, nval = baseline["validation"], now["validation"]
+    base, cur = bval.get("metrics", {}), nval.get("metrics", {})
     rows = []
-    labels = sorted(set(base) | set(now))
-    for label in labels:
-        b, n = base.get(label, {}), now.get(label, {})
-        for measure in sorted((set(b) | set(n)) & (HIGHER_BETTER | LOWER_BETTER)):
-            name = f"{label}/{measure}"
-            bv, nv = b.get(measure), n.get(measure)
+    for label in sorted(set(base) | set(cur)):
+        b, n = base.get(label, {}), cur.get(label, {})
+        for name in sorted((set(b) | set(n)) & set(measures.COMPARED)):
+            row_name = f"{label}/{name}"
+            bv, nv = b.get(name), n.get(name)
             if bv is None or nv is None:
-                rows.append(Row("fidelity", name, bv, nv, "", "NEW" if bv is None else "GONE"))
+                rows.append(Row("fidelity", row_name, bv, nv, "", "NEW" if bv is None else "GONE"))
                 continue
-            slack = tol * abs(bv) + FIDELITY_FLOOR
-            if measure in HIGHER_BETTER:
+            resolution = b.get("tokens") or bval.get("eval_inputs")
+            floor = measures.noise_floor(name, budgets, resolution, b.get("reference_spread"))
+            slack = max(tol * abs(bv), floor)
+            if measures.get(name).higher_is_better:
                 ok, allowed = nv >= bv - slack, f">= {bv - slack:.6g}"
             else:
                 ok, allowed = nv <= bv + slack, f"<= {bv + slack:.6g}"
-            rows.append(Row("fidelity", name, bv, nv, allowed, "PASS" if ok else "FAIL"))
+            rows.append(Row("fidelity", row_name, bv, nv, allowed, "PASS" if ok else "FAIL",
+                            f"noise floor {floor:.3g}"))
     return rows
 
 
 def _latency_ratios(validation: dict) -> dict[str, float]:
-    """Per shape: the fastest call over the fastest reference unit, interleaved in the latency
-    worker, else p50 over the reference timed around the runs."""
-    lat = validation.get("latency") or {}
-    ref = lat.get("reference_workload_ms")
-    out = {}
-    for label, s in (lat.get("shapes") or {}).items():
-        if "min_over_reference" in s:
-            out[label] = s["min_over_reference"]
-        elif ref and "p50_ms" in s:
-            out[label] = s["p50_ms"] / ref
-    return out
+    """Per shape: the fastest call over the fastest run of the runtime's reference unit."""
+    shapes = (validation.get("latency") or {}).get("shapes") or {}
+    return {label: s["min_over_reference"] for label, s in shapes.items() if "min_over_reference" in s}
 
 
-def compare(baseline: dict, current: dict, tol: dict[str, float]) -> list[Row]:
-    """Rows comparing the ``validation`` of two manifests (baseline first)."""
+def _describe(fp: dict | None) -> str:
+    if not fp:
+        return "an unrecorded machine"
+    return (f"{fp.get('cpu_model')} ({fp.get('isa')}, {fp.get('cpu_count')} CPUs), {fp.get('runtime')} "
+            f"{fp.get('runtime_version')}, {fp.get('threads')} threads")
+
+
+def _latency_rows(bval: dict, cval: dict, tol: float, strict: bool) -> list[Row]:
+    b_lat, c_lat = _latency_ratios(bval), _latency_ratios(cval)
+    b_fp, c_fp = (bval.get("latency") or {}).get("fingerprint"), (cval.get("latency") or {}).get("fingerprint")
+    differ = mismatch(b_fp, c_fp)
+    note = "" if not differ else (f"not compared: the baseline was measured on {_describe(b_fp)}, this run on "
+                                  f"{_describe(c_fp)} ({', '.join(differ)} differ); --strict-latency compares anyway")
+    rows = []
+    for label in sorted(set(b_lat) | set(c_lat)):
+        name = f"latency[{label}]/reference"
+        if label not in b_lat or label not in c_lat:
+            rows.append(Row("latency", name, b_lat.get(label), c_lat.get(label), "",
+                            "NEW" if label not in b_lat else "GONE"))
+            continue
+        limit = b_lat[label] * (1 + tol)
+        if differ and not strict:
+            rows.append(Row("latency", name, b_lat[label], c_lat[label], f"<= {limit:.4g}", "INFO", note))
+            continue
+        rows.append(Row("latency", name, b_lat[label], c_lat[label], f"<= {limit:.4g}",
+                        "PASS" if c_lat[label] <= limit else "FAIL",
+                        "compared although the fingerprints differ (--strict-latency)" if differ else
+                        "same machine fingerprint"))
+    return rows
+
+
+def compare(baseline: dict, current: dict, tol: dict[str, float], strict_latency: bool = False) -> list[Row]:
+    """Rows comparing the ``validation`` of two manifests (baseline first). ``baseline`` is a
+    whole manifest (its profile's budgets set the noise floors); ``current`` needs only its
+    ``validation``."""
     bv, cv = baseline["validation"], current["validation"]
-    rows = _fidelity_rows(bv.get("metrics", {}), cv.get("metrics", {}), tol["fidelity"])
+    rows = _fidelity_rows(baseline, current, tol["fidelity"])
     b_size, c_size = bv.get("artifact_bytes"), cv.get("artifact_bytes")
     if b_size is not None and c_size is not None:
         limit = b_size * (1 + tol["size"])
         rows.append(Row("size", "artifact_bytes", b_size, c_size, f"<= {limit:,.0f}",
                         "PASS" if c_size <= limit else "FAIL"))
-    b_lat, c_lat = _latency_ratios(bv), _latency_ratios(cv)
-    for label in sorted(set(b_lat) | set(c_lat)):
-        name = f"latency[{label}]/reference"
-        if label not in b_lat or label not in c_lat:
-            rows.append(Row("latency", name, b_lat.get(label), c_lat.get(label), "", "NEW" if label not in b_lat else "GONE"))
-            continue
-        limit = b_lat[label] * (1 + tol["latency"])
-        rows.append(Row("latency", name, b_lat[label], c_lat[label], f"<= {limit:.4g}",
-                        "PASS" if c_lat[label] <= limit else "FAIL"))
-    return rows
+    return rows + _latency_rows(bv, cv, tol["latency"], strict_latency)
 
 
 def check(artifact: Path, baseline: Path, tolerance: str | None = None, eval_path: Path | None = None,
-          progress=None) -> dict:
+          progress=None, strict_latency: bool = False) -> dict:
     """Validate ``artifact`` again and compare with ``baseline``; ``passed`` is False on a regression."""
     from .export import revalidate
 
@@ -133,12 +161,12 @@ def check(artifact: Path, baseline: Path, tolerance: str | None = None, eval_pat
         raise LoradeployError(f"{baseline}: the baseline is a {base.get('task')} artifact, {artifact} a "
                               f"{current.get('task')} one: nothing to compare")
     result = revalidate(Path(artifact), eval_path, progress)
-    rows = compare(base, {"validation": result["validation"]}, tol)
+    rows = compare(base, {"validation": result["validation"]}, tol, strict_latency)
     if not any(r.kind == "fidelity" and r.status in ("PASS", "FAIL") for r in rows):
         raise LoradeployError(f"{baseline}: no fidelity measure in common with {artifact} (different adapters?)")
     return {"artifact": str(Path(artifact).absolute()), "baseline": str(Path(baseline).absolute()),
             "target": current["target"]["name"], "baseline_target": base.get("target", {}).get("name"),
-            "tolerance": tol, "rows": [{**asdict(r), "change": r.change} for r in rows],
+            "tolerance": tol, "strict_latency": strict_latency, "rows": [{**asdict(r), "change": r.change} for r in rows],
             "regressions": [r.name for r in rows if r.status == "FAIL"],
             "passed": all(r.status != "FAIL" for r in rows), "validation": result["validation"]}
 
@@ -148,7 +176,7 @@ def junit_xml(record: dict) -> str:
     rows = record["rows"]
     suite = ET.Element("testsuite", name="loradeploy.check", tests=str(len(rows)),
                        failures=str(sum(r["status"] == "FAIL" for r in rows)), skipped=str(
-                           sum(r["status"] in ("NEW", "GONE") for r in rows)))
+                           sum(r["status"] in ("NEW", "GONE", "INFO") for r in rows)))
     for r in rows:
         case = ET.SubElement(suite, "testcase", classname=f"{record['target']}.{r['kind']}", name=r["name"])
         if r["status"] == "FAIL":
@@ -156,6 +184,8 @@ def junit_xml(record: dict) -> str:
                           f"{r['baseline']:.6g}, allowed {r['allowed']})", type="regression")
         elif r["status"] in ("NEW", "GONE"):
             ET.SubElement(case, "skipped", message=f"{r['name']}: {r['status'].lower()} (not in both manifests)")
+        elif r["status"] == "INFO":
+            ET.SubElement(case, "skipped", message=f"{r['name']}: {r['note']}")
     return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
 
 
@@ -169,4 +199,10 @@ def markdown(record: dict) -> str:
 
     body = "".join(f"| {r['name']} | {fmt(r['baseline'])} | {fmt(r['now'])} | {r['change']} | {r['allowed']} | "
                    f"{'**FAIL**' if r['status'] == 'FAIL' else r['status']} |\n" for r in record["rows"])
-    return head + body
+    notes = "".join(f"\n{n}\n" for n in info_notes(record))
+    return head + body + notes
+
+
+def info_notes(record: dict) -> list[str]:
+    """Why rows were shown as INFO (each reason once), e.g. latency from another machine."""
+    return list(dict.fromkeys(f"INFO {r['kind']}: {r['note']}" for r in record["rows"] if r["status"] == "INFO"))

@@ -12,6 +12,12 @@ from pathlib import Path
 from .errors import OutputError
 
 
+def cache_dir() -> Path:
+    """Where assembled base files, dequantized references and the runtimes' reference models are
+    kept (``LORADEPLOY_CACHE``, default ``~/.cache/loradeploy``)."""
+    return Path(os.environ.get("LORADEPLOY_CACHE", Path.home() / ".cache" / "loradeploy"))
+
+
 def _check_destination(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")

@@ -1,6 +1,8 @@
 """Latency worker: ``python -m loradeploy.latency ARTIFACT --runtime R [--adapter A]
 --shape BxS …`` loads the artifact in this fresh process (only the runtime, no PyTorch model),
-times each shape after warm-up, and prints JSON with p50/p95 per shape and peak RSS."""
+times each shape after warm-up, interleaved with the runtime's fixed reference unit, and prints
+JSON with p50/p95 and the fastest call over the fastest reference per shape, peak RSS, and the
+fingerprint (CPU, ISA level, runtime version, threads) that a latency comparison must match."""
 
 from __future__ import annotations
 
@@ -29,31 +31,43 @@ def _percentile(samples: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples), q))
 
 
-class _Reference:
-    """A fixed unit of work (fp32 matmuls through numpy's BLAS) timed next to each run."""
+class ScaledReference:
+    """The runtime's reference unit repeated until it lasts about as long as the call it is
+    compared with: a short unit finds an undisturbed slot on a busy machine far more often than
+    a long call does, so minima of unequal lengths drift apart under load (measured: 3 ms unit
+    vs 32 ms call, ratio ×2.7 with one competing process)."""
 
-    def __init__(self):
-        rng = np.random.default_rng(0)
-        self.a = rng.standard_normal((384, 1536), dtype=np.float32)
-        self.b = rng.standard_normal((1536, 384), dtype=np.float32)
+    def __init__(self, unit, call_ms: float):
+        self.unit = unit
+        self.unit_ms = min(unit() for _ in range(5))
+        self.repeats = max(1, round(call_ms / self.unit_ms))
 
     def __call__(self) -> float:
-        t0 = time.perf_counter()
-        (self.a @ self.b) @ self.a
-        return (time.perf_counter() - t0) * 1e3
+        """ms per unit over one block of ``repeats`` units."""
+        return sum(self.unit() for _ in range(self.repeats)) / self.repeats
 
 
-def time_runner(runner, adapter, batch: int, seq: int, warmup: int, runs: int, vocab: int = 1000) -> dict:
-    """p50/p95 of ``runs`` calls, and the fastest call over the fastest reference unit, the two
-    interleaved: minima are what background load disturbs least, and interleaving gives both
-    the same chances."""
+def ratio_stats(samples: list[float], refs: list[float], repeats: int) -> dict:
+    """The fastest call over the fastest reference block, and the median ratio of adjacent pairs."""
+    return {"reference_min_ms": min(refs), "reference_repeats": repeats,
+            "min_over_reference": min(samples) / min(refs),
+            "median_pair_ratio": float(np.median(np.asarray(samples) / np.asarray(refs)))}
+
+
+def time_runner(runner, adapter, batch: int, seq: int, warmup: int, runs: int, unit,
+                vocab: int = 1000) -> dict:
+    """p50/p95 of ``runs`` calls, and their ratio to the runtime's reference unit (scaled to the
+    call's length, see :class:`ScaledReference`), the two interleaved call by call: minima are
+    what background load disturbs least, and interleaving gives both the same chances."""
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 1000 + vocab, size=(batch, seq), dtype=np.int64)
     mask = np.ones_like(ids)
-    reference = _Reference()
-    for _ in range(warmup):
-        reference()
+    warm = []
+    for _ in range(max(warmup, 1)):
+        t0 = time.perf_counter()
         runner.run(ids, mask, adapter)
+        warm.append((time.perf_counter() - t0) * 1e3)
+    reference = ScaledReference(unit, min(warm))
     samples, refs = [], []
     for _ in range(runs):
         refs.append(reference())
@@ -62,15 +76,7 @@ def time_runner(runner, adapter, batch: int, seq: int, warmup: int, runs: int, v
         samples.append((time.perf_counter() - t0) * 1e3)
     return {"p50_ms": _percentile(samples, 50), "p95_ms": _percentile(samples, 95),
             "mean_ms": float(np.mean(samples)), "min_ms": min(samples), "samples_ms": samples,
-            "min_over_reference": min(samples) / min(refs)}
-
-
-def reference_workload_ms(repeats: int = 15) -> float:
-    """Median time of the reference unit (a 384×1536 by 1536×384 fp32 matmul chain through
-    numpy's BLAS) in the process that measures an artifact: ``check`` compares latency as a
-    ratio to it, so a slower or busier machine does not read as a regression."""
-    unit = _Reference()
-    return _percentile([unit() for _ in range(repeats)], 50)
+            **ratio_stats(samples, refs, reference.repeats)}
 
 
 def main(argv=None) -> int:
@@ -83,21 +89,23 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
+    from .machine import fingerprint
     from .targets.common import get_target
 
     manifest = json.loads((args.artifact / "manifest.json").read_text())
+    plugin = get_target(args.runtime)
     t0 = time.perf_counter()
-    runner = get_target(args.runtime).open(args.artifact, manifest, threads=args.threads)
+    runner = plugin.open(args.artifact, manifest, threads=args.threads)
     load_ms = (time.perf_counter() - t0) * 1e3
+    reference = plugin.reference_unit(args.threads)
     parsed = [tuple(int(x) for x in shape.lower().split("x")) for shape in args.shape]
-    before = reference_workload_ms()
     if hasattr(runner, "measure"):  # runtimes with their own notion of throughput (llama.cpp)
-        result = runner.measure(args.adapter, parsed, args.warmup, args.runs)
+        result = runner.measure(args.adapter, parsed, args.warmup, args.runs, reference)
     else:
-        result = {"shapes": {f"b{b}xs{s}": time_runner(runner, args.adapter, b, s, args.warmup, args.runs)
+        result = {"shapes": {f"b{b}xs{s}": time_runner(runner, args.adapter, b, s, args.warmup, args.runs, reference)
                              for b, s in parsed}}
-    reference = float(np.median([before, reference_workload_ms()]))
-    print(json.dumps({"load_ms": load_ms, **result, "peak_rss_mb": peak_rss_mb(), "reference_workload_ms": reference}))
+    print(json.dumps({"load_ms": load_ms, **result, "peak_rss_mb": peak_rss_mb(),
+                      "fingerprint": fingerprint(plugin.runtime, plugin.distribution, args.threads)}))
     return 0
 
 

@@ -149,12 +149,16 @@ def print_check(record: dict) -> None:
     table = Table(title=escape(f"check {record['artifact']} against {record['baseline']}"), show_edge=False)
     for col in ("measure", "baseline", "now", "change", "allowed", "status"):
         table.add_column(col, justify="left" if col == "measure" else "right")
-    colors = {"PASS": "green", "FAIL": "bold red", "NEW": "dim", "GONE": "dim"}
+    from .check import info_notes
+
+    colors = {"PASS": "green", "FAIL": "bold red", "NEW": "dim", "GONE": "dim", "INFO": "yellow"}
     fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
     for r in record["rows"]:
         table.add_row(escape(r["name"]), fmt(r["baseline"]), fmt(r["now"]), r["change"], escape(r["allowed"]),
                       f"[{colors[r['status']]}]{r['status']}[/]")
     console.print(table)
+    for note in info_notes(record):
+        console.print(f"[yellow]{escape(note)}[/]")
     console.print("[green]PASS[/]: no regression" if record["passed"] else
                   f"[bold red]FAIL[/]: regressed {escape(', '.join(record['regressions']))}")
 

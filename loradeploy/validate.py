@@ -104,6 +104,7 @@ def fidelity(ref: np.ndarray, got: np.ndarray, labels: list[int] | None, task: T
             "max_abs_logit": float(diff.max()),
             "mean_abs_logit": float(diff.mean()),
             "max_abs_logit_per_class": diff.max(0).tolist(),
+            "reference_spread": float(ref.std()),  # scale of the noise floor in `check`
         }
         if labels is not None:
             y = np.asarray(labels)
@@ -113,7 +114,7 @@ def fidelity(ref: np.ndarray, got: np.ndarray, labels: list[int] | None, task: T
         return metrics
     num = (ref * got).sum(-1)
     cos = num / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1) + 1e-12)
-    return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean())}
+    return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), "reference_spread": float(ref.std())}
 
 
 def fidelity_checks(adapter: str, m: dict, b: Budgets) -> list[Check]:

@@ -46,18 +46,26 @@ def test_untouched_artifact_passes_against_its_own_manifest(setup, capsys):
     suite = ET.parse(junit).getroot()
     assert suite.get("failures") == "0" and int(suite.get("tests")) >= 5
     kinds = {r["kind"] for r in record["rows"] if r["status"] == "PASS"}
-    assert kinds == {"fidelity", "size", "latency"}  # latency as a ratio to the reference workload
+    assert kinds == {"fidelity", "size", "latency"}  # same machine: latency compared
+    fp = record["validation"]["latency"]["fingerprint"]
+    assert fp["runtime"] == "onnxruntime" and fp["runtime_version"] and fp["isa"]
     assert "no regression" in md.read_text()
 
 
 def test_lower_precision_plan_is_a_regression(setup, capsys):
+    """The int8 baseline as if written on another machine (foreign fingerprint): latency is not
+    compared, the int4 adapter's fidelity regression still fails."""
     root, arts, eval_file = setup
     junit, md = root / "bad.xml", root / "bad.md"
-    code = main(["check", str(arts["regressed"]), "--baseline", str(arts["baseline"]), "--eval", str(eval_file),
+    foreign = json.loads((arts["baseline"] / "manifest.json").read_text())
+    foreign["validation"]["latency"]["fingerprint"].update(cpu_model="Some Other CPU", isa="x86-64-v3")
+    (root / "foreign.json").write_text(json.dumps(foreign))
+    code = main(["check", str(arts["regressed"]), "--baseline", str(root / "foreign.json"), "--eval", str(eval_file),
                  "--junit", str(junit), "--markdown", str(md), "--json"])
     record = json.loads(capsys.readouterr().out)
     assert code == 1 and not record["passed"]
     assert "sora/mean_abs_logit" in record["regressions"]
+    assert {r["status"] for r in record["rows"] if r["kind"] == "latency"} == {"INFO"}
     failures = {c.get("name"): c.find("failure") for c in ET.parse(junit).getroot().iter("testcase")}
     assert failures["sora/mean_abs_logit"] is not None
     assert "sora/mean_abs_logit regressed" in failures["sora/mean_abs_logit"].get("message")

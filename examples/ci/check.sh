@@ -7,6 +7,8 @@
 #
 # Refresh the baseline after an intended change:
 #   loradeploy export ... -o OUT && cp OUT/manifest.json examples/ci/baseline/manifest.json
+# Latency is compared only on a machine with the baseline's fingerprint (CPU, ISA level,
+# runtime version, threads); elsewhere it is reported as INFO. Fidelity holds on any machine.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LORADEPLOY=${LORADEPLOY:-.venv/bin/loradeploy}

@@ -76,8 +76,29 @@ def _planned(entry) -> dict | None:
     return out
 
 
+def reference_unit(threads: int = 0):
+    """A fixed fp32 MLP block (384 → 1536 → 384 on 128 positions, seeded weights) in PyTorch,
+    the runtime bitsandbytes computes in, at the runner's thread count."""
+    import time
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x, w1, w2 = (torch.randn(shape, generator=g) * 0.05 for shape in ((128, 384), (384, 1536), (1536, 384)))
+
+    def unit() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            torch.relu(x @ w1) @ w2
+        return (time.perf_counter() - t0) * 1e3
+    return unit
+
+
 class BnbTarget(Target):
     runtime = "bitsandbytes"
+    distribution = "bitsandbytes"
     adapter_suffix = ""  # each adapter is a PEFT folder adapters/NAME
 
     def export(self, job: ExportJob, out: Path) -> dict:
@@ -110,6 +131,9 @@ class BnbTarget(Target):
                      for e in job.adapters} if job.mode == "swappable" else "merged in fp32"
         return {"quantization_config": config.to_dict(), "skip_modules": skip, "adapter_precision": precision,
                 "quantized_modules": sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in quantized.modules())}
+
+    def reference_unit(self, threads: int = 0):
+        return reference_unit(threads)
 
     def open(self, artifact: Path, manifest: dict, threads: int = 0) -> "BnbRunner":
         from ..ir import Task

@@ -8,7 +8,7 @@ import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -65,6 +65,7 @@ class Target(ABC):
     decisions it took (files, precision per tensor); ``open`` loads an artifact."""
 
     runtime: str = ""
+    distribution: str = ""  # the runtime's Python distribution: its version goes into the latency fingerprint
     adapter_suffix: str = ""  # file name ending of one adapter in a swappable artifact
 
     @abstractmethod
@@ -72,6 +73,12 @@ class Target(ABC):
 
     @abstractmethod
     def open(self, artifact: Path, manifest: dict, threads: int = 0) -> Runner: ...
+
+    @abstractmethod
+    def reference_unit(self, threads: int = 0) -> Callable[[], float]:
+        """A fixed unit of work in this runtime, independent of any artifact (same weights on
+        every machine), timed in ms per call: latency is compared as a ratio to it, measured
+        interleaved in the same process, so load from other jobs cancels out."""
 
     def open_base(self, base: Path, threads: int = 0) -> Runner | None:
         """The base alone in this runtime, when the base is itself a runtime file (GGUF)."""

@@ -119,8 +119,39 @@ def _eager_attention(model):
     return model
 
 
+def reference_unit(threads: int = 0):
+    """A fixed MLP block (384 → 1536 → 384 on 128 positions, seeded weights) in an
+    InferenceSession with the artifact's session options: the same MLAS kernels the artifact
+    runs, so a ratio to it carries over between machines of one CPU kind and thread count."""
+    import time
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    hidden, ffn, seq = 384, 1536, 128
+    weights = [numpy_helper.from_array((rng.standard_normal(shape) * 0.05).astype(np.float32), name)
+               for name, shape in (("w1", (hidden, ffn)), ("w2", (ffn, hidden)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "reference_unit",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, hidden])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    feed = {"x": rng.standard_normal((1, seq, hidden)).astype(np.float32)}
+
+    def unit() -> float:
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        return (time.perf_counter() - t0) * 1e3
+    return unit
+
+
 class OnnxTarget(Target):
     runtime = "onnxruntime"
+    distribution = "onnxruntime"
     adapter_suffix = ".onnx_adapter"
 
     def export(self, job: ExportJob, out: Path) -> dict:
@@ -216,6 +247,9 @@ class OnnxTarget(Target):
         return {"base_precision": precision, "base_parameters_by_dtype": dtypes, "quantized_ops": ops,
                 "lora_precision": "float32", "rank_dimension": "dynamic per module",
                 "tensor_precision": dict(sorted(per_tensor.items()))}
+
+    def reference_unit(self, threads: int = 0):
+        return reference_unit(threads)
 
     def open(self, artifact: Path, manifest: dict, threads: int = 0) -> "OnnxRunner":
         provider = manifest.get("target", {}).get("profile", {}).get("execution_provider", "CPUExecutionProvider")

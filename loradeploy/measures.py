@@ -1,0 +1,107 @@
+"""The one table of fidelity measures: name, which direction is better, the profile budget that
+bounds it, the tasks that report it, and its unit — used by validation (checks against
+budgets), ``check`` (regression against a baseline) and the plan search.
+
+A change between two runs is float noise, not a regression, while it stays under the
+measure's *noise floor* (:func:`noise_floor`), which is tied to the measure's own scale:
+
+* ``fraction`` measures (agreement, accuracy, top-1): one input (or token) of the eval set,
+  ``1 / n`` — float noise of another CPU's kernels can flip an input that sits on a decision
+  boundary, and no smaller change can be seen;
+* ``logit`` measures (|Δlogit|): 2% of the profile's budget for the measure (else of its other
+  |Δlogit| budget), else 0.1% of the spread (standard deviation) of the fp32 reference outputs
+  on the eval set;
+* ``kl`` measures: 2% of the measure's budget, else of the profile's ``kl_mean_max``;
+* ``cosine`` measures: 2% of the budget's distance from 1 (``1 − cosine_min``).
+
+Without a scale (an old manifest without the spread) the floor is :data:`MIN_FLOOR`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: share of a measure's budget (or scale) under which a change is noise
+BUDGET_SHARE = 0.02
+#: share of the fp32 reference outputs' spread under which a |Δlogit| change is noise
+SPREAD_SHARE = 1e-3
+MIN_FLOOR = 1e-6
+
+CLASSIFIER, EMBEDDINGS, LM = "sequence-classification", "feature-extraction", "causal-lm"
+
+
+@dataclass(frozen=True)
+class Measure:
+    name: str
+    higher_is_better: bool
+    budget: str | None  # the Budgets field that bounds it (None: reported, not budgeted)
+    unit: str  # fraction | logit | kl | cosine | info
+    tasks: tuple[str, ...]
+    help: str
+
+    @property
+    def direction(self) -> str:
+        """The comparison a value must pass against its budget: ``>=`` or ``<=``."""
+        return ">=" if self.higher_is_better else "<="
+
+
+MEASURES: dict[str, Measure] = {m.name: m for m in (
+    Measure("label_agreement", True, "label_agreement_min", "fraction", (CLASSIFIER,),
+            "share of eval inputs where the artifact picks the fp32 reference's label"),
+    Measure("max_abs_logit", False, "max_abs_logit_max", "logit", (CLASSIFIER,),
+            "largest |artifact logit − reference logit| over the eval set"),
+    Measure("mean_abs_logit", False, "mean_abs_logit_max", "logit", (CLASSIFIER,),
+            "mean |artifact logit − reference logit|"),
+    Measure("accuracy", True, None, "fraction", (CLASSIFIER,), "task accuracy of the artifact on the eval labels"),
+    Measure("accuracy_drop", False, "accuracy_drop_max", "fraction", (CLASSIFIER,),
+            "reference accuracy minus the artifact's"),
+    Measure("adapter_effect_kept", True, None, "fraction", (CLASSIFIER,),
+            "1 − ‖artifact − reference‖ / ‖reference − base alone‖: how much of the adapter's effect survives"),
+    Measure("cosine_min", True, "cosine_min", "cosine", (EMBEDDINGS,),
+            "smallest cosine similarity between artifact and reference embeddings"),
+    Measure("cosine_mean", True, None, "cosine", (EMBEDDINGS,), "mean cosine similarity to the reference"),
+    Measure("kl_mean", False, "kl_mean_max", "kl", (LM,), "mean per-token KL(reference ‖ artifact), nats"),
+    Measure("kl_p99", False, None, "kl", (LM,), "99th percentile of the per-token KL"),
+    Measure("top1_agreement", True, "top1_agreement_min", "fraction", (LM,),
+            "share of tokens where the artifact's most likely next token is the reference's"),
+    Measure("kl_excess_vs_base", False, "kl_excess_vs_base_max", "kl", (LM,),
+            "the adapter's mean KL minus the base alone's in the same runtime (the adapter's own share)"),
+    Measure("top1_drop_vs_base", False, "top1_drop_vs_base_max", "fraction", (LM,),
+            "the base alone's top-1 agreement minus the adapter's"),
+    Measure("ppl_reference", False, None, "info", (LM,), "perplexity of the fp32 reference on the eval text"),
+    Measure("ppl_artifact", False, None, "info", (LM,), "perplexity of the artifact on the eval text"),
+)}
+
+#: measures a baseline comparison holds to a direction (``info`` ones are only shown)
+COMPARED = tuple(name for name, m in MEASURES.items() if m.unit != "info")
+
+
+def get(name: str) -> Measure:
+    """The measure ``name``; raises KeyError naming the known ones."""
+    try:
+        return MEASURES[name]
+    except KeyError:
+        raise KeyError(f"unknown measure {name!r} (known: {', '.join(MEASURES)})") from None
+
+
+def noise_floor(name: str, budgets: dict, resolution: int | None = None, spread: float | None = None) -> float:
+    """The absolute change of measure ``name`` that is float noise (see the module doc).
+    ``budgets``: the profile's budgets as a mapping; ``resolution``: eval inputs (or tokens)
+    behind a fraction; ``spread``: standard deviation of the fp32 reference outputs."""
+    m = get(name)
+    own = budgets.get(m.budget) if m.budget else None
+    if m.unit == "fraction":
+        return 1.0 / resolution if resolution else MIN_FLOOR
+    if m.unit == "logit":
+        scale = own if own is not None else next(
+            (budgets[o.budget] for o in MEASURES.values() if o.unit == "logit" and budgets.get(o.budget) is not None),
+            None)
+        if scale is not None:
+            return max(BUDGET_SHARE * scale, MIN_FLOOR)
+        return max(SPREAD_SHARE * spread, MIN_FLOOR) if spread else MIN_FLOOR
+    if m.unit == "kl":
+        scale = own if own is not None else budgets.get("kl_mean_max")
+        return max(BUDGET_SHARE * scale, MIN_FLOOR) if scale is not None else MIN_FLOOR
+    if m.unit == "cosine":
+        return max(BUDGET_SHARE * (1.0 - own), MIN_FLOOR) if own is not None else MIN_FLOOR
+    return 0.0
