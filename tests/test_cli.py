@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from loradeploy.cli import main
 from tests.synthetic import make_blora, make_sora
 
@@ -52,3 +54,32 @@ def test_prune_overwrite(tmp_path, capsys):
     assert main(["prune", str(syn.path), "-o", str(out)]) == 2
     assert main(["prune", str(syn.path), "-o", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s"]
+
+
+def test_an_internal_error_is_exit_3_with_one_line_naming_the_command(monkeypatch, capsys, tmp_path):
+    """A bug (an unexpected exception) must not look like a failed validation (exit 1)."""
+    import loradeploy.verify
+    from loradeploy.cli import INTERNAL_ERROR, main
+
+    def boom(*_a, **_k):
+        raise KeyError("causal-lm")
+
+    monkeypatch.setattr(loradeploy.verify, "verify", boom)
+    monkeypatch.delenv("LORADEPLOY_DEBUG", raising=False)
+    code = main(["verify", str(tmp_path)])
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert code == INTERNAL_ERROR == 3
+    assert len(lines) == 1 and "internal error in `loradeploy verify`: KeyError: 'causal-lm'" in lines[0]
+    assert "LORADEPLOY_DEBUG=1" in lines[0] and "Traceback" not in out.err + out.out
+    monkeypatch.setenv("LORADEPLOY_DEBUG", "1")
+    with pytest.raises(KeyError):
+        main(["verify", str(tmp_path)])
+
+
+def test_a_known_error_line_hints_at_the_traceback(capsys, tmp_path):
+    from loradeploy.cli import main
+
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and err.endswith("(LORADEPLOY_DEBUG=1 shows the traceback)")
