@@ -74,7 +74,7 @@ def read_file(path: Path) -> dict:
     path = Path(path)
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, huge integers
         raise LoradeployError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("manifest_version") != MANIFEST_VERSION:
         raise LoradeployError(f"{path}: not a loradeploy manifest (version {MANIFEST_VERSION})")

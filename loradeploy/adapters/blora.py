@@ -18,7 +18,7 @@ import torch
 from ..errors import AdapterFormatError
 from ..ir import AdapterSet, LoraModule, Method
 from .checkpoint import Checkpoint, ReadOptions
-from .common import blame, group_by_module, head_tensors, positive_number, require
+from .common import blame, group_by_module, head_tensors, positive_integer, positive_number, rank_of, require
 
 PREFIX = "base_model.model."
 # Hard-concrete stretch (Louizos et al.): beta = 2/3, gamma = -0.1, zeta = 1.1. Bayesian Bits'
@@ -66,7 +66,7 @@ def _gates(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, dict[int, to
 
 
 def _module(path, name: str, parts: dict, gates: dict, scale: float, prune_rank: bool) -> LoraModule:
-    r = parts["lora_A"].shape[0]
+    r = rank_of(path, name, parts["lora_A"])
     mask = None
     if prune_rank:
         require(path, name, parts, ("lora_A", "lora_B", "lora_E"))
@@ -91,7 +91,7 @@ def read(ckpt: Checkpoint, options: ReadOptions) -> AdapterSet:
     cfg_path = ckpt.configs["adapter_config.json"]
     config = ckpt.config("adapter_config.json")
     alpha = positive_number(cfg_path, "lora_alpha", options.lora_alpha or config.get("lora_alpha"))
-    r = int(positive_number(cfg_path, "r", config.get("r")))
+    r = positive_integer(cfg_path, "r", config.get("r"))
     prune_rank = bool(config.get("prune_rank", True))
     stripped = {k[len(PREFIX):] if k.startswith(PREFIX) else k: t for k, t in ckpt.tensors.items()}
     gate_keys = {k for k in stripped if _GATE.match(k)}
@@ -101,7 +101,7 @@ def read(ckpt: Checkpoint, options: ReadOptions) -> AdapterSet:
     with blame(path):
         for name, parts in sorted(factors.items()):
             require(path, name, parts, ("lora_A", "lora_B"))
-            if parts["lora_A"].shape[0] != r:
+            if rank_of(path, name, parts["lora_A"]) != r:
                 raise AdapterFormatError(
                     path, f"module {name}: rank {parts['lora_A'].shape[0]} but adapter_config.json says r={r}"
                 )

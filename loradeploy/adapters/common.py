@@ -72,3 +72,18 @@ def positive_number(path: Path, name: str, value) -> float:
     if not v > 0 or v == float("inf"):
         raise AdapterFormatError(path, f"{name} must be a positive number, got {value!r}")
     return v
+
+
+def rank_of(path: Path, module: str, lora_A: torch.Tensor) -> int:
+    """The rank of a module: rows of its ``lora_A [r, in]``."""
+    if lora_A.dim() != 2 or lora_A.shape[0] == 0:
+        raise AdapterFormatError(path, f"module {module}: lora_A must be a matrix [r,in] with r > 0, "
+                                       f"got shape {list(lora_A.shape)}")
+    return int(lora_A.shape[0])
+
+
+def positive_integer(path: Path, name: str, value) -> int:
+    """A rank from a config file: a positive whole number (``8`` or ``8.0``, not ``true``)."""
+    if isinstance(value, bool) or value is None or positive_number(path, name, value) % 1:
+        raise AdapterFormatError(path, f"{name} must be a positive integer, got {value!r}")
+    return int(float(value))

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import AdapterFormatError
 from ..ir import AdapterSet, LoraModule, Method, Task
 from .checkpoint import Checkpoint, ReadOptions
-from .common import blame, group_by_module, positive_number, require
+from .common import blame, group_by_module, positive_integer, positive_number, rank_of, require
 
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<role>lora_[ABE])(\.weight)?$")
@@ -33,16 +33,24 @@ PEFT_TASK_TYPES = {
 }
 
 
-def _pattern_value(patterns: dict, name: str, default):
+def _pattern_value(cfg_path, config: dict, field: str, name: str, default):
+    """``config[field]`` (rank_pattern/alpha_pattern: module-name regex → value) for module
+    ``name``, else ``default``."""
     from peft.utils.other import get_pattern_key
 
-    key = get_pattern_key(list(patterns), name)
+    patterns = config.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise AdapterFormatError(cfg_path, f"{field} must be a JSON object, found {type(patterns).__name__}")
+    try:
+        key = get_pattern_key(list(patterns), name)
+    except re.error as e:
+        raise AdapterFormatError(cfg_path, f"{field}: a key is not a valid pattern ({e})") from e
     return patterns.get(key, default)
 
 
 def _scale(cfg_path, config: dict, name: str, r: int, adalora: bool) -> float:
     alpha = positive_number(
-        cfg_path, "lora_alpha", _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha"))
+        cfg_path, "lora_alpha", _pattern_value(cfg_path, config, "alpha_pattern", name, config.get("lora_alpha"))
     )
     if adalora:
         init_r = positive_number(cfg_path, "init_r", config.get("init_r"))
@@ -70,9 +78,9 @@ def read(ckpt: Checkpoint, options: ReadOptions) -> AdapterSet:
     with blame(path):
         for name, parts in sorted(groups.items()):
             require(path, name, parts, ("lora_A", "lora_B", "lora_E") if adalora else ("lora_A", "lora_B"))
-            r = parts["lora_A"].shape[0]
-            expected_r = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r"))
-            if not adalora and expected_r is not None and int(expected_r) != r:
+            r = rank_of(path, name, parts["lora_A"])
+            expected_r = _pattern_value(cfg_path, config, "rank_pattern", name, config.get("r"))
+            if not adalora and expected_r is not None and positive_integer(cfg_path, "r", expected_r) != r:
                 raise AdapterFormatError(path, f"module {name}: rank {r} but adapter_config.json says {expected_r}")
             gate = parts.get("lora_E")
             if gate is not None and (gate.dim() != 2 or gate.shape[1] != 1):

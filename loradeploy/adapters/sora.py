@@ -14,7 +14,7 @@ import re
 from ..errors import AdapterFormatError
 from ..ir import AdapterSet, LoraModule, Method
 from .checkpoint import Checkpoint, ReadOptions
-from .common import blame, group_by_module, load_head, positive_number, require
+from .common import blame, group_by_module, load_head, positive_integer, positive_number, rank_of, require
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,11 @@ def _hyperparameters(ckpt: Checkpoint, options: ReadOptions) -> tuple[float, int
             f"lora_alpha is not stored by SoRA and no lora_config.json was found: assumed "
             f"{DEFAULT_LORA_ALPHA:g} (SoRA's default); pass --lora-alpha if you trained with another"
         )
-    r = options.lora_r if options.lora_r is not None else config.get("lora_r")
-    return alpha, (int(r) if r is not None else None), notes
+    if options.lora_r is not None:
+        r = options.lora_r
+    else:
+        r = positive_integer(where, "lora_r", config["lora_r"]) if config.get("lora_r") is not None else None
+    return alpha, r, notes
 
 
 def read(ckpt: Checkpoint, options: ReadOptions) -> AdapterSet:
@@ -48,7 +51,7 @@ def read(ckpt: Checkpoint, options: ReadOptions) -> AdapterSet:
     with blame(path):
         for name, parts in sorted(groups.items()):
             require(path, name, parts, ("lora_A", "lora_B", "gate"))
-            r = parts["lora_A"].shape[0]
+            r = rank_of(path, name, parts["lora_A"])
             if lora_r is not None and lora_r != r:
                 raise AdapterFormatError(
                     path, f"module {name}: lora_r is {lora_r} but its tensors have rank {r}"
