@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from loradeploy.cli import main
-from tests.conftest import EXAMPLE_ADAPTERS
+from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
 
 pytestmark = pytest.mark.slow
 ADAPTER = EXAMPLE_ADAPTERS / "sora"
@@ -22,16 +22,11 @@ ADAPTER = EXAMPLE_ADAPTERS / "sora"
 def good(tmp_path_factory):
     """One exported swappable onnx-cpu artifact with a short eval set and timing."""
     from loradeploy.evaldata import DEFAULT_EVAL
-    from loradeploy.targets.profile import BUILTIN_DIR
 
     root = tmp_path_factory.mktemp("good")
     eval_file = root / "eval.jsonl"
     eval_file.write_text("\n".join(DEFAULT_EVAL.read_text().splitlines()[:16]) + "\n")
-    data = yaml.safe_load((BUILTIN_DIR / "onnx-cpu.yaml").read_text())
-    data.update({"warmup": 0, "runs": 1, "shapes": [{"batch": 1, "seq": 16}]})
-    data["budgets"].pop("latency_p95_ms")
-    profile = root / "onnx-cpu.yaml"
-    profile.write_text(yaml.safe_dump(data))
+    profile = quick_profile(root, "onnx-cpu")
     art = root / "art"
     assert main(["export", "--base", "minilm", "--adapter", f"sora={ADAPTER}", "--target", str(profile),
                  "--eval", str(eval_file), "-o", str(art), "--json"]) == 0

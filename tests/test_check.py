@@ -6,10 +6,9 @@ import json
 import xml.etree.ElementTree as ET
 
 import pytest
-import yaml
 
 from loradeploy.cli import main
-from tests.conftest import EXAMPLE_ADAPTERS
+from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
 
 pytestmark = pytest.mark.slow
 
@@ -17,15 +16,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from loradeploy.evaldata import DEFAULT_EVAL
-    from loradeploy.targets.profile import BUILTIN_DIR
 
     root = tmp_path_factory.mktemp("check")
     eval_file = root / "eval.jsonl"
     eval_file.write_text("\n".join(DEFAULT_EVAL.read_text().splitlines()[:48]) + "\n")
-    data = yaml.safe_load((BUILTIN_DIR / "onnx-cpu-learned.yaml").read_text())
-    data.update({"warmup": 1, "runs": 5, "shapes": [{"batch": 1, "seq": 32}]})
-    profile = root / "profile.yaml"
-    profile.write_text(yaml.safe_dump(data))
+    profile = quick_profile(root, "onnx-cpu-learned", warmup=1, runs=5, shapes=[{"batch": 1, "seq": 32}],
+                            latency_budget=True, filename="profile.yaml")
     arts = {}
     for name, plan in (("baseline", "uniform:8"), ("regressed", "uniform:4")):
         arts[name] = root / name

@@ -3,26 +3,15 @@ sha256 for every file) and equal reproducible manifest parts, for each shipped e
 target family."""
 
 import pytest
-import yaml
 
 from loradeploy.export import AdapterSpec, export
 from loradeploy.manifest import reproducible
-from loradeploy.targets.profile import BUILTIN_DIR
-from tests.conftest import EXAMPLE_ADAPTERS
+from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
 
 pytestmark = pytest.mark.slow
 CASES = [("onnx-cpu", "sora"), ("onnx-cpu", "increlora"), ("onnx-cpu", "blora"), ("onnx-cpu-int8", "sora"),
          ("onnx-cpu-learned", "increlora"), ("bnb-nf4", "sora"), ("bnb-nf4", "increlora"), ("bnb-nf4", "blora"),
          ("bnb-int8", "blora"), ("gguf-cpu", "sora-gemma"), ("gguf-cpu", "increlora-gemma")]
-
-
-def _profile(tmp_path, name):
-    data = yaml.safe_load((BUILTIN_DIR / f"{name}.yaml").read_text())
-    data.update({"warmup": 0, "runs": 1, "shapes": [{"batch": 1, "seq": 16}]})
-    data["budgets"].pop("latency_p95_ms", None)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
 
 
 @pytest.mark.parametrize("target,example", CASES, ids=[f"{t}-{e}" for t, e in CASES])
@@ -34,7 +23,7 @@ def test_two_exports_are_byte_identical(tmp_path, target, example):
     source = DEFAULT_LM_EVAL if lm else DEFAULT_EVAL
     eval_file.write_text("\n".join(source.read_text().splitlines()[:4 if lm else 16]) + "\n")
     base = "gemma3-270m" if lm else "minilm"
-    profile = _profile(tmp_path, target)
+    profile = str(quick_profile(tmp_path, target))
     runs = [export(base, [AdapterSpec(example, EXAMPLE_ADAPTERS / example)], profile, tmp_path / f"run{i}",
                    eval_path=eval_file) for i in (1, 2)]
     files = [{f["path"]: f["sha256"] for f in r["files"]} for r in runs]

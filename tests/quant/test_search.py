@@ -2,6 +2,7 @@
 uniform 4-bit does not, and a plan file round-trips through export into the runtime."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from loradeploy.export import AdapterSpec, load_entries
 from loradeploy.ir import Task
 from loradeploy.quant.plan import Plan, quantize_adapter, uniform_formats
 from loradeploy.quant.search import Evaluator, calibration_batches, search
-from tests.conftest import EXAMPLE_ADAPTERS
+from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
 
 pytestmark = pytest.mark.slow
 BUDGET = 0.01
@@ -76,7 +77,7 @@ def test_quantize_command_writes_plan_and_export_uses_it(tmp_path, capsys):
     for i, key in enumerate(sorted(formats)):
         formats[key] = ("fp32", "fp16", "int8", "int4")[i % 4]
     plan.save(plan_path)
-    from tests.targets.test_onnx import _outputs, fast_profile
+    from tests.targets.test_onnx import _outputs
 
     eval_path = tmp_path / "eval.jsonl"
     from loradeploy.evaldata import DEFAULT_EVAL, load_eval
@@ -84,12 +85,15 @@ def test_quantize_command_writes_plan_and_export_uses_it(tmp_path, capsys):
     eval_path.write_text("\n".join(DEFAULT_EVAL.read_text().splitlines()[:48]) + "\n")
     out = tmp_path / "art"
     code = main(["export", "--base", "minilm", "--adapter", f"sora={EXAMPLE_ADAPTERS / 'sora'}", "--target",
-                 fast_profile(tmp_path, "onnx-cpu-learned"), "--plan", str(plan_path), "--eval", str(eval_path),
+                 str(quick_profile(tmp_path, "onnx-cpu-learned")), "--plan", str(plan_path), "--eval", str(eval_path),
                  "-o", str(out), "--json"])
     manifest = json.loads((out / "manifest.json").read_text())
+    # the mixed plan meets onnx-cpu-learned's fidelity budgets (the profile has no latency budget
+    # here, so the verdict does not depend on the machine's speed)
+    assert code == 0 and manifest["validation"]["passed"] is True
     assert manifest["adapters"][0]["plan"]["formats"] == formats
-    assert manifest["decisions"]["lora_precision"] == {f: 36 for f in ("fp16", "fp32", "int4", "int8")} or \
-        sum(manifest["decisions"]["lora_precision"].values()) == len(formats)
+    # one graph input per tensor, counted by its stored format
+    assert manifest["decisions"]["lora_precision"] == dict(sorted(Counter(formats.values()).items()))
     texts = load_eval(eval_path).texts
     got = _outputs(out, "sora", texts)
     (entry,) = load_entries([AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")], None, ReadOptions())
@@ -101,4 +105,3 @@ def test_quantize_command_writes_plan_and_export_uses_it(tmp_path, capsys):
     ref = reference_outputs(load_torch_model(base_dir, Task.SEQUENCE_CLASSIFICATION, 2), simulated,
                             Task.SEQUENCE_CLASSIFICATION, load_tokenizer(base_dir), texts)
     assert np.abs(got - ref).max() < 1e-4
-    assert code in (0, 1)

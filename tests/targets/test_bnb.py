@@ -10,12 +10,10 @@ import sys
 
 import numpy as np
 import pytest
-import yaml
 
 from loradeploy.export import AdapterSpec, export
 from loradeploy.manifest import read as read_manifest
-from loradeploy.targets.profile import BUILTIN_DIR
-from tests.conftest import EXAMPLE_ADAPTERS
+from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
 
 pytestmark = pytest.mark.slow
 N_EVAL = 48
@@ -37,12 +35,7 @@ with torch.no_grad():
 
 
 def fast_profile(tmp_path, name):
-    data = yaml.safe_load((BUILTIN_DIR / f"{name}.yaml").read_text())
-    data.update({"warmup": 0, "runs": 1, "shapes": [{"batch": 1, "seq": 32}, {"batch": 8, "seq": 32}]})
-    data["budgets"].pop("latency_p95_ms", None)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
+    return str(quick_profile(tmp_path, name, shapes=[{"batch": 1, "seq": 32}, {"batch": 8, "seq": 32}]))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import yaml
 
 from loradeploy.adapters import read_adapter
 from loradeploy.base import resolve_base
@@ -10,9 +9,8 @@ from loradeploy.export import AdapterSpec, export
 from loradeploy.manifest import read as read_manifest
 from loradeploy.merge import merge_into
 from loradeploy.targets import gguf as gguf_target
-from loradeploy.targets.profile import BUILTIN_DIR
 from loradeploy.validate import lm_fidelity
-from tests.conftest import EXAMPLE_ADAPTERS
+from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
 from tests.targets import tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -21,12 +19,7 @@ TEXTS = ["The soup was not good, but the staff were lovely.", "I would buy this 
 
 
 def fast_profile(tmp_path, name: str, **changes) -> str:
-    data = yaml.safe_load((BUILTIN_DIR / f"{name}.yaml").read_text())
-    data.update({"warmup": 0, "runs": 2, "shapes": [{"batch": 1, "seq": 32}], **changes})
-    data["budgets"] = {k: v for k, v in data.get("budgets", {}).items() if k != "latency_p95_ms"}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
+    return str(quick_profile(tmp_path, name, runs=2, shapes=[{"batch": 1, "seq": 32}], **changes))
 
 
 @pytest.fixture(scope="module")

@@ -53,5 +53,10 @@ def test_permutation_only_for_llama_q_and_k():
     assert target._permutation_heads(llama, "blk.0.attn_k") == 2
     assert target._permutation_heads(llama, "blk.0.attn_v") is None
     assert target._permutation_heads(INFO, "blk.0.attn_q") is None
+    # HF's rotary layout pairs row j with row j + d/2 of each head (d: head size); llama.cpp's
+    # interleaves them: each head's rows come out as 0, d/2, 1, d/2 + 1, … (convert_hf_to_gguf)
     w = np.arange(16 * 3).reshape(16, 3)
-    assert sorted(target.permute_rows(w, 4)[:, 0].tolist()) == sorted(w[:, 0].tolist())
+    q_order = [0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15]  # 4 heads of 4 rows
+    k_order = [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]  # 2 heads of 8 rows
+    assert np.array_equal(target.permute_rows(w, 4), w[q_order])
+    assert np.array_equal(target.permute_rows(w, 2), w[k_order])

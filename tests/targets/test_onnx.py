@@ -5,26 +5,20 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from loradeploy.cli import main
 from loradeploy.export import AdapterSpec, export
 from loradeploy.manifest import read as read_manifest
 from loradeploy.tensorio import sha256_file
-from loradeploy.targets.profile import BUILTIN_DIR
-from tests.conftest import EXAMPLE_ADAPTERS
+from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
 
 pytestmark = pytest.mark.slow
 AGREE_ATOL = 1e-4  # max |Δlogit| between two fp32 paths (ORT swappable, ORT merged, PyTorch)
 
 
 def fast_profile(tmp_path, name: str, **changes) -> str:
-    """A built-in profile with fewer timing runs (tests time nothing)."""
-    data = yaml.safe_load((BUILTIN_DIR / f"{name}.yaml").read_text())
-    data.update({"warmup": 1, "runs": 3, **changes})
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
+    """A built-in profile with fewer timing runs, its shapes and latency budget kept."""
+    return str(quick_profile(tmp_path, name, warmup=1, runs=3, shapes=None, latency_budget=True, **changes))
 
 
 @pytest.fixture(scope="module")
