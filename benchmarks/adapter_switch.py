@@ -51,7 +51,8 @@ def _per_call_ms(fn, calls: int, rounds: int = 5) -> float:
 def _export(base: str, adapters: dict[str, Path], profile: str, out: Path) -> Path:
     import yaml
 
-    from loradeploy.export import AdapterSpec, export
+    from loradeploy.export import ExportConfig, export
+    from loradeploy.job import AdapterInputs
     from loradeploy.targets.profile import BUILTIN_DIR
 
     data = yaml.safe_load((BUILTIN_DIR / f"{profile}.yaml").read_text())
@@ -59,8 +60,7 @@ def _export(base: str, adapters: dict[str, Path], profile: str, out: Path) -> Pa
     data.get("budgets", {}).pop("latency_p95_ms", None)
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.parent / f"{profile}.yaml").write_text(yaml.safe_dump(data))
-    export(base, [AdapterSpec(n, p) for n, p in adapters.items()], str(out.parent / f"{profile}.yaml"), out,
-           mode="swappable")
+    export(ExportConfig(base, AdapterInputs.of(adapters), str(out.parent / f"{profile}.yaml"), out, mode="swappable"))
     return out
 
 
@@ -82,7 +82,7 @@ def _checked_load_ms(art: Path, file: str, n: int) -> float:
 def bench_onnx(art: Path, runs: int) -> dict:
     import onnxruntime as ort
 
-    from loradeploy.targets.onnx import session_options
+    from loradeploy.runtime.onnx import session_options
 
     ort.set_default_logger_severity(3)
     model = str(art / "model.onnx")

@@ -71,7 +71,7 @@ class OrtFile:
     def __init__(self, path: Path):
         import onnxruntime as ort
 
-        from loradeploy.targets.onnx import session_options
+        from loradeploy.runtime.onnx import session_options
 
         self.session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
         self.names = {i.name for i in self.session.get_inputs()}
@@ -119,10 +119,10 @@ def main() -> int:
     from loradeploy.base import load_tokenizer, load_torch_model, resolve_base
     from loradeploy.evaldata import load_eval
     from loradeploy.ir import Task
-    from loradeploy.manifest import read as read_manifest
+    from loradeploy import runtime
     from loradeploy.merge import merge_into
     from loradeploy.prune import prune
-    from loradeploy.targets.onnx import ADAPTER_DIR, MODEL_FILE, OnnxTarget, session_options
+    from loradeploy.runtime.onnx import ADAPTER_DIR, MODEL_FILE, session_options
     from loradeploy.validate import reference_outputs
 
     work = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
@@ -147,12 +147,16 @@ def main() -> int:
         with torch.no_grad():
             return eager(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
 
-    art = {k: OnnxTarget().open(work / k, read_manifest(work / k)) for k in ("swap", "merged", "int8")}
+    art = {k: runtime.open(work / k) for k in ("swap", "merged", "int8")}
+
+    def run(name, adapter=None):
+        return lambda i, m: art[name].run({"input_ids": i, "attention_mask": m}, adapter).outputs
+
     runners = {
         "pytorch eager + unmerged PEFT": torch_fn,
-        "onnx-cpu merged fp32": lambda i, m: art["merged"].run(i, m),
-        "onnx-cpu swappable (adapter on)": lambda i, m: art["swap"].run(i, m, "sora"),
-        "onnx-cpu-int8 merged": lambda i, m: art["int8"].run(i, m),
+        "onnx-cpu merged fp32": run("merged"),
+        "onnx-cpu swappable (adapter on)": run("swap", "sora"),
+        "onnx-cpu-int8 merged": run("int8"),
     }
     if not args.skip_optimum:
         opt = OrtFile(optimum_int8(merged_hf, work))

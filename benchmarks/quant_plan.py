@@ -27,7 +27,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loradeploy.export import AdapterSpec, PlanOptions, export  # noqa: E402
+from loradeploy.export import ExportConfig, export  # noqa: E402
+from loradeploy.job import AdapterInputs  # noqa: E402
+from loradeploy.quantize import PlanConfig  # noqa: E402
 from loradeploy.targets.profile import BUILTIN_DIR  # noqa: E402
 
 
@@ -40,13 +42,14 @@ def fast_profile(folder: Path, name: str, **changes) -> str:
     return str(path)
 
 
-def run_plan(base, adapter, name, profile, plan: PlanOptions, folder: Path, measure: str) -> dict:
-    out = folder / f"{name}-{plan.plan.replace(':', '')}-{plan.max_bytes or 'b'}"
+def run_plan(base, adapter, name, profile, plan: PlanConfig, folder: Path, measure: str) -> dict:
+    out = folder / f"{name}-{str(plan.choice).replace(':', '')}-{plan.max_bytes or 'b'}"
     t = time.perf_counter()
-    manifest = export(base, [AdapterSpec(name, adapter)], profile, out, mode="swappable", plan=plan, overwrite=True)
+    manifest = export(ExportConfig(base, AdapterInputs.of({name: adapter}), profile, out, mode="swappable", plan=plan,
+                                   overwrite=True))
     record = manifest["adapters"][0]
     m = manifest["validation"]["metrics"][name]
-    row = {"adapter": name, "plan": plan.plan + (f" @≤{plan.max_bytes:,} B" if plan.max_bytes else ""),
+    row = {"adapter": name, "plan": str(plan.choice) + (f" @≤{plan.max_bytes:,} B" if plan.max_bytes else ""),
            "bytes": record["plan"]["bytes"], "dense_fp16_max_rank": record["plan"]["bytes_dense_fp16_max_rank"],
            "formats": record["plan"]["format_counts"], measure: m[measure], "seconds": time.perf_counter() - t}
     for key in ("accuracy", "accuracy_drop", "label_agreement", "top1_agreement", "kl_excess_vs_base"):
@@ -59,10 +62,10 @@ def run_plan(base, adapter, name, profile, plan: PlanOptions, folder: Path, meas
 
 def pareto(base, adapter_dir: Path, name: str, target: str, folder: Path, measure: str, uniform_bits) -> list[dict]:
     profile = fast_profile(folder, target)
-    rows = [run_plan(base, adapter_dir, name, profile, PlanOptions(f"uniform:{b}"), folder, measure) for b in uniform_bits]
-    rows.append(run_plan(base, adapter_dir, name, profile, PlanOptions("learned"), folder, measure))
+    rows = [run_plan(base, adapter_dir, name, profile, PlanConfig.parse(f"uniform:{b}"), folder, measure) for b in uniform_bits]
+    rows.append(run_plan(base, adapter_dir, name, profile, PlanConfig.parse("learned"), folder, measure))
     for u in rows[1:len(uniform_bits)]:  # equal bytes as the lower uniform plans
-        learned = run_plan(base, adapter_dir, name, profile, PlanOptions("learned", max_bytes=u["bytes"]), folder, measure)
+        learned = run_plan(base, adapter_dir, name, profile, PlanConfig.parse("learned", max_bytes=u["bytes"]), folder, measure)
         learned["vs"] = u["plan"]
         learned["error_ratio_vs_uniform"] = learned[measure] / u[measure] if u[measure] else float("nan")
         rows.append(learned)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from loradeploy.cli import _quiet_third_party_logs
 from loradeploy.errors import LoradeployError
-from loradeploy.export import AdapterSpec, export
+from loradeploy.export import ExportConfig, export
+from loradeploy.job import AdapterInputs
 from loradeploy.pipeline import prune_adapter
 from loradeploy.render import console, print_export, print_summary_table, progress_steps
 
@@ -41,8 +42,9 @@ def main() -> int:
     console.print("[bold]loradeploy export --base minilm --adapter examples/adapters/sora --target onnx-cpu[/]")
     try:
         with progress_steps() as step:
-            record = export("minilm", [AdapterSpec("sora", ADAPTERS["sora"])], "onnx-cpu", OUT / "onnx-cpu",
-                            overwrite=True, progress=step)
+            config = ExportConfig("minilm", AdapterInputs.of({"sora": ADAPTERS["sora"]}), "onnx-cpu",
+                                  OUT / "onnx-cpu", overwrite=True)
+            record = export(config, step)
     except LoradeployError as e:
         console.print(f"error: {e}")
         return 2

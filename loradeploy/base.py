@@ -76,6 +76,15 @@ def base_task(path: Path) -> Task | None:
     return Task.CAUSAL_LM if any(a.endswith("ForCausalLM") for a in archs) else None
 
 
+def auto_class(task: Task):
+    """The transformers Auto class with the head ``task`` needs."""
+    import transformers
+
+    return {Task.SEQUENCE_CLASSIFICATION: transformers.AutoModelForSequenceClassification,
+            Task.FEATURE_EXTRACTION: transformers.AutoModel,
+            Task.CAUSAL_LM: transformers.AutoModelForCausalLM}[task]
+
+
 def load_torch_model(folder: Path, task: Task, num_labels: int | None = None):
     """The base model in fp32 eval mode, with the head class ``task`` needs (head untrained).
     A ``.gguf`` base is dequantized by transformers once and cached (see :func:`load_gguf_torch`)."""
@@ -86,14 +95,9 @@ def load_torch_model(folder: Path, task: Task, num_labels: int | None = None):
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    classes = {
-        Task.SEQUENCE_CLASSIFICATION: transformers.AutoModelForSequenceClassification,
-        Task.FEATURE_EXTRACTION: transformers.AutoModel,
-        Task.CAUSAL_LM: transformers.AutoModelForCausalLM,
-    }
     kwargs = {"num_labels": num_labels} if task is Task.SEQUENCE_CLASSIFICATION and num_labels else {}
     try:
-        model = classes[task].from_pretrained(str(folder), torch_dtype="float32", **kwargs)
+        model = auto_class(task).from_pretrained(str(folder), torch_dtype="float32", **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise BaseModelError(f"{folder}: cannot load as a {task.value} model ({str(e).splitlines()[0]})") from e
     return model.eval()

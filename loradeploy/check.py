@@ -62,12 +62,12 @@ def parse_tolerance(text: str | None) -> dict[str, float]:
     return tol
 
 
-def read_baseline(path: Path) -> dict:
+def read_baseline(path: Path) -> mf.Manifest:
     path = Path(path)
     if not path.exists():
         raise LoradeployError(f"{path}: no such baseline (a manifest.json or an artifact folder)")
     data = mf.read(path) if path.is_dir() else mf.read_file(path)
-    if not isinstance(data.get("validation"), dict):
+    if data.validation is None:
         raise LoradeployError(f"{path}: the baseline manifest holds no validation to compare with")
     return data
 
@@ -149,24 +149,37 @@ def compare(baseline: dict, current: dict, tol: dict[str, float], strict_latency
     return rows + _latency_rows(bv, cv, tol["latency"], strict_latency)
 
 
-def check(artifact: Path, baseline: Path, tolerance: str | None = None, eval_path: Path | None = None,
-          progress=None, strict_latency: bool = False) -> dict:
-    """Validate ``artifact`` again and compare with ``baseline``; ``passed`` is False on a regression."""
-    from .export import revalidate
+@dataclass(frozen=True)
+class CheckConfig:
+    """The ``check`` verb's inputs."""
 
-    tol = parse_tolerance(tolerance)
-    base = read_baseline(baseline)
-    current = mf.read(artifact)
-    if base.get("task") != current.get("task"):
-        raise LoradeployError(f"{baseline}: the baseline is a {base.get('task')} artifact, {artifact} a "
-                              f"{current.get('task')} one: nothing to compare")
-    result = revalidate(Path(artifact), eval_path, progress)
-    rows = compare(base, {"validation": result["validation"]}, tol, strict_latency)
+    artifact: Path
+    baseline: Path  # a manifest.json or an artifact folder
+    tolerance: str | None = None  # fidelity=F,latency=L,size=S (relative); None: DEFAULT_TOLERANCE
+    eval_path: Path | None = None
+    strict_latency: bool = False  # compare latency across machine fingerprints too
+
+
+def check(config: CheckConfig, progress=None) -> dict:
+    """Validate ``config.artifact`` again and compare with the baseline; ``passed`` is False on a
+    regression."""
+    from .validate import ValidateConfig, revalidate
+
+    tol = parse_tolerance(config.tolerance)
+    base = read_baseline(config.baseline)
+    current = mf.read(config.artifact)
+    if base.task != current.task:
+        raise LoradeployError(f"{config.baseline}: the baseline is a {base.task} artifact, {config.artifact} a "
+                              f"{current.task} one: nothing to compare")
+    result = revalidate(ValidateConfig(Path(config.artifact), config.eval_path), progress)
+    rows = compare(base.to_dict(), {"validation": result["validation"]}, tol, config.strict_latency)
     if not any(r.kind == "fidelity" and r.status in ("PASS", "FAIL") for r in rows):
-        raise LoradeployError(f"{baseline}: no fidelity measure in common with {artifact} (different adapters?)")
-    return {"artifact": str(Path(artifact).absolute()), "baseline": str(Path(baseline).absolute()),
-            "target": current["target"]["name"], "baseline_target": base.get("target", {}).get("name"),
-            "tolerance": tol, "strict_latency": strict_latency, "rows": [{**asdict(r), "change": r.change} for r in rows],
+        raise LoradeployError(f"{config.baseline}: no fidelity measure in common with {config.artifact} "
+                              "(different adapters?)")
+    return {"artifact": str(Path(config.artifact).absolute()), "baseline": str(Path(config.baseline).absolute()),
+            "target": current.target.name, "baseline_target": base.target.name,
+            "tolerance": tol, "strict_latency": config.strict_latency,
+            "rows": [{**asdict(r), "change": r.change} for r in rows],
             "regressions": [r.name for r in rows if r.status == "FAIL"],
             "passed": all(r.status != "FAIL" for r in rows), "validation": result["validation"]}
 

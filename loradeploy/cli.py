@@ -24,6 +24,20 @@ def _read_options(lora_alpha, lora_r, head):
     return ReadOptions(lora_alpha=lora_alpha, lora_r=lora_r, head=Path(head) if head else None)
 
 
+def _adapter_inputs(specs, method, lora_alpha, lora_r, head):
+    from .job import AdapterInputs, AdapterSpec
+
+    return AdapterInputs(tuple(AdapterSpec.parse(a) for a in specs), Method(method) if method else None,
+                         _read_options(lora_alpha, lora_r, head))
+
+
+def _plan_config(plan, budget, max_bytes, calibration):
+    from .quantize import PlanConfig
+
+    return PlanConfig.parse(plan, budget=budget, max_bytes=max_bytes,
+                            calibration=Path(calibration) if calibration else None)
+
+
 def adapter_options(f):
     """Options every command that reads an adapter takes."""
     f = click.option("--head", type=click.Path(dir_okay=False),
@@ -126,14 +140,14 @@ def export_cmd(base, adapters, target, mode, eval_path, out, method, lora_alpha,
     """Export adapters on a base for a target, validate there, write manifest + report.
 
     Exits 1 when a validation measure is outside the profile's budget."""
-    from .export import AdapterSpec, PlanOptions, export
+    from .export import ExportConfig, export
     from .render import print_export, progress_steps
 
-    plan_opts = PlanOptions(plan, budget, max_bytes, Path(calibration) if calibration else None)
+    config = ExportConfig(base, _adapter_inputs(adapters, method, lora_alpha, lora_r, head), target, Path(out), mode,
+                          Path(eval_path) if eval_path else None, _plan_config(plan, budget, max_bytes, calibration),
+                          overwrite)
     with progress_steps(not as_json) as step:
-        record = export(base, [AdapterSpec.parse(a) for a in adapters], target, Path(out), mode,
-                        Path(eval_path) if eval_path else None, Method(method) if method else None,
-                        _read_options(lora_alpha, lora_r, head), overwrite, step, plan_opts)
+        record = export(config, step)
     _emit(record, as_json, print_export)
     return 0 if record["validation"]["passed"] else 1
 
@@ -158,13 +172,13 @@ def quantize_cmd(base, adapters, target, plan, budget, max_bytes, calibration, o
     error per byte saved, checks whole plans end to end and backs off to the largest saving
     within the budget. A B-LoRA adapter's learned bit widths are measured as the starting plan.
     Use the plan with `loradeploy export --plan FILE`."""
-    from .pipeline import quantize_plan
+    from .quantize import QuantizeConfig, quantize
     from .render import print_plan, progress_steps
 
+    config = QuantizeConfig(base, _adapter_inputs(adapters, method, lora_alpha, lora_r, head), target, Path(out),
+                            _plan_config(plan, budget, max_bytes, calibration), overwrite)
     with progress_steps(not as_json) as step:
-        record = quantize_plan(base, list(adapters), target, Path(out), plan, budget, max_bytes,
-                               Path(calibration) if calibration else None, Method(method) if method else None,
-                               _read_options(lora_alpha, lora_r, head), overwrite, step)
+        record = quantize(config, step)
     _emit(record, as_json, print_plan)
 
 
@@ -174,11 +188,11 @@ def quantize_cmd(base, adapters, target, plan, budget, max_bytes, calibration, o
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def validate_cmd(artifact, eval_path, as_json):
     """Validate an exported artifact again against the fp32 reference (exit 1 on FAIL)."""
-    from .export import revalidate
     from .render import print_validation, progress_steps
+    from .validate import ValidateConfig, revalidate
 
     with progress_steps(not as_json) as step:
-        record = revalidate(Path(artifact), Path(eval_path) if eval_path else None, step)
+        record = revalidate(ValidateConfig(Path(artifact), Path(eval_path) if eval_path else None), step)
     _emit(record, as_json, print_validation)
     return 0 if record["validation"]["passed"] else 1
 
@@ -219,13 +233,14 @@ def check_cmd(artifact, baseline, tolerance, strict_latency, eval_path, junit, m
     beyond the tolerance and its noise floor, size may not grow, and latency (relative to the
     runtime's reference unit) may not grow — compared only against a baseline measured on a
     matching machine fingerprint, else shown as INFO. Exit 0 pass, 1 regression, 2 error."""
-    from .check import check, junit_xml, markdown as to_markdown
+    from .check import CheckConfig, check, junit_xml, markdown as to_markdown
     from .fsutil import write_text_atomic
     from .render import print_check, progress_steps
 
+    config = CheckConfig(Path(artifact), Path(baseline), tolerance, Path(eval_path) if eval_path else None,
+                         strict_latency)
     with progress_steps(not as_json) as step:
-        record = check(Path(artifact), Path(baseline), tolerance, Path(eval_path) if eval_path else None, step,
-                       strict_latency)
+        record = check(config, step)
     if junit:
         write_text_atomic(Path(junit), junit_xml(record))
     if markdown:
@@ -329,8 +344,12 @@ def _quiet_third_party_logs() -> None:
     kernels it cannot fetch, transformers about heads it initialises."""
     import logging
 
+    from . import registry
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for spec in registry.specs():
+        for name in spec.quiet_loggers:
+            logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

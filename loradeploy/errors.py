@@ -37,3 +37,23 @@ class BaseModelError(LoradeployError):
 
 class OutputError(LoradeployError):
     """The output location cannot be written."""
+
+
+class ProfileError(LoradeployError):
+    """A target profile is missing, unreadable or invalid."""
+
+
+class IRError(LoradeployError):
+    """A module's tensors do not fit together; readers re-raise it naming their file."""
+
+
+class PlanError(LoradeployError):
+    """A plan file is unreadable, or does not fit the adapter or runtime it is used with."""
+
+
+class EvalDataError(LoradeployError):
+    """An eval or calibration set is missing, empty or malformed."""
+
+
+class ManifestError(LoradeployError):
+    """A manifest file is missing, unreadable or not of this version's shape."""

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LoradeployError
+from .errors import EvalDataError
 
 #: The example evaluation sets shipped with the tool: sentiment classification (500 held-back
 #: sentences) and, for language models, held-back review sentences as plain text.
@@ -16,10 +16,6 @@ DEFAULT_LM_EVAL = Path(__file__).resolve().parent / "data" / "gemma_text" / "eva
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "data" / "sentiment" / "train.jsonl"
 DEFAULT_LM_CALIBRATION = (Path(__file__).resolve().parent / "data" / "gemma_text" / "positive_train.txt",
                           Path(__file__).resolve().parent / "data" / "gemma_text" / "negative_train.txt")
-
-
-class EvalDataError(LoradeployError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoradeployError
-
-
-class IRError(LoradeployError):
-    """A module's tensors do not fit together; readers re-raise it naming their file."""
+from .errors import IRError
 
 
 class Method(str, enum.Enum):
@@ -124,6 +120,11 @@ class LoraModule:
         if self.rank_mask is not None:
             g = g * self.rank_mask.to(torch.float64)
         return g
+
+    def folded_b(self) -> torch.Tensor:
+        """``scale · B · diag(gate ⊙ mask)`` in float64 ``[out, r]``: the B that runtimes storing
+        one plain product (ONNX inputs, GGUF ``lora_b``) keep, so ΔW = folded_b · A."""
+        return self.lora_B.to(torch.float64) * self.rank_gain() * self.scale
 
     def live_ranks(self) -> torch.Tensor:
         """Boolean ``[r]``: ranks whose contribution to ΔW is not exactly zero."""

@@ -1,4 +1,4 @@
-"""Latency worker: ``python -m loradeploy.latency ARTIFACT --runtime R [--adapter A]
+"""Latency worker: ``python -m loradeploy.latency ARTIFACT [--adapter A]
 --shape BxS …`` loads the artifact in this fresh process (only the runtime, no PyTorch model),
 times each shape after warm-up, interleaved with the runtime's fixed reference unit, and prints
 JSON with p50/p95 and the fastest call over the fastest reference per shape, peak RSS, and the
@@ -32,19 +32,24 @@ def _percentile(samples: list[float], q: float) -> float:
 
 
 class ScaledReference:
-    """The runtime's reference unit repeated until it lasts about as long as the call it is
-    compared with: a short unit finds an undisturbed slot on a busy machine far more often than
-    a long call does, so minima of unequal lengths drift apart under load (measured: 3 ms unit
-    vs 32 ms call, ratio ×2.7 with one competing process)."""
+    """The runtime's reference unit, run back to back until the block lasts as long as the call
+    it is compared with: a short unit finds an undisturbed slot on a busy machine far more often
+    than a long call does, so minima of unequal lengths drift apart under load (measured: 3 ms
+    unit vs 32 ms call, ratio ×2.7 with one competing process). The block is bounded by time, not
+    by a count, so a slowed-down unit cannot make it run longer than the call."""
 
     def __init__(self, unit, call_ms: float):
-        self.unit = unit
-        self.unit_ms = min(unit() for _ in range(5))
-        self.repeats = max(1, round(call_ms / self.unit_ms))
+        self.unit, self.call_ms = unit, call_ms
+        self.repeats = 0  # units in the last block
 
     def __call__(self) -> float:
-        """ms per unit over one block of ``repeats`` units."""
-        return sum(self.unit() for _ in range(self.repeats)) / self.repeats
+        """ms per unit over one block of about ``call_ms``."""
+        total, n = 0.0, 0
+        while n == 0 or total < self.call_ms:
+            total += self.unit()
+            n += 1
+        self.repeats = n
+        return total / n
 
 
 def ratio_stats(samples: list[float], refs: list[float], repeats: int) -> dict:
@@ -54,58 +59,57 @@ def ratio_stats(samples: list[float], refs: list[float], repeats: int) -> dict:
             "median_pair_ratio": float(np.median(np.asarray(samples) / np.asarray(refs)))}
 
 
-def time_runner(runner, adapter, batch: int, seq: int, warmup: int, runs: int, unit,
-                vocab: int = 1000) -> dict:
+def stats(samples: list[float]) -> dict:
+    return {"p50_ms": _percentile(samples, 50), "p95_ms": _percentile(samples, 95),
+            "mean_ms": float(np.mean(samples)), "min_ms": float(min(samples)),
+            "samples_ms": [float(x) for x in samples]}
+
+
+def time_session(session, adapter, batch: int, seq: int, warmup: int, runs: int, unit,
+                 vocab: int = 1000) -> dict:
     """p50/p95 of ``runs`` calls, and their ratio to the runtime's reference unit (scaled to the
     call's length, see :class:`ScaledReference`), the two interleaved call by call: minima are
     what background load disturbs least, and interleaving gives both the same chances."""
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 1000 + vocab, size=(batch, seq), dtype=np.int64)
-    mask = np.ones_like(ids)
+    inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     warm = []
     for _ in range(max(warmup, 1)):
         t0 = time.perf_counter()
-        runner.run(ids, mask, adapter)
+        session.run(inputs, adapter)
         warm.append((time.perf_counter() - t0) * 1e3)
     reference = ScaledReference(unit, min(warm))
     samples, refs = [], []
     for _ in range(runs):
         refs.append(reference())
         t0 = time.perf_counter()
-        runner.run(ids, mask, adapter)
+        session.run(inputs, adapter)
         samples.append((time.perf_counter() - t0) * 1e3)
-    return {"p50_ms": _percentile(samples, 50), "p95_ms": _percentile(samples, 95),
-            "mean_ms": float(np.mean(samples)), "min_ms": min(samples), "samples_ms": samples,
-            **ratio_stats(samples, refs, reference.repeats)}
+    return {**stats(samples), **ratio_stats(samples, refs, reference.repeats)}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loradeploy.latency")
     ap.add_argument("artifact", type=Path)
-    ap.add_argument("--runtime", required=True)
     ap.add_argument("--adapter")
     ap.add_argument("--shape", action="append", required=True, help="BATCHxSEQ")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
+    from . import registry, runtime
     from .machine import fingerprint
-    from .targets.common import get_target
 
-    manifest = json.loads((args.artifact / "manifest.json").read_text())
-    plugin = get_target(args.runtime)
     t0 = time.perf_counter()
-    runner = plugin.open(args.artifact, manifest, threads=args.threads)
+    session = runtime.open(args.artifact, threads=args.threads, workers=1)
     load_ms = (time.perf_counter() - t0) * 1e3
-    reference = plugin.reference_unit(args.threads)
+    spec = registry.get(session.runtime)
+    reference = session.reference_unit(args.threads)
     parsed = [tuple(int(x) for x in shape.lower().split("x")) for shape in args.shape]
-    if hasattr(runner, "measure"):  # runtimes with their own notion of throughput (llama.cpp)
-        result = runner.measure(args.adapter, parsed, args.warmup, args.runs, reference)
-    else:
-        result = {"shapes": {f"b{b}xs{s}": time_runner(runner, args.adapter, b, s, args.warmup, args.runs, reference)
-                             for b, s in parsed}}
+    result = session.measure(args.adapter, parsed, args.warmup, args.runs, reference)
+    session.close()
     print(json.dumps({"load_ms": load_ms, **result, "peak_rss_mb": peak_rss_mb(),
-                      "fingerprint": fingerprint(plugin.runtime, plugin.distribution, args.threads)}))
+                      "fingerprint": fingerprint(spec.name, spec.distribution, args.threads)}))
     return 0
 
 

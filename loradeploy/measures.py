@@ -60,6 +60,8 @@ MEASURES: dict[str, Measure] = {m.name: m for m in (
     Measure("cosine_min", True, "cosine_min", "cosine", (EMBEDDINGS,),
             "smallest cosine similarity between artifact and reference embeddings"),
     Measure("cosine_mean", True, None, "cosine", (EMBEDDINGS,), "mean cosine similarity to the reference"),
+    Measure("cosine_distance", False, None, "cosine", (EMBEDDINGS,),
+            "1 − mean cosine similarity (the measure an embeddings plan is held to)"),
     Measure("kl_mean", False, "kl_mean_max", "kl", (LM,), "mean per-token KL(reference ‖ artifact), nats"),
     Measure("kl_p99", False, None, "kl", (LM,), "99th percentile of the per-token KL"),
     Measure("top1_agreement", True, "top1_agreement_min", "fraction", (LM,),

@@ -4,18 +4,21 @@ read from a plan file — and the plan applied to the adapters of an export."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import registry
 from .base import load_tokenizer
-from .errors import LoradeployError
+from .errors import LoradeployError, OutputError
 from .evaldata import load_calibration
 from .ir import Task
-from .quant.formats import BY_BITS, LADDERS
-from .quant.plan import (Plan, PlanError, dense_fp16_bytes_at_max_rank, hinted_formats, parse_plan_option,
-                         quantize_adapter, uniform_formats)
+from .job import AdapterEntry, AdapterInputs, ExportJob, load_base_for, load_entries
+from .quant.plan import (LearnedPlan, Plan, PlanChoice, PlanError, PlanFile, UniformPlan,
+                         dense_fp16_bytes_at_max_rank, hinted_formats, quantize_adapter, uniform_formats)
 from .quant.search import DEFAULT_BUDGETS, MEASURES, Evaluator, calibration_batches, search
-from .targets.common import AdapterEntry
 
 Progress = Callable[[str], None]
 CALIBRATION_TEXTS = {Task.CAUSAL_LM: 8}
@@ -47,7 +50,7 @@ def _entry_record(entry: AdapterEntry, runtime: str, formats: dict[str, str], ho
     counts: dict[str, int] = {}
     for fmt in formats.values():
         counts[fmt] = counts.get(fmt, 0) + 1
-    top = LADDERS[runtime][0]
+    top = registry.get(runtime).storage.ladder[0]
     fp32 = quantize_adapter(entry.pruned, runtime, {k: top for k in formats}).nbytes
     return {"formats": dict(sorted(formats.items())), "format_counts": dict(sorted(counts.items())),
             "chosen_by": how, "bytes": q.nbytes, "bytes_highest_precision": fp32,
@@ -55,13 +58,38 @@ def _entry_record(entry: AdapterEntry, runtime: str, formats: dict[str, str], ho
             "bit_hints": {f"{n}.{r}": b for n, m in entry.original.modules.items() for r, b in m.bits.items()}}
 
 
-def plan_for(entries: list[AdapterEntry], runtime: str, target: str, option: str, base_model, base_dir: Path,
-             task: Task, budget: str | None = None, max_bytes: int | None = None,
-             calibration: Path | None = None, progress: Progress | None = None) -> Plan:
-    """A plan for every entry: ``option`` is ``learned``, ``uniform:BITS`` or a plan file."""
+@dataclass(frozen=True)
+class PlanConfig:
+    """How adapter tensors are stored (swappable artifacts)."""
+
+    choice: PlanChoice | None = field(default=None, metadata={"help": "learned, uniform:BITS or a plan file; "
+                                                                       "None: the profile's plan, else as trained"})
+    budget: str | None = field(default=None, metadata={"help": "learned: [MEASURE=]VALUE (see parse_budget)"})
+    max_bytes: int | None = field(default=None, metadata={"help": "learned: least error within this many bytes"})
+    calibration: Path | None = field(default=None, metadata={"help": "calibration texts (default: the examples')"})
+
+    @classmethod
+    def parse(cls, plan: str | None, **options) -> "PlanConfig":
+        """From the ``--plan`` text (``learned``, ``uniform:BITS``, a file; None: the profile's)."""
+        from .quant.plan import parse_plan_choice
+
+        return cls(parse_plan_choice(plan) if plan else None, **options)
+
+    def __post_init__(self):
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise LoradeployError(f"--max-bytes {self.max_bytes}: must be at least 1")
+
+
+def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = None) -> Plan:
+    """A plan for every adapter of ``job`` on its base and target, as ``config.choice`` says
+    (learned when None)."""
     step = progress or (lambda _m: None)
-    kind, value = parse_plan_option(option)
-    if kind == "file":
+    entries, runtime, target = job.adapters, job.profile.runtime, job.profile.name
+    base_model, base_dir, task = job.base_model, job.base_dir, job.task
+    choice = config.choice or LearnedPlan()
+    storage = registry.get(runtime).storage
+    if isinstance(choice, PlanFile):
+        value = choice.path
         plan = Plan.load(value)
         if plan.runtime != runtime:
             raise PlanError(f"{value}: the plan is for {plan.runtime}, the target runs {runtime}")
@@ -69,14 +97,16 @@ def plan_for(entries: list[AdapterEntry], runtime: str, target: str, option: str
                              **_entry_record(e, runtime, plan.formats_for(e.name, e.pruned, str(value)), "plan file")}
                     for e in entries}
         return Plan(runtime, target, adapters, plan.budget, f"file:{value}")
-    if kind == "uniform":
-        if value not in BY_BITS[runtime]:
+    if isinstance(choice, UniformPlan):
+        value = choice.bits
+        if value not in storage.by_bits:
             raise PlanError(f"--plan uniform:{value}: {runtime} stores LoRA tensors in "
-                            + ", ".join(f"{b} ({f})" for b, f in sorted(BY_BITS[runtime].items(), reverse=True)))
-        fmt = BY_BITS[runtime][value]
+                            + ", ".join(f"{b} ({f})" for b, f in sorted(storage.by_bits.items(), reverse=True)))
+        fmt = storage.by_bits[value]
         adapters = {e.name: _entry_record(e, runtime, uniform_formats(e.pruned, runtime, fmt), f"uniform:{value}")
                     for e in entries}
         return Plan(runtime, target, adapters, {}, f"uniform:{value}")
+    budget, max_bytes, calibration = config.budget, config.max_bytes, config.calibration
     measure, limit = parse_budget(budget, task)
     texts = load_calibration(calibration, CALIBRATION_TEXTS.get(task, CALIBRATION_DEFAULT), lm=task is Task.CAUSAL_LM)
     batches = calibration_batches(load_tokenizer(base_dir), texts.texts, task, CALIBRATION_MAX_LENGTH.get(task, 128))
@@ -100,6 +130,49 @@ def plan_for(entries: list[AdapterEntry], runtime: str, target: str, option: str
     return Plan(runtime, target, adapters, budget_record, "learned")
 
 
-def apply_plan(entries: list[AdapterEntry], plan: Plan) -> None:
-    for e in entries:
-        e.quantized = quantize_adapter(e.pruned, plan.runtime, plan.adapters[e.name]["formats"])
+def apply_plan(entries: tuple[AdapterEntry, ...], plan: Plan) -> tuple[AdapterEntry, ...]:
+    """The entries with ``plan`` applied (their stored forms); the inputs are left as they are."""
+    return tuple(dataclasses.replace(e, quantized=quantize_adapter(e.pruned, plan.runtime,
+                                                                   plan.adapters[e.name]["formats"]))
+                 for e in entries)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """The ``quantize`` verb's inputs."""
+
+    base: str = field(metadata={"help": "a Hugging Face folder, a GGUF file or an alias"})
+    adapters: AdapterInputs = field(metadata={"help": "the adapters (one plan entry each)"})
+    target: str = field(metadata={"help": "profile name or YAML path: its runtime decides the formats"})
+    out: Path = field(metadata={"help": "the plan file to write (JSON)"})
+    plan: PlanConfig = field(default_factory=lambda: PlanConfig(LearnedPlan()))
+    overwrite: bool = False
+
+
+def quantize(config: QuantizeConfig, progress: Progress | None = None) -> dict:
+    """Compute a precision plan for the adapters on a base for a target and write it to
+    ``config.out`` (JSON; written whole, then renamed into place)."""
+    from .targets.profile import load_profile
+
+    step = progress or (lambda _m: None)
+    out = Path(config.out)
+    if out.exists() and not config.overwrite:
+        raise OutputError(f"{out}: exists (use --overwrite to replace it)")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out.parent}: no such folder for the plan file")
+    profile = load_profile(config.target)
+    entries = load_entries(config.adapters)
+    step("read and pruned adapters")
+    base_dir, task, num_labels, base_model = load_base_for(config.base, entries)
+    step("loaded base model")
+    job = ExportJob(config.base, base_dir, task, num_labels, entries, profile, "swappable", base_model)
+    result = plan_for(job, config.plan, step)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        result.save(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    record = result.to_dict()
+    record["output"] = str(out.absolute())
+    return record

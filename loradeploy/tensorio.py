@@ -6,7 +6,6 @@ message about what it really is.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import struct
@@ -16,17 +15,10 @@ from pathlib import Path
 import torch
 
 from .errors import AdapterFileError
+from .fsutil import sha256_file  # noqa: F401  (re-exported: readers record each source's sha256)
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _GGUF_MAGIC = b"GGUF"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sniff(path: Path) -> str:

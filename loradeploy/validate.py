@@ -1,7 +1,10 @@
 """Validation of an artifact in its runtime against the PyTorch fp32 reference (the base with
 the adapter as trained, before pruning): fidelity and task metrics on eval inputs, latency
 per benchmark shape and peak RSS (measured in a fresh process holding only the runtime),
-artifact bytes — each held against the target profile's budget."""
+artifact bytes — each held against the target profile's budget (measures: ``measures.py``).
+
+The artifact is opened through its runtime's session (``loradeploy.runtime.open``), the one
+loader every caller uses. Also the ``validate`` verb: an existing artifact validated again."""
 
 from __future__ import annotations
 
@@ -15,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import measures
 from .errors import LoradeployError
-from .evaldata import EvalSet
+from .evaldata import EvalSet, load_eval
 from .ir import AdapterSet, Task
+from .manifest import Validation
 from .merge import merge_into
 from .targets.profile import Budgets, TargetProfile
 
@@ -91,8 +96,9 @@ def adapter_effect_kept(ref: np.ndarray, got: np.ndarray, base: np.ndarray) -> f
     return float(1.0 - np.linalg.norm(got.astype(np.float64) - ref) / effect) if effect > 0 else float("nan")
 
 
-def runner_outputs(runner, adapter: str | None, tokenizer, texts) -> np.ndarray:
-    return np.concatenate([runner.run(ids, mask, adapter) for ids, mask in batches(tokenizer, texts)])
+def session_outputs(session, adapter: str | None, tokenizer, texts) -> np.ndarray:
+    return np.concatenate([session.run({"input_ids": ids, "attention_mask": mask}, adapter).outputs
+                           for ids, mask in batches(tokenizer, texts)])
 
 
 def fidelity(ref: np.ndarray, got: np.ndarray, labels: list[int] | None, task: Task) -> dict:
@@ -117,16 +123,15 @@ def fidelity(ref: np.ndarray, got: np.ndarray, labels: list[int] | None, task: T
     return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), "reference_spread": float(ref.std())}
 
 
-def fidelity_checks(adapter: str, m: dict, b: Budgets) -> list[Check]:
-    table = [("label_agreement", b.label_agreement_min, ">="), ("max_abs_logit", b.max_abs_logit_max, "<="),
-             ("mean_abs_logit", b.mean_abs_logit_max, "<="), ("accuracy_drop", b.accuracy_drop_max, "<="),
-             ("accuracy", None, ">="), ("cosine_min", b.cosine_min, ">="), ("adapter_effect_kept", None, ">=")]
-    return [Check(adapter, k, m[k], budget, d) for k, budget, d in table if k in m]
+def measure_checks(label: str, metrics: dict, budgets: Budgets, task: Task) -> list[Check]:
+    """A check per measure of ``task`` in ``metrics``, against its budget (None: INFO)."""
+    return [Check(label, m.name, metrics[m.name], getattr(budgets, m.budget) if m.budget else None, m.direction)
+            for m in measures.MEASURES.values() if task.value in m.tasks and m.name in metrics]
 
 
-def measure_latency(artifact: Path, runtime: str, adapter: str | None, profile: TargetProfile) -> dict:
+def measure_latency(artifact: Path, adapter: str | None, profile: TargetProfile) -> dict:
     """Latency per shape and peak RSS, measured by ``loradeploy.latency`` in a fresh process."""
-    cmd = [sys.executable, "-m", "loradeploy.latency", str(artifact), "--runtime", runtime,
+    cmd = [sys.executable, "-m", "loradeploy.latency", str(artifact),
            "--warmup", str(profile.warmup), "--runs", str(profile.runs), "--threads", str(profile.threads)]
     cmd += [a for s in profile.shapes for a in ("--shape", f"{s.batch}x{s.seq}")]
     if adapter:
@@ -153,37 +158,36 @@ def artifact_bytes(artifact: Path) -> int:
                and p.name not in ("manifest.json", "report.html"))
 
 
-def validate(artifact: Path, runner, runtime: str, profile: TargetProfile, task: Task, tokenizer,
-             eval_set: EvalSet, references: dict[str | None, np.ndarray], progress=None,
-             timing: bool = True, base_outputs: dict[str | None, np.ndarray] | None = None) -> dict:
+def _result(artifact: Path, eval_set: EvalSet, metrics: dict, checks: list[Check], profile: TargetProfile,
+            first: str | None, timing: bool) -> Validation:
+    """Latency (with ``first`` active), size, and the verdict."""
+    latency = measure_latency(artifact, first, profile) if timing else {"shapes": {}}
+    if timing:
+        checks += latency_checks(first or "merged", latency, profile.budgets)
+    for key, value in latency.get("llama", {}).items():
+        checks.append(Check(first or "merged", key, value, None, "<="))
+    size = artifact_bytes(artifact)
+    checks.append(Check("artifact", "artifact_mb", size / 2**20, profile.budgets.artifact_mb_max, "<="))
+    return Validation(str(eval_set.path), len(eval_set.texts), metrics, latency, size, [c.to_dict() for c in checks],
+                      all(c.status != "FAIL" for c in checks))
+
+
+def validate_encoder(artifact: Path, session, profile: TargetProfile, task: Task, tokenizer, eval_set: EvalSet,
+                     references: dict[str | None, np.ndarray], progress=None, timing: bool = True,
+                     base_outputs: dict[str | None, np.ndarray] | None = None) -> Validation:
     """Run every adapter (``None`` for a merged artifact) on the eval set, compare with its
     reference, measure latency with the first adapter active, and judge against budgets."""
     checks, metrics = [], {}
     for adapter, ref in references.items():
         label = adapter or "merged"
-        got = runner_outputs(runner, adapter, tokenizer, eval_set.texts)
+        got = session_outputs(session, adapter, tokenizer, eval_set.texts)
         metrics[label] = fidelity(ref, got, eval_set.labels, task)
         if base_outputs and adapter in base_outputs:
             metrics[label]["adapter_effect_kept"] = adapter_effect_kept(ref, got, base_outputs[adapter])
-        checks += fidelity_checks(label, metrics[label], profile.budgets)
+        checks += measure_checks(label, metrics[label], profile.budgets, task)
         if progress:
             progress(f"fidelity {label}")
-    first = next(iter(references))
-    latency = measure_latency(artifact, runtime, first, profile) if timing else {"shapes": {}}
-    if timing:
-        checks += latency_checks(first or "merged", latency, profile.budgets)
-    size = artifact_bytes(artifact)
-    mb_budget = profile.budgets.artifact_mb_max
-    checks.append(Check("artifact", "artifact_mb", size / 2**20, mb_budget, "<="))
-    return {
-        "eval_file": str(eval_set.path),
-        "eval_inputs": len(eval_set.texts),
-        "metrics": metrics,
-        "latency": latency,
-        "artifact_bytes": size,
-        "checks": [c.to_dict() for c in checks],
-        "passed": all(c.status != "FAIL" for c in checks),
-    }
+    return _result(artifact, eval_set, metrics, checks, profile, next(iter(references)), timing)
 
 
 # --- causal language models (llama.cpp target) ---------------------------------------------
@@ -217,48 +221,106 @@ def lm_reference(model, token_lists: list[list[int]]) -> list[np.ndarray]:
     return [model(torch.tensor([t])).logits[0].float().numpy() for t in token_lists]
 
 
-def lm_checks(label: str, m: dict, b: Budgets) -> list[Check]:
-    return [Check(label, "kl_mean", m["kl_mean"], b.kl_mean_max, "<="),
-            Check(label, "top1_agreement", m["top1_agreement"], b.top1_agreement_min, ">="),
-            Check(label, "ppl_reference", m["ppl_reference"], None, "<="),
-            Check(label, "ppl_artifact", m["ppl_artifact"], None, "<=")]
-
-
-def validate_lm(artifact: Path, runner, runtime: str, profile: TargetProfile, base_model,
-                adapters: dict[str | None, AdapterSet], eval_set: EvalSet, base_runner=None, progress=None,
-                timing: bool = True) -> dict:
+def validate_lm(artifact: Path, session, profile: TargetProfile, base_model, adapters: dict[str | None, AdapterSet],
+                eval_set: EvalSet, base_session=None, progress=None, timing: bool = True) -> Validation:
     """LM validation: every adapter (``None``: merged artifact) against its PyTorch reference;
-    the base alone measured the same way (``base_runner`` with no adapter vs the PyTorch base)
+    the base alone measured the same way (``base_session`` with no adapter vs the PyTorch base)
     tells how much of the gap is the quantized base's; then throughput and switch times."""
-    tokens = [runner.tokenize(t) for t in eval_set.texts]
-    checks, metrics = [], {}
+    tokens = [session.tokenize(t) for t in eval_set.texts]
+    metrics = {}
     for adapter, original in adapters.items():
-        label = adapter or "merged"
         ref = lm_reference(merge_into(copy.deepcopy(base_model), original), tokens)
-        metrics[label] = lm_fidelity([(r, runner.logits(t, adapter), t) for r, t in zip(ref, tokens)])
-        checks += lm_checks(label, metrics[label], profile.budgets)
+        metrics[adapter or "merged"] = lm_fidelity([(r, session.logits(t, adapter), t) for r, t in zip(ref, tokens)])
         if progress:
-            progress(f"fidelity {label}")
-    if base_runner is not None:
+            progress(f"fidelity {adapter or 'merged'}")
+    checks = [c for label, m in metrics.items() for c in measure_checks(label, m, profile.budgets, Task.CAUSAL_LM)]
+    if base_session is not None:
         ref = lm_reference(base_model, tokens)
-        base = metrics["base alone"] = lm_fidelity([(r, base_runner.logits(t, None), t) for r, t in zip(ref, tokens)])
-        checks += lm_checks("base alone", base, Budgets())
+        base = metrics["base alone"] = lm_fidelity([(r, base_session.logits(t, None), t) for r, t in zip(ref, tokens)])
+        checks += measure_checks("base alone", base, Budgets(), Task.CAUSAL_LM)
         for adapter in adapters:
             m = metrics[adapter or "merged"]
-            m["kl_excess_vs_base"] = m["kl_mean"] - base["kl_mean"]
-            m["top1_drop_vs_base"] = base["top1_agreement"] - m["top1_agreement"]
-            checks += [Check(adapter or "merged", "kl_excess_vs_base", m["kl_excess_vs_base"],
-                             profile.budgets.kl_excess_vs_base_max, "<="),
-                       Check(adapter or "merged", "top1_drop_vs_base", m["top1_drop_vs_base"],
-                             profile.budgets.top1_drop_vs_base_max, "<=")]
-    first = next(iter(adapters))
-    latency = measure_latency(artifact, runtime, first, profile) if timing else {"shapes": {}}
-    if timing:
-        checks += latency_checks(first or "merged", latency, profile.budgets)
-    for key, value in latency.get("llama", {}).items():
-        checks.append(Check(first or "merged", key, value, None, "<="))
-    size = artifact_bytes(artifact)
-    checks.append(Check("artifact", "artifact_mb", size / 2**20, profile.budgets.artifact_mb_max, "<="))
-    return {"eval_file": str(eval_set.path), "eval_inputs": len(eval_set.texts), "metrics": metrics,
-            "latency": latency, "artifact_bytes": size, "checks": [c.to_dict() for c in checks],
-            "passed": all(c.status != "FAIL" for c in checks)}
+            share = {"kl_excess_vs_base": m["kl_mean"] - base["kl_mean"],
+                     "top1_drop_vs_base": base["top1_agreement"] - m["top1_agreement"]}
+            m.update(share)
+            checks += measure_checks(adapter or "merged", share, profile.budgets, Task.CAUSAL_LM)
+    return _result(artifact, eval_set, metrics, checks, profile, next(iter(adapters)), timing)
+
+
+# --- the artifact of a job, and the `validate` verb ------------------------------------------
+
+def validate_artifact(artifact: Path, job, eval_set: EvalSet, progress=None, timing: bool = True) -> Validation:
+    """Validate ``artifact`` (written for ``job``) against the fp32 references of the job's
+    adapters as trained, in the artifact's runtime (its session: the one loader)."""
+    from . import registry, runtime
+    from .base import load_tokenizer
+
+    step = progress or (lambda _m: None)
+    profile, task = job.profile, job.task
+    originals = {(e.name if job.mode == "swappable" else None): e.original for e in job.adapters}
+    session = runtime.open(artifact, threads=profile.threads, workers=1)
+    try:
+        if task is Task.CAUSAL_LM:
+            base_session = session if job.mode == "swappable" else \
+                registry.get(profile.runtime).session_class().open_base(job.base_dir, profile.threads)
+            try:
+                return validate_lm(artifact, session, profile, job.base_model, originals, eval_set, base_session,
+                                   step, timing)
+            finally:
+                if base_session is not None and base_session is not session:
+                    base_session.close()
+        tokenizer = load_tokenizer(job.base_dir)
+        references = {k: reference_outputs(job.base_model, a, task, tokenizer, eval_set.texts)
+                      for k, a in originals.items()}
+        base_outputs = {k: base_alone_outputs(job.base_model, a, task, tokenizer, eval_set.texts)
+                        for k, a in originals.items()}
+        step("computed fp32 reference")
+        return validate_encoder(artifact, session, profile, task, tokenizer, eval_set, references, step, timing,
+                                base_outputs)
+    finally:
+        session.close()
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """The ``validate`` verb's inputs."""
+
+    artifact: Path
+    eval_path: Path | None = None  # None: the shipped eval set of the task
+
+
+def revalidate(config: ValidateConfig, progress=None) -> dict:
+    """Validate an existing artifact again, rebuilding the reference from the inputs recorded
+    in its manifest (their sha256 must still match). Writes nothing."""
+    from . import manifest as mf
+    from .adapters import ReadOptions
+    from .base import load_torch_model, resolve_base
+    from .fsutil import sha256_file
+    from .ir import Method
+    from .job import AdapterInputs, AdapterSpec, ExportJob, load_entries
+    from .targets.profile import parse_profile
+
+    manifest = mf.read(config.artifact)
+    data = {k: v for k, v in manifest.target.profile.items() if k != "source"}
+    profile = parse_profile(Path(manifest.target.profile.get("source", "manifest.json")), data)
+    opts = manifest.read_options
+    specs = []
+    for a in manifest.adapters:
+        src = a.sources[0] if a.sources and isinstance(a.sources[0], dict) else {}
+        path = Path(str(src.get("path", "")))
+        if not path.is_file() or sha256_file(path) != src.get("sha256"):
+            raise LoradeployError(f"{path}: the adapter this artifact was exported from is missing or changed")
+        specs.append(AdapterSpec(a.name, path))
+    inputs = AdapterInputs(tuple(specs), Method(opts["format"]) if opts.get("format") else None,
+                           ReadOptions(opts.get("lora_alpha"), opts.get("lora_r"),
+                                       Path(opts["head"]) if opts.get("head") else None))
+    entries = load_entries(inputs)
+    base_dir = resolve_base(manifest.base.spec)
+    task = Task(manifest.task)
+    base_model = load_torch_model(base_dir, task, manifest.num_labels)
+    job = ExportJob(manifest.base.spec, base_dir, task, manifest.num_labels, entries, profile, manifest.mode,
+                    base_model)
+    eval_set = load_eval(config.eval_path, lm=task is Task.CAUSAL_LM)
+    result = validate_artifact(Path(config.artifact), job, eval_set, progress)
+    return {"artifact": str(Path(config.artifact).absolute()), "target": profile.name, "mode": manifest.mode,
+            "validation": asdict(result)}

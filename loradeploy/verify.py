@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from . import manifest as mf
+from . import registry
 from .errors import LoradeployError
-from .tensorio import sha256_file
+from .fsutil import sha256_file
 
 
 def _files(artifact: Path) -> set[str]:
@@ -18,59 +19,48 @@ def _files(artifact: Path) -> set[str]:
             if p.is_file() and p.name not in (mf.MANIFEST, mf.REPORT)}
 
 
-def _format_problem(path: Path) -> str | None:
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        for key in f.keys():
+            f.get_slice(key)
+
+
+#: checks of the files every artifact may hold; each runtime's session adds its own (FILE_CHECKS)
+COMMON_CHECKS = {".safetensors": _check_safetensors, ".json": lambda path: json.loads(path.read_text()) and None}
+
+
+def _format_problem(path: Path, checks: dict) -> str | None:
     """One line on what is wrong with ``path`` as a file of its kind, or None."""
-    name = path.name
+    check = next((fn for suffix, fn in checks.items() if path.name.endswith(suffix)), None)
+    if check is None:
+        return None
     try:
-        if name.endswith(".onnx"):
-            import onnx
-
-            onnx.checker.check_model(str(path))
-        elif name.endswith(".onnx_adapter"):
-            import onnxruntime as ort
-
-            ort.LoraAdapter().Load(str(path))
-        elif name.endswith(".gguf"):
-            with open(path, "rb") as f:
-                head = f.read(8)
-            if head[:4] != b"GGUF":
-                return "not a GGUF file (bad magic)"
-            if path.stat().st_size < 64 * 2**20:  # adapter files: read every tensor's header
-                import gguf
-
-                gguf.GGUFReader(str(path))
-        elif name.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(str(path), "np") as f:
-                for key in f.keys():
-                    f.get_slice(key)
-        elif name.endswith(".json"):
-            json.loads(path.read_text())
+        return check(path)
     except Exception as e:  # any library's complaint is the file's problem  # noqa: BLE001
         text = str(e).strip().splitlines()
         return f"not a valid {path.suffix.lstrip('.')} file ({text[0][:200] if text else type(e).__name__})"
-    return None
 
 
-def _smoke_run(artifact: Path, manifest: dict) -> list[str]:
-    """Load the artifact in its runtime and run a tiny input with each adapter (or merged)."""
-    from .ir import Task
-    from .targets.common import get_target
+def _smoke_run(artifact: Path, manifest: mf.Manifest) -> list[str]:
+    """Load the artifact in its runtime (its session) and run a tiny input with each adapter."""
+    from . import runtime
 
-    plugin = get_target(manifest["target"]["runtime"])
-    runner = plugin.open(artifact, manifest)
-    names = [a["name"] for a in manifest.get("adapters", []) if a.get("file")] or [None]
-    ran = []
-    for name in names:
-        if Task(manifest["task"]) is Task.CAUSAL_LM:
-            out = runner.logits(runner.tokenize("The food was"), name)
-        else:
-            ids = np.array([[1, 2, 3, 4]], dtype=np.int64)
-            out = runner.run(ids, np.ones_like(ids), name)
-        if not np.all(np.isfinite(out)):
-            raise LoradeployError(f"{artifact}: {name or 'merged'} gives NaN/Inf outputs in {plugin.runtime}")
-        ran.append(name or "merged")
+    session = runtime.open(artifact, workers=1)
+    try:
+        ran = []
+        for name in [a.name for a in manifest.swappable_adapters] or [None]:
+            if manifest.task == "causal-lm":
+                out = session.logits(session.tokenize("The food was"), name)
+            else:
+                ids = np.array([[1, 2, 3, 4]], dtype=np.int64)
+                out = session.run({"input_ids": ids, "attention_mask": np.ones_like(ids)}, name).outputs
+            if not np.all(np.isfinite(out)):
+                raise LoradeployError(f"{artifact}: {name or 'merged'} gives NaN/Inf outputs in {manifest.runtime}")
+            ran.append(name or "merged")
+    finally:
+        session.close()
     return ran
 
 
@@ -81,41 +71,37 @@ def verify(artifact: Path, load: bool = True) -> dict:
     if not artifact.is_dir():
         raise LoradeployError(f"{artifact}: no such artifact folder")
     manifest = mf.read(artifact)
-    listed = manifest.get("files")
-    if not isinstance(listed, list) or not all(isinstance(f, dict) and {"path", "sha256", "bytes"} <= set(f)
-                                              for f in listed):
-        raise LoradeployError(f"{artifact / mf.MANIFEST}: the manifest's file list is missing or malformed")
+    spec = registry.get(manifest.runtime)
+    checks = {**COMMON_CHECKS, **spec.session_class().FILE_CHECKS}
     problems = []
     present = _files(artifact)
-    for entry in listed:
-        rel = entry["path"]
+    for entry in manifest.files:
+        rel = entry.path
         path = artifact / rel
         if rel not in present:
             problems.append({"file": rel, "problem": "missing (listed in the manifest)"})
             continue
         size = path.stat().st_size
-        if size != entry["bytes"]:
-            problems.append({"file": rel, "problem": f"{size:,} bytes, the manifest says {entry['bytes']:,}"})
+        if size != entry.bytes:
+            problems.append({"file": rel, "problem": f"{size:,} bytes, the manifest says {entry.bytes:,}"})
             continue
-        if sha256_file(path) != entry["sha256"]:
+        if sha256_file(path) != entry.sha256:
             problems.append({"file": rel, "problem": "sha256 differs from the manifest (the file was changed)"})
             continue
-        bad = _format_problem(path)
+        bad = _format_problem(path, checks)
         if bad:
             problems.append({"file": rel, "problem": bad})
-    for rel in sorted(present - {f["path"] for f in listed}):
+    for rel in sorted(present - {f.path for f in manifest.files}):
         problems.append({"file": rel, "problem": "not listed in the manifest"})
-    record = {"artifact": str(artifact.absolute()), "target": manifest.get("target", {}).get("name"),
-              "runtime": manifest.get("target", {}).get("runtime"), "files_checked": len(listed),
-              "problems": problems, "loaded": False, "ran": []}
+    record = {"artifact": str(artifact.absolute()), "target": manifest.target.name, "runtime": manifest.runtime,
+              "files_checked": len(manifest.files), "problems": problems, "loaded": False, "ran": []}
     if load and not problems:
         try:
             record["ran"] = _smoke_run(artifact, manifest)
             record["loaded"] = True
-        except LoradeployError:
-            raise
-        except Exception as e:  # the runtime refused it  # noqa: BLE001
+        except Exception as e:  # the runtime (or the session's checks) refused it  # noqa: BLE001
+            text = str(e).strip().splitlines()
             record["problems"].append({"file": ".", "problem": f"does not load in {record['runtime']}: "
-                                                                f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}"})
+                                                                f"{text[0][:200] if text else type(e).__name__}"})
     record["ok"] = not record["problems"]
     return record

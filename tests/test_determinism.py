@@ -4,7 +4,8 @@ target family."""
 
 import pytest
 
-from loradeploy.export import AdapterSpec, export
+from loradeploy.job import AdapterSpec
+from tests.exports import export_adapters as export
 from loradeploy.manifest import reproducible
 from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
 

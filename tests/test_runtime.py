@@ -18,10 +18,11 @@ import pytest
 from loradeploy import runtime
 from loradeploy.cli import main
 from loradeploy.errors import BaseModelError, LoradeployError
-from loradeploy.export import AdapterSpec, export
+from loradeploy.job import AdapterSpec
+from tests.exports import export_adapters as export
 from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
 
-SAME_ATOL = 1e-5  # one runtime, same inputs: the session and the target's validated runner
+SAME_ATOL = 1e-5  # one runtime, same inputs: the served session and one opened as validation opens it
 N_TEXTS = 32
 
 
@@ -78,17 +79,14 @@ def _serve_texts(session, router, texts, validated, names):
         request = session.encode([text])
         routed = router.run(f"user-{i}", request)
         own = next(n for n in names if session.info(n).fingerprint == routed.result.fingerprint)
-        assert np.abs(routed.outputs - validated.run(request["input_ids"], request["attention_mask"], own)).max() <= SAME_ATOL
+        assert np.abs(routed.outputs - validated.run(request, own).outputs).max() <= SAME_ATOL
         for n in names:
             got[n].append(session.run(request, n).outputs)
     return {n: np.concatenate(v) for n, v in got.items()}
 
 
 def test_onnx_arms_equal_their_validated_reference(onnx_art, texts):
-    from loradeploy.manifest import read
-    from loradeploy.targets.onnx import OnnxTarget
-
-    validated = OnnxTarget().open(onnx_art, read(onnx_art))
+    validated = runtime.open(onnx_art)  # as validation opens it, apart from the served session
     session = runtime.open(onnx_art)
     router = runtime.ABRouter(session, {"a": onnx_art / "adapters" / "sora.onnx_adapter",
                                         "b": onnx_art / "adapters" / "increlora.onnx_adapter", "c": "blora"})
@@ -284,8 +282,9 @@ def test_mismatched_adapters_refused_while_arms_serve(onnx_art, tmp_path):
 
         write_adapter_file({"bert.encoder.layer.0.attention.self.query.lora_A": np.zeros((512, 4), np.float32),
                             "no.such.input": np.zeros((2, 2), np.float32)}, d / "adapters" / "bogus.onnx_adapter")
-        m["adapters"].append({"name": "bogus", "file": "adapters/bogus.onnx_adapter"})
-        m["files"].append({"path": "adapters/bogus.onnx_adapter", "sha256": sha256_file(d / "adapters" / "bogus.onnx_adapter")})
+        f = d / "adapters" / "bogus.onnx_adapter"
+        m["adapters"].append({"name": "bogus", "method": "sora", "sources": [], "file": "adapters/bogus.onnx_adapter"})
+        m["files"].append({"path": "adapters/bogus.onnx_adapter", "sha256": sha256_file(f), "bytes": f.stat().st_size})
     shapes = _artifact_copy(onnx_art, tmp_path / "bogus", bogus)
     changed = _artifact_copy(onnx_art, tmp_path / "changed", lambda m, d: None)
     (changed / "adapters" / "sora.onnx_adapter").write_bytes((onnx_art / "adapters" / "blora.onnx_adapter").read_bytes())
@@ -386,10 +385,7 @@ def test_gguf_arms_equal_validated_runner_across_threads(tmp_path, onnx_art):
 
 
 def gguf_serving_checks(art: Path, onnx_art: Path):
-    from loradeploy.manifest import read
-    from loradeploy.targets.gguf import GgufTarget
-
-    validated = GgufTarget().open(art, read(art))
+    validated = runtime.open(art, workers=1)  # as validation opens it, apart from the served session
     session = runtime.open(art, workers=2)
     sentences = ["The soup was not good, but the staff were lovely.", "I would buy this camera again.",
                  "Hardly worth the price, sadly.", "The hotel room was"]
@@ -435,15 +431,12 @@ def gguf_serving_checks(art: Path, onnx_art: Path):
 
 @pytest.mark.slow
 def test_bnb_arms_equal_validated_runner_and_reference(tmp_path, texts):
-    from loradeploy.manifest import read
-    from loradeploy.targets.bnb import BnbTarget
-
     names = ["sora", "increlora"]
     record = export("minilm", [AdapterSpec(n, EXAMPLE_ADAPTERS / n) for n in names],
                     str(quick_profile(tmp_path, "bnb-nf4")), tmp_path / "art", mode="swappable", eval_path=texts[0])
     assert record["validation"]["passed"]
     art = tmp_path / "art"
-    validated = BnbTarget().open(art, read(art))
+    validated = runtime.open(art)  # as validation opens it, apart from the served session
     session = runtime.open(art)
     router = runtime.ABRouter(session, {"a": "sora", "b": "increlora"})
     got = _serve_texts(session, router, texts[1], validated, names)
@@ -454,7 +447,7 @@ def test_bnb_arms_equal_validated_runner_and_reference(tmp_path, texts):
     key_a = next(k for k in (f"k{i}" for i in range(100)) if router.assign(k) == "a")
     assert np.abs(router.run(key_a, request).outputs - got["increlora"][:1]).max() <= SAME_ATOL
     assert np.abs(session.run(request, "sora").outputs - got["sora"][:1]).max() <= SAME_ATOL
-    base = validated.run(request["input_ids"], request["attention_mask"])
+    base = validated.run(request).outputs
     assert np.abs(session.run(request).outputs - base).max() <= SAME_ATOL
     with pytest.raises(BaseModelError, match="not inside the adapters/ folder"):
         session.load_adapter("raw", EXAMPLE_ADAPTERS / "sora")  # a training checkpoint, not exported

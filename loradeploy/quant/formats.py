@@ -139,28 +139,6 @@ def _ggml(x: np.ndarray, fmt: str) -> Quantized:
     return Quantized(fmt, deq, int(data.nbytes), {"clipped": clipped}, best_clip.reshape(rows, -1))
 
 
-# --- registry --------------------------------------------------------------------------------
-
-#: every format, by runtime, highest precision first (the order the plan search lowers them in)
-LADDERS: dict[str, tuple[str, ...]] = {
-    "onnxruntime": ("fp32", "fp16", "int8", "int4"),
-    "llama.cpp": ("f32", "f16", "q8_0", "q5_0", "q4_0"),
-    "bitsandbytes": ("fp32", "fp16"),
-}
-#: formats a plan file may name, by runtime (LADDERS plus alternatives of equal size)
-ACCEPTED: dict[str, tuple[str, ...]] = {
-    "onnxruntime": LADDERS["onnxruntime"],
-    "llama.cpp": LADDERS["llama.cpp"] + ("q5_1", "q4_1"),
-    "bitsandbytes": LADDERS["bitsandbytes"] + ("bf16",),
-}
-#: nominal bit width → format, for uniform plans and B-LoRA bit hints
-BY_BITS: dict[str, dict[int, str]] = {
-    "onnxruntime": {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"},
-    "llama.cpp": {32: "f32", 16: "f16", 8: "q8_0", 5: "q5_0", 4: "q4_0"},
-    "bitsandbytes": {32: "fp32", 16: "fp16"},
-}
-
-
 def quantize(x: np.ndarray, fmt: str) -> Quantized:
     """``x`` (2-D, rows = the runtime's grouping) in format ``fmt``."""
     x = np.asarray(x)
@@ -177,8 +155,9 @@ def quantize(x: np.ndarray, fmt: str) -> Quantized:
     raise LoradeployError(f"unknown quantization format {fmt!r}")
 
 
-def format_for_bits(runtime: str, bits: int) -> str:
-    """The lowest format of ``runtime`` with at least ``bits`` bits (the ladder's lowest below)."""
-    table = BY_BITS[runtime]
+def format_for_bits(by_bits: dict[int, str], bits: int) -> str:
+    """The lowest format of a runtime's ``by_bits`` table with at least ``bits`` bits (the
+    table's lowest below)."""
+    table = by_bits
     wide = sorted(b for b in table if b >= bits)
     return table[wide[0]] if wide else table[min(table)]

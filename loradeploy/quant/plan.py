@@ -1,12 +1,10 @@
 """A quantization plan: the stored format of every LoRA tensor of an adapter, per runtime.
 
 Tensors are named ``<module>.lora_A`` / ``<module>.lora_B`` (the adapter's module names). What
-is quantized is what the runtime stores, laid out so that rows are the runtime's grouping:
-
-* onnxruntime and llama.cpp store the scale (and rank gates) folded into B: ``A [r, in]`` and
-  ``s·B`` — onnxruntime as ``(s·B)ᵀ [r, out]`` (per-rank rows), llama.cpp as ``s·B [out, r]``
-  (GGML rows of length r: block types only when r is a multiple of 32);
-* bitsandbytes (a PEFT folder) stores ``A`` and ``B`` as they are, the scale in the config.
+is quantized is what the runtime stores, as its :class:`~loradeploy.registry.LoraStorage` says,
+laid out so that rows are the runtime's grouping: ``A [r, in]``; ``B`` with the scale (and rank
+gates) folded in or not (``folds_scale``), as ``(s·B)ᵀ [r, out]`` (per-rank rows) or
+``[out, r]`` (``b_rank_major``; GGML block types then need r a multiple of 32).
 
 ``quantize_adapter`` applies a plan: it returns the stored form per tensor (what targets
 write) and an :class:`~loradeploy.ir.AdapterSet` holding the values the runtime computes
@@ -22,47 +20,46 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import LoradeployError
+from .. import registry
+from ..errors import PlanError
 from ..ir import AdapterSet, LoraModule
-from .formats import ACCEPTED, LADDERS, Quantized, ggml_fits, quantize
+from ..registry import LoraStorage
+from .formats import Quantized, format_for_bits, ggml_fits, quantize
 
 PLAN_VERSION = 1
 ROLES = ("lora_A", "lora_B")
-
-
-class PlanError(LoradeployError):
-    """A plan file is unreadable, or does not fit the adapter or runtime it is used with."""
 
 
 def tensor_key(module: str, role: str) -> str:
     return f"{module}.{role}"
 
 
-def stored_matrix(m: LoraModule, role: str, runtime: str) -> np.ndarray:
+def stored_matrix(m: LoraModule, role: str, storage: LoraStorage) -> np.ndarray:
     """The matrix the runtime stores for ``role`` of ``m``, rows = its quantization grouping."""
     if role == "lora_A":
         return m.lora_A.to(torch.float32).numpy()
-    if runtime == "bitsandbytes":
+    if not storage.folds_scale:
         return m.lora_B.to(torch.float32).numpy()
-    b = (m.lora_B.to(torch.float64) * m.rank_gain() * m.scale).to(torch.float32).numpy()
-    return np.ascontiguousarray(b.T) if runtime == "onnxruntime" else b
+    b = m.folded_b().to(torch.float32).numpy()
+    return np.ascontiguousarray(b.T) if storage.b_rank_major else b
 
 
-def allowed_formats(m: LoraModule, role: str, runtime: str) -> tuple[str, ...]:
-    """The runtime's ladder, minus formats this tensor's shape cannot take."""
-    if runtime not in LADDERS:
-        raise PlanError(f"runtime {runtime!r} has no quantization formats")
-    ladder = LADDERS[runtime]
-    if runtime == "llama.cpp":
-        row = m.in_features if role == "lora_A" else m.rank
-        ladder = tuple(f for f in ladder if ggml_fits(f, row))
-    return ladder
+def _row_length(m: LoraModule, role: str, storage: LoraStorage) -> int:
+    if role == "lora_A":
+        return m.in_features
+    return m.out_features if storage.b_rank_major else m.rank
 
 
-def _from_stored(values: np.ndarray, m: LoraModule, role: str, runtime: str) -> torch.Tensor:
+def allowed_formats(m: LoraModule, role: str, storage: LoraStorage) -> tuple[str, ...]:
+    """The runtime's ladder, minus formats this tensor's rows cannot take (block types)."""
+    row = _row_length(m, role, storage)
+    return tuple(f for f in storage.ladder if ggml_fits(f, row))
+
+
+def _from_stored(values: np.ndarray, m: LoraModule, role: str, storage: LoraStorage) -> torch.Tensor:
     """Back to the IR orientation (B unfolded stays folded: the returned module has scale 1)."""
     t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
-    return t.T.contiguous() if (role == "lora_B" and runtime == "onnxruntime") else t
+    return t.T.contiguous() if (role == "lora_B" and storage.b_rank_major) else t
 
 
 @dataclass
@@ -81,6 +78,7 @@ class QuantizedAdapter:
 
 def quantize_adapter(adapters: AdapterSet, runtime: str, formats: dict[str, str]) -> QuantizedAdapter:
     """Apply ``formats`` (tensor key → format) to a pruned, gate-free adapter."""
+    storage = registry.get(runtime).storage
     stored, modules = {}, {}
     for name, m in adapters.modules.items():
         values = {}
@@ -89,17 +87,16 @@ def quantize_adapter(adapters: AdapterSet, runtime: str, formats: dict[str, str]
             fmt = formats.get(key)
             if fmt is None:
                 raise PlanError(f"the plan has no format for tensor {key}")
-            if fmt not in ACCEPTED[runtime]:
+            if fmt not in storage.accepted:
                 raise PlanError(f"tensor {key}: format {fmt!r} is not one {runtime} stores "
-                                f"({', '.join(ACCEPTED[runtime])})")
-            matrix = stored_matrix(m, role, runtime)
+                                f"({', '.join(storage.accepted)})")
+            matrix = stored_matrix(m, role, storage)
             if fmt.startswith("q") and not ggml_fits(fmt, matrix.shape[1]):
                 raise PlanError(f"tensor {key}: {fmt} needs rows of whole 32-blocks, this one has rows of "
                                 f"{matrix.shape[1]}")
             stored[key] = quantize(matrix, fmt)
-            values[role] = _from_stored(stored[key].dequantized, m, role, runtime)
-        folded = runtime != "bitsandbytes"
-        modules[name] = LoraModule(name, values["lora_A"], values["lora_B"], 1.0 if folded else m.scale)
+            values[role] = _from_stored(stored[key].dequantized, m, role, storage)
+        modules[name] = LoraModule(name, values["lora_A"], values["lora_B"], 1.0 if storage.folds_scale else m.scale)
     sim = AdapterSet(adapters.method, modules, dict(adapters.extra_tensors), adapters.base_model_hint,
                      dict(adapters.hyperparameters), list(adapters.sources), list(adapters.notes))
     return QuantizedAdapter(runtime, dict(formats), stored, sim)
@@ -107,11 +104,12 @@ def quantize_adapter(adapters: AdapterSet, runtime: str, formats: dict[str, str]
 
 def uniform_formats(adapters: AdapterSet, runtime: str, fmt: str) -> dict[str, str]:
     """Every tensor in ``fmt``, or the nearest higher format its shape allows."""
+    storage = registry.get(runtime).storage
     out = {}
     for name, m in adapters.modules.items():
         for role in ROLES:
-            ladder = allowed_formats(m, role, runtime)
-            full = LADDERS[runtime]
+            ladder = allowed_formats(m, role, storage)
+            full = storage.ladder
             if fmt not in full:
                 raise PlanError(f"{runtime} has no {fmt} format ({', '.join(full)})")
             want = full.index(fmt)
@@ -123,17 +121,16 @@ def uniform_formats(adapters: AdapterSet, runtime: str, fmt: str) -> dict[str, s
 def hinted_formats(adapters: AdapterSet, runtime: str, original: AdapterSet) -> dict[str, str] | None:
     """A B-LoRA adapter's learned bit widths (held by ``original``, the adapter as trained) as a
     plan for its pruned form ``adapters`` (None when it has none)."""
-    from .formats import format_for_bits
-
     if not any(m.bits for m in original.modules.values()):
         return None
+    storage = registry.get(runtime).storage
     out = {}
     for name, m in adapters.modules.items():
         bits = original.modules[name].bits if name in original.modules else {}
         for role in ROLES:
-            ladder = allowed_formats(m, role, runtime)
-            fmt = format_for_bits(runtime, bits.get(role, 32))
-            full = LADDERS[runtime]
+            ladder = allowed_formats(m, role, storage)
+            fmt = format_for_bits(storage.by_bits, bits.get(role, 32))
+            full = storage.ladder
             fits = [f for f in ladder if full.index(f) <= full.index(fmt)] if fmt in full else list(ladder[:1])
             out[tensor_key(name, role)] = fits[-1]
     return out
@@ -196,8 +193,9 @@ class Plan:
         if not isinstance(data, dict) or data.get("plan_version") != PLAN_VERSION:
             raise PlanError(f"{path}: not a loradeploy quantization plan (plan_version {PLAN_VERSION})")
         runtime = data.get("runtime")
-        if runtime not in LADDERS:
+        if runtime not in registry.names():
             raise PlanError(f"{path}: unknown runtime {runtime!r}")
+        accepted = registry.get(runtime).storage.accepted
         adapters = data.get("adapters")
         if not isinstance(adapters, dict) or not adapters:
             raise PlanError(f"{path}: the plan lists no adapters")
@@ -206,20 +204,51 @@ class Plan:
             if not isinstance(formats, dict) or not formats:
                 raise PlanError(f"{path}: adapter {name!r} has no formats")
             for key, fmt in formats.items():
-                if fmt not in ACCEPTED[runtime]:
+                if fmt not in accepted:
                     raise PlanError(f"{path}: tensor {key}: format {fmt!r} is not one {runtime} stores "
-                                    f"({', '.join(ACCEPTED[runtime])})")
+                                    f"({', '.join(accepted)})")
         return cls(runtime, str(data.get("target", "")), adapters, data.get("budget") or {},
                    str(data.get("method", "learned")))
 
 
-def parse_plan_option(text: str) -> tuple[str, object]:
-    """``--plan`` values: ``uniform:BITS`` (32/16/8/5/4), ``learned`` or a plan file path."""
+@dataclass(frozen=True)
+class LearnedPlan:
+    """Search a plan under a fidelity budget (or a byte limit)."""
+
+    def __str__(self) -> str:
+        return "learned"
+
+
+@dataclass(frozen=True)
+class UniformPlan:
+    """Every tensor at one nominal bit width (the baseline)."""
+
+    bits: int
+
+    def __str__(self) -> str:
+        return f"uniform:{self.bits}"
+
+
+@dataclass(frozen=True)
+class PlanFile:
+    """A plan written by ``loradeploy quantize``."""
+
+    path: Path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+PlanChoice = LearnedPlan | UniformPlan | PlanFile
+
+
+def parse_plan_choice(text: str) -> PlanChoice:
+    """``--plan`` values: ``learned``, ``uniform:BITS`` (32/16/8/5/4) or a plan file path."""
     if text.startswith("uniform:"):
         bits = text.split(":", 1)[1]
         if not bits.isdigit():
             raise PlanError(f"--plan {text}: expected uniform:BITS, e.g. uniform:8")
-        return "uniform", int(bits)
+        return UniformPlan(int(bits))
     if text == "learned":
-        return "learned", None
-    return "file", Path(text)
+        return LearnedPlan()
+    return PlanFile(Path(text))

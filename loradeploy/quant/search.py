@@ -14,15 +14,15 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 
+from .. import measures, registry
 from ..errors import LoradeployError
 from ..ir import AdapterSet, Task
 from ..merge import find_module, load_extras
-from .formats import LADDERS
 from .plan import ROLES, allowed_formats, quantize_adapter, stored_matrix, tensor_key
 
+#: the measure a plan is held to, per task (names from the one table of measures)
 MEASURES = {Task.SEQUENCE_CLASSIFICATION: "mean_abs_logit", Task.FEATURE_EXTRACTION: "cosine_distance",
             Task.CAUSAL_LM: "kl_mean"}
 #: default fidelity budget of the adapter's quantization alone (the target's budget covers the
@@ -41,6 +41,7 @@ class Evaluator:
 
     def __init__(self, base_model, adapters: AdapterSet, runtime: str, task: Task, batches: list[dict]):
         self.adapters, self.runtime, self.task, self.batches = adapters, runtime, task, batches
+        self.storage = registry.get(runtime).storage
         self.model = copy.deepcopy(base_model).eval()
         load_extras(self.model, adapters)
         self.weights, self.base_weights = {}, {}
@@ -51,7 +52,7 @@ class Evaluator:
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
         self._current: dict[str, tuple[str, str]] = {}  # module → formats its weight holds now
         self.evaluations = 0
-        exact = {tensor_key(n, r): LADDERS[runtime][0] for n in adapters.modules for r in ROLES}
+        exact = {tensor_key(n, r): self.storage.ladder[0] for n in adapters.modules for r in ROLES}
         self._set(exact)
         self.inputs: dict[str, torch.Tensor] = {}
         hooks = [find_module(self.model, name)[1].register_forward_pre_hook(self._capture(name))
@@ -74,9 +75,8 @@ class Evaluator:
     def layer_error(self, name: str, fmt_a: str, fmt_b: str) -> float:
         """||X·(ΔW_plan − ΔW)ᵀ||_F on the module's calibration inputs X: the error that module's
         output takes when its tensors are stored in (fmt_a, fmt_b)."""
-        m = self.adapters.modules[name]
-        top = LADDERS[self.runtime][0]
-        scale = m.scale if self.runtime == "bitsandbytes" else 1.0
+        top = self.storage.ladder[0]
+        scale = self._unfolded_scale(name)
 
         def delta(fa, fb):
             return scale * (self._dequantized(name, "lora_B", fb) @ self._dequantized(name, "lora_A", fa))
@@ -88,7 +88,7 @@ class Evaluator:
         key = (tensor_key(name, role), fmt)
         if key not in self._cache:
             single = AdapterSet(self.adapters.method, {name: self.adapters.modules[name]})
-            q = quantize_adapter(single, self.runtime, {tensor_key(name, r): fmt if r == role else LADDERS[self.runtime][0]
+            q = quantize_adapter(single, self.runtime, {tensor_key(name, r): fmt if r == role else self.storage.ladder[0]
                                                         for r in ROLES})
             self._cache[key] = getattr(q.simulated.modules[name], role).to(torch.float64)
         return self._cache[key]
@@ -102,9 +102,13 @@ class Evaluator:
             self._current[name] = pair
             a = self._dequantized(name, "lora_A", pair[0])
             b = self._dequantized(name, "lora_B", pair[1])
-            scale = m.scale if self.runtime == "bitsandbytes" else 1.0
+            scale = self._unfolded_scale(name)
             w = self.weights[name]
             w.copy_((self.base_weights[name].to(torch.float64) + scale * (b @ a)).to(w.dtype))
+
+    def _unfolded_scale(self, name: str) -> float:
+        """The scale the stored B still needs: 1 where the runtime folds it into B."""
+        return 1.0 if self.storage.folds_scale else self.adapters.modules[name].scale
 
     _mask: torch.Tensor | None = None
 
@@ -174,17 +178,18 @@ def _bytes(ev: Evaluator, key: str, fmt: str) -> int:
     m = ev.adapters.modules[name]
     from .formats import quantize
 
-    return quantize(stored_matrix(m, role, ev.runtime), fmt).nbytes
+    return quantize(stored_matrix(m, role, ev.storage), fmt).nbytes
 
 
-#: error measures that grow with the square of a small perturbation (KL, 1 − cosine); the others linearly
-QUADRATIC = {"kl_mean", "cosine_distance"}
+def _quadratic(measure: str) -> bool:
+    """KL and 1 − cosine grow with the square of a small perturbation; |Δlogit| linearly."""
+    return measures.get(measure).unit in ("kl", "cosine")
 
 
 def additive(measure: str, value: float) -> float:
     """The measure in a form that adds up over independent perturbations of several tensors:
     quadratic measures as they are, linear ones (mean |Δlogit|) squared."""
-    return value if measure in QUADRATIC else value * value
+    return value if _quadratic(measure) else value * value
 
 
 def _model_sensitivity(ev, ladders, top, base_err, measure, step) -> dict[str, dict[str, float]]:
@@ -205,7 +210,7 @@ def _layer_sensitivity(ev, ladders, top, base_err, measure, step) -> dict[str, d
     output measure by one forward pass per module (both its tensors at their lowest format):
     sensitivity = gain_m · layer_error², in the additive form of the measure."""
     p = 2
-    top_fmt = LADDERS[ev.runtime][0]
+    top_fmt = ev.storage.ladder[0]
     sens = {}
     for i, name in enumerate(sorted(ev.adapters.modules)):
         ka, kb = tensor_key(name, "lora_A"), tensor_key(name, "lora_B")
@@ -221,7 +226,7 @@ def _layer_sensitivity(ev, ladders, top, base_err, measure, step) -> dict[str, d
 
 
 def _from_additive(measure: str, value: float) -> float:
-    return value if measure in QUADRATIC else value ** 0.5
+    return value if _quadratic(measure) else value ** 0.5
 
 
 def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = None,
@@ -232,8 +237,7 @@ def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = N
     per module) or ``model`` (one forward pass per tensor and format)."""
     step = progress or (lambda _m: None)
     measure = MEASURES[ev.task]
-    runtime = ev.runtime
-    ladders = {tensor_key(n, r): allowed_formats(m, r, runtime) for n, m in ev.adapters.modules.items() for r in ROLES}
+    ladders = {tensor_key(n, r): allowed_formats(m, r, ev.storage) for n, m in ev.adapters.modules.items() for r in ROLES}
     top = {k: lad[0] for k, lad in ladders.items()}
     base_err = ev.error(top)[measure]
     sens = (_model_sensitivity if sensitivity == "model" else _layer_sensitivity)(ev, ladders, top, base_err, measure, step)
@@ -308,7 +312,7 @@ def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = N
     candidates = []
     if start is not None:
         candidates.append(("blora-bit-hints", dict(start)))
-    for level, fmt in enumerate(LADDERS[runtime]):
+    for level, fmt in enumerate(ev.storage.ladder):
         candidates.append((f"uniform {fmt}", {k: lad[min(level, len(lad) - 1)] if fmt not in lad else fmt
                                               for k, lad in ladders.items()}))
     for label, formats in candidates:

@@ -32,38 +32,30 @@ while serving.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
-from ..errors import LoradeployError
+from .. import registry
+from ..manifest import read as read_manifest
 from .router import ABRouter, Routed
-from .session import AdapterInfo, Result, Session, check_provenance, read_manifest
+from .session import AdapterInfo, Result, Session, check_provenance
 
-__all__ = ["ABRouter", "AdapterInfo", "Result", "Routed", "SESSIONS", "Session", "check_provenance", "open"]
-
-#: runtime (as an artifact's manifest names it) → "module:Class", imported only when used
-SESSIONS: dict[str, str] = {
-    "onnxruntime": "loradeploy.runtime.onnx:OrtSession",
-    "llama.cpp": "loradeploy.runtime.llama:LlamaSession",
-    "bitsandbytes": "loradeploy.runtime.bnb:BnbSession",
-}
+__all__ = ["ABRouter", "AdapterInfo", "Result", "Routed", "Session", "check_provenance", "open"]
 
 
 def open(artifact: str | Path, *, adapters: bool = True, threads: int = 0, workers: int = 2) -> Session:  # noqa: A001
-    """A :class:`Session` for ``artifact`` in its runtime; with ``adapters`` the artifact's own
-    adapters are loaded under their names. ``workers``: llama.cpp contexts (calls in parallel);
-    ``threads``: intra-op threads per call (0: the runtime's default / cores per worker)."""
+    """A :class:`Session` for ``artifact`` in its runtime (the one loader: validation, ``verify``,
+    the latency worker and ``ab`` all open artifacts through it); with ``adapters`` the
+    artifact's own adapters are loaded under their names. ``workers``: llama.cpp contexts (calls
+    in parallel); ``threads``: intra-op threads per call (0: the runtime's default / cores per
+    worker)."""
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
-    runtime = manifest["target"]["runtime"]
-    if runtime not in SESSIONS:
-        raise LoradeployError(f"{artifact}: runtime {runtime!r} has no session (available: {', '.join(SESSIONS)})")
-    module, cls = SESSIONS[runtime].split(":")
-    try:
-        session = getattr(importlib.import_module(module), cls)(artifact, manifest, threads=threads, workers=workers)
-    except ImportError as e:
-        raise LoradeployError(f"runtime {runtime} needs {e.name}: pip install 'loradeploy[all]'") from e
-    if adapters and manifest.get("mode") == "swappable":
-        for a in manifest.get("adapters", []):
-            session.load_adapter(a["name"], artifact / a["file"])
+    session = registry.get(manifest.runtime).session_class()(artifact, manifest, threads=threads, workers=workers)
+    if adapters and manifest.mode == "swappable":
+        try:
+            for a in manifest.swappable_adapters:
+                session.load_adapter(a.name, artifact / a.file)
+        except BaseException:
+            session.close()
+            raise
     return session

@@ -1,4 +1,6 @@
-"""transformers + PEFT session (bitsandbytes artifacts) through the target's runner.
+"""bitsandbytes plugin, runtime side: the one loader of bitsandbytes artifacts (transformers holding
+the quantized base once, PEFT adapters beside it). The artifact's writer is
+``loradeploy.targets.bnb``.
 
 PEFT's ``set_adapter`` mutates the model, so calls are serialized by one lock; PyTorch's
 intra-op threads still use every core within a call. bitsandbytes 0.50 repacks 4-bit weights
@@ -10,18 +12,85 @@ every held adapter attached (seconds), then swaps it in. Switching and unloading
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import BaseModelError
+from ..registry import LoraStorage, RuntimeSpec
 from .session import HfTokenizer, Session, refuse
+
+SPEC = RuntimeSpec(
+    name="bitsandbytes", distribution="bitsandbytes", packages=("bitsandbytes",),
+    precisions=("nf4", "fp4", "int8"),
+    storage=LoraStorage(ladder=("fp32", "fp16"), accepted=("fp32", "fp16", "bf16"), by_bits={32: "fp32", 16: "fp16"},
+                        folds_scale=False, b_rank_major=False),
+    adapter_suffix="", target="loradeploy.targets.bnb:BnbTarget", session="loradeploy.runtime.bnb:BnbSession",
+    quiet_loggers=("bitsandbytes",))
+
+ADAPTER_DIR = "adapters"  # each adapter is a PEFT folder adapters/NAME
+
+
+class _Model:
+    """transformers (+ PEFT) holding the quantized base once; adapters switched per call."""
+
+    def __init__(self, artifact: Path, task: str, threads: int = 0):
+        import torch
+        import transformers
+
+        from ..base import auto_class
+        from ..ir import Task
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        if threads:
+            torch.set_num_threads(threads)
+        self.task = Task(task)
+        self.model = auto_class(self.task).from_pretrained(str(artifact)).eval()
+        self.adapters: tuple[str, ...] = ()
+
+    def attach(self, handle: str, path: Path) -> None:
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(str(path), adapter_name=handle)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=handle)
+        self.model.eval()
+        self.adapters += (handle,)
+
+    def forward(self, adapter: str | None, **inputs):
+        import torch
+
+        if self.adapters and adapter is not None:
+            self.model.set_adapter(adapter)
+        ctx = self.model.disable_adapter() if self.adapters and adapter is None else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            return self.model(**inputs)
+
+    def run(self, input_ids, attention_mask, adapter=None) -> np.ndarray:
+        import torch
+
+        from ..ir import Task
+
+        ids, mask = torch.from_numpy(np.asarray(input_ids)), torch.from_numpy(np.asarray(attention_mask))
+        out = self.forward(adapter, input_ids=ids, attention_mask=mask)
+        if self.task is Task.SEQUENCE_CLASSIFICATION:
+            return out.logits.float().numpy()
+        if self.task is Task.CAUSAL_LM:
+            return out.logits[:, -1].float().numpy()
+        m = mask.unsqueeze(-1).float()
+        return ((out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)).float().numpy()
 
 
 class BnbSession(HfTokenizer, Session):
-    runtime = "bitsandbytes"
+    runtime = SPEC.name
 
-    def __init__(self, artifact: Path, manifest: dict, threads: int = 0, workers: int = 0):
+    def __init__(self, artifact: Path, manifest, threads: int = 0, workers: int = 0):
         super().__init__(artifact, manifest)
         self._threads = threads
         self._engine = threading.Lock()
@@ -29,28 +98,13 @@ class BnbSession(HfTokenizer, Session):
         self._paths: dict[str, Path] = {}  # PEFT adapter name → folder, in load order
         self._zombie: str | None = None  # see _free
         self.runner = self._build()
-        self._tokenizer = self.runner._tokenizer
 
-    def _build(self):
-        from ..ir import Task
-        from ..targets.bnb import BnbRunner
-
-        runner = BnbRunner(self.artifact, Task(self.task), [], self._threads)
+    def _build(self) -> _Model:
+        runner = _Model(self.artifact, self.task, self._threads)
         for handle, path in self._paths.items():
-            self._attach(runner, handle, path)
+            runner.attach(handle, path)
         self._served = False
         return runner
-
-    @staticmethod
-    def _attach(runner, handle: str, path: Path) -> None:
-        from peft import PeftModel
-
-        if isinstance(runner.model, PeftModel):
-            runner.model.load_adapter(str(path), adapter_name=handle)
-        else:
-            runner.model = PeftModel.from_pretrained(runner.model, str(path), adapter_name=handle)
-        runner.model.eval()
-        runner.adapters += (handle,)
 
     def _check_tensors(self, path):
         from safetensors import safe_open
@@ -87,7 +141,7 @@ class BnbSession(HfTokenizer, Session):
             if self._served:  # see the module doc
                 self.runner = self._build()
             else:
-                self._attach(self.runner, handle, Path(path))
+                self.runner.attach(handle, Path(path))
                 if self._zombie:
                     self._delete(self._zombie)
             self._zombie = None
@@ -112,3 +166,35 @@ class BnbSession(HfTokenizer, Session):
         with self._engine:
             self._served = True
             return self.runner.run(inputs["input_ids"], inputs["attention_mask"], rec.handle if rec else None)
+
+    def logits(self, tokens: list[int], adapter: str | None = None) -> np.ndarray:
+        import torch
+
+        rec = None
+        if adapter is not None:
+            with self._lock:
+                rec = self._adapters.get(adapter)
+            if rec is None:
+                raise BaseModelError(f"adapter {adapter!r} is not loaded (loaded: {', '.join(self.adapters) or 'none'})")
+        with self._engine:
+            self._served = True
+            out = self.runner.forward(rec.handle if rec else None, input_ids=torch.tensor([tokens]))
+        return out.logits[0].float().numpy()
+
+    @staticmethod
+    def reference_unit(threads: int = 0):
+        """A fixed fp32 MLP block (384 → 1536 → 384 on 128 positions, seeded weights) in PyTorch,
+        the runtime bitsandbytes computes in, at the session's thread count."""
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        g = torch.Generator().manual_seed(0)
+        x, w1, w2 = (torch.randn(shape, generator=g) * 0.05 for shape in ((128, 384), (384, 1536), (1536, 384)))
+
+        def unit() -> float:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                torch.relu(x @ w1) @ w2
+            return (time.perf_counter() - t0) * 1e3
+        return unit

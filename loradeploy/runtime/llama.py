@@ -1,7 +1,9 @@
-"""llama.cpp session: one ``llama_model``, adapters loaded once on it and activated per context.
-A context is not shareable across threads, so the session keeps a pool of ``workers`` contexts;
-a call borrows one. Adapters on a context only change while the pool's lock is held, and a freed
-adapter is first cleared from the idle contexts (busy ones hold the adapter of their own call)."""
+"""llama.cpp plugin, runtime side: the one loader of llama.cpp artifacts (through
+llama-cpp-python). One ``llama_model``, adapters loaded once on it and activated per context. A
+context is not shareable across threads, so the session keeps a pool of ``workers`` contexts; a
+call borrows one. Adapters on a context only change while the pool's lock is held, and a freed
+adapter is first cleared from the idle contexts (busy ones hold the adapter of their own call).
+The artifact's writer is ``loradeploy.targets.gguf``."""
 
 from __future__ import annotations
 
@@ -15,15 +17,47 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BaseModelError, LoradeployError
+from ..manifest import BaseRecord, Manifest, TargetRecord
+from ..registry import LoraStorage, RuntimeSpec
 from .session import Loaded, Session, refuse
 
+SPEC = RuntimeSpec(
+    name="llama.cpp", distribution="llama-cpp-python", packages=("llama-cpp-python", "gguf"),
+    precisions=("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"),
+    storage=LoraStorage(ladder=("f32", "f16", "q8_0", "q5_0", "q4_0"),
+                        accepted=("f32", "f16", "q8_0", "q5_0", "q4_0", "q5_1", "q4_1"),
+                        by_bits={32: "f32", 16: "f16", 8: "q8_0", 5: "q5_0", 4: "q4_0"},
+                        folds_scale=True, b_rank_major=False),
+    adapter_suffix=".gguf", target="loradeploy.targets.gguf:GgufTarget",
+    session="loradeploy.runtime.llama:LlamaSession")
+
+MODEL_FILE = "model.gguf"
+ADAPTER_DIR = "adapters"
 log = logging.getLogger("llama.cpp")
+_LOG_CALLBACK = None  # kept alive for as long as llama.cpp may call it
 
 
-def _quiet(llama_cpp) -> None:
-    from ..targets.gguf import route_llama_log
+def route_llama_log(llama_cpp) -> None:
+    """Route llama.cpp's log (a warning per quantized adapter tensor it places) to the
+    ``llama.cpp`` logger at DEBUG: llama-cpp-python's own filter maps ggml's current level
+    numbers wrongly and prints them."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(
+            lambda level, text, _: log.debug(text.decode("utf-8", "replace").rstrip()))
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
-    route_llama_log(llama_cpp)
+
+def _check_gguf(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] != b"GGUF":
+        return "not a GGUF file (bad magic)"
+    if path.stat().st_size < 64 * 2**20:  # adapter files: read every tensor's header
+        import gguf
+
+        gguf.GGUFReader(str(path))
+    return None
 
 
 #: GGUF metadata value type → struct format of one value (8: string, 9: array)
@@ -103,34 +137,50 @@ class _Worker:
             raise LoradeployError(f"llama.cpp could not set adapter {rec.info.name if rec else None!r} (code {code})")
         self.active = rec
 
+    def decode(self, tokens: list[int], n_past: int = 0) -> None:
+        for i in range(0, len(tokens), self.n_batch):
+            self.batch.set_batch(tokens[i:i + self.n_batch], n_past=n_past + i, logits_all=False)
+            self.ctx.decode(self.batch)
+
     def last_logits(self, tokens: list[int], n_vocab: int) -> np.ndarray:
         self.ctx.kv_cache_clear()
-        for i in range(0, len(tokens), self.n_batch):
-            self.batch.set_batch(tokens[i:i + self.n_batch], n_past=i, logits_all=False)
-            self.ctx.decode(self.batch)
+        self.decode(tokens)
         return np.ctypeslib.as_array(self.ctx.get_logits_ith(-1), shape=(n_vocab,)).copy()
+
+    def all_logits(self, tokens: list[int], n_vocab: int) -> np.ndarray:
+        """Logits of every position ``[len(tokens), n_vocab]``."""
+        self.ctx.kv_cache_clear()
+        out = np.empty((len(tokens), n_vocab), np.float32)
+        for i in range(0, len(tokens), self.n_batch):
+            chunk = tokens[i:i + self.n_batch]
+            self.batch.set_batch(chunk, n_past=i, logits_all=True)
+            self.ctx.decode(self.batch)
+            out[i:i + len(chunk)] = np.ctypeslib.as_array(self.ctx.get_logits(), shape=(len(chunk), n_vocab))
+        return out
 
 
 class LlamaSession(Session):
-    runtime = "llama.cpp"
+    runtime = SPEC.name
+    FILE_CHECKS = {".gguf": _check_gguf}
 
-    def __init__(self, artifact: Path, manifest: dict, threads: int = 0, workers: int = 2, n_ctx: int = 256):
+    def __init__(self, artifact: Path, manifest: Manifest, threads: int = 0, workers: int = 2, n_ctx: int = 256,
+                 model: Path | None = None):
         import llama_cpp
         from llama_cpp import _internals
 
-        from ..targets.gguf import MODEL_FILE
-
         super().__init__(artifact, manifest)
-        _quiet(llama_cpp)
+        route_llama_log(llama_cpp)
         llama_cpp.llama_backend_init()
-        self._ll, self._path = llama_cpp, self.artifact / MODEL_FILE
+        self._ll, self._path = llama_cpp, Path(model) if model else self.artifact / MODEL_FILE
+        self.threads = threads
         self.model = _internals.LlamaModel(path_model=str(self._path), params=llama_cpp.llama_model_default_params(),
                                            verbose=False)
         self.n_vocab, self.n_ctx = self.model.n_vocab(), n_ctx
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
         params.n_threads = params.n_threads_batch = threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the validated runner
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self._params = params
         self._pool = [_Worker(llama_cpp, _internals, self.model, params, n_ctx) for _ in range(max(workers, 1))]
         self._idle, self._cv = list(self._pool), threading.Condition()
         self._model_lock = threading.Lock()  # adapter init/free touch the model's adapter list
@@ -203,6 +253,17 @@ class LlamaSession(Session):
                 raise
         return worker
 
+    def _release(self, worker: _Worker) -> None:
+        with self._cv:
+            self._idle.append(worker)
+            self._cv.notify()
+
+    def _rec(self, adapter: str | None) -> Loaded | None:
+        with self._lock:
+            if adapter is not None and adapter not in self._adapters:
+                raise LoradeployError(f"adapter {adapter!r} is not loaded (loaded: {', '.join(self._adapters) or 'none'})")
+            return self._adapters.get(adapter) if adapter else None
+
     def _run(self, inputs, rec):
         rows = [[int(t) for t, m in zip(r, k) if m] for r, k in zip(inputs["input_ids"], inputs["attention_mask"])]
         if any(not 0 < len(r) <= self.n_ctx for r in rows):
@@ -211,9 +272,19 @@ class LlamaSession(Session):
         try:
             return np.stack([worker.last_logits(r, self.n_vocab) for r in rows])
         finally:
-            with self._cv:
-                self._idle.append(worker)
-                self._cv.notify()
+            self._release(worker)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.model.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def logits(self, tokens: list[int], adapter: str | None = None) -> np.ndarray:
+        if not 0 < len(tokens) <= self.n_ctx:
+            raise LoradeployError(f"an input needs 1 to {self.n_ctx} tokens (this session's context size)")
+        worker = self._acquire(self._rec(adapter))
+        try:
+            return worker.all_logits(tokens, self.n_vocab)
+        finally:
+            self._release(worker)
 
     def close(self):
         super().close()
@@ -221,5 +292,134 @@ class LlamaSession(Session):
             w.batch.close()
             w.ctx.close()
         self.model.close()
+
+    @classmethod
+    def open_base(cls, base: Path, threads: int = 0) -> "LlamaSession":
+        """The base GGUF alone (no artifact): how much of the artifact's gap is the base's own."""
+        manifest = Manifest(TargetRecord("base", SPEC.name, {}), "merged", "causal-lm", None,
+                            BaseRecord(str(base), str(base), []), {}, [], {}, [])
+        return cls(Path(base).parent, manifest, threads=threads, workers=1, model=Path(base))
+
+    # -- latency, measured by the latency worker in a fresh process ---------------------------
+    def measure(self, adapter, shapes, warmup, runs, reference) -> dict:
+        """Prompt processing per shape (one sequence of ``seq`` tokens) and generation speed, with
+        ``adapter`` and with the base alone, interleaved with ``reference`` (the runtime's fixed
+        unit, scaled to the call's length); adapter load/switch time vs a model reload."""
+        from ..latency import ScaledReference, ratio_stats, stats
+
+        rec = self._rec(adapter)
+        worker = self._acquire(rec)
+        try:
+            def prompt(r, tokens):
+                def run():
+                    if worker.active is not r:
+                        worker.set_adapter(r)
+                    worker.last_logits(tokens, self.n_vocab)
+                return run
+
+            def generate(r, prompt_tokens, n):
+                def run():
+                    if worker.active is not r:
+                        worker.set_adapter(r)
+                    worker.last_logits(prompt_tokens, self.n_vocab)
+                    for i in range(n):
+                        worker.decode([1000 + i], n_past=len(prompt_tokens) + i)
+                return run
+
+            result, llama = {}, {}
+            for _, seq in shapes:
+                tokens = [2] + [1000 + i for i in range(seq - 1)]
+                warm = _time(prompt(rec, tokens), warmup, 1)
+                ref = ScaledReference(reference, min(warm))
+                with_adapter, base, refs = [], [], []
+                for _ in range(max(runs, 1)):
+                    refs.append(ref())
+                    with_adapter += _time(prompt(rec, tokens), 0, 1)
+                    base += _time(prompt(None, tokens), 0, 1)
+                result[f"pp{seq}"] = {**stats(with_adapter), **ratio_stats(with_adapter, refs, ref.repeats)}
+                llama[f"pp{seq}_tokens_per_s"] = seq / (float(np.median(with_adapter)) / 1e3)
+                llama[f"pp{seq}_tokens_per_s_base"] = seq / (float(np.median(base)) / 1e3)
+            n_gen, start = 32, [2, 1000, 1001, 1002]
+            gen_a, gen_b, gen_refs, ref = [], [], [], None
+            for _ in range(max(runs // 4, 2)):
+                gen_a += _time(generate(rec, start, n_gen), 0, 1)
+                ref = ref or ScaledReference(reference, gen_a[0])  # as long as a whole generation
+                gen_refs.append(ref())
+                gen_b += _time(generate(None, start, n_gen), 0, 1)
+            per_token = [g / n_gen for g in gen_a]
+            result["tg"] = {**stats(per_token), **ratio_stats(per_token, gen_refs, ref.repeats)}
+            llama["tg_tokens_per_s"] = n_gen / (float(np.median(gen_a)) / 1e3)
+            llama["tg_tokens_per_s_base"] = n_gen / (float(np.median(gen_b)) / 1e3)
+            if rec is not None:
+                llama.update(self._switch_vs_reload(worker, rec))
+        finally:
+            self._release(worker)
+        return {"shapes": result, "llama": llama}
+
+    def _switch_vs_reload(self, worker: _Worker, rec: Loaded) -> dict:
+        import time
+
+        from llama_cpp import _internals
+
+        out = {}
+        t0 = time.perf_counter()
+        with self._model_lock:
+            extra = self._ll.llama_adapter_lora_init(self.model.model, str(rec.info.path).encode())
+        out["adapter_load_ms"] = (time.perf_counter() - t0) * 1e3
+        with self._model_lock:
+            self._ll.llama_adapter_lora_free(extra)
+        arr = (self._ll.llama_adapter_lora_p_ctypes * 1)(rec.handle)
+        scale = (ctypes.c_float * 1)(1.0)
+        t0 = time.perf_counter()
+        for _ in range(100):
+            self._ll.llama_set_adapters_lora(worker.ctx.ctx, arr, 1, scale)
+            self._ll.llama_set_adapters_lora(worker.ctx.ctx, None, 0, None)
+        out["adapter_switch_ms"] = (time.perf_counter() - t0) * 1e3 / 200
+        worker.active = None
+        t0 = time.perf_counter()
+        model = _internals.LlamaModel(path_model=str(self._path), params=self._ll.llama_model_default_params(),
+                                      verbose=False)
+        ctx = _internals.LlamaContext(model=model, params=self._params, verbose=False)
+        out["model_reload_ms"] = (time.perf_counter() - t0) * 1e3
+        ctx.close()
+        model.close()
+        out["reload_over_switch"] = out["model_reload_ms"] / out["adapter_switch_ms"]
+        return out
+
+    @staticmethod
+    def reference_unit(threads: int = 0):
+        """Prompt processing of 64 tokens on :func:`reference_model` in llama.cpp, at the runner's
+        thread count: the same ggml kernels (Q8_0 dot products) the artifact's model runs."""
+        import time
+
+        import llama_cpp
+
+        route_llama_log(llama_cpp)
+        from .llama_reference import REFERENCE_MODEL, reference_model
+
+        llm = llama_cpp.Llama(model_path=str(reference_model()), n_ctx=4 * REFERENCE_MODEL["tokens"],
+                              n_batch=REFERENCE_MODEL["tokens"], verbose=False, n_threads=threads or os.cpu_count())
+        tokens = [1] + [300 + i for i in range(REFERENCE_MODEL["tokens"] - 1)]
+
+        def unit() -> float:
+            t0 = time.perf_counter()
+            llm.reset()
+            llm.eval(tokens)
+            return (time.perf_counter() - t0) * 1e3
+        unit.model = llm  # kept alive with the unit
+        return unit
+
+
+def _time(fn, warmup: int, runs: int) -> list[float]:
+    import time
+
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
 
 

@@ -1,25 +1,76 @@
-"""onnxruntime session: one ``InferenceSession`` (``run`` is thread-safe); each call builds its
-own ``RunOptions`` with its adapter (a ``LoraAdapter``) active, so calls share no adapter state."""
+"""ONNX Runtime plugin, runtime side: the one loader of onnxruntime artifacts. One
+``InferenceSession`` (``run`` is thread-safe); each call builds its own ``RunOptions`` with its
+adapter (a ``LoraAdapter``) active, so calls share no adapter state. The artifact's writer is
+``loradeploy.targets.onnx``."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import numpy as np
 
-from ..errors import BaseModelError
+from ..errors import BaseModelError, LoradeployError
+from ..registry import LoraStorage, RuntimeSpec
 from .session import HfTokenizer, Session, refuse
 
+SPEC = RuntimeSpec(
+    name="onnxruntime", distribution="onnxruntime", packages=("onnxruntime", "onnx"),
+    precisions=("fp32", "int8-dynamic", "int4"),
+    storage=LoraStorage(ladder=("fp32", "fp16", "int8", "int4"), accepted=("fp32", "fp16", "int8", "int4"),
+                        by_bits={32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}, folds_scale=True, b_rank_major=True),
+    adapter_suffix=".onnx_adapter", target="loradeploy.targets.onnx:OnnxTarget",
+    session="loradeploy.runtime.onnx:OrtSession")
+
+MODEL_FILE = "model.onnx"
+ADAPTER_DIR = "adapters"
+
+
+def session_options(threads: int = 0):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # overridable initializers would each print a warning
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+def inference_session(path: Path, threads: int = 0, provider: str = "CPUExecutionProvider"):
+    """An ``InferenceSession`` on ``path`` with loradeploy's session options."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    if provider not in ort.get_available_providers():
+        raise LoradeployError(f"execution provider {provider} is not available in this onnxruntime "
+                              f"(available: {', '.join(ort.get_available_providers())})")
+    return ort.InferenceSession(str(path), session_options(threads), providers=[provider])
+
+
+def _check_onnx(path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(path))
+
+
+def _check_adapter(path: Path) -> None:
+    import onnxruntime as ort
+
+    ort.LoraAdapter().Load(str(path))
+
+
 class OrtSession(HfTokenizer, Session):
-    runtime = "onnxruntime"
+    runtime = SPEC.name
+    FILE_CHECKS = {".onnx": _check_onnx, ".onnx_adapter": _check_adapter}
 
-    def __init__(self, artifact: Path, manifest: dict, threads: int = 0, workers: int = 0):
+    def __init__(self, artifact: Path, manifest, threads: int = 0, workers: int = 0):
         import onnxruntime as ort
-
-        from ..targets.onnx import OnnxRunner
 
         super().__init__(artifact, manifest)
         self._ort = ort
-        provider = manifest["target"].get("profile", {}).get("execution_provider", "CPUExecutionProvider")
-        self.session = OnnxRunner(self.artifact, [], threads, provider).session
+        provider = manifest.target.profile.get("execution_provider", "CPUExecutionProvider")
+        self.session = inference_session(self.artifact / MODEL_FILE, threads, provider)
         self._slots = {i.name: i for i in self.session.get_overridable_initializers()}
 
     def _check_tensors(self, path):
@@ -56,4 +107,30 @@ class OrtSession(HfTokenizer, Session):
         super().close()
         self.session = None
 
+    @staticmethod
+    def reference_unit(threads: int = 0):
+        """A fixed MLP block (384 → 1536 → 384 on 128 positions, seeded weights) in an
+        InferenceSession with the artifact's session options: the same MLAS kernels the artifact
+        runs, so a ratio to it carries over between runs of one CPU kind and thread count."""
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
 
+        rng = np.random.default_rng(0)
+        hidden, ffn, seq = 384, 1536, 128
+        weights = [numpy_helper.from_array((rng.standard_normal(shape) * 0.05).astype(np.float32), name)
+                   for name, shape in (("w1", (hidden, ffn)), ("w2", (ffn, hidden)))]
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+                 helper.make_node("MatMul", ["r", "w2"], ["y"])]
+        graph = helper.make_graph(nodes, "reference_unit",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, hidden])], weights)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
+                                       providers=["CPUExecutionProvider"])
+        feed = {"x": rng.standard_normal((1, seq, hidden)).astype(np.float32)}
+
+        def unit() -> float:
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            return (time.perf_counter() - t0) * 1e3
+        return unit

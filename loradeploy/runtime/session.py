@@ -1,43 +1,30 @@
-"""What every runtime session shares: the adapter table with deferred frees, the checks an
-adapter passes before it is loaded, and the call's result."""
+"""What every runtime session shares: the protocol every caller uses (validation, ``verify``,
+the latency worker, ``ab`` and the A/B router), the adapter table with deferred frees, the checks
+an adapter passes before it is loaded, and the call's result.
+
+The protocol: a session is opened on an artifact (the base once); ``load_adapter`` /
+``unload_adapter`` / ``adapters``; ``run(inputs, adapter)`` for one batch; for language models
+``tokenize(text)`` and ``logits(tokens, adapter)`` (every position); ``measure(...)`` for the
+latency worker; ``close``. Class-level: ``reference_unit(threads)`` (a fixed unit of work in this
+runtime), ``FILE_CHECKS`` (format checks of the runtime's files, used by ``verify``) and
+``open_base(path)`` (the base alone, where the base is itself a runtime file)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, ClassVar, Mapping
 
 import numpy as np
 
 from ..errors import BaseModelError, LoradeployError
+from ..fsutil import sha256_file
+from ..manifest import MANIFEST, Manifest, read
 
 MAX_LENGTH = 128  # tokens per input, as validation uses
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1  # loradeploy.manifest's; not imported: it pulls in PyTorch
-
-
-def read_manifest(artifact: Path) -> dict:
-    """An artifact's manifest (runtime side: no PyTorch)."""
-    path = Path(artifact) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoradeployError(f"{path}: no readable manifest, not a loradeploy artifact ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise LoradeployError(f"{path}: not a loradeploy manifest (version {MANIFEST_VERSION})")
-    return manifest
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -65,20 +52,16 @@ class Loaded:
 
 # -- checks on load ---------------------------------------------------------------------------
 
-def _owner(path: Path) -> tuple[Path, dict]:
+def _owner(path: Path) -> tuple[Path, Manifest]:
     artifact = path.parent.parent
     if path.parent.name != "adapters" or not (artifact / MANIFEST).is_file():
         raise BaseModelError(f"{path}: not inside the adapters/ folder of an exported artifact (no "
                              f"{MANIFEST} above it), so its base cannot be checked; load adapters "
                              "from an artifact exported by `loradeploy export --mode swappable`")
-    return artifact, read_manifest(artifact)
+    return artifact, read(artifact)
 
 
-def _base_shas(manifest: dict) -> list[str]:
-    return sorted(w["sha256"] for w in manifest.get("base", {}).get("weights", []))
-
-
-def check_provenance(session_manifest: dict, path: Path) -> tuple[Path, str]:
+def check_provenance(ours: Manifest, path: Path) -> tuple[Path, str]:
     """The artifact holding adapter ``path`` and the adapter's fingerprint, after checking that
     artifact's manifest against the session's (runtime, base sha256, task) and the adapter's
     files against the sha256 recorded there."""
@@ -87,31 +70,29 @@ def check_provenance(session_manifest: dict, path: Path) -> tuple[Path, str]:
         raise LoradeployError(f"{path}: no such adapter file or folder")
     artifact, theirs = _owner(path)
     rel = path.relative_to(artifact).as_posix()
-    ours_rt, theirs_rt = session_manifest["target"]["runtime"], theirs["target"]["runtime"]
-    if theirs_rt != ours_rt:
-        raise BaseModelError(f"{path}: an adapter for {theirs_rt}, this session runs {ours_rt}; export the "
-                             f"adapter with a target for {ours_rt}")
-    if _base_shas(theirs) != _base_shas(session_manifest):
-        short = lambda m: ", ".join(s[:12] for s in _base_shas(m))  # noqa: E731
-        raise BaseModelError(f"{path}: exported for base {theirs['base'].get('spec')} (weights sha256 {short(theirs)}), "
-                             f"this session's base is {session_manifest['base'].get('spec')} "
-                             f"({short(session_manifest)}); export the adapter on this base")
+    if theirs.runtime != ours.runtime:
+        raise BaseModelError(f"{path}: an adapter for {theirs.runtime}, this session runs {ours.runtime}; export the "
+                             f"adapter with a target for {ours.runtime}")
+    if theirs.base.shas != ours.base.shas:
+        short = lambda m: ", ".join(s[:12] for s in m.base.shas)  # noqa: E731
+        raise BaseModelError(f"{path}: exported for base {theirs.base.spec} (weights sha256 {short(theirs)}), "
+                             f"this session's base is {ours.base.spec} ({short(ours)}); export the adapter on this base")
     for key in ("task", "num_labels"):
-        if theirs.get(key) != session_manifest.get(key):
-            raise BaseModelError(f"{path}: {key} {theirs.get(key)!r}, this session's is {session_manifest.get(key)!r}")
-    if not any(a.get("file") == rel for a in theirs.get("adapters", [])):
+        if getattr(theirs, key) != getattr(ours, key):
+            raise BaseModelError(f"{path}: {key} {getattr(theirs, key)!r}, this session's is {getattr(ours, key)!r}")
+    if not any(a.file == rel for a in theirs.swappable_adapters):
         raise BaseModelError(f"{path}: not an adapter of {artifact} (its manifest lists no adapter {rel})")
-    files = [f for f in theirs["files"] if f["path"] == rel or f["path"].startswith(rel + "/")]
+    files = [f for f in theirs.files if f.path == rel or f.path.startswith(rel + "/")]
     digest = hashlib.sha256()
-    for f in sorted(files, key=lambda f: f["path"]):
-        if not (artifact / f["path"]).is_file() or sha256_file(artifact / f["path"]) != f["sha256"]:
-            raise BaseModelError(f"{artifact / f['path']}: missing or changed since export (sha256 differs "
+    for f in sorted(files, key=lambda f: f.path):
+        if not (artifact / f.path).is_file() or sha256_file(artifact / f.path) != f.sha256:
+            raise BaseModelError(f"{artifact / f.path}: missing or changed since export (sha256 differs "
                                  "from its manifest); export it again")
-        digest.update(f"{f['path'].removeprefix(rel)}:{f['sha256']}\n".encode())
+        digest.update(f"{f.path.removeprefix(rel)}:{f.sha256}\n".encode())
     if not files:
         raise BaseModelError(f"{path}: its manifest records no files for it")
-    single = len(files) == 1 and files[0]["path"] == rel
-    return artifact, files[0]["sha256"] if single else digest.hexdigest()
+    single = len(files) == 1 and files[0].path == rel
+    return artifact, files[0].sha256 if single else digest.hexdigest()
 
 
 def refuse(path: Path, what: str, problems: list[str]) -> None:
@@ -123,13 +104,15 @@ def refuse(path: Path, what: str, problems: list[str]) -> None:
 # -- sessions ---------------------------------------------------------------------------------
 
 class Session(ABC):
-    """A swappable artifact loaded in its runtime: the base once, adapters loaded by name."""
+    """An artifact loaded in its runtime: the base once, adapters loaded by name (swappable)."""
 
     runtime = ""
+    #: file name ending → check returning a one-line problem or None (``verify``)
+    FILE_CHECKS: ClassVar[dict[str, Callable[[Path], str | None]]] = {}
 
-    def __init__(self, artifact: Path, manifest: dict):
+    def __init__(self, artifact: Path, manifest: Manifest):
         self.artifact, self.manifest = Path(artifact), manifest
-        self.task = manifest["task"]
+        self.task = manifest.task
         self._lock = threading.Lock()
         self._adapters: dict[str, Loaded] = {}
 
@@ -148,7 +131,7 @@ class Session(ABC):
         """Check adapter ``path`` against this base (see the module doc) and load it as ``name``."""
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise LoradeployError(f"adapter name {name!r}: use letters, digits, '-', '_' or '.'")
-        if self.manifest.get("mode") != "swappable":
+        if self.manifest.mode != "swappable":
             raise LoradeployError(f"{self.artifact}: a merged artifact takes no adapters; export with --mode swappable")
         if name in self.adapters:
             raise LoradeployError(f"adapter {name!r} is already loaded; unload it first or use another name")
@@ -212,6 +195,33 @@ class Session(ABC):
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         """``input_ids``/``attention_mask`` for ``texts`` with the artifact's tokenizer."""
 
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of one text (language models), as the runtime tokenizes it."""
+        return [int(t) for t in self.encode([text])["input_ids"][0]]
+
+    def logits(self, tokens: list[int], adapter: str | None = None) -> np.ndarray:
+        """Logits ``[len(tokens), vocab]`` of every position (language models)."""
+        raise LoradeployError(f"{self.runtime} sessions give per-position logits only for language models")
+
+    def measure(self, adapter: str | None, shapes: list[tuple[int, int]], warmup: int, runs: int,
+                reference: Callable[[], float]) -> dict:
+        """Latency per ``(batch, seq)`` shape, interleaved with ``reference`` (see latency.py)."""
+        from ..latency import time_session
+
+        return {"shapes": {f"b{b}xs{s}": time_session(self, adapter, b, s, warmup, runs, reference)
+                           for b, s in shapes}}
+
+    @staticmethod
+    @abstractmethod
+    def reference_unit(threads: int = 0) -> Callable[[], float]:
+        """A fixed unit of work in this runtime, independent of any artifact (the same weights on
+        every machine), returning ms per call: latency is compared as a ratio to it."""
+
+    @classmethod
+    def open_base(cls, base: Path, threads: int = 0) -> "Session | None":
+        """The base alone in this runtime, when the base is itself a runtime file (a GGUF)."""
+        return None
+
     @abstractmethod
     def _check_tensors(self, path: Path) -> None: ...
 
@@ -232,11 +242,18 @@ class HfTokenizer:
 
     _tokenizer_lock = threading.Lock()
 
-    def encode(self, texts):
+    def _hf_tokenizer(self):
         import transformers
 
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.artifact))
+        return self._tokenizer
+
+    def encode(self, texts):
         with self._tokenizer_lock:
-            if getattr(self, "_tokenizer", None) is None:
-                self._tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.artifact))
-            enc = self._tokenizer(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np")
+            enc = self._hf_tokenizer()(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np")
         return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+
+    def tokenize(self, text: str) -> list[int]:
+        with self._tokenizer_lock:
+            return list(self._hf_tokenizer()(text)["input_ids"])

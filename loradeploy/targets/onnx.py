@@ -23,15 +23,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import LoradeployError
-from .common import Runner, Target
+from ..runtime.onnx import ADAPTER_DIR, MODEL_FILE, SPEC
+from .common import Target
 
 if TYPE_CHECKING:
-    from .common import ExportJob
+    from ..job import ExportJob
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
-ADAPTER_DIR = "adapters"
 INT4_BLOCK = 32
 
 
@@ -119,40 +118,8 @@ def _eager_attention(model):
     return model
 
 
-def reference_unit(threads: int = 0):
-    """A fixed MLP block (384 → 1536 → 384 on 128 positions, seeded weights) in an
-    InferenceSession with the artifact's session options: the same MLAS kernels the artifact
-    runs, so a ratio to it carries over between machines of one CPU kind and thread count."""
-    import time
-
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    hidden, ffn, seq = 384, 1536, 128
-    weights = [numpy_helper.from_array((rng.standard_normal(shape) * 0.05).astype(np.float32), name)
-               for name, shape in (("w1", (hidden, ffn)), ("w2", (ffn, hidden)))]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "w2"], ["y"])]
-    graph = helper.make_graph(nodes, "reference_unit",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, hidden])], weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
-                                   providers=["CPUExecutionProvider"])
-    feed = {"x": rng.standard_normal((1, seq, hidden)).astype(np.float32)}
-
-    def unit() -> float:
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        return (time.perf_counter() - t0) * 1e3
-    return unit
-
-
 class OnnxTarget(Target):
-    runtime = "onnxruntime"
-    distribution = "onnxruntime"
-    adapter_suffix = ".onnx_adapter"
+    """Writes merged or swappable ONNX artifacts (loaded by :mod:`loradeploy.runtime.onnx`)."""
 
     def export(self, job: ExportJob, out: Path) -> dict:
         fp32 = out / ("model.fp32.onnx" if job.profile.precision != "fp32" else MODEL_FILE)
@@ -248,22 +215,12 @@ class OnnxTarget(Target):
                 "lora_precision": "float32", "rank_dimension": "dynamic per module",
                 "tensor_precision": dict(sorted(per_tensor.items()))}
 
-    def reference_unit(self, threads: int = 0):
-        return reference_unit(threads)
-
-    def open(self, artifact: Path, manifest: dict, threads: int = 0) -> "OnnxRunner":
-        provider = manifest.get("target", {}).get("profile", {}).get("execution_provider", "CPUExecutionProvider")
-        return OnnxRunner(artifact, [a["name"] for a in manifest.get("adapters", []) if a.get("file")], threads,
-                          provider)
-
 
 def slot_formats(job: ExportJob, qualified: dict[str, str],
                  slot_shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[str, str, int]]:
     """Graph input → (format, role, row length): the plan's format for that tensor, the
     highest precision any adapter of the artifact needs (they share one graph)."""
-    from ..quant.formats import LADDERS
-
-    ladder = LADDERS["onnxruntime"]
+    ladder = SPEC.storage.ladder
     out = {}
     for q, (in_f, out_f) in slot_shapes.items():
         for role, n in (("lora_A", in_f), ("lora_B", out_f)):
@@ -289,45 +246,6 @@ def lora_inputs(entry, qualified: dict[str, str], formats: dict[str, tuple[str, 
             fmt = formats[graph_name][0]
             stored = entry.quantized.stored[f"{name}.{role}"]
             if stored.format != fmt:
-                stored = quantize(stored_matrix(m, role, "onnxruntime"), fmt)
+                stored = quantize(stored_matrix(m, role, SPEC.storage), fmt)
             tensors.update(input_arrays(graph_name, role, fmt, stored))
     return tensors
-
-
-def session_options(threads: int = 0):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3  # overridable initializers would each print a warning
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
-    return so
-
-
-class OnnxRunner(Runner):
-    def __init__(self, artifact: Path, adapters: list[str], threads: int = 0,
-                 provider: str = "CPUExecutionProvider"):
-        import onnxruntime as ort
-
-        ort.set_default_logger_severity(3)
-        if provider not in ort.get_available_providers():
-            raise LoradeployError(f"execution provider {provider} is not available in this onnxruntime "
-                                  f"(available: {', '.join(ort.get_available_providers())})")
-        self.session = ort.InferenceSession(str(artifact / MODEL_FILE), session_options(threads),
-                                            providers=[provider])
-        self.adapters = tuple(adapters)
-        self._run_options = {None: ort.RunOptions()}
-        for name in adapters:
-            lora = ort.LoraAdapter()
-            lora.Load(str(artifact / ADAPTER_DIR / f"{name}.onnx_adapter"))
-            ro = ort.RunOptions()
-            ro.add_active_adapter(lora)
-            self._run_options[name] = ro
-            setattr(self, f"_lora_{len(self._run_options)}", lora)  # keep it alive with its RunOptions
-
-    def run(self, input_ids, attention_mask, adapter=None):
-        if adapter not in self._run_options:
-            raise LoradeployError(f"adapter {adapter!r} is not in this artifact (has: {', '.join(self.adapters) or 'none'})")
-        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
-        return self.session.run(None, feeds, self._run_options[adapter])[0]

@@ -85,7 +85,7 @@ def lora_factors(adapters: AdapterSet, qualified: dict[str, str]) -> dict[str, n
     out = {}
     for name, m in adapters.modules.items():
         q = qualified[name]
-        b = (m.lora_B.to(torch.float64) * m.rank_gain() * m.scale).T
+        b = m.folded_b().T
         out[f"{q}.lora_A"] = np.ascontiguousarray(m.lora_A.to(torch.float32).T.numpy())
         out[f"{q}.lora_B"] = np.ascontiguousarray(b.to(torch.float32).numpy())
     return out

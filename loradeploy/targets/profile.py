@@ -10,16 +10,12 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import LoradeployError
+from .. import registry
+from ..errors import ProfileError
 
 PROFILE_VERSION = 1
 BUILTIN_DIR = Path(__file__).resolve().parent / "profiles"
-RUNTIMES = ("onnxruntime", "llama.cpp", "bitsandbytes")
 MODES = ("merged", "swappable", "auto")  # auto: merged if it passes the fidelity budget, else swappable
-
-
-class ProfileError(LoradeployError):
-    """A target profile is missing, unreadable or invalid."""
 
 
 @dataclass(frozen=True)
@@ -68,12 +64,6 @@ class TargetProfile:
     source: str = ""
     version: int = PROFILE_VERSION
 
-
-PRECISIONS = {
-    "onnxruntime": ("fp32", "int8-dynamic", "int4"),
-    "llama.cpp": ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"),
-    "bitsandbytes": ("nf4", "fp4", "int8"),
-}
 
 
 def _fail(path, message: str):
@@ -125,10 +115,11 @@ def parse_profile(path: Path, data) -> TargetProfile:
     if data.get("version", PROFILE_VERSION) != PROFILE_VERSION:
         _fail(path, f"profile version {data['version']} is not supported (expected {PROFILE_VERSION})")
     runtime = data["runtime"]
-    if runtime not in RUNTIMES:
-        _fail(path, f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
-    if data["precision"] not in PRECISIONS[runtime]:
-        _fail(path, f"precision {data['precision']!r} is not one of {', '.join(PRECISIONS[runtime])} for {runtime}")
+    if runtime not in registry.names():
+        _fail(path, f"runtime {runtime!r} is not one of {', '.join(registry.names())}")
+    precisions = registry.get(runtime).precisions
+    if data["precision"] not in precisions:
+        _fail(path, f"precision {data['precision']!r} is not one of {', '.join(precisions)} for {runtime}")
     if data.get("mode", "swappable") not in MODES:
         _fail(path, f"mode {data['mode']!r} is not one of {', '.join(MODES)}")
     plan = data.get("plan")

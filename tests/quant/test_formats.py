@@ -83,7 +83,10 @@ def test_ggml_types_need_whole_blocks():
 
 
 def test_format_for_bits():
-    assert formats.format_for_bits("onnxruntime", 8) == "int8"
-    assert formats.format_for_bits("onnxruntime", 2) == "int4"  # lowest available
-    assert formats.format_for_bits("llama.cpp", 16) == "f16"
-    assert formats.format_for_bits("bitsandbytes", 4) == "fp16"
+    from loradeploy import registry
+
+    by_bits = {name: registry.get(name).storage.by_bits for name in registry.names()}
+    assert formats.format_for_bits(by_bits["onnxruntime"], 8) == "int8"
+    assert formats.format_for_bits(by_bits["onnxruntime"], 2) == "int4"  # lowest available
+    assert formats.format_for_bits(by_bits["llama.cpp"], 16) == "f16"
+    assert formats.format_for_bits(by_bits["bitsandbytes"], 4) == "fp16"

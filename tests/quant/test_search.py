@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from loradeploy.adapters import ReadOptions
 from loradeploy.base import load_torch_model, resolve_base
 from loradeploy.cli import main
-from loradeploy.export import AdapterSpec, load_entries
+from loradeploy.job import AdapterInputs, AdapterSpec, load_entries
 from loradeploy.ir import Task
 from loradeploy.quant.plan import Plan, quantize_adapter, uniform_formats
 from loradeploy.quant.search import Evaluator, calibration_batches, search
@@ -26,7 +25,7 @@ def sora_setup():
     from loradeploy.base import load_tokenizer
     from loradeploy.evaldata import load_calibration
 
-    (entry,) = load_entries([AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")], None, ReadOptions())
+    (entry,) = load_entries(AdapterInputs.of([AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")]))
     base_dir = resolve_base("minilm")
     model = load_torch_model(base_dir, Task.SEQUENCE_CLASSIFICATION, 2)
     texts = load_calibration(None, 32).texts
@@ -96,7 +95,7 @@ def test_quantize_command_writes_plan_and_export_uses_it(tmp_path, capsys):
     assert manifest["decisions"]["lora_precision"] == dict(sorted(Counter(formats.values()).items()))
     texts = load_eval(eval_path).texts
     got = _outputs(out, "sora", texts)
-    (entry,) = load_entries([AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")], None, ReadOptions())
+    (entry,) = load_entries(AdapterInputs.of([AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")]))
     simulated = quantize_adapter(entry.pruned, "onnxruntime", formats).simulated
     from loradeploy.base import load_tokenizer
     from loradeploy.validate import reference_outputs

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from loradeploy.export import AdapterSpec, export
+from loradeploy.job import AdapterSpec
+from tests.exports import export_adapters as export
 from loradeploy.manifest import read as read_manifest
 from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
 
@@ -51,9 +52,8 @@ def eval_small(tmp_path_factory):
 @pytest.mark.parametrize("precision", ["nf4", "int8"])
 @pytest.mark.parametrize("mode", ["merged", "swappable"])
 def test_plain_transformers_reproduces_validated_outputs(tmp_path, eval_small, name, precision, mode):
+    from loradeploy import runtime
     from loradeploy.evaldata import load_eval
-    from loradeploy.targets.bnb import BnbTarget
-    from loradeploy.validate import tokenize
 
     out = tmp_path / "art"
     record = export("minilm", [AdapterSpec(name, EXAMPLE_ADAPTERS / name)], fast_profile(tmp_path, f"bnb-{precision}"),
@@ -63,9 +63,8 @@ def test_plain_transformers_reproduces_validated_outputs(tmp_path, eval_small, n
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "bitsandbytes"
     texts = load_eval(eval_small).texts
-    runner = BnbTarget().open(out, read_manifest(out))
-    ids, mask = tokenize(runner._tokenizer, texts)
-    ours = runner.run(ids, mask, name if mode == "swappable" else None)
+    with runtime.open(out) as session:
+        ours = session.run(session.encode(texts), name if mode == "swappable" else None).outputs
     proc = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), name if mode == "swappable" else "-",
                            json.dumps(texts)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -100,7 +99,7 @@ def test_nf4_auto_mode_validates_both_and_ships_the_passing_one(tmp_path, eval_s
     out = tmp_path / "art"
     code = main(["export", "--base", "minilm", "--adapter", f"increlora={EXAMPLE_ADAPTERS / 'increlora'}",
                  "--target", fast_profile(tmp_path, "bnb-nf4"), "--eval", str(eval_small), "-o", str(out), "--json"])
-    manifest = read_manifest(out)
+    manifest = read_manifest(out).to_dict()
     selection = manifest["decisions"]["mode_selection"]
     assert set(selection["candidates"]) == {"merged", "swappable"}
     chosen = selection["chosen"]
@@ -110,9 +109,6 @@ def test_nf4_auto_mode_validates_both_and_ships_the_passing_one(tmp_path, eval_s
     other = "swappable" if chosen == "merged" else "merged"
     rows = [c for c in manifest["validation"]["checks"] if f"({other}, not shipped" in c["adapter"]]
     assert rows and all(c["status"] == "INFO" for c in rows)
-    for mode, result in selection["candidates"].items():
-        (metrics,) = result["metrics"].values()
-        assert -1.0 < metrics["adapter_effect_kept"] <= 1.0
     # both modes keep most of the adapter's effect on this adapter (measured here: merged 0.96,
     # swappable 0.93 — the nf4 base's own error counts against both)
     kept = {mode: next(iter(r["metrics"].values()))["adapter_effect_kept"] for mode, r in selection["candidates"].items()}
@@ -126,11 +122,9 @@ def test_swappable_adapter_in_planned_precision(tmp_path, eval_small):
     peft loads it onto the nf4 base, and the validation holds."""
     from safetensors import safe_open
 
-    from loradeploy.export import PlanOptions
-
     out = tmp_path / "art"
     record = export("minilm", [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")], fast_profile(tmp_path, "bnb-nf4"),
-                    out, mode="swappable", eval_path=eval_small, plan=PlanOptions("uniform:16"))
+                    out, mode="swappable", eval_path=eval_small, plan="uniform:16")
     assert record["decisions"]["adapter_precision"] == {"sora": {"fp16": 64}}
     with safe_open(str(out / "adapters" / "sora" / "adapter_model.safetensors"), "pt") as f:
         dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys() if ".lora_" in k}

@@ -5,8 +5,9 @@ import torch
 
 from loradeploy.adapters import read_adapter
 from loradeploy.base import resolve_base
-from loradeploy.export import AdapterSpec, export
-from loradeploy.manifest import read as read_manifest
+from loradeploy.job import AdapterSpec
+from tests.exports import export_adapters as export
+from loradeploy import runtime
 from loradeploy.merge import merge_into
 from loradeploy.targets import gguf as gguf_target
 from loradeploy.validate import lm_fidelity
@@ -35,8 +36,8 @@ def tiny(tmp_path_factory, gemma):
 
 
 def _runner_logits(artifact, adapter, token_lists):
-    runner = gguf_target.GgufTarget().open(artifact, read_manifest(artifact))
-    return [runner.logits(t, adapter) for t in token_lists], runner
+    session = runtime.open(artifact, workers=1)
+    return [session.logits(t, adapter) for t in token_lists], session
 
 
 def test_llama_family_qk_permutation(tmp_path, tiny):
@@ -85,9 +86,9 @@ def test_gemma_adapters_switch_on_one_model(tmp_path):
         assert metrics[name]["top1_drop_vs_base"] <= 0.05 and metrics[name]["kl_excess_vs_base"] <= 0.005
     assert record["validation"]["passed"]
     # the adapters differ, so a mix-up would show
-    runner = gguf_target.GgufTarget().open(tmp_path / "art", read_manifest(tmp_path / "art"))
-    toks = runner.tokenize(TEXTS[0])
-    a, b = runner.logits(toks, "sora"), runner.logits(toks, "increlora")
+    session = runtime.open(tmp_path / "art", workers=1)
+    toks = session.tokenize(TEXTS[0])
+    a, b = session.logits(toks, "sora"), session.logits(toks, "increlora")
     assert lm_fidelity([(a, b, toks)])["kl_mean"] > 10 * metrics["sora"]["kl_mean"]
 
 
@@ -113,12 +114,11 @@ def test_planned_tensor_types_reach_llama_cpp(tmp_path, tiny):
 
     from transformers import LlamaForCausalLM
 
-    from loradeploy.export import load_entries
-    from loradeploy.adapters import ReadOptions
+    from loradeploy.job import AdapterInputs, load_entries
     from loradeploy.quant.plan import Plan, quantize_adapter
 
     hf, path, adapter = tiny
-    (entry,) = load_entries([AdapterSpec("qk", adapter)], None, ReadOptions())
+    (entry,) = load_entries(AdapterInputs.of([AdapterSpec("qk", adapter)]))
     kinds = ["q8_0", "q5_0", "q4_0", "f16"]
     formats = {}
     for i, name in enumerate(sorted(entry.pruned.modules)):
@@ -128,7 +128,6 @@ def test_planned_tensor_types_reach_llama_cpp(tmp_path, tiny):
     Plan("llama.cpp", "gguf-cpu", {"qk": {"formats": formats}}).save(plan_file)
     eval_file = tmp_path / "eval.txt"
     eval_file.write_text("\n".join(TEXTS) + "\n")
-    from loradeploy.export import PlanOptions
 
     record = export(str(path), [AdapterSpec("qk", adapter)], fast_profile(tmp_path, "gguf-cpu"), tmp_path / "art",
                     eval_path=eval_file, plan=PlanOptions(str(plan_file)))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from loradeploy.cli import main
-from loradeploy.export import AdapterSpec, export
+from loradeploy.job import AdapterSpec
+from tests.exports import export_adapters as export
 from loradeploy.manifest import read as read_manifest
 from loradeploy.tensorio import sha256_file
 from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
@@ -31,12 +32,12 @@ def eval_small(tmp_path_factory):
 
 
 def _outputs(artifact, adapter, texts):
+    from loradeploy import runtime
     from loradeploy.base import load_tokenizer
-    from loradeploy.targets.onnx import OnnxTarget
-    from loradeploy.validate import runner_outputs
+    from loradeploy.validate import session_outputs
 
-    runner = OnnxTarget().open(artifact, read_manifest(artifact))
-    return runner_outputs(runner, adapter, load_tokenizer(artifact), texts)
+    with runtime.open(artifact) as session:
+        return session_outputs(session, adapter, load_tokenizer(artifact), texts)
 
 
 def test_two_adapters_on_one_session_match_merged_and_reference(tmp_path, eval_small):
@@ -73,7 +74,7 @@ def test_examples_export_in_both_modes(tmp_path, eval_small, name, mode, capsys)
                  "--eval", str(eval_small), "-o", str(out), "--json"])
     record = json.loads(capsys.readouterr().out)
     assert code == 0 and record["validation"]["passed"]
-    manifest = read_manifest(out)
+    manifest = read_manifest(out).to_dict()
     for f in manifest["files"]:
         assert sha256_file(out / f["path"]) == f["sha256"]
     assert (out / "report.html").read_text().count("<svg") >= 2

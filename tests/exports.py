@@ -1,0 +1,18 @@
+"""Exports for tests: one ExportConfig per call, from the few arguments tests vary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loradeploy.export import ExportConfig, export
+from loradeploy.job import AdapterInputs, AdapterSpec
+from loradeploy.quantize import PlanConfig
+
+
+def export_adapters(base: str, specs: list[AdapterSpec], target: str, out: Path, *, mode: str | None = None,
+                    eval_path: Path | None = None, plan: str | None = None, overwrite: bool = False,
+                    progress=None) -> dict:
+    """``loradeploy export`` on ``specs`` (the manifest as JSON data)."""
+    config = ExportConfig(str(base), AdapterInputs.of(list(specs)), str(target), Path(out), mode,
+                          Path(eval_path) if eval_path else None, PlanConfig.parse(plan), overwrite)
+    return export(config, progress)
