@@ -46,8 +46,8 @@ def _burn(stop):
         a @ a
 
 
-def worker(artifact: Path, runtime: str, threads: int, runs: int, shape: str) -> dict:
-    cmd = [sys.executable, "-m", "loradeploy.latency", str(artifact), "--runtime", runtime, "--shape", shape,
+def worker(artifact: Path, threads: int, runs: int, shape: str) -> dict:
+    cmd = [sys.executable, "-m", "loradeploy.latency", str(artifact), "--shape", shape,
            "--warmup", "3", "--runs", str(runs), "--threads", str(threads)]
     manifest = json.loads((artifact / "manifest.json").read_text())
     adapters = [a["name"] for a in manifest["adapters"] if a.get("file")]
@@ -80,7 +80,7 @@ def main() -> int:
                 time.sleep(1)
             try:
                 for threads in (1, 2):
-                    r = worker(artifact, runtime, threads, args.runs, args.shape)
+                    r = worker(artifact, threads, args.runs, args.shape)
                     (label, s), = r["shapes"].items() if len(r["shapes"]) == 1 else list(r["shapes"].items())[:1]
                     np_ms = numpy_unit_ms(threads)
                     rows.append((load, threads, label, s["min_ms"], s["reference_min_ms"], s["min_over_reference"],

@@ -19,7 +19,11 @@ _LEVELS = (
 #: extensions that change which int8/bf16 kernels a runtime picks, beyond the level
 _EXTRAS = ("avx_vnni", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 #: the fields that must be equal for two latency measurements to be compared
-MATCH_KEYS = ("cpu_model", "isa", "cpu_count", "runtime", "runtime_version", "threads")
+MATCH_KEYS = ("cpu_model", "isa", "cpu_count", "runtime", "runtime_version", "threads", "reference")
+#: how the latency ratio is defined (the reference unit and how a block of it is timed); a
+#: ratio measured under another definition is not comparable. 2: units run back to back for as
+#: long as the call, interleaved call by call
+REFERENCE_DEFINITION = "unit-block-v2"
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
@@ -63,7 +67,7 @@ def fingerprint(runtime: str, distribution: str, threads: int) -> dict:
         version = None
     cpus = os.cpu_count() or 1
     return {"cpu_model": model, "isa": isa_level(flags), "cpu_count": cpus, "runtime": runtime,
-            "runtime_version": version, "threads": threads or cpus}
+            "runtime_version": version, "threads": threads or cpus, "reference": REFERENCE_DEFINITION}
 
 
 def mismatch(a: dict | None, b: dict | None) -> list[str]:

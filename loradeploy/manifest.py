@@ -136,10 +136,12 @@ class Manifest:
             raise ManifestError(f"{where}: not a loradeploy manifest (version {MANIFEST_VERSION})")
         target = _need(where, data, "target", dict)
         base = _need(where, data, "base", dict)
-        files = _need(where, data, "files", list)
-        if not all(isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("sha256"), str)
-                   and isinstance(f.get("bytes"), int) for f in files):
-            raise ManifestError(f"{where}: the file list is malformed (each entry needs path, sha256, bytes)")
+        files = data.get("files")
+        if not isinstance(files, list) or not all(
+                isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("sha256"), str)
+                and isinstance(f.get("bytes"), int) and not isinstance(f.get("bytes"), bool) for f in files):
+            raise ManifestError(f"{where}: the manifest's file list is missing or malformed (each entry needs "
+                                "path, sha256, bytes)")
         adapters = _need(where, data, "adapters", list)
         names = {f.name for f in fields(AdapterRecord)}
         if not all(isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("method"), str)

@@ -71,8 +71,9 @@ def verify(artifact: Path, load: bool = True) -> dict:
     if not artifact.is_dir():
         raise LoradeployError(f"{artifact}: no such artifact folder")
     manifest = mf.read(artifact)
-    spec = registry.get(manifest.runtime)
-    checks = {**COMMON_CHECKS, **spec.session_class().FILE_CHECKS}
+    registry.get(manifest.runtime)  # a runtime loradeploy knows, else one error line
+    # every file of a known kind is checked, whichever runtime the artifact is for
+    checks = {**COMMON_CHECKS, **{k: v for spec in registry.specs() for k, v in spec.session_class().FILE_CHECKS.items()}}
     problems = []
     present = _files(artifact)
     for entry in manifest.files:

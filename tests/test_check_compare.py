@@ -14,7 +14,7 @@ from loradeploy.machine import isa_level, mismatch
 from tests.conftest import REPO
 
 HERE = {"cpu_model": "AMD EPYC", "isa": "x86-64-v4+avx512_vnni", "cpu_count": 2, "runtime": "onnxruntime",
-        "runtime_version": "1.32.0", "threads": 2}
+        "runtime_version": "1.32.0", "threads": 2, "reference": "unit-block-v2"}
 THERE = {**HERE, "cpu_model": "Intel Xeon", "isa": "x86-64-v3"}
 ONNX_CPU = {"label_agreement_min": 1.0, "max_abs_logit_max": 0.001, "accuracy_drop_max": 0.0, "cosine_min": 0.99999}
 LEARNED = {"label_agreement_min": 0.99, "accuracy_drop_max": 0.005, "mean_abs_logit_max": 0.02, "cosine_min": 0.999}
@@ -141,3 +141,4 @@ def test_fingerprint_fields():
     assert isa_level({"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3", "avx512f"}) == "x86-64-v2"
     assert mismatch(HERE, THERE) == ["cpu_model", "isa"]
     assert mismatch(HERE, None) == ["fingerprint"] and mismatch(HERE, dict(HERE)) == []
+    assert mismatch(HERE, {**HERE, "reference": "unit-v1"}) == ["reference"]  # another ratio definition

@@ -130,7 +130,7 @@ def test_planned_tensor_types_reach_llama_cpp(tmp_path, tiny):
     eval_file.write_text("\n".join(TEXTS) + "\n")
 
     record = export(str(path), [AdapterSpec("qk", adapter)], fast_profile(tmp_path, "gguf-cpu"), tmp_path / "art",
-                    eval_path=eval_file, plan=PlanOptions(str(plan_file)))
+                    eval_path=eval_file, plan=str(plan_file))
     types = record["decisions"]["adapter_tensor_types"]["qk"]
     assert set(types.values()) == {"Q8_0", "Q5_0", "Q4_0", "F16", "F32"}
     assert record["adapters"][0]["plan"]["formats"] == formats
