@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from .errors import BaseModelError
-from .fsutil import cache_dir
+from .fsutil import cache_dir, sha256_file
 from .ir import Task
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,6 @@ def load_gguf_torch(path: Path):
     import transformers
     from safetensors.torch import load_model
 
-    from .tensorio import sha256_file
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from .errors import AdapterFileError
-from .fsutil import sha256_file  # noqa: F401  (re-exported: readers record each source's sha256)
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _GGUF_MAGIC = b"GGUF"

@@ -49,7 +49,7 @@ def _save_manifest(art: Path, m: dict) -> None:
 
 def _relist(art: Path, rel: str) -> None:
     """Edit the manifest so its sha256/size match the file as it is now (a consistent forgery)."""
-    from loradeploy.tensorio import sha256_file
+    from loradeploy.fsutil import sha256_file
 
     m = _manifest(art)
     for f in m["files"]:

@@ -252,7 +252,7 @@ def _artifact_copy(src: Path, dst: Path, edit) -> Path:
 
 
 def test_mismatched_adapters_refused_while_arms_serve(onnx_art, tmp_path):
-    from loradeploy.tensorio import sha256_file
+    from loradeploy.fsutil import sha256_file
 
     session = runtime.open(onnx_art)
     router = runtime.ABRouter(session, {"a": "sora", "b": "increlora"})

@@ -9,7 +9,8 @@ import torch
 
 from ..errors import AdapterFileError
 from ..ir import SourceFile
-from ..tensorio import load_json, load_tensors, sha256_file
+from ..fsutil import sha256_file
+from ..tensorio import load_json, load_tensors
 
 #: Tensor files looked for in a checkpoint folder, in order of preference (safetensors first).
 WEIGHT_FILES: tuple[str, ...] = (

@@ -6,7 +6,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 
 from loradeploy.base import load_torch_model, resolve_base
 from loradeploy.cli import main

@@ -10,7 +10,7 @@ from loradeploy.cli import main
 from loradeploy.job import AdapterSpec
 from tests.exports import export_adapters as export
 from loradeploy.manifest import read as read_manifest
-from loradeploy.tensorio import sha256_file
+from loradeploy.fsutil import sha256_file
 from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
 
 pytestmark = pytest.mark.slow

@@ -34,7 +34,6 @@ def test_pack_int4_round_trip_every_value():
 def test_graph_unpacks_what_pack_int4_wrote(role, n):
     """A one-node graph (Identity of the LoRA input) lowered to int4: onnxruntime rebuilds
     q · scale per 32-block from pack_int4's bytes (padded rows cut back to n)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
