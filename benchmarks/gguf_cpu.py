@@ -31,7 +31,7 @@ def main() -> int:
     out = subprocess.run([sys.executable, "-m", "loradeploy.latency", str(art),
                           "--adapter", "a", "--shape", "1x128", "--warmup", "1", "--runs", str(args.runs)],
                          check=True, capture_output=True, text=True).stdout
-    r = json.loads(out)["llama"]
+    r = json.loads(out)["generation"]
     print(f"Gemma 3 270M Q4_K_M, F16 adapter GGUF ({Path(args.adapter).name}), {args.runs} interleaved rounds")
     print(f"  prompt 128 tok/s: adapter {r['pp128_tokens_per_s']:.0f}, base {r['pp128_tokens_per_s_base']:.0f}, "
           f"ratio {r['pp128_tokens_per_s'] / r['pp128_tokens_per_s_base']:.3f} (goal >= 0.9)")

@@ -134,6 +134,25 @@ def load_gguf_torch(path: Path):
     return model.eval()
 
 
+def hf_folder(base: Path, model=None) -> Path:
+    """The base as a Hugging Face folder (config, safetensors weights, tokenizer), as exporters
+    that read folders need: a folder base as is; a GGUF base converted once (the dequantized fp32
+    weights and the GGUF's tokenizer) and cached by the file's sha256."""
+    base = Path(base)
+    if base.is_dir():
+        return base
+    folder = cache_dir() / "hf" / sha256_file(base)[:32]
+    if not (folder / "config.json").is_file():
+        tmp = folder.with_name(folder.name + ".partial")
+        (model if model is not None else load_gguf_torch(base)).save_pretrained(str(tmp))
+        load_tokenizer(base).save_pretrained(str(tmp))
+        if folder.exists():
+            import shutil
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    return folder
+
+
 def _dequantize_to_cache(path: Path, weights: Path, config_file: Path) -> None:
     import torch
     import transformers

@@ -164,7 +164,7 @@ def _result(artifact: Path, eval_set: EvalSet, metrics: dict, checks: list[Check
     latency = measure_latency(artifact, first, profile) if timing else {"shapes": {}}
     if timing:
         checks += latency_checks(first or "merged", latency, profile.budgets)
-    for key, value in latency.get("llama", {}).items():
+    for key, value in latency.get("generation", {}).items():
         checks.append(Check(first or "merged", key, value, None, "<="))
     size = artifact_bytes(artifact)
     checks.append(Check("artifact", "artifact_mb", size / 2**20, profile.budgets.artifact_mb_max, "<="))

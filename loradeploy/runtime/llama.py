@@ -354,7 +354,7 @@ class LlamaSession(Session):
                 llama.update(self._switch_vs_reload(worker, rec))
         finally:
             self._release(worker)
-        return {"shapes": result, "llama": llama}
+        return {"shapes": result, "generation": llama}
 
     def _switch_vs_reload(self, worker: _Worker, rec: Loaded) -> dict:
         import time

@@ -5,6 +5,7 @@ adapter (a ``LoraAdapter``) active, so calls share no adapter state. The artifac
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from ..errors import BaseModelError, LoradeployError
 from ..registry import LoraStorage, RuntimeSpec
-from .session import HfTokenizer, Session, refuse
+from .session import Generation, HfTokenizer, Session, refuse
 
 SPEC = RuntimeSpec(
     name="onnxruntime", distribution="onnxruntime", packages=("onnxruntime", "onnx"),
@@ -24,6 +25,7 @@ SPEC = RuntimeSpec(
 
 MODEL_FILE = "model.onnx"
 ADAPTER_DIR = "adapters"
+GENAI_CONFIG = "genai_config.json"  # causal LMs: onnxruntime-genai's description of the decoder
 
 
 def session_options(threads: int = 0):
@@ -60,6 +62,47 @@ def _check_adapter(path: Path) -> None:
     ort.LoraAdapter().Load(str(path))
 
 
+class Decoder:
+    """The KV-cache decoder of a causal-LM artifact, as its ``genai_config.json`` describes it:
+    ``forward`` runs tokens after a cache (None: an empty one), greedy decoding reuses it."""
+
+    def __init__(self, session, artifact: Path):
+        try:
+            config = json.loads((artifact / GENAI_CONFIG).read_text())["model"]
+            dec = config["decoder"]
+            names = dec["inputs"]["past_key_names"], dec["inputs"]["past_value_names"]
+            out_names = dec["outputs"]["present_key_names"], dec["outputs"]["present_value_names"]
+            layers, kv, head = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise BaseModelError(f"{artifact / GENAI_CONFIG}: missing or not a decoder description ({e})") from e
+        self.session = session
+        self.past = [n % i for i in range(layers) for n in names]
+        self.outputs = [dec["outputs"]["logits"]] + [n % i for i in range(layers) for n in out_names]
+        self.empty = np.zeros((1, kv, 0, head), np.float32)
+        self.vocab = int(config["vocab_size"])
+        eos = config.get("eos_token_id")
+        self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    def forward(self, tokens: list[int], past: list[np.ndarray] | None, options):
+        """Logits ``[len(tokens), vocab]`` after ``past`` and the cache with the tokens added."""
+        past = past or [self.empty] * len(self.past)
+        total = past[0].shape[2] + len(tokens)
+        feeds = {"input_ids": np.asarray([tokens], np.int64), "attention_mask": np.ones((1, total), np.int64)}
+        feeds.update(zip(self.past, past))
+        out = self.session.run(self.outputs, feeds, options)
+        return out[0][0], out[1:]
+
+    def greedy(self, tokens: list[int], n: int, options) -> list[int]:
+        logits, past = self.forward(tokens, None, options)
+        out: list[int] = []
+        while len(out) < n:
+            out.append(int(np.argmax(logits[-1])))
+            if out[-1] in self.eos or len(out) == n:
+                break
+            logits, past = self.forward(out[-1:], past, options)
+        return out
+
+
 class OrtSession(HfTokenizer, Session):
     runtime = SPEC.name
     FILE_CHECKS = {".onnx": _check_onnx, ".onnx_adapter": _check_adapter}
@@ -72,6 +115,7 @@ class OrtSession(HfTokenizer, Session):
         provider = manifest.target.profile.get("execution_provider", "CPUExecutionProvider")
         self.session = inference_session(self.artifact / MODEL_FILE, threads, provider)
         self._slots = {i.name: i for i in self.session.get_overridable_initializers()}
+        self._decoder = Decoder(self.session, self.artifact) if manifest.task == "causal-lm" else None
 
     def _check_tensors(self, path):
         try:
@@ -96,12 +140,46 @@ class OrtSession(HfTokenizer, Session):
     def _free(self, rec):
         rec.handle = None  # calls hold their own RunOptions referencing it
 
-    def _run(self, inputs, rec):
+    def _options(self, rec):
         options = self._ort.RunOptions()
         if rec is not None:
             options.add_active_adapter(rec.handle)
+        return options
+
+    def _run(self, inputs, rec):
+        options = self._options(rec)
+        if self._decoder is not None:  # last-position logits of each row's tokens
+            return np.stack([self._decoder.forward([int(t) for t, m in zip(ids, mask) if m], None, options)[0][-1]
+                             for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])])
         feeds = {k: np.asarray(inputs[k], dtype=np.int64) for k in ("input_ids", "attention_mask")}
         return self.session.run(None, feeds, options)[0]
+
+    # -- causal LMs: the KV-cache decoder -----------------------------------------------------
+    def _lm(self) -> "Decoder":
+        if self._decoder is None:
+            raise LoradeployError(f"{self.artifact}: a {self.task} artifact, not a language model")
+        return self._decoder
+
+    def logits(self, tokens, adapter=None):
+        with self.holding(adapter) as rec:
+            return self._lm().forward(list(tokens), None, self._options(rec))[0]
+
+    def generate(self, prompt, adapter=None, max_new_tokens=32):
+        tokens = self.tokenize(prompt)
+        with self.holding(adapter) as rec:
+            out = self._lm().greedy(tokens, max_new_tokens, self._options(rec))
+            fingerprint = rec.info.fingerprint if rec else None
+        with self._tokenizer_lock:
+            text = self._hf_tokenizer().decode(out, skip_special_tokens=True)
+        return Generation(out, text, adapter, fingerprint, len(tokens))
+
+    def measure(self, adapter, shapes, warmup, runs, reference) -> dict:
+        if self._decoder is None:
+            return super().measure(adapter, shapes, warmup, runs, reference)
+        from .onnx_lm import measure_decoder
+
+        with self.holding(adapter) as rec:
+            return measure_decoder(self, rec, shapes, warmup, runs, reference)
 
     def close(self):
         super().close()

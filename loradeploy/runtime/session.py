@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Mapping
@@ -40,6 +41,15 @@ class Result:
     outputs: np.ndarray
     adapter: str | None
     fingerprint: str | None
+
+
+@dataclass(frozen=True)
+class Generation:
+    tokens: list[int]  # the generated tokens (the prompt's not included)
+    text: str
+    adapter: str | None
+    fingerprint: str | None
+    prompt_tokens: int
 
 
 class Loaded:
@@ -159,6 +169,14 @@ class Session(ABC):
     def run(self, inputs: Mapping[str, np.ndarray], adapter: str | None = None) -> Result:
         """Outputs for one batch (``input_ids``/``attention_mask``) with ``adapter`` applied:
         logits (classifiers; last position for language models) or mean-pooled embeddings."""
+        with self.holding(adapter) as rec:
+            out = self._run(inputs, rec)
+        return Result(out, adapter, rec.info.fingerprint if rec else None)
+
+    @contextmanager
+    def holding(self, adapter: str | None):
+        """The loaded adapter ``adapter`` (None: the base alone), kept from being freed while the
+        block runs, even if another caller unloads it meanwhile."""
         with self._lock:
             rec = None if adapter is None else self._adapters.get(adapter)
             if adapter is not None and rec is None:
@@ -166,13 +184,16 @@ class Session(ABC):
             if rec is not None:
                 rec.users += 1
         try:
-            out = self._run(inputs, rec)
+            yield rec
         finally:
             if rec is not None:
                 with self._lock:
                     rec.users -= 1
                 self._maybe_free(rec)
-        return Result(out, adapter, rec.info.fingerprint if rec else None)
+
+    def generate(self, prompt: str, adapter: str | None = None, max_new_tokens: int = 32) -> "Generation":
+        """Greedy generation from ``prompt`` with ``adapter`` active (language models)."""
+        raise LoradeployError(f"{self.runtime} sessions of task {self.task} do not generate text")
 
     def _maybe_free(self, rec: Loaded) -> None:
         with self._lock:

@@ -122,6 +122,12 @@ class OnnxTarget(Target):
     """Writes merged or swappable ONNX artifacts (loaded by :mod:`loradeploy.runtime.onnx`)."""
 
     def export(self, job: ExportJob, out: Path) -> dict:
+        from ..ir import Task
+
+        if job.task is Task.CAUSAL_LM:
+            from .onnx_lm import export_lm
+
+            return export_lm(job, out)
         fp32 = out / ("model.fp32.onnx" if job.profile.precision != "fp32" else MODEL_FILE)
         lora_formats: dict[str, str] = {}
         if job.mode == "merged":
