@@ -70,6 +70,8 @@ MEASURES: dict[str, Measure] = {m.name: m for m in (
             "the adapter's mean KL minus the base alone's in the same runtime (the adapter's own share)"),
     Measure("top1_drop_vs_base", False, "top1_drop_vs_base_max", "fraction", (LM,),
             "the base alone's top-1 agreement minus the adapter's"),
+    Measure("greedy_match", True, "greedy_match_min", "fraction", (LM,),
+            "share of eval prompts whose first 32 greedy tokens equal the fp32 reference's (runtimes that generate)"),
     Measure("ppl_reference", False, None, "info", (LM,), "perplexity of the fp32 reference on the eval text"),
     Measure("ppl_artifact", False, None, "info", (LM,), "perplexity of the artifact on the eval text"),
 )}

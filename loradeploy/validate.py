@@ -216,6 +216,29 @@ def lm_fidelity(pairs: list[tuple[np.ndarray, np.ndarray, list[int]]]) -> dict:
             "ppl_artifact": float(np.exp(np.concatenate(nll_art).mean())), "tokens": int(kl.size)}
 
 
+GREEDY_TOKENS, GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS = 32, 4, 16
+
+
+@torch.no_grad()
+def torch_greedy(model, tokens: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens after ``tokens`` from the PyTorch model, through its KV cache (no stop)."""
+    out = model(torch.tensor([tokens]), use_cache=True)
+    got = [int(out.logits[0, -1].argmax())]
+    while len(got) < n:
+        out = model(torch.tensor([got[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+        got.append(int(out.logits[0, -1].argmax()))
+    return got
+
+
+def greedy_match(session, adapter: str | None, reference_model, token_lists: list[list[int]]) -> float:
+    """Share of the first eval prompts (their first 16 tokens) whose first 32 greedy tokens in
+    the runtime equal the fp32 reference's."""
+    prompts = [t[:GREEDY_PROMPT_TOKENS] for t in token_lists[:GREEDY_PROMPTS]]
+    same = [session.greedy(p, adapter, GREEDY_TOKENS) == torch_greedy(reference_model, p, GREEDY_TOKENS)
+            for p in prompts]
+    return sum(same) / len(same)
+
+
 @torch.no_grad()
 def lm_reference(model, token_lists: list[list[int]]) -> list[np.ndarray]:
     return [model(torch.tensor([t])).logits[0].float().numpy() for t in token_lists]
@@ -229,8 +252,11 @@ def validate_lm(artifact: Path, session, profile: TargetProfile, base_model, ada
     tokens = [session.tokenize(t) for t in eval_set.texts]
     metrics = {}
     for adapter, original in adapters.items():
-        ref = lm_reference(merge_into(copy.deepcopy(base_model), original), tokens)
+        merged = merge_into(copy.deepcopy(base_model), original)
+        ref = lm_reference(merged, tokens)
         metrics[adapter or "merged"] = lm_fidelity([(r, session.logits(t, adapter), t) for r, t in zip(ref, tokens)])
+        if profile.budgets.greedy_match_min is not None:
+            metrics[adapter or "merged"]["greedy_match"] = greedy_match(session, adapter, merged, tokens)
         if progress:
             progress(f"fidelity {adapter or 'merged'}")
     checks = [c for label, m in metrics.items() for c in measure_checks(label, m, profile.budgets, Task.CAUSAL_LM)]

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import BaseModelError, LoradeployError
 from ..manifest import BaseRecord, Manifest, TargetRecord
 from ..registry import LoraStorage, RuntimeSpec
-from .session import Loaded, Session, refuse
+from .session import Generation, Loaded, Session, refuse
 
 SPEC = RuntimeSpec(
     name="llama.cpp", distribution="llama-cpp-python", packages=("llama-cpp-python", "gguf"),
@@ -285,6 +285,35 @@ class LlamaSession(Session):
             return worker.all_logits(tokens, self.n_vocab)
         finally:
             self._release(worker)
+
+    def greedy(self, tokens, adapter=None, n=32):
+        return self._greedy(list(tokens), adapter, n, stop_at_eos=False)
+
+    def generate(self, prompt, adapter=None, max_new_tokens=32):
+        tokens = self.tokenize(prompt)
+        with self.holding(adapter) as rec:
+            out = self._greedy(tokens, adapter, max_new_tokens, stop_at_eos=True)
+            fingerprint = rec.info.fingerprint if rec else None
+        text = b"".join(self.model.token_to_piece(t) for t in out).decode("utf-8", errors="replace")
+        return Generation(out, text, adapter, fingerprint, len(tokens))
+
+    def _greedy(self, tokens: list[int], adapter, n: int, stop_at_eos: bool) -> list[int]:
+        if not tokens or len(tokens) + n > self.n_ctx:
+            raise LoradeployError(f"prompt and generated tokens must fit this session's context ({self.n_ctx})")
+        with self.holding(adapter) as rec:
+            worker = self._acquire(rec)
+            try:
+                logits = worker.last_logits(tokens, self.n_vocab)
+                out: list[int] = []
+                while len(out) < n:
+                    out.append(int(np.argmax(logits)))
+                    if (stop_at_eos and self._ll.llama_vocab_is_eog(self.model.vocab, out[-1])) or len(out) == n:
+                        break
+                    worker.decode(out[-1:], n_past=len(tokens) + len(out) - 1)
+                    logits = np.ctypeslib.as_array(worker.ctx.get_logits_ith(-1), shape=(self.n_vocab,))
+                return out
+            finally:
+                self._release(worker)
 
     def close(self):
         super().close()

@@ -192,7 +192,12 @@ class Session(ABC):
                 self._maybe_free(rec)
 
     def generate(self, prompt: str, adapter: str | None = None, max_new_tokens: int = 32) -> "Generation":
-        """Greedy generation from ``prompt`` with ``adapter`` active (language models)."""
+        """Greedy generation from ``prompt`` with ``adapter`` active, up to the end-of-sequence
+        token (language models)."""
+        raise LoradeployError(f"{self.runtime} sessions of task {self.task} do not generate text")
+
+    def greedy(self, tokens: list[int], adapter: str | None = None, n: int = 32) -> list[int]:
+        """Exactly ``n`` greedy tokens after ``tokens`` (no stop at end-of-sequence)."""
         raise LoradeployError(f"{self.runtime} sessions of task {self.task} do not generate text")
 
     def _maybe_free(self, rec: Loaded) -> None:

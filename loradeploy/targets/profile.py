@@ -41,6 +41,7 @@ class Budgets:
     top1_agreement_min: float | None = field(default=None, metadata={"help": "LM: per-token top-1 agreement"})
     kl_excess_vs_base_max: float | None = field(default=None, metadata={"help": "LM: adapter's mean KL minus the base alone's (the adapter's own share)"})
     top1_drop_vs_base_max: float | None = field(default=None, metadata={"help": "LM: base alone's top-1 agreement minus the adapter's"})
+    greedy_match_min: float | None = field(default=None, metadata={"help": "LM: share of eval prompts whose first 32 greedy tokens equal the reference's"})
     latency_p95_ms: dict[str, float] = field(default_factory=dict, metadata={"help": "shape label → p95 ms"})
     artifact_mb_max: float | None = field(default=None, metadata={"help": "size of the artifact folder"})
 

@@ -76,6 +76,7 @@ def test_swappable_decoder_equals_the_pytorch_reference(family_art):
     metrics = manifest["validation"]["metrics"]
     for label in ("a", "b", "base alone"):
         assert metrics[label]["kl_mean"] < 1e-6 and metrics[label]["top1_agreement"] == 1.0
+    assert metrics["a"]["greedy_match"] == metrics["b"]["greedy_match"] == 1.0  # 32 greedy tokens, 4 prompts
     # the adapters change the outputs (the LoRA inputs are wired in)
     assert abs(metrics["a"]["ppl_reference"] - metrics["base alone"]["ppl_reference"]) > 0.5
     tok = tiny_lm.tokenizer()

@@ -1,0 +1,173 @@
+"""ONNX causal-LM target (issue 15), ratios measured side by side in one run on Gemma 3 270M with
+the shipped SoRA Gemma adapter:
+
+    python benchmarks/onnx_lm.py [--rounds 5] [--tokens 64] [--work DIR]
+
+Artifacts (kept in ``--work``; delete it to rebuild):
+
+* ``swappable``: ``loradeploy export --target onnx-cpu-int4 --mode swappable`` (timed, with its full
+  validation: the export wall-time goal and the fidelity goals come from its manifest);
+* ``merged``: the same profile, ``--mode merged``;
+* ``no-lora``: the builder's int4 decoder of the base, without LoRA inputs;
+* ``genai-lora``: onnxruntime-genai's own builder given the adapter as a PEFT folder
+  (``adapter_path``; written by ``loradeploy prune``): the adapter baked into the graph at PEFT's
+  ranks, packed Q/K/V off;
+* ``gguf``: ``loradeploy export --target gguf-cpu`` (llama.cpp, F16 adapter GGUF).
+
+Generation speed: greedy decoding of ``--tokens`` tokens after a fixed 8-token prompt, each
+variant once per round, the variants interleaved round by round; ONNX graphs run in
+onnxruntime-genai (``og.Generator``, the adapter activated with ``set_active_adapter``) and
+llama.cpp through loradeploy's session, both at the machine's core count. Ratios are of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ADAPTER = REPO / "examples" / "adapters" / "sora-gemma"
+PROMPT = [2, 818, 5279, 529, 7001, 563, 506, 1902]  # "<bos>The capital of France is the first" (Gemma ids)
+
+
+def _cli(*argv: str, timed: bool = False) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "loradeploy.cli", *argv], capture_output=True, text=True)
+    if proc.returncode not in (0, 1):  # 1: built, a budget failed (reported below from the manifest)
+        sys.exit(f"loradeploy {' '.join(argv[:1])} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return time.perf_counter() - t0
+
+
+def _quick(work: Path, name: str) -> Path:
+    data = yaml.safe_load((REPO / "targets" / f"{name}.yaml").read_text())
+    data.update(warmup=0, runs=1, shapes=[{"batch": 1, "seq": 16}])
+    path = work / f"{name}-quick.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def build(work: Path) -> dict:
+    """The five artifacts (reused when present) and the swappable export's wall time."""
+    from loradeploy.base import hf_folder, resolve_base
+    from loradeploy.targets import onnx_lm
+
+    work.mkdir(parents=True, exist_ok=True)
+    info = {}
+    if not (work / "swappable" / "manifest.json").is_file():
+        info["export_s"] = _cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
+                                "onnx-cpu-int4", "--mode", "swappable", "-o", str(work / "swappable"), "--overwrite")
+        (work / "export_s.json").write_text(json.dumps(info))
+    info.update(json.loads((work / "export_s.json").read_text()))
+    if not (work / "merged" / "manifest.json").is_file():
+        _cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
+             str(_quick(work, "onnx-cpu-int4")), "--mode", "merged", "-o", str(work / "merged"), "--overwrite")
+    hf = hf_folder(resolve_base("gemma3-270m"))
+    if not (work / "no-lora" / "genai_config.json").is_file():
+        onnx_lm.build_decoder(hf, work / "no-lora", "int4", work / "cache")
+    if not (work / "genai-lora" / "genai_config.json").is_file():
+        _cli("prune", str(ADAPTER), "-o", str(work / "peft"))
+        options = onnx_lm.BUILDER_OPTIONS
+        onnx_lm.BUILDER_OPTIONS = options + (f"adapter_path={work / 'peft'}",)
+        try:
+            onnx_lm.build_decoder(hf, work / "genai-lora", "int4", work / "cache")
+        finally:
+            onnx_lm.BUILDER_OPTIONS = options
+    if not (work / "gguf" / "manifest.json").is_file():
+        _cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
+             str(_quick(work, "gguf-cpu")), "-o", str(work / "gguf"), "--overwrite")
+    return info
+
+
+def og_generator(folder: Path, adapter: str | None = None):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    adapters = None
+    if adapter:
+        adapters = og.Adapters(model)
+        adapters.load(str(folder / "adapters" / f"{adapter}.onnx_adapter"), adapter)
+
+    def run(n: int) -> list[int]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(PROMPT) + n, min_length=len(PROMPT) + n, do_sample=False)
+        gen = og.Generator(model, params)
+        if adapters is not None:
+            gen.set_active_adapter(adapters, adapter)
+        gen.append_tokens(PROMPT)
+        out = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        return out
+    run.keep = (model, adapters)
+    return run
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "loradeploy-bench-onnx-lm")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    info = build(args.work)
+    from loradeploy import runtime
+
+    llama = runtime.open(args.work / "gguf", workers=1)
+    variants = {
+        "swappable, adapter on": og_generator(args.work / "swappable", "sora-gemma"),
+        "swappable, no adapter": og_generator(args.work / "swappable"),
+        "merged": og_generator(args.work / "merged"),
+        "no LoRA inputs": og_generator(args.work / "no-lora"),
+        "genai builder + adapter": og_generator(args.work / "genai-lora"),
+        "llama.cpp gguf-cpu, adapter on": lambda n: llama.greedy(PROMPT, "sora-gemma", n),
+    }
+    for run in variants.values():  # warm-up
+        run(8)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for name, run in variants.items():
+            t0 = time.perf_counter()
+            got = run(args.tokens)
+            times[name].append(time.perf_counter() - t0)
+            assert len(got) == args.tokens, (name, len(got))
+    tps = {k: args.tokens / statistics.median(v) for k, v in times.items()}
+    manifest = json.loads((args.work / "swappable" / "manifest.json").read_text())
+    m = manifest["validation"]["metrics"]["sora-gemma"]
+    ratios = {
+        "onnx-cpu-int4 swappable (adapter on) / gguf-cpu llama.cpp": (
+            tps["swappable, adapter on"] / tps["llama.cpp gguf-cpu, adapter on"], ">= 1.0"),
+        "swappable (adapter on) / merged": (tps["swappable, adapter on"] / tps["merged"], ">= 0.95"),
+        "swappable (no adapter) / graph without LoRA inputs": (
+            tps["swappable, no adapter"] / tps["no LoRA inputs"], ">= 0.98"),
+        "swappable (adapter on) / onnxruntime-genai builder with the adapter": (
+            tps["swappable, adapter on"] / tps["genai builder + adapter"], ">= 1.1"),
+    }
+    fidelity = {"kl_excess_vs_base": (m["kl_excess_vs_base"], "<= 0.005"),
+                "top1_drop_vs_base (points)": (100 * m["top1_drop_vs_base"], "<= 2"),
+                "base alone kl_mean": (manifest["validation"]["metrics"]["base alone"]["kl_mean"], "info"),
+                "export wall time incl. validation, s": (info.get("export_s", float("nan")), "<= 120")}
+    if args.json:
+        print(json.dumps({"tokens_per_s": tps, "ratios": {k: v[0] for k, v in ratios.items()},
+                          "fidelity": {k: v[0] for k, v in fidelity.items()}}, indent=2))
+        return 0
+    print(f"Gemma 3 270M + sora-gemma, greedy {args.tokens} tokens after {len(PROMPT)}, {args.rounds} interleaved "
+          f"rounds, {os.cpu_count()} cores")
+    for k, v in tps.items():
+        print(f"  {k:34s} {v:7.1f} tok/s")
+    for k, (v, goal) in {**ratios, **fidelity}.items():
+        print(f"  {k:66s} {v:9.4f}  (goal {goal})")
+    llama.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
