@@ -222,10 +222,13 @@ GREEDY_TOKENS, GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS = 32, 4, 16
 @torch.no_grad()
 def torch_greedy(model, tokens: list[int], n: int) -> list[int]:
     """``n`` greedy tokens after ``tokens`` from the PyTorch model, through its KV cache (no stop)."""
+    import inspect
+
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5 / 4
     out = model(torch.tensor([tokens]), use_cache=True)
     got = [int(out.logits[0, -1].argmax())]
     while len(got) < n:
-        out = model(torch.tensor([got[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(torch.tensor([got[-1:]]), use_cache=True, **{key: getattr(out, key)})
         got.append(int(out.logits[0, -1].argmax()))
     return got
 

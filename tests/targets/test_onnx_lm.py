@@ -304,3 +304,18 @@ def test_onnxruntime_genai_generates_with_the_adapter(tmp_path):
     assert og_generate("sora", ids, 16)[:len(ours["sora"])] == ours["sora"]
     assert og_generate(None, ids, 16)[:len(ours[None])] == ours[None]
 
+
+
+@pytest.mark.slow
+def test_gemma_fp32_decoder_generates_the_reference_tokens(tmp_path):
+    """onnx-cpu (fp32), merged: the first 32 greedy tokens of every checked eval prompt equal the
+    PyTorch reference's (the dequantized GGUF with the adapter merged), and the per-token KL is
+    float noise."""
+    lines = (Path(__file__).resolve().parents[2] / "loradeploy" / "data" / "gemma_text" / "eval.txt").read_text()
+    ev = tmp_path / "eval.txt"
+    ev.write_text("\n".join(lines.splitlines()[:6]) + "\n")
+    manifest = export_adapters("gemma3-270m", [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora-gemma")],
+                               str(quick_profile(tmp_path, "onnx-cpu")), tmp_path / "art", mode="merged", eval_path=ev)
+    m = manifest["validation"]["metrics"]["merged"]
+    assert m["greedy_match"] == 1.0 and m["kl_mean"] < 1e-3 and m["top1_agreement"] >= 0.99
+    assert manifest["validation"]["passed"]
