@@ -117,8 +117,11 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "loradeploy-bench-onnx-lm")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--build-only", action="store_true", help="build the artifacts into --work and stop")
     args = ap.parse_args()
     info = build(args.work)
+    if args.build_only:
+        return 0
     from loradeploy import runtime
 
     llama = runtime.open(args.work / "gguf", workers=1)

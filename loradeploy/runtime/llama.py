@@ -12,6 +12,7 @@ import logging
 import os
 import struct
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,54 @@ def gguf_tensor_shapes(path: Path) -> tuple[str | None, dict[str, tuple[int, ...
     return arch, shapes
 
 
+class ModelLock:
+    """Decoding on any context (shared) against adapter init/free (exclusive). llama.cpp keeps
+    every adapter initialised on a model in the model's set (``llama_adapter_lora_init`` adds,
+    ``llama_adapter_lora_free`` removes), and each context walks that set when it reserves a graph
+    (``llama_context::graph_max_nodes``): an init or free while another context decodes is a data
+    race that crashed a soak in ``libllama.so``. Re-entrant for a thread that holds it shared and
+    is the only one (the latency worker frees an adapter it loaded while holding a context).
+    Waiting writers stop new readers, so loads are not starved by a busy session."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._readers: dict[int, int] = {}
+        self._writer: int | None = None
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self):
+        me = threading.get_ident()
+        with self._cv:
+            while self._writer not in (None, me) or (self._waiting and me not in self._readers):
+                self._cv.wait()
+            self._readers[me] = self._readers.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._readers[me] -= 1
+                if not self._readers[me]:
+                    del self._readers[me]
+                self._cv.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        me = threading.get_ident()
+        with self._cv:
+            self._waiting += 1
+            while self._writer not in (None, me) or any(t != me for t in self._readers):
+                self._cv.wait()
+            self._waiting -= 1
+            before, self._writer = self._writer, me
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._writer = before
+                self._cv.notify_all()
+
+
 class _Worker:
     """One llama.cpp context (with its batch) and the adapter set on it."""
 
@@ -126,6 +175,7 @@ class _Worker:
         self.ctx = internals.LlamaContext(model=model, params=params, verbose=False)
         self.batch = internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         self.n_batch, self._ll, self.active = n_batch, ll, None
+        self.shared = None  # the model lock, held shared while a caller uses this context
 
     def set_adapter(self, rec: Loaded | None) -> None:
         if rec is None:
@@ -183,7 +233,7 @@ class LlamaSession(Session):
         self._params = params
         self._pool = [_Worker(llama_cpp, _internals, self.model, params, n_ctx) for _ in range(max(workers, 1))]
         self._idle, self._cv = list(self._pool), threading.Condition()
-        self._model_lock = threading.Lock()  # adapter init/free touch the model's adapter list
+        self._model_lock = ModelLock()  # decode (shared) vs adapter init/free (exclusive)
         self._base_tensors: dict[str, tuple[int, ...]] | None = None
 
     def encode(self, texts):
@@ -225,21 +275,33 @@ class LlamaSession(Session):
         refuse(path, "GGUF base", problems)
 
     def _load(self, name, path):
-        with self._model_lock:
+        with self._model_lock.exclusive():
             ptr = self._ll.llama_adapter_lora_init(self.model.model, str(path).encode())
         if not ptr:
             raise BaseModelError(f"{path}: llama.cpp refused the adapter")
         return ptr
 
     def _free(self, rec):
-        with self._cv:  # clear it from idle contexts; busy ones hold another adapter (see module doc)
-            for w in self._idle:
-                if w.active is rec:
-                    w.set_adapter(None)
-        with self._model_lock:
+        with self._model_lock.exclusive():
+            with self._cv:  # clear it from idle contexts; busy ones hold another adapter (see module doc)
+                for w in self._idle:
+                    if w.active is rec:
+                        w.set_adapter(None)
             self._ll.llama_adapter_lora_free(rec.handle)
 
     def _acquire(self, rec: Loaded | None) -> _Worker:
+        """An idle context with ``rec`` set, holding the model lock shared until :meth:`_release`."""
+        shared = self._model_lock.shared()
+        shared.__enter__()
+        try:
+            worker = self._take(rec)
+        except BaseException:
+            shared.__exit__(None, None, None)
+            raise
+        worker.shared = shared
+        return worker
+
+    def _take(self, rec: Loaded | None) -> _Worker:
         with self._cv:
             while not self._idle:
                 self._cv.wait()
@@ -254,9 +316,11 @@ class LlamaSession(Session):
         return worker
 
     def _release(self, worker: _Worker) -> None:
+        shared, worker.shared = worker.shared, None
         with self._cv:
             self._idle.append(worker)
             self._cv.notify()
+        shared.__exit__(None, None, None)
 
     def _rec(self, adapter: str | None) -> Loaded | None:
         with self._lock:
@@ -392,10 +456,10 @@ class LlamaSession(Session):
 
         out = {}
         t0 = time.perf_counter()
-        with self._model_lock:
+        with self._model_lock.exclusive():
             extra = self._ll.llama_adapter_lora_init(self.model.model, str(rec.info.path).encode())
         out["adapter_load_ms"] = (time.perf_counter() - t0) * 1e3
-        with self._model_lock:
+        with self._model_lock.exclusive():
             self._ll.llama_adapter_lora_free(extra)
         arr = (self._ll.llama_adapter_lora_p_ctypes * 1)(rec.handle)
         scale = (ctypes.c_float * 1)(1.0)
