@@ -128,6 +128,9 @@ class OnnxTarget(Target):
             from .onnx_lm import export_lm
 
             return export_lm(job, out)
+        if job.profile.precision == "gguf":
+            raise LoradeployError(f"profile {job.profile.name} keeps a GGUF base's own blocks: it exports causal LMs "
+                                  f"on a GGUF base, not a {job.task.value} model")
         fp32 = out / ("model.fp32.onnx" if job.profile.precision != "fp32" else MODEL_FILE)
         lora_formats: dict[str, str] = {}
         if job.mode == "merged":

@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 
 #: Hugging Face architectures this path exports (the builder supports more; these are tested).
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM")
-#: profile precision → the builder's precision
-PRECISIONS = {"fp32": "fp32", "int4": "int4"}
+#: profile precision → the builder's precision ("gguf": an fp32 build whose projections then take
+#: the GGUF base's own blocks, see ``onnx_gguf.py``)
+PRECISIONS = {"fp32": "fp32", "int4": "int4", "gguf": "fp32"}
 #: builder options: a full-length KV cache on every layer (the windowed sliding-window cache
 #: needs a cache of at least the window, 512 tokens for Gemma 3, even for short prompts)
 BUILDER_OPTIONS = ("windowed_kv_cache=false",)
@@ -178,6 +179,26 @@ def set_defaults(model, defaults: dict[str, np.ndarray]) -> None:
     model.graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in defaults.items() if n not in present)
 
 
+def _transcode_build(build: Path, out: Path, gguf_path: Path) -> dict[str, str]:
+    """The fp32 decoder in ``build`` with its projections and head replaced by the GGUF's blocks,
+    written to ``out`` with the build's other files."""
+    import shutil
+
+    import onnx
+
+    from ..runtime.onnx import MODEL_FILE
+    from .onnx_gguf import transcode_gguf
+
+    model = onnx.load(str(build / MODEL_FILE))
+    done = transcode_gguf(model, gguf_path, lora_sites(model))
+    onnx.save_model(model, str(out / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{MODEL_FILE}.data", size_threshold=1024)
+    for f in build.iterdir():
+        if not f.name.startswith(MODEL_FILE):
+            shutil.copy(f, out / f.name)
+    return done
+
+
 def _expected_slots(base_model) -> dict[str, tuple[int, int]]:
     """The attention and MLP projections of the PyTorch base (what the graph gives slots to)."""
     import torch
@@ -211,18 +232,28 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
                               "(use onnx-cpu or onnx-cpu-int4)")
     if job.mode == "swappable":
         check_slots(job, _expected_slots(job.base_model))
+    from_gguf = precision == "gguf"
+    if from_gguf and not Path(job.base_dir).is_file():
+        raise BaseModelError(f"profile {job.profile.name} keeps a GGUF base's own blocks; {job.base_spec} is not a GGUF "
+                             "file (use onnx-cpu-int4 for a Hugging Face folder)")
+    if from_gguf and job.mode == "merged":
+        raise LoradeployError(f"profile {job.profile.name} keeps the GGUF base's blocks as they are, so the adapter "
+                              "cannot be folded into them: use --mode swappable")
     cache = cache_dir() / "genai-builder"
     with tempfile.TemporaryDirectory(prefix="loradeploy-hf-") as tmp:
         if job.mode == "merged":
             (entry,) = job.adapters
             check_slots(job, _expected_slots(job.base_model))
-            src = Path(tmp)
+            src = Path(tmp) / "hf"
             merge_into(copy.deepcopy(job.base_model), entry.pruned).save_pretrained(str(src))
             load_tokenizer(job.base_dir).save_pretrained(str(src))
         else:
             src = hf_folder(job.base_dir, job.base_model)
-        step(f"building the {precision} decoder (onnxruntime-genai model builder)")
-        build_decoder(src, out, precision, cache)
+        step(f"building the {PRECISIONS[precision]} decoder (onnxruntime-genai model builder)")
+        build_decoder(src, Path(tmp) / "build" if from_gguf else out, precision, cache)
+        if from_gguf:
+            step("transcoding the GGUF's blocks into MatMulNBits")
+            transcoded = _transcode_build(Path(tmp) / "build", out, job.base_dir)
     path = out / MODEL_FILE
     model = onnx.load(str(path), load_external_data=False)
     sites = lora_sites(model)
@@ -232,6 +263,13 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
                  "base_precision": precision,
                  "quantized_ops": sorted({n.op_type for n in model.graph.node if n.op_type in ("MatMulNBits",
                                                                                                "GatherBlockQuantized")})}
+    if from_gguf:
+        counts: dict[str, int] = {}
+        for kind in transcoded.values():
+            bits, block = kind.split("/")
+            counts[f"{bits}-bit block {block}"] = counts.get(f"{bits}-bit block {block}", 0) + 1
+        decisions.update({"base_weights": "the GGUF's blocks (Q5_0/Q6_K/Q8_0 exact as 8-bit MatMulNBits, Q4_K on an "
+                                          "8-bit grid 8x finer than its own)", "transcoded_nodes": dict(sorted(counts.items()))})
     if job.mode == "merged":
         return decisions
     shapes = projection_shapes(job.base_model, sites)

@@ -266,7 +266,8 @@ def test_bad_lm_inputs_are_refused(tmp_path, capsys):
 # -- Gemma 3 270M: onnxruntime-genai loads the artifact (slow) ------------------------------
 
 @pytest.mark.slow
-def test_onnxruntime_genai_generates_with_the_adapter(tmp_path):
+@pytest.mark.parametrize("profile", ["onnx-cpu-int4", "onnx-cpu-gguf"])
+def test_onnxruntime_genai_generates_with_the_adapter(tmp_path, profile):
     """``og.Model(OUT)`` + ``og.Adapters(model).load(...)`` + ``set_active_adapter`` generate the
     same greedy tokens as loradeploy's session with the adapter; without it, the base's."""
     import onnxruntime_genai as og
@@ -276,8 +277,11 @@ def test_onnxruntime_genai_generates_with_the_adapter(tmp_path):
     ev.write_text("\n".join(lines.splitlines()[:6]) + "\n")
     out = tmp_path / "art"
     manifest = export_adapters("gemma3-270m", [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora-gemma")],
-                               str(quick_profile(tmp_path, "onnx-cpu-int4")), out, mode="swappable", eval_path=ev)
+                               str(quick_profile(tmp_path, profile)), out, mode="swappable", eval_path=ev)
     assert manifest["decisions"]["packed_qkv"] is True
+    if profile == "onnx-cpu-gguf":  # the GGUF's blocks: the base alone is as close to the reference as llama.cpp's
+        assert manifest["decisions"]["transcoded_nodes"] and manifest["validation"]["passed"]
+        assert manifest["validation"]["metrics"]["base alone"]["kl_mean"] < 0.01
     assert (out / "genai_config.json").is_file() and (out / "tokenizer.json").is_file()
     model = og.Model(str(out))
     adapters = og.Adapters(model)
