@@ -42,7 +42,7 @@ def measure_decoder(session, rec, shapes, warmup: int, runs: int, reference) -> 
         return run
 
     result, gen = {}, {}
-    for _, seq in shapes:
+    for seq in sorted({seq for _, seq in shapes}):  # one prompt per length (batch shapes of encoder profiles)
         tokens = [2] + [token(i) for i in range(seq - 1)]
         warm = _time(prompt(with_options, tokens), warmup, 1)
         ref = ScaledReference(reference, min(warm))
