@@ -342,3 +342,19 @@ def test_precision_plans_lower_the_lm_lora_inputs(tmp_path):
         assert all(n.endswith((f".int{bits}", ".scale")) for n in params)
         kl[bits] = m["validation"]["metrics"]["a"]["kl_mean"]
     assert 1e-5 < kl[8] < kl[4] / 10
+
+
+def test_verify_checks_a_decoder_artifact(llama_art, tmp_path, capsys):
+    """``verify`` loads the decoder (onnxruntime operators the ONNX checker does not know) and runs
+    it; a changed byte in the external weights fails it."""
+    _, _, _, art, _ = llama_art
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy)
+    assert main(["verify", str(copy)]) == 0, capsys.readouterr().err
+    assert "loaded in onnxruntime" in capsys.readouterr().out
+    data = copy / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    assert main(["verify", str(copy)]) == 1
+    assert "model.onnx.data: sha256 differs" in capsys.readouterr().out
