@@ -18,8 +18,10 @@ Artifacts (kept in ``--work``; delete it to rebuild):
 
 Generation speed: greedy decoding of ``--tokens`` tokens after a fixed 8-token prompt, each
 variant once per round, the variants interleaved round by round; ONNX graphs run in
-onnxruntime-genai (``og.Generator``, the adapter activated with ``set_active_adapter``) and
-llama.cpp through loradeploy's session, both at the machine's core count. Ratios are of medians.
+onnxruntime-genai (``og.Generator``, the adapter activated with ``set_active_adapter``) and again
+in loradeploy's own session (onnxruntime directly: ``runtime.open(...).greedy``, the same KV-cache
+graph fed by a Python loop), llama.cpp through loradeploy's session, all at the machine's core
+count. Ratios are of medians.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ def main() -> int:
     from loradeploy import runtime
 
     llama = runtime.open(args.work / "gguf", workers=1)
+    ours = {name: runtime.open(args.work / name, workers=1) for name in ("swappable", "merged", "gguf-blocks")}
     variants = {
         "swappable, adapter on": og_generator(args.work / "swappable", "sora-gemma"),
         "onnx-cpu-gguf, adapter on": og_generator(args.work / "gguf-blocks", "sora-gemma"),
@@ -136,6 +139,11 @@ def main() -> int:
         "no LoRA inputs": og_generator(args.work / "no-lora"),
         "genai builder + adapter": og_generator(args.work / "genai-lora"),
         "llama.cpp gguf-cpu, adapter on": lambda n: llama.greedy(PROMPT, "sora-gemma", n),
+        # the same graphs in loradeploy's own session (onnxruntime directly, its KV-cache loop)
+        "session: swappable, adapter on": lambda n: ours["swappable"].greedy(PROMPT, "sora-gemma", n),
+        "session: swappable, no adapter": lambda n: ours["swappable"].greedy(PROMPT, None, n),
+        "session: merged": lambda n: ours["merged"].greedy(PROMPT, None, n),
+        "session: onnx-cpu-gguf, adapter on": lambda n: ours["gguf-blocks"].greedy(PROMPT, "sora-gemma", n),
     }
     for run in variants.values():  # warm-up
         run(8)
@@ -157,6 +165,14 @@ def main() -> int:
         "swappable (adapter on) / merged": (tps["swappable, adapter on"] / tps["merged"], ">= 0.95"),
         "swappable (no adapter) / graph without LoRA inputs": (
             tps["swappable, no adapter"] / tps["no LoRA inputs"], ">= 0.98"),
+        "session: onnx-cpu-int4 swappable (adapter on) / llama.cpp": (
+            tps["session: swappable, adapter on"] / tps["llama.cpp gguf-cpu, adapter on"], ">= 1.0"),
+        "session: swappable (adapter on) / merged": (
+            tps["session: swappable, adapter on"] / tps["session: merged"], ">= 0.95"),
+        "session: swappable (no adapter) / merged": (
+            tps["session: swappable, no adapter"] / tps["session: merged"], "info"),
+        "session: onnx-cpu-gguf (adapter on) / llama.cpp": (
+            tps["session: onnx-cpu-gguf, adapter on"] / tps["llama.cpp gguf-cpu, adapter on"], "info"),
         "swappable (adapter on) / onnxruntime-genai builder with the adapter": (
             tps["swappable, adapter on"] / tps["genai builder + adapter"], ">= 1.1"),
     }
@@ -177,10 +193,12 @@ def main() -> int:
     print(f"Gemma 3 270M + sora-gemma, greedy {args.tokens} tokens after {len(PROMPT)}, {args.rounds} interleaved "
           f"rounds, {os.cpu_count()} cores")
     for k, v in tps.items():
-        print(f"  {k:34s} {v:7.1f} tok/s")
+        print(f"  {k:38s} {v:7.1f} tok/s")
     for k, (v, goal) in {**ratios, **fidelity}.items():
         print(f"  {k:66s} {v:9.4f}  (goal {goal})")
     llama.close()
+    for session in ours.values():
+        session.close()
     return 0
 
 
