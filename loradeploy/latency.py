@@ -59,6 +59,18 @@ def ratio_stats(samples: list[float], refs: list[float], repeats: int) -> dict:
             "median_pair_ratio": float(np.median(np.asarray(samples) / np.asarray(refs)))}
 
 
+def time_calls(fn, warmup: int, runs: int) -> list[float]:
+    """ms of each of ``runs`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
 def stats(samples: list[float]) -> dict:
     return {"p50_ms": _percentile(samples, 50), "p95_ms": _percentile(samples, 95),
             "mean_ms": float(np.mean(samples)), "min_ms": float(min(samples)),

@@ -19,8 +19,9 @@ from loradeploy import runtime
 from loradeploy.cli import main
 from loradeploy.errors import BaseModelError, LoradeployError
 from loradeploy.job import AdapterSpec
-from tests.exports import export_adapters as export
 from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+from tests.exports import export_adapters as export
+from tests.serving import serve_with_arm_swaps
 
 SAME_ATOL = 1e-5  # one runtime, same inputs: the served session and one opened as validation opens it
 N_TEXTS = 32
@@ -397,27 +398,10 @@ def gguf_serving_checks(art: Path, onnx_art: Path):
     by_fp = {session.info(n).fingerprint: n for n in session.adapters}
     router = runtime.ABRouter(session, {"a": art / "adapters" / "sora.gguf", "b": art / "adapters" / "increlora.gguf",
                                         "base": None})
-    failures = []
-
-    def serve(t):
-        for k in range(12):
-            i = (t + k) % len(requests)
-            routed = router.run(f"u{t}-{k}", requests[i])
-            name = by_fp.get(routed.result.fingerprint)
-            want = {"a": "sora", "b": "increlora", "base": None}[routed.arm]
-            if name != want or np.abs(routed.outputs[0] - expected[want][i]).max() > 1e-3:
-                failures.append((routed.arm, name))
-
-    workers = [threading.Thread(target=serve, args=(t,)) for t in range(4)]
-    for w in workers:
-        w.start()
-    swaps = 0
-    while any(w.is_alive() for w in workers):
-        arm = "ab"[swaps % 2]
-        router.replace_arm(arm, art / "adapters" / ("sora.gguf" if arm == "a" else "increlora.gguf"))
-        swaps += 1
-    for w in workers:
-        w.join()
+    failures, swaps = serve_with_arm_swaps(
+        router, requests, expected, by_fp, {"a": "sora", "b": "increlora", "base": None},
+        {"a": art / "adapters" / "sora.gguf", "b": art / "adapters" / "increlora.gguf"}, threads=4, per_thread=12,
+        atol=1e-3)
     assert failures == [] and swaps > 2
     assert router.snapshot()["requests"] == 48
     # a MiniLM adapter (onnxruntime) is refused; the arm keeps serving its adapter

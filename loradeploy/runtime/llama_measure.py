@@ -14,6 +14,7 @@ def measure_llama(session, adapter, shapes, warmup, runs, reference) -> dict:
     ``adapter`` and with the base alone, interleaved with ``reference`` (the runtime's fixed
     unit, scaled to the call's length); adapter load/switch time vs a model reload."""
     from ..latency import ScaledReference, ratio_stats, stats
+    from ..latency import time_calls as _time
 
     rec = session._rec(adapter)
     worker = session._acquire(rec)
@@ -93,17 +94,4 @@ def _switch_vs_reload(session, worker, rec) -> dict:
     ctx.close()
     model.close()
     out["reload_over_switch"] = out["model_reload_ms"] / out["adapter_switch_ms"]
-    return out
-
-
-def _time(fn, warmup: int, runs: int) -> list[float]:
-    import time
-
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
     return out

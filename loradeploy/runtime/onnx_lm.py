@@ -9,21 +9,11 @@ import time
 import numpy as np
 
 
-def _time(fn, warmup: int, runs: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
 def measure_decoder(session, rec, shapes, warmup: int, runs: int, reference) -> dict:
     """``pp{seq}``: one prompt of ``seq`` tokens; ``tg``: per generated token (32 after a 4-token
     prompt). ``generation`` holds tokens/s with and without the adapter and the switch costs."""
     from ..latency import ScaledReference, ratio_stats, stats
+    from ..latency import time_calls as _time
 
     decoder = session._lm()
     with_options, base_options = session._options(rec), session._options(None)

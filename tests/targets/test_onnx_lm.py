@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from loradeploy.cli import main
 from loradeploy.job import AdapterSpec
 from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
 from tests.exports import export_adapters
+from tests.serving import serve_with_arm_swaps
 from tests.targets import tiny_lm
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, this is a test of the decoder",
@@ -138,27 +138,8 @@ def test_lm_artifact_serves_ab_arms_across_threads_with_swaps(llama_art):
     by_fp = {session.info(n).fingerprint: n for n in session.adapters}
     paths = {n: art / "adapters" / f"{n}.onnx_adapter" for n in ("a", "b")}
     router = runtime.ABRouter(session, {"x": paths["a"], "y": paths["b"], "base": None})
-    failures = []
-
-    def serve(t):
-        for k in range(15):
-            i = (t + k) % len(requests)
-            routed = router.run(f"u{t}-{k}", requests[i])
-            name = by_fp.get(routed.result.fingerprint)
-            want = {"x": "a", "y": "b", "base": None}[routed.arm]
-            if name != want or np.abs(routed.outputs[0] - expected[want][i]).max() > 1e-5:
-                failures.append((routed.arm, name))
-
-    workers = [threading.Thread(target=serve, args=(t,)) for t in range(4)]
-    for w in workers:
-        w.start()
-    swaps = 0
-    while any(w.is_alive() for w in workers):
-        arm = "xy"[swaps % 2]
-        router.replace_arm(arm, paths["a" if arm == "x" else "b"])
-        swaps += 1
-    for w in workers:
-        w.join()
+    failures, swaps = serve_with_arm_swaps(router, requests, expected, by_fp, {"x": "a", "y": "b", "base": None},
+                                           {"x": paths["a"], "y": paths["b"]}, threads=4, per_thread=15, atol=1e-5)
     assert failures == [] and swaps > 2 and router.snapshot()["requests"] == 60
     # generation with an adapter while it is being served equals the validated session's
     assert session.generate(TEXTS[1], "a", 8).tokens == validated.generate(TEXTS[1], "a", 8).tokens
