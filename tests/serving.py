@@ -13,11 +13,16 @@ def serve_with_arm_swaps(router, requests, expected, by_fingerprint, arms: dict,
     """``threads`` callers route ``per_thread`` requests each while the main thread replaces the
     swappable arms over and over. ``arms``: arm → the adapter it serves (None: the base);
     ``paths``: arm → the file ``replace_arm`` reloads; ``expected``: adapter → outputs per request.
+    A caller's k-th request waits until k // 4 swaps were made, so swaps interleave the requests
+    however fast the model is.
     Returns (failures: (arm, adapter that answered), swaps)."""
-    failures = []
+    failures, done = [], [0]
+    swapped = threading.Condition()  # guards done[0]: swaps so far; a caller's k-th request waits for k // 4 swaps
 
     def serve(t):
         for k in range(per_thread):
+            with swapped:
+                swapped.wait_for(lambda: done[0] >= k // 4, timeout=30)
             i = (t + k) % len(requests)
             routed = router.run(f"u{t}-{k}", requests[i])
             name = by_fingerprint.get(routed.result.fingerprint)
@@ -33,6 +38,9 @@ def serve_with_arm_swaps(router, requests, expected, by_fingerprint, arms: dict,
         arm = order[swaps % len(order)]
         router.replace_arm(arm, paths[arm])
         swaps += 1
+        with swapped:
+            done[0] = swaps
+            swapped.notify_all()
     for w in workers:
         w.join()
     return failures, swaps
