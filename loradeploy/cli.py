@@ -133,10 +133,16 @@ def plan_options(f):
                    "(32/16/8/4 as the target stores them) or a plan file from `loradeploy quantize`. "
                    "Default: the profile's plan, else the adapter's tensors as trained.")
 @plan_options
+@click.option("--slots", metavar="LIST",
+              help="Swappable: which modules of the base take LoRA inputs, so other adapters of the base load later. "
+                   "Comma-separated: `blocks` (every linear layer of every layer block: attention and MLP), "
+                   "`adapters` (only the given adapters' modules: fewer nodes), or module names / name suffixes "
+                   "(`query`, `bert.pooler.dense`). The given adapters' modules always get slots. "
+                   "Default: the profile's (blocks).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_cmd(base, adapters, target, mode, eval_path, out, method, lora_alpha, lora_r, head, plan, budget,
-               max_bytes, calibration, overwrite, as_json):
+               max_bytes, calibration, slots, overwrite, as_json):
     """Export adapters on a base for a target, validate there, write manifest + report.
 
     Exits 1 when a validation measure is outside the profile's budget."""
@@ -145,7 +151,7 @@ def export_cmd(base, adapters, target, mode, eval_path, out, method, lora_alpha,
 
     config = ExportConfig(base, _adapter_inputs(adapters, method, lora_alpha, lora_r, head), target, Path(out), mode,
                           Path(eval_path) if eval_path else None, _plan_config(plan, budget, max_bytes, calibration),
-                          overwrite)
+                          overwrite, slots)
     with progress_steps(not as_json) as step:
         record = export(config, step)
     _emit(record, as_json, print_export)

@@ -40,6 +40,7 @@ class ExportConfig:
     eval_path: Path | None = field(default=None, metadata={"help": "eval set; None: the shipped one for the task"})
     plan: PlanConfig = field(default_factory=PlanConfig)
     overwrite: bool = False
+    slots: str | None = field(default=None, metadata={"help": "swappable: modules given LoRA inputs (loradeploy.slots); None: the profile's"})
 
     def __post_init__(self):
         if self.mode is not None and self.mode not in MODES:
@@ -71,7 +72,8 @@ def _export_into(tmp: Path, config: ExportConfig, profile: TargetProfile, mode: 
     step("read and pruned adapters")
     base_dir, task, num_labels, base_model = load_base_for(config.base, entries)
     step("loaded base model")
-    job = ExportJob(config.base, base_dir, task, num_labels, entries, profile, mode, base_model)
+    job = ExportJob(config.base, base_dir, task, num_labels, entries, profile, mode, base_model,
+                    slots=config.slots or profile.slots)
     eval_set = load_eval(config.eval_path, lm=task is Task.CAUSAL_LM)
     choice = config.plan.choice or (parse_plan_choice(profile.plan) if profile.plan and mode != "merged" else None)
     if choice:
@@ -116,14 +118,24 @@ def _choose_mode(tmp: Path, job: ExportJob, inputs: AdapterInputs, eval_set: Eva
         scratch = tmp / f".mode-{cand}"
         scratch.mkdir()
         trial = dataclasses.replace(job, mode=cand)
-        _write(scratch, trial, inputs)
+        try:
+            _write(scratch, trial, inputs)
+        except LoradeployError as e:  # this runtime cannot take the adapter in this mode
+            shutil.rmtree(scratch)
+            selection[cand] = {"passed": False, "exportable": False, "reason": str(e), "checks": []}
+            step(f"tried {cand}: not possible ({e})")
+            continue
         result = validate_artifact(scratch, trial, eval_set, step, timing=False)
         shutil.rmtree(scratch)
-        selection[cand] = {"passed": result.passed, "metrics": result.metrics, "checks": result.checks,
-                           "artifact_bytes": result.artifact_bytes}
+        selection[cand] = {"passed": result.passed, "exportable": True, "metrics": result.metrics,
+                           "checks": result.checks, "artifact_bytes": result.artifact_bytes}
         step(f"tried {cand}: {'passes' if result.passed else 'misses'} the fidelity budget")
-    chosen = next((c for c in candidates if selection[c]["passed"]), candidates[-1])
-    return chosen, {"chosen": chosen, "rule": "merged if it passes the fidelity budget, else swappable",
+    possible = [c for c in candidates if selection[c]["exportable"]]
+    if not possible:
+        raise LoradeployError(f"neither mode can be exported: {selection[candidates[-1]]['reason']}")
+    chosen = next((c for c in possible if selection[c]["passed"]), possible[-1])
+    return chosen, {"chosen": chosen, "rule": "merged if it passes the fidelity budget, else swappable "
+                                              "(a mode the runtime cannot take the adapter in is skipped)",
                     "candidates": selection}
 
 

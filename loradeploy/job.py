@@ -88,6 +88,7 @@ class ExportJob:
     mode: str
     base_model: "torch.nn.Module"  # fp32, eval mode, loaded once
     plan: "Plan | None" = None  # the precision plan applied to the adapters (swappable)
+    slots: str = "blocks"  # swappable: which modules take LoRA inputs (loradeploy.slots)
 
 
 def load_entries(inputs: AdapterInputs) -> tuple[AdapterEntry, ...]:

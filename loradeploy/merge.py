@@ -53,12 +53,22 @@ def merge_into(model: torch.nn.Module, adapters: AdapterSet) -> torch.nn.Module:
     return model
 
 
+def is_head_tensor(model: torch.nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` of ``model`` belongs to the task head (outside the backbone
+    ``model.<base_model_prefix>``): the base has no trained value for it."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    return bool(prefix) and hasattr(model, prefix) and not name.startswith(f"{prefix}.")
+
+
 @torch.no_grad()
-def load_extras(model: torch.nn.Module, adapters: AdapterSet) -> None:
+def load_extras(model: torch.nn.Module, adapters: AdapterSet, heads_only: bool = False) -> None:
+    """Copy the adapter's extra tensors into ``model`` (only the task head's with ``heads_only``)."""
     params = dict(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "") or ""
     for key, t in adapters.extra_tensors.items():
         target = key if key in params else f"{prefix}.{key}"
+        if heads_only and not is_head_tensor(model, target):
+            continue
         if target not in params:
             raise BaseModelError(f"tensor {key} of the adapter has no place in the base model")
         if params[target].shape != t.shape:

@@ -11,8 +11,8 @@ from loradeploy.quantize import PlanConfig
 
 def export_adapters(base: str, specs: list[AdapterSpec], target: str, out: Path, *, mode: str | None = None,
                     eval_path: Path | None = None, plan: str | None = None, overwrite: bool = False,
-                    progress=None) -> dict:
+                    progress=None, slots: str | None = None) -> dict:
     """``loradeploy export`` on ``specs`` (the manifest as JSON data)."""
     config = ExportConfig(str(base), AdapterInputs.of(list(specs)), str(target), Path(out), mode,
-                          Path(eval_path) if eval_path else None, PlanConfig.parse(plan), overwrite)
+                          Path(eval_path) if eval_path else None, PlanConfig.parse(plan), overwrite, slots)
     return export(config, progress)

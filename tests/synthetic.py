@@ -152,3 +152,31 @@ def make_blora(folder: Path, r: int = 8, alpha: float = 16.0, seed: int = 2) -> 
               "quantize": True, "prune_rank": True, "n_bits": 32, "learn_gates": True}
     (folder / "adapter_model.safetensors").parent.joinpath("adapter_config.json").write_text(json.dumps(config))
     return Synthetic(folder, delta, live, head)
+
+
+def with_layernorms(source: Path, folder: Path, base_model, norms: list[str], lora_scale: float = 1.0,
+                    seed: int = 3) -> Path:
+    """A PEFT adapter folder: the adapter at ``source`` (read and pruned exactly), its LoRA B
+    multiplied by ``lora_scale``, plus trained-looking weights and biases for the LayerNorm
+    modules ``norms`` of ``base_model`` (as PEFT's ``modules_to_save`` carries them)."""
+    import dataclasses
+
+    from loradeploy.adapters import peft as peft_format, read_adapter
+    from loradeploy.prune import prune
+
+    adapter, _ = prune(read_adapter(source))
+    if lora_scale != 1.0:
+        adapter = dataclasses.replace(adapter, modules={
+            n: dataclasses.replace(m, lora_B=m.lora_B * lora_scale) for n, m in adapter.modules.items()})
+    params = dict(base_model.named_parameters())
+    g = _gen(seed)
+    extras = dict(adapter.extra_tensors)
+    for norm in norms:
+        for kind in ("weight", "bias"):
+            if f"{norm}.{kind}" not in params:  # RMSNorm: no bias
+                continue
+            p = params[f"{norm}.{kind}"].detach()
+            extras[f"{norm}.{kind}"] = p * 1.3 + 0.1 * torch.randn(p.shape, generator=g)
+    folder.mkdir(parents=True, exist_ok=True)
+    peft_format.write(dataclasses.replace(adapter, extra_tensors=extras), folder)
+    return folder

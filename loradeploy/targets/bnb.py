@@ -78,7 +78,9 @@ class BnbTarget(Target):
             (entry,) = job.adapters
             merge_into(model, entry.pruned)
         else:
-            load_extras(model, job.adapters[0].pruned)  # a head in the base; each adapter carries its own
+            # the first adapter's head in the base (it has none trained); every adapter carries its own
+            # head and other tensors as PEFT modules_to_save, which leave the base's own values in place
+            load_extras(model, job.adapters[0].pruned, heads_only=True)
         model.save_pretrained(staging)
         del model
         skip = _head_modules(job)

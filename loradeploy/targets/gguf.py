@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import LoradeployError
+from ..errors import BaseModelError, LoradeployError
 from ..runtime.llama import ADAPTER_DIR, MODEL_FILE
 from .common import Target
 
@@ -163,8 +163,45 @@ def _copy_fields(reader, writer) -> None:
         writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
 
 
-def write_merged(src: Path, dst: Path, adapters: AdapterSet, info: dict) -> dict[str, str]:
-    """Copy the GGUF ``src`` to ``dst`` with ΔW added to the adapted tensors (requantized)."""
+def travelling_tensors(reader, adapters: AdapterSet, info: dict, base_model) -> dict[str, np.ndarray]:
+    """GGUF name → new value for every non-LoRA tensor the adapter carries (norm weights, biases).
+
+    The GGUF may store a tensor transformed from its Hugging Face value (Gemma's converter writes
+    norm weights + 1), so the value written is the adapter's plus the GGUF's offset from the base's
+    own (PyTorch) value. That holds only for float tensors whose offset is one constant; anything
+    else (a quantized or permuted tensor) is refused."""
+    import torch
+
+    if not adapters.extra_tensors:
+        return {}
+    gguf = _gguf()
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == info["arch"])
+    names = gguf.get_tensor_name_map(arch, info["blocks"])
+    stored = {t.name: t for t in reader.tensors}
+    params = dict(base_model.named_parameters())
+    prefix = getattr(base_model, "base_model_prefix", "") or ""
+    out = {}
+    for key, value in adapters.extra_tensors.items():
+        hf = key if key in params else f"{prefix}.{key}"
+        g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        t = stored.get(g)
+        if hf not in params or t is None:
+            raise BaseModelError(f"tensor {key} of the adapter has no tensor in the GGUF base")
+        if t.tensor_type.name not in ("F32", "F16", "BF16"):
+            raise BaseModelError(f"tensor {key} is stored as {t.tensor_type.name} in the GGUF base: merging a "
+                                 "replacement for a quantized tensor is not supported")
+        base_gguf = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(value.shape)
+        offset = base_gguf - params[hf].detach().to(torch.float64).numpy()
+        if np.ptp(offset) > 1e-3 * max(1.0, float(np.abs(base_gguf).max())):
+            raise BaseModelError(f"tensor {key} is stored transformed in the GGUF base (not a constant offset "
+                                 "from its Hugging Face value): it cannot be merged")
+        out[g] = (value.to(torch.float64).numpy() + float(np.median(offset))).astype(np.float32)
+    return out
+
+
+def write_merged(src: Path, dst: Path, adapters: AdapterSet, info: dict, base_model=None) -> dict[str, str]:
+    """Copy the GGUF ``src`` to ``dst`` with ΔW added to the adapted tensors (requantized) and the
+    tensors the adapter carries (norms) written in place of the base's."""
     gguf = _gguf()
     reader = gguf.GGUFReader(str(src))
     deltas = {}
@@ -173,10 +210,16 @@ def write_merged(src: Path, dst: Path, adapters: AdapterSet, info: dict) -> dict
         d = m.delta_weight().float().numpy()
         heads = _permutation_heads(info, g)
         deltas[g + ".weight"] = permute_rows(d, heads) if heads else d
+    replaced = travelling_tensors(reader, adapters, info, base_model)
     writer = gguf.GGUFWriter(str(dst), info["arch"])
     _copy_fields(reader, writer)
     types = {}
     for t in reader.tensors:
+        if t.name in replaced:
+            data, qtype = _typed(replaced[t.name].reshape(t.data.shape), t.tensor_type.name)
+            writer.add_tensor(t.name, data, raw_dtype=qtype)
+            types[t.name] = f"{t.tensor_type.name} (the adapter's)"
+            continue
         if t.name not in deltas:
             writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
             continue
@@ -202,8 +245,15 @@ class GgufTarget(Target):
         info = base_info(base)
         if job.mode == "merged":
             (entry,) = job.adapters
-            types = write_merged(base, out / MODEL_FILE, entry.pruned, info)
+            types = write_merged(base, out / MODEL_FILE, entry.pruned, info, job.base_model)
             return {"base_architecture": info["arch"], "merged_tensor_types": types}
+        for entry in job.adapters:
+            if entry.pruned.extra_tensors:
+                first = next(iter(entry.pruned.extra_tensors))
+                raise LoradeployError(
+                    f"{entry.source}: carries {len(entry.pruned.extra_tensors)} tensors besides LoRA ({first} …); "
+                    "a llama.cpp LoRA adapter GGUF holds only lora_a/lora_b pairs, so it cannot be swappable: "
+                    "use --mode merged (or auto), which writes them into the merged GGUF")
         try:
             os.link(base, out / MODEL_FILE)  # same file system: no copy of the base
         except OSError:

@@ -133,11 +133,13 @@ class OnnxTarget(Target):
                                   f"on a GGUF base, not a {job.task.value} model")
         fp32 = out / ("model.fp32.onnx" if job.profile.precision != "fp32" else MODEL_FILE)
         lora_formats: dict[str, str] = {}
+        decisions: dict = {}
         if job.mode == "merged":
             overridable = self._export_merged(job, fp32)
         else:
-            overridable, lora_formats = self._export_swappable(job, fp32, out)
-        decisions = {"graph_inputs_overridable": sorted(overridable), "fused_offline": False}
+            overridable, lora_formats, slot_shapes = self._export_swappable(job, fp32, out)
+            decisions.update(lora_slot_decisions(job.slots, slot_shapes))
+        decisions.update({"graph_inputs_overridable": sorted(overridable), "fused_offline": False})
         if job.profile.precision != "fp32":
             src = fp32
             if not overridable:
@@ -168,24 +170,22 @@ class OnnxTarget(Target):
         export_graph(GraphModule(model, job.task, [], []), {}, {}, path, job.profile.opset)
         return set()
 
-    def _export_swappable(self, job: ExportJob, path: Path, out: Path) -> tuple[set[str], dict[str, str]]:
-        """The graph with LoRA inputs (stored as the adapters' plans need) and one adapter file
-        each; returns the overridable input names and the format of every LoRA input."""
+    def _export_swappable(self, job: ExportJob, path: Path, out: Path) -> tuple[set[str], dict[str, str], dict]:
+        """The graph with LoRA inputs for every slot (:mod:`loradeploy.slots`; stored as the
+        adapters' plans need) and one adapter file each; returns the overridable input names,
+        the format of every LoRA input and the slots (module → (in, out))."""
         import copy
 
         import onnx
 
         from ..merge import find_module
+        from ..slots import choose as choose_slots
         from .onnx_graph import GraphModule, export_graph, extra_inputs, lora_factors
         from .onnx_lora import default_arrays, lower_inputs
 
-        qualified, slot_shapes = {}, {}
-        for entry in job.adapters:
-            for name, m in entry.pruned.modules.items():
-                qualified[name] = find_module(job.base_model, name)[0]
-                slot_shapes[qualified[name]] = (m.in_features, m.out_features)
-        slot_shapes = dict(sorted(slot_shapes.items()))
-        extras = extra_inputs(job.adapters[0].pruned, job.base_model)
+        qualified = {name: find_module(job.base_model, name)[0] for e in job.adapters for name in e.pruned.modules}
+        slot_shapes = choose_slots(job.base_model, [e.pruned for e in job.adapters], job.slots)
+        extras = travelling_defaults(job)
         module = GraphModule(_eager_attention(copy.deepcopy(job.base_model)), job.task, list(slot_shapes), list(extras))
         export_graph(module, slot_shapes, extras, path, job.profile.opset)
         formats = slot_formats(job, qualified, slot_shapes)
@@ -205,7 +205,7 @@ class OnnxTarget(Target):
                 tensors = lora_inputs(entry, qualified, formats)
             tensors.update(extra_inputs(entry.pruned, job.base_model))
             write_adapter_file(tensors, out / ADAPTER_DIR / f"{entry.name}.onnx_adapter")
-        return set(defaults) | set(formats), {name: fmt for name, (fmt, _, _) in formats.items()}
+        return set(defaults) | set(formats), {name: fmt for name, (fmt, _, _) in formats.items()}, slot_shapes
 
     @staticmethod
     def _precision_summary(path: Path, precision: str, overridable: set[str]) -> dict:
@@ -223,6 +223,32 @@ class OnnxTarget(Target):
         return {"base_precision": precision, "base_parameters_by_dtype": dtypes, "quantized_ops": ops,
                 "lora_precision": "float32", "rank_dimension": "dynamic per module",
                 "tensor_precision": dict(sorted(per_tensor.items()))}
+
+
+def travelling_defaults(job: ExportJob) -> dict[str, np.ndarray]:
+    """The overridable inputs for every non-LoRA tensor any of the job's adapters carries, with
+    their defaults (what runs when an adapter does not carry one, or none is active): the base's
+    own value, except for the task head, which the base does not have trained — the first
+    adapter's head is the default there."""
+    from .onnx_graph import extra_inputs
+
+    from ..merge import is_head_tensor
+
+    model = job.base_model
+    params = dict(model.named_parameters())
+    out: dict[str, np.ndarray] = {}
+    for entry in job.adapters:
+        for name, arr in extra_inputs(entry.pruned, model).items():
+            if name in out:
+                continue
+            out[name] = arr if is_head_tensor(model, name) else np.ascontiguousarray(params[name].detach().float().numpy())
+    return dict(sorted(out.items()))
+
+
+def lora_slot_decisions(spec: str, slot_shapes: dict[str, tuple[int, int]]) -> dict:
+    """What the manifest records about a swappable graph's LoRA slots."""
+    return {"lora_slots_spec": spec, "lora_slots": len(slot_shapes),
+            "lora_slot_modules": {m: list(shape) for m, shape in slot_shapes.items()}}
 
 
 def slot_formats(job: ExportJob, qualified: dict[str, str],

@@ -1,5 +1,6 @@
 """Torch side of the ONNX target: the module that is traced to ONNX, with LoRA factors and
-adapter tensors (a classifier head) as extra inputs so they become overridable graph inputs.
+the tensors that travel with adapters (a classifier head, LayerNorm weights, embeddings) as extra
+inputs so they become overridable graph inputs.
 Imported only while exporting (the runtime side, ``onnx.py``, needs no PyTorch)."""
 
 from __future__ import annotations
@@ -30,18 +31,6 @@ class _LoraSlot(torch.nn.Module):
         return self.base(x) + torch.matmul(torch.matmul(x, a), b)
 
 
-class _LinearSlot(torch.nn.Module):
-    """A linear layer (e.g. the classifier head) whose weight and bias are set per call."""
-
-    def __init__(self, base: torch.nn.Linear):
-        super().__init__()
-        self.params: dict[str, torch.Tensor] = {}
-        self.has_bias = base.bias is not None
-
-    def forward(self, x):
-        return torch.nn.functional.linear(x, self.params["weight"], self.params.get("bias"))
-
-
 def _replace(model: torch.nn.Module, name: str, factory):
     parent, _, child = name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
@@ -58,21 +47,20 @@ class GraphModule(torch.nn.Module):
         super().__init__()
         self.model, self.task, self.extras = model, task, extras
         self.slots = [_replace(model, name, _LoraSlot) for name in slots]
-        self.heads = {}
-        for param in extras:
+        self.owners = []
+        for param in extras:  # any parameter (head, LayerNorm, embeddings): set per call, traced as an input
             module_name, _, kind = param.rpartition(".")
-            if not isinstance(model.get_submodule(module_name), (torch.nn.Linear, _LinearSlot)) or kind not in ("weight", "bias"):
-                raise LoradeployError(f"tensor {param} travels with the adapter but is not a linear layer's "
-                                      "weight/bias: the swappable ONNX graph cannot take it as an input")
-            if module_name not in self.heads:
-                self.heads[module_name] = _replace(model, module_name, _LinearSlot)
+            owner = model.get_submodule(module_name)
+            if kind not in owner._parameters:
+                raise LoradeployError(f"tensor {param} travels with the adapter but is not a parameter of the base")
+            del owner._parameters[kind]
+            self.owners.append((owner, kind))
 
     def forward(self, input_ids, attention_mask, *tensors):
         for i, slot in enumerate(self.slots):
             slot.factors = (tensors[2 * i], tensors[2 * i + 1])
-        for param, value in zip(self.extras, tensors[2 * len(self.slots):]):
-            module_name, _, kind = param.rpartition(".")
-            self.heads[module_name].params[kind] = value
+        for (owner, kind), value in zip(self.owners, tensors[2 * len(self.slots):]):
+            setattr(owner, kind, value)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         if self.task is Task.SEQUENCE_CLASSIFICATION:
             return out.logits

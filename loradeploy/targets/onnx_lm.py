@@ -199,6 +199,23 @@ def _transcode_build(build: Path, out: Path, gguf_path: Path) -> dict[str, str]:
     return done
 
 
+def _chosen(job: ExportJob, shapes: dict[str, tuple[int, int]], sites: dict[str, tuple[str, ...]]) -> dict:
+    """The projections ``job.slots`` asks for (:mod:`loradeploy.slots`); a packed MatMul's
+    modules take slots together."""
+    from ..slots import choose
+
+    wanted = choose(job.base_model, [e.pruned for e in job.adapters], job.slots)
+    outside = [m for m in wanted if m not in shapes]
+    if outside:
+        raise LoradeployError(f"--slots: {outside[0]} is not a projection of the decoder graph (slots: attention "
+                              "and MLP projections)")
+    keep = set(wanted)
+    for modules in sites.values():
+        if keep.intersection(modules):
+            keep.update(modules)
+    return {m: s for m, s in shapes.items() if m in keep}
+
+
 def _expected_slots(base_model) -> dict[str, tuple[int, int]]:
     """The attention and MLP projections of the PyTorch base (what the graph gives slots to)."""
     import torch
@@ -220,7 +237,7 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
     from ..fsutil import cache_dir
     from ..merge import merge_into
     from ..runtime.onnx import ADAPTER_DIR, MODEL_FILE
-    from .onnx import lora_inputs, slot_formats, write_adapter_file
+    from .onnx import lora_inputs, lora_slot_decisions, slot_formats, write_adapter_file
     from .onnx_graph import lora_factors
     from .onnx_lora import default_arrays, lower_inputs
 
@@ -274,6 +291,7 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
         return decisions
     shapes = projection_shapes(job.base_model, sites)
     check_slots(job, shapes)
+    shapes = _chosen(job, shapes, sites)
     slots = add_lora_slots(model, shapes)
     qualified = {m: m for m in slots}
     formats = slot_formats(job, qualified, {m: shapes[m] for m in slots})
@@ -291,7 +309,8 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
     counts: dict[str, int] = {}
     for fmt, _, _ in formats.values():
         counts[fmt] = counts.get(fmt, 0) + 1
-    decisions.update({"lora_slots": len(slots), "lora_slot_modules": slots, "rank_dimension": "dynamic per module",
+    decisions.update(lora_slot_decisions(job.slots, {m: shapes[m] for m in slots}))
+    decisions.update({"rank_dimension": "dynamic per module",
                       "lora_precision": dict(sorted(counts.items())),
                       "graph_inputs_overridable": sorted(defaults)})
     if any(fmt != "fp32" for fmt, _, _ in formats.values()):

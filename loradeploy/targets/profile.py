@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 
 from .. import registry
-from ..errors import ProfileError
+from ..errors import LoradeployError, ProfileError
+from ..slots import parse as slot_tokens
 
 PROFILE_VERSION = 1
 BUILTIN_DIR = Path(__file__).resolve().parent / "profiles"
@@ -58,6 +59,7 @@ class TargetProfile:
     threads: int = 0
     double_quant: bool = False  # bitsandbytes 4-bit: quantize the quantization constants too
     plan: str | None = None  # swappable adapters' precision plan: "learned" or "uniform:BITS" (None: as trained)
+    slots: str = "blocks"  # swappable graphs: which modules take LoRA inputs (see loradeploy.slots)
     shapes: tuple[Shape, ...] = (Shape(1, 128), Shape(8, 128))
     warmup: int = 3
     runs: int = 20
@@ -127,6 +129,13 @@ def parse_profile(path: Path, data) -> TargetProfile:
     if plan is not None and not (plan == "learned" or (isinstance(plan, str) and plan.startswith("uniform:")
                                                        and plan.split(":", 1)[1].isdigit())):
         _fail(path, f"plan must be 'learned' or 'uniform:BITS' (e.g. uniform:8), got {plan!r}")
+    if "slots" in data:
+        if not isinstance(data["slots"], str):
+            _fail(path, "slots must be a string such as 'blocks' or 'adapters,pooler.dense'")
+        try:
+            slot_tokens(data["slots"])
+        except LoradeployError as e:
+            _fail(path, str(e))
     if "double_quant" in data and not isinstance(data["double_quant"], bool):
         _fail(path, "double_quant must be true or false")
     for key in ("opset", "threads", "warmup", "runs"):

@@ -134,3 +134,47 @@ def test_swappable_adapter_in_planned_precision(tmp_path, eval_small):
     proc = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), "sora", texts], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_layernorm_weights_travel_as_modules_to_save(tmp_path, eval_small):
+    """An adapter carrying LayerNorm weights and biases is swappable on bitsandbytes: they are PEFT
+    modules_to_save of its folder, loaded by plain peft as the adapter's own copy of each norm
+    while the base keeps its norms for the other adapters, and they change the outputs.
+    Not compared with the merged artifact within 1e-4: with the example's LoRA, nf4 merged
+    (W + ΔW quantized) and swappable (W quantized, LoRA in fp32) differ by ~0.9 logits, and even
+    with the LoRA scaled to 1e-6 bitsandbytes 0.50's CPU path differs by ~5e-4 between them."""
+    import torch
+    import transformers
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from loradeploy import runtime
+    from loradeploy.base import load_torch_model, resolve_base
+    from loradeploy.evaldata import load_eval
+    from loradeploy.ir import Task
+    from tests.synthetic import with_layernorms
+
+    norms = ["bert.encoder.layer.0.attention.output.LayerNorm", "bert.encoder.layer.5.output.LayerNorm"]
+    base = load_torch_model(resolve_base("minilm"), Task.SEQUENCE_CLASSIFICATION, 2)
+    ln = with_layernorms(EXAMPLE_ADAPTERS / "increlora", tmp_path / "ln", base, norms)
+    wanted = load_file(str(ln / "adapter_model.safetensors"))
+    art = tmp_path / "swap"
+    export("minilm", [AdapterSpec("ln", ln), AdapterSpec("plain", EXAMPLE_ADAPTERS / "increlora")],
+           fast_profile(tmp_path, "bnb-nf4"), art, mode="swappable", eval_path=eval_small)
+    saved = json.loads((art / "adapters" / "ln" / "adapter_config.json").read_text())["modules_to_save"]
+    assert set(norms) <= set(saved)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(art)
+    model = PeftModel.from_pretrained(model, art / "adapters" / "ln", adapter_name="ln")
+    model.load_adapter(art / "adapters" / "plain", adapter_name="plain")
+    base_params = dict(base.named_parameters())
+    for norm in norms:
+        wrapper = model.base_model.model.get_submodule(norm)
+        for kind in ("weight", "bias"):
+            ours = getattr(wrapper.modules_to_save["ln"], kind)
+            assert torch.equal(ours, wanted[f"base_model.model.{norm}.{kind}"])
+            assert torch.equal(getattr(wrapper.original_module, kind), base_params[f"{norm}.{kind}"])
+        assert "plain" not in wrapper.modules_to_save  # "plain" runs on the base's norm
+    texts = load_eval(eval_small).texts
+    with runtime.open(art) as s:
+        out = {n: s.run(s.encode(texts), n).outputs for n in ("ln", "plain", None)}
+    assert np.abs(out["ln"] - out["plain"]).max() > 0.05  # same LoRA: the norms take effect

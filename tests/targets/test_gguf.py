@@ -143,3 +143,63 @@ def test_planned_tensor_types_reach_llama_cpp(tmp_path, tiny):
     ok = lm_fidelity([(ref, logits[0], tokens)])
     assert ok["kl_mean"] < 1e-3 and ok["top1_agreement"] == 1.0
     assert json.loads((tmp_path / "art" / "manifest.json").read_text())["adapters"][0]["plan"]["method"].startswith("file:")
+
+
+def test_norm_weights_merge_into_the_gguf_and_are_refused_as_swappable(tmp_path, gemma):
+    """An LM adapter carrying RMSNorm weights: a llama.cpp adapter GGUF holds only lora_a/lora_b,
+    so swappable is refused with what to do (nothing written); merged writes the norms in the
+    GGUF's own convention (Gemma's converter stores weight + 1) and validates against the fp32
+    reference that has them."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from loradeploy.base import load_torch_model
+    from loradeploy.errors import LoradeployError
+    from loradeploy.ir import Task
+    from tests.synthetic import with_layernorms
+
+    norms = {"model.layers.0.input_layernorm": "blk.0.attn_norm.weight",
+             "model.layers.17.post_feedforward_layernorm": "blk.17.post_ffw_norm.weight"}
+    base_model = load_torch_model(gemma, Task.CAUSAL_LM, None)
+    ln = with_layernorms(EXAMPLE_ADAPTERS / "sora-gemma", tmp_path / "ln", base_model, list(norms))
+    profile = fast_profile(tmp_path, "gguf-cpu")
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text("\n".join(TEXTS) + "\n")
+    with pytest.raises(LoradeployError, match=r"carries 2 tensors besides LoRA .*use --mode merged"):
+        export("gemma3-270m", [AdapterSpec("ln", ln)], profile, tmp_path / "swap", mode="swappable",
+               eval_path=eval_file)
+    assert not (tmp_path / "swap").exists()
+    record = export("gemma3-270m", [AdapterSpec("ln", ln)], profile, tmp_path / "merged", mode="merged",
+                    eval_path=eval_file)
+    written = {t.name: np.asarray(t.data, dtype=np.float64) for t in GGUFReader(str(tmp_path / "merged" / "model.gguf")).tensors}
+    original = {t.name: np.asarray(t.data, dtype=np.float64) for t in GGUFReader(str(gemma)).tensors}
+    adapter = read_adapter(ln).extra_tensors
+    params = dict(base_model.named_parameters())
+    for hf, g in norms.items():
+        offset = original[g] - params[f"{hf}.weight"].detach().double().numpy()
+        assert np.ptp(offset) < 1e-6 and abs(offset.mean() - 1.0) < 1e-6  # Gemma: stored as weight + 1
+        assert np.allclose(written[g], adapter[f"{hf}.weight"].double().numpy() + 1.0, rtol=1e-6, atol=1e-6)
+        assert np.abs(written[g] - original[g]).max() > 0.01
+    m = record["validation"]["metrics"]["merged"]
+    assert m["kl_mean"] < 0.1 and m["ppl_artifact"] < 1.15 * m["ppl_reference"]
+
+
+def test_auto_mode_picks_merged_when_llama_cpp_cannot_carry_a_tensor(tmp_path, tiny):
+    """auto: the swappable candidate cannot be written (a norm weight travels with the adapter),
+    so merged ships; the manifest says why."""
+    from loradeploy.base import load_torch_model
+    from loradeploy.ir import Task
+    from tests.synthetic import with_layernorms
+
+    _, path, adapter = tiny
+    ln = with_layernorms(adapter, tmp_path / "ln", load_torch_model(path, Task.CAUSAL_LM, None),
+                         ["model.layers.0.input_layernorm"])
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text("\n".join(TEXTS) + "\n")
+    record = export(str(path), [AdapterSpec("ln", ln)], fast_profile(tmp_path, "gguf-cpu", precision="f32"),
+                    tmp_path / "art", mode="auto", eval_path=eval_file)
+    selection = record["decisions"]["mode_selection"]
+    assert record["mode"] == selection["chosen"] == "merged"
+    assert selection["candidates"]["swappable"]["exportable"] is False
+    assert "lora_a/lora_b" in selection["candidates"]["swappable"]["reason"]
+    assert record["validation"]["metrics"]["merged"]["kl_mean"] < 1e-3

@@ -183,3 +183,89 @@ def test_feature_extraction_without_head(tmp_path, eval_small, mode):
     assert m["cosine_min"] > 0.99999 and record["validation"]["passed"]
     out = _outputs(tmp_path / "o", "emb" if mode == "swappable" else None, ["a short sentence"])
     assert out.shape == (1, 384)
+
+
+EXAMPLES = ["sora", "increlora", "blora"]
+
+
+@pytest.fixture(scope="module")
+def example_artifacts(tmp_path_factory, eval_small):
+    """Each MiniLM example exported alone to a swappable onnx-cpu artifact (default slots)."""
+    folder = tmp_path_factory.mktemp("examples")
+    profile = fast_profile(folder, "onnx-cpu")
+    return {n: (folder / n, export("minilm", [AdapterSpec(n, EXAMPLE_ADAPTERS / n)], profile, folder / n,
+                                   mode="swappable", eval_path=eval_small)) for n in EXAMPLES}
+
+
+def test_every_example_loads_into_every_examples_artifact(example_artifacts):
+    """Slots are the base's, not the adapter's: each example's adapter file loads into each other
+    example's artifact (both directions) and gives what it gives in its own artifact."""
+    from loradeploy import runtime
+    from loradeploy.slots import block_linears
+    from loradeploy.base import load_torch_model, resolve_base
+    from loradeploy.ir import Task
+
+    blocks = block_linears(load_torch_model(resolve_base("minilm"), Task.SEQUENCE_CLASSIFICATION, 2))
+    assert len(blocks) == 6 * 6  # q, k, v, attention output, intermediate, output of 6 layers
+    sessions = {n: runtime.open(art) for n, (art, _) in example_artifacts.items()}
+    inputs = sessions["sora"].encode(["great camera, sharp pictures", "the battery died in an hour", "fine"])
+    own = {n: sessions[n].run(inputs, adapter=n).outputs for n in EXAMPLES}
+    for n, (_, manifest) in example_artifacts.items():
+        assert manifest["decisions"]["lora_slot_modules"] == {m: list(s) for m, s in blocks.items()}
+    # SoRA pruned whole modules that IncreLoRA and B-LoRA keep: the old per-adapter slots would refuse these
+    kept = {n: {m for m, r in manifest["adapters"][0]["ranks"].items() if r[1]} for n, (_, manifest) in example_artifacts.items()}
+    assert kept["increlora"] - kept["sora"]
+    for host in EXAMPLES:
+        for guest in EXAMPLES:
+            if guest == host:
+                continue
+            art = example_artifacts[guest][0]
+            sessions[host].load_adapter(f"{guest}-guest", art / "adapters" / f"{guest}.onnx_adapter")
+            got = sessions[host].run(inputs, adapter=f"{guest}-guest").outputs
+            assert np.abs(got - own[guest]).max() < 1e-5, (host, guest)
+            assert np.abs(got - own[host]).max() > 1e-2, (host, guest)  # really the guest's adapter
+    for s in sessions.values():
+        s.close()
+
+
+def test_adapter_slots_option_names_what_does_not_fit(tmp_path, eval_small, example_artifacts):
+    """--slots adapters: slots only where the exported adapter has modules; another adapter's
+    file is then refused with the modules the graph lacks."""
+    from loradeploy import runtime
+    from loradeploy.errors import BaseModelError
+
+    rec = export("minilm", [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")], fast_profile(tmp_path, "onnx-cpu"),
+                 tmp_path / "few", mode="swappable", eval_path=eval_small, slots="adapters")
+    slots = rec["decisions"]["lora_slot_modules"]
+    sora_kept = {m for m, r in rec["adapters"][0]["ranks"].items() if r[1]}
+    assert len(slots) == len(sora_kept) < 36
+    with runtime.open(tmp_path / "few") as session:
+        with pytest.raises(BaseModelError, match=r"is not an input of this graph \(and \d+ more\)"):
+            session.load_adapter("inc", example_artifacts["increlora"][0] / "adapters" / "increlora.onnx_adapter")
+
+
+def test_layernorm_weights_travel_as_graph_inputs(tmp_path, eval_small):
+    """An adapter carrying LayerNorm weights and biases (PEFT modules_to_save) is swappable: the
+    norms are overridable inputs defaulting to the base's own, so the adapter agrees with its
+    merged artifact, and another adapter in the same artifact keeps the base's norms."""
+    from loradeploy.base import load_torch_model, resolve_base
+    from loradeploy.evaldata import load_eval
+    from loradeploy.ir import Task
+    from tests.synthetic import with_layernorms
+
+    norms = ["bert.encoder.layer.0.attention.output.LayerNorm", "bert.encoder.layer.5.output.LayerNorm"]
+    base = load_torch_model(resolve_base("minilm"), Task.SEQUENCE_CLASSIFICATION, 2)
+    ln = with_layernorms(EXAMPLE_ADAPTERS / "increlora", tmp_path / "ln", base, norms)
+    profile = fast_profile(tmp_path, "onnx-cpu")
+    specs = [AdapterSpec("ln", ln), AdapterSpec("increlora", EXAMPLE_ADAPTERS / "increlora")]
+    swap = export("minilm", specs, profile, tmp_path / "swap", mode="swappable", eval_path=eval_small)
+    assert swap["validation"]["passed"]
+    assert {f"{n}.{k}" for n in norms for k in ("weight", "bias")} <= set(swap["decisions"]["graph_inputs_overridable"])
+    texts = load_eval(eval_small).texts
+    outs = {n: _outputs(tmp_path / "swap", n, texts) for n in ("ln", "increlora")}
+    for spec in specs:
+        export("minilm", [spec], profile, tmp_path / f"merged-{spec.name}", mode="merged", eval_path=eval_small)
+        merged = _outputs(tmp_path / f"merged-{spec.name}", None, texts)
+        assert np.abs(outs[spec.name] - merged).max() < AGREE_ATOL, spec.name
+        assert swap["validation"]["metrics"][spec.name]["max_abs_logit"] < AGREE_ATOL
+    assert np.abs(outs["ln"] - outs["increlora"]).max() > 100 * AGREE_ATOL  # the norms take effect

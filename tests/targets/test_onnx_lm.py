@@ -147,6 +147,34 @@ def test_lm_artifact_serves_ab_arms_across_threads_with_swaps(llama_art):
     session.close()
 
 
+def test_adapters_load_into_artifacts_exported_for_other_adapters(llama_art, tmp_path):
+    """Slots are the base's: adapter a (every projection) loads into an artifact exported with
+    adapter b alone (three modules of one layer) and answers as in a's own artifact. With
+    ``--slots adapters`` that artifact takes slots only where b has modules and refuses a, naming
+    what does not fit."""
+    from loradeploy.errors import BaseModelError
+
+    _, base, adapters, art, _ = llama_art
+    ids = tiny_lm.tokenizer()(TEXTS[0])["input_ids"]
+    with runtime.open(art) as own:
+        want = {n: own.logits(ids, n) for n in ("a", "b")}
+    profile = str(quick_profile(tmp_path, "onnx-cpu"))
+    for slots, n_slots in ((None, tiny_lm.LAYERS * len(tiny_lm.PROJECTIONS)), ("adapters", 3)):
+        out = tmp_path / f"b-{slots}"
+        rec = export_adapters(str(base), [AdapterSpec("b", adapters["b"])], profile, out, mode="swappable",
+                              eval_path=_eval(tmp_path), slots=slots)
+        assert rec["decisions"]["lora_slots"] == n_slots
+        with runtime.open(out) as session:
+            assert np.abs(session.logits(ids, "b") - want["b"]).max() < 1e-5
+            if slots is None:
+                session.load_adapter("a2", art / "adapters" / "a.onnx_adapter")
+                assert np.abs(session.logits(ids, "a2") - want["a"]).max() < 1e-5
+                assert np.abs(want["a"] - want["b"]).max() > 1e-2
+            else:
+                with pytest.raises(BaseModelError, match=r"model.layers.0.\S+ is not an input of this graph \(and \d+ more\)"):
+                    session.load_adapter("a2", art / "adapters" / "a.onnx_adapter")
+
+
 def test_ab_command_on_an_lm_artifact(llama_art, tmp_path, capsys):
     _, _, _, art, _ = llama_art
     inputs = tmp_path / "inputs.txt"
