@@ -74,6 +74,10 @@ def build(work: Path) -> dict:
     if not (work / "merged" / "manifest.json").is_file():
         _cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
              str(_quick(work, "onnx-cpu-int4")), "--mode", "merged", "-o", str(work / "merged"), "--overwrite")
+    if not (work / "adapter-slots" / "manifest.json").is_file():  # slots only where the adapter has modules
+        _cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
+             str(_quick(work, "onnx-cpu-int4")), "--mode", "swappable", "--slots", "adapters",
+             "-o", str(work / "adapter-slots"), "--overwrite")
     hf = hf_folder(resolve_base("gemma3-270m"))
     if not (work / "no-lora" / "genai_config.json").is_file():
         onnx_lm.build_decoder(hf, work / "no-lora", "int4", work / "cache")
@@ -135,6 +139,8 @@ def main() -> int:
         "swappable, adapter on": og_generator(args.work / "swappable", "sora-gemma"),
         "onnx-cpu-gguf, adapter on": og_generator(args.work / "gguf-blocks", "sora-gemma"),
         "swappable, no adapter": og_generator(args.work / "swappable"),
+        "--slots adapters, adapter on": og_generator(args.work / "adapter-slots", "sora-gemma"),
+        "--slots adapters, no adapter": og_generator(args.work / "adapter-slots"),
         "merged": og_generator(args.work / "merged"),
         "no LoRA inputs": og_generator(args.work / "no-lora"),
         "genai builder + adapter": og_generator(args.work / "genai-lora"),
@@ -171,6 +177,12 @@ def main() -> int:
             tps["session: swappable, adapter on"] / tps["session: merged"], ">= 0.95"),
         "session: swappable (no adapter) / merged": (
             tps["session: swappable, no adapter"] / tps["session: merged"], "info"),
+        "--slots adapters: swappable (adapter on) / merged": (
+            tps["--slots adapters, adapter on"] / tps["merged"], ">= 0.95"),
+        "--slots adapters: swappable (no adapter) / graph without LoRA inputs": (
+            tps["--slots adapters, no adapter"] / tps["no LoRA inputs"], ">= 0.98"),
+        "--slots adapters (adapter on) / onnxruntime-genai builder with the adapter": (
+            tps["--slots adapters, adapter on"] / tps["genai builder + adapter"], ">= 1.1"),
         "session: onnx-cpu-gguf (adapter on) / llama.cpp": (
             tps["session: onnx-cpu-gguf, adapter on"] / tps["llama.cpp gguf-cpu, adapter on"], "info"),
         "swappable (adapter on) / onnxruntime-genai builder with the adapter": (
