@@ -152,7 +152,7 @@ def export_cmd(base, adapters, target, mode, eval_path, out, method, lora_alpha,
     config = ExportConfig(base, _adapter_inputs(adapters, method, lora_alpha, lora_r, head), target, Path(out), mode,
                           Path(eval_path) if eval_path else None, _plan_config(plan, budget, max_bytes, calibration),
                           overwrite, slots)
-    with progress_steps(not as_json) as step:
+    with progress_steps() as step:
         record = export(config, step)
     _emit(record, as_json, print_export)
     return 0 if record["validation"]["passed"] else 1
@@ -183,7 +183,7 @@ def quantize_cmd(base, adapters, target, plan, budget, max_bytes, calibration, o
 
     config = QuantizeConfig(base, _adapter_inputs(adapters, method, lora_alpha, lora_r, head), target, Path(out),
                             _plan_config(plan, budget, max_bytes, calibration), overwrite)
-    with progress_steps(not as_json) as step:
+    with progress_steps() as step:
         record = quantize(config, step)
     _emit(record, as_json, print_plan)
 
@@ -197,7 +197,7 @@ def validate_cmd(artifact, eval_path, as_json):
     from .render import print_validation, progress_steps
     from .validate import ValidateConfig, revalidate
 
-    with progress_steps(not as_json) as step:
+    with progress_steps() as step:
         record = revalidate(ValidateConfig(Path(artifact), Path(eval_path) if eval_path else None), step)
     _emit(record, as_json, print_validation)
     return 0 if record["validation"]["passed"] else 1
@@ -245,7 +245,7 @@ def check_cmd(artifact, baseline, tolerance, strict_latency, eval_path, junit, m
 
     config = CheckConfig(Path(artifact), Path(baseline), tolerance, Path(eval_path) if eval_path else None,
                          strict_latency)
-    with progress_steps(not as_json) as step:
+    with progress_steps() as step:
         record = check(config, step)
     if junit:
         write_text_atomic(Path(junit), junit_xml(record))
@@ -275,7 +275,7 @@ def ab_cmd(artifact, arms, weights, inputs, keys, as_json):
     from .runtime.ab import ab_test, parse_arms, parse_weights
 
     arm_map = parse_arms(list(arms))
-    with progress_steps(not as_json) as step:
+    with progress_steps() as step:
         record = ab_test(Path(artifact), arm_map, parse_weights(weights, len(arm_map)), Path(inputs),
                          Path(keys) if keys else None, step)
     _emit(record, as_json, print_ab)

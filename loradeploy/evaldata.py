@@ -72,3 +72,24 @@ def load_calibration(path: Path | None, limit: int, lm: bool = False) -> EvalSet
     parts = [load_eval(p, limit, lm=True).texts for p in DEFAULT_LM_CALIBRATION]
     texts = [t for pair in zip(*parts) for t in pair][:limit]
     return EvalSet(DEFAULT_LM_CALIBRATION[0].parent, texts, None)
+
+
+def shipped_set_note(eval_set: EvalSet, base_dir: Path) -> str | None:
+    """A note when ``eval_set`` is a shipped set and ``base_dir`` is not the base it was made for:
+    fidelity against the reference is still measured, task measures on it mean little."""
+    from .base import resolve_base
+
+    made_for = {DEFAULT_EVAL.resolve(): "minilm", DEFAULT_LM_EVAL.resolve(): "gemma3-270m"}.get(Path(eval_set.path).resolve())
+    if made_for is None:
+        return None
+    try:
+        same = Path(resolve_base(made_for)).resolve() == Path(base_dir).resolve()
+    except Exception:  # noqa: BLE001 - the alias's package missing: then it is not this base
+        same = False
+    if same:
+        return None
+    if made_for == "minilm":
+        return ("the shipped sentiment eval set was made for the minilm examples: fidelity against the fp32 "
+                "reference is measured, but accuracy on it says nothing about this base (pass --eval)")
+    return ("the shipped Gemma text eval set was made for gemma3-270m: KL and top-1 against the fp32 reference are "
+            "measured, perplexity on it is not a task measure for this base (pass --eval)")

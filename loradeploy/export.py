@@ -22,6 +22,7 @@ from .quantize import PlanConfig, apply_plan, plan_for
 from .report import write_report
 from .targets.common import copy_tokenizer
 from .targets.profile import TargetProfile, load_profile
+from .render import begin
 from .validate import validate_artifact
 
 Progress = Callable[[str], None]
@@ -68,13 +69,17 @@ def export(config: ExportConfig, progress: Progress | None = None) -> dict:
 
 
 def _export_into(tmp: Path, config: ExportConfig, profile: TargetProfile, mode: str, step: Progress) -> mf.Manifest:
+    begin(step, f"reading and pruning {len(config.adapters.specs)} adapter(s)")
     entries = load_entries(config.adapters)
     step("read and pruned adapters")
+    begin(step, f"loading base {config.base}")
     base_dir, task, num_labels, base_model = load_base_for(config.base, entries)
-    step("loaded base model")
+    step(f"loaded base model ({task.value})")
     job = ExportJob(config.base, base_dir, task, num_labels, entries, profile, mode, base_model,
                     slots=config.slots or profile.slots)
     eval_set = load_eval(config.eval_path, lm=task is Task.CAUSAL_LM)
+    step(f"eval set {eval_set.path} ({len(eval_set.texts)} inputs"
+         + (", the shipped one)" if config.eval_path is None else ")"))
     choice = config.plan.choice or (parse_plan_choice(profile.plan) if profile.plan and mode != "merged" else None)
     if choice:
         plan = plan_for(job, dataclasses.replace(config.plan, choice=choice), step)
@@ -84,7 +89,8 @@ def _export_into(tmp: Path, config: ExportConfig, profile: TargetProfile, mode: 
     if mode == "auto":
         chosen, selection = _choose_mode(tmp, job, config.adapters, eval_set, step)
         job = dataclasses.replace(job, mode=chosen)
-    manifest = _write(tmp, job, config.adapters, {"mode_selection": selection} if selection else {})
+    begin(step, f"exporting the {job.mode} artifact for {profile.name} ({profile.runtime})")
+    manifest = _write(tmp, job, config.adapters, {"mode_selection": selection} if selection else {}, step)
     step(f"exported {job.mode} artifact")
     validation = validate_artifact(tmp, job, eval_set, step)
     if selection:
@@ -97,9 +103,10 @@ def _export_into(tmp: Path, config: ExportConfig, profile: TargetProfile, mode: 
     return manifest
 
 
-def _write(folder: Path, job: ExportJob, inputs: AdapterInputs, more_decisions: dict | None = None) -> mf.Manifest:
+def _write(folder: Path, job: ExportJob, inputs: AdapterInputs, more_decisions: dict | None = None,
+           progress: Progress | None = None) -> mf.Manifest:
     """The job's artifact files (through the runtime's target plugin) and its manifest."""
-    decisions = registry.get(job.profile.runtime).target_plugin().export(job, folder)
+    decisions = registry.get(job.profile.runtime).target_plugin().export(job, folder, progress)
     if job.base_dir.is_dir():
         copy_tokenizer(job.base_dir, folder)
     manifest = _manifest(job, {**decisions, **(more_decisions or {})}, folder, inputs)
@@ -118,8 +125,9 @@ def _choose_mode(tmp: Path, job: ExportJob, inputs: AdapterInputs, eval_set: Eva
         scratch = tmp / f".mode-{cand}"
         scratch.mkdir()
         trial = dataclasses.replace(job, mode=cand)
+        begin(step, f"auto mode: exporting {cand} to compare")
         try:
-            _write(scratch, trial, inputs)
+            _write(scratch, trial, inputs, progress=step)
         except LoradeployError as e:  # this runtime cannot take the adapter in this mode
             shutil.rmtree(scratch)
             selection[cand] = {"passed": False, "exportable": False, "reason": str(e), "checks": []}

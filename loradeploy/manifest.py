@@ -82,6 +82,7 @@ class Validation:
     artifact_bytes: int
     checks: list[dict]
     passed: bool
+    eval_note: str | None = None  # what the eval set can and cannot tell about this base
 
 
 @dataclass

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -89,6 +92,9 @@ def print_validation(record: dict) -> None:
         table.add_row(escape(c["adapter"]), escape(c["measure"]), f"{c['value']:.4g}", budget,
                       f"[{colors[c['status']]}]{c['status']}[/]")
     console.print(table)
+    console.print(f"eval set: {escape(str(v['eval_file']))} ({v['eval_inputs']} inputs)")
+    if v.get("eval_note"):
+        console.print(f"note: {escape(v['eval_note'])}")
     console.print("[green]PASS[/]" if v["passed"] else "[bold red]FAIL[/]: a measure is outside its budget")
 
 
@@ -182,23 +188,55 @@ def print_targets(profiles: list[dict]) -> None:
 
 
 class progress_steps:
-    """A spinner on stderr naming the running step; each finished step is printed once."""
+    """Progress of a long command, on stderr so that stdout stays the result.
+
+    The callable protocol (``Progress`` in export.py): ``step(message)`` reports a finished stage;
+    ``step.begin(message)`` names the stage that starts now. In a terminal a spinner names the
+    running stage with its elapsed seconds and each finished stage is printed once; when stderr
+    is not a terminal (CI logs, pipes) each begin and end is one plain timestamped line, printed
+    as it happens."""
 
     def __init__(self, enabled: bool = True):
         self._console = Console(stderr=True, highlight=False)
-        self._enabled = enabled and self._console.is_terminal
+        self._live = enabled and self._console.is_terminal
+        self._plain = enabled and not self._live
         self._status = None
+        self._t0 = self._since = time.monotonic()
+        self._stage = "starting"
 
     def __enter__(self):
-        if self._enabled:
-            self._status = self._console.status("working…")
+        if self._live:
+            self._status = self._console.status(self._stage)
             self._status.__enter__()
         return self
 
+    def _line(self, text: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        print(f"[{stamp} +{time.monotonic() - self._t0:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    def begin(self, message: str) -> None:
+        self._stage, self._since = message, time.monotonic()
+        if self._status is not None:
+            self._status.update(f"{message} …")
+        elif self._plain:
+            self._line(f"{message} …")
+
     def __call__(self, message: str) -> None:
-        if self._enabled:
-            self._console.print(f"[dim]✓ {message}[/]")
+        took = time.monotonic() - self._since
+        self._since = time.monotonic()
+        if self._status is not None:
+            self._console.print(f"[dim]✓ {escape(message)} ({took:.1f} s)[/]")
+            self._status.update(f"{self._stage} (continuing) …")
+        elif self._plain:
+            self._line(f"done: {message} ({took:.1f} s)")
 
     def __exit__(self, *exc):
         if self._status is not None:
             self._status.__exit__(*exc)
+
+
+def begin(step, message: str) -> None:
+    """Name the stage that starts now, if ``step`` can show it (see :class:`progress_steps`)."""
+    announce = getattr(step, "begin", None)
+    if announce is not None:
+        announce(message)

@@ -159,8 +159,13 @@ def artifact_bytes(artifact: Path) -> int:
 
 
 def _result(artifact: Path, eval_set: EvalSet, metrics: dict, checks: list[Check], profile: TargetProfile,
-            first: str | None, timing: bool) -> Validation:
+            first: str | None, timing: bool, progress=None) -> Validation:
     """Latency (with ``first`` active), size, and the verdict."""
+    if timing:
+        from .render import begin
+
+        begin(progress, f"measuring latency ({', '.join(sh.label for sh in profile.shapes)}) "
+                        "and peak RSS in a fresh process")
     latency = measure_latency(artifact, first, profile) if timing else {"shapes": {}}
     if timing:
         checks += latency_checks(first or "merged", latency, profile.budgets)
@@ -187,7 +192,7 @@ def validate_encoder(artifact: Path, session, profile: TargetProfile, task: Task
         checks += measure_checks(label, metrics[label], profile.budgets, task)
         if progress:
             progress(f"fidelity {label}")
-    return _result(artifact, eval_set, metrics, checks, profile, next(iter(references)), timing)
+    return _result(artifact, eval_set, metrics, checks, profile, next(iter(references)), timing, progress)
 
 
 # --- causal language models (llama.cpp target) ---------------------------------------------
@@ -273,7 +278,7 @@ def validate_lm(artifact: Path, session, profile: TargetProfile, base_model, ada
                      "top1_drop_vs_base": base["top1_agreement"] - m["top1_agreement"]}
             m.update(share)
             checks += measure_checks(adapter or "merged", share, profile.budgets, Task.CAUSAL_LM)
-    return _result(artifact, eval_set, metrics, checks, profile, next(iter(adapters)), timing)
+    return _result(artifact, eval_set, metrics, checks, profile, next(iter(adapters)), timing, progress)
 
 
 # --- the artifact of a job, and the `validate` verb ------------------------------------------
@@ -281,12 +286,23 @@ def validate_lm(artifact: Path, session, profile: TargetProfile, base_model, ada
 def validate_artifact(artifact: Path, job, eval_set: EvalSet, progress=None, timing: bool = True) -> Validation:
     """Validate ``artifact`` (written for ``job``) against the fp32 references of the job's
     adapters as trained, in the artifact's runtime (its session: the one loader)."""
+    import dataclasses
+
+    from .evaldata import shipped_set_note
+
+    result = _validate_artifact(artifact, job, eval_set, progress, timing)
+    return dataclasses.replace(result, eval_note=shipped_set_note(eval_set, job.base_dir))
+
+
+def _validate_artifact(artifact: Path, job, eval_set: EvalSet, progress, timing: bool) -> Validation:
     from . import registry, runtime
     from .base import load_tokenizer
+    from .render import begin
 
     step = progress or (lambda _m: None)
     profile, task = job.profile, job.task
     originals = {(e.name if job.mode == "swappable" else None): e.original for e in job.adapters}
+    begin(step, f"opening the artifact in {profile.runtime}")
     session = runtime.open(artifact, threads=profile.threads, workers=1)
     try:
         if task is Task.CAUSAL_LM:
@@ -299,6 +315,7 @@ def validate_artifact(artifact: Path, job, eval_set: EvalSet, progress=None, tim
                 if base_session is not None and base_session is not session:
                     base_session.close()
         tokenizer = load_tokenizer(job.base_dir)
+        begin(step, f"computing the fp32 PyTorch reference on {len(eval_set.texts)} eval inputs")
         references = {k: reference_outputs(job.base_model, a, task, tokenizer, eval_set.texts)
                       for k, a in originals.items()}
         base_outputs = {k: base_alone_outputs(job.base_model, a, task, tokenizer, eval_set.texts)

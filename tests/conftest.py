@@ -37,3 +37,12 @@ def minilm_dir() -> Path:
     from loradeploy.base import resolve_base
 
     return resolve_base("minilm")
+
+
+_PROGRESS_LINE = __import__("re").compile(r"^\[\d\d:\d\d:\d\d \+ *\d+\.\d+s\] ")
+
+
+def error_text(err: str) -> str:
+    """stderr without the timestamped progress lines a command prints when stderr is not a
+    terminal (loradeploy.render.progress_steps): what is left is the error, if any."""
+    return "\n".join(line for line in err.strip().splitlines() if not _PROGRESS_LINE.match(line))

@@ -27,6 +27,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from loradeploy.cli import main
+from tests.conftest import error_text
 
 CASE_SECONDS = 10.0
 #: cases run, by tier → file kind → outcome; written to COUNTS_FILE at the end of the module
@@ -640,8 +641,9 @@ def run_cli(argv: list[str], cwd: Path, limit: float | None = CASE_SECONDS) -> R
     warned = [f"{w.category.__name__}: {w.message}" for w in caught]
     err_lines = (err.getvalue().splitlines() + native_err[0].decode(errors="replace").splitlines()
                  + logged + warned)
+    # timestamped progress lines (stderr is not a terminal here) are not errors: see tests.conftest.error_text
     return Result(code, out.getvalue() + native_out[0].decode(errors="replace"),
-                  [ln for ln in err_lines if ln.strip()], seconds, exc)
+                  [ln for ln in error_text("\n".join(err_lines)).splitlines() if ln.strip()], seconds, exc)
 
 
 def check_result(res: Result, kind: str, tier: str, allowed=(0, 2), describe: str = "") -> str:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from loradeploy.cli import main
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+from tests.conftest import EXAMPLE_ADAPTERS, quick_profile, error_text
 
 pytestmark = pytest.mark.slow
 ADAPTER = EXAMPLE_ADAPTERS / "sora"
@@ -381,7 +381,7 @@ def test_error_is_one_line_exit_2_nothing_written(good, tmp_path, capsys, monkey
     before = sorted(p.name for p in work.iterdir())
     code = main(argv)
     out = capsys.readouterr()
-    lines = out.err.strip().splitlines()
+    lines = error_text(out.err).splitlines()
     assert code == 2, out
     assert len(lines) == 1 and lines[0].startswith("error: "), out.err
     assert expect in lines[0], lines[0]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from loradeploy.cli import main
+from tests.conftest import error_text
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = json.loads((CORPUS / "cases.json").read_text())
@@ -31,7 +32,7 @@ def test_bad_input(case, command, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(_argv(case, command, out))
     captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
+    lines = error_text(captured.err).splitlines()
     assert code == case["exit_code"]
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
     assert case["expect"] in lines[0]
@@ -52,7 +53,8 @@ def test_bad_input_end_to_end_subprocess(name, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "loradeploy.cli", *_argv(case, "prune", tmp_path / "o")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: "), proc.stderr
+    err = error_text(proc.stderr)
+    assert err.count("\n") == 0 and err.startswith("error: "), proc.stderr
     assert case["expect"] in proc.stderr
     assert list(tmp_path.iterdir()) == []
 

@@ -4,6 +4,7 @@ import pytest
 
 from loradeploy.cli import main
 from tests.synthetic import make_blora, make_sora
+from tests.conftest import error_text
 
 
 def test_help_lists_commands(capsys):
@@ -68,7 +69,7 @@ def test_an_internal_error_is_exit_3_with_one_line_naming_the_command(monkeypatc
     monkeypatch.delenv("LORADEPLOY_DEBUG", raising=False)
     code = main(["verify", str(tmp_path)])
     out = capsys.readouterr()
-    lines = out.err.strip().splitlines()
+    lines = error_text(out.err).splitlines()
     assert code == INTERNAL_ERROR == 3
     assert len(lines) == 1 and "internal error in `loradeploy verify`: KeyError: 'causal-lm'" in lines[0]
     assert "LORADEPLOY_DEBUG=1" in lines[0] and "Traceback" not in out.err + out.out
@@ -81,5 +82,47 @@ def test_a_known_error_line_hints_at_the_traceback(capsys, tmp_path):
     from loradeploy.cli import main
 
     assert main(["inspect", str(tmp_path / "missing")]) == 2
-    err = capsys.readouterr().err.strip()
+    err = error_text(capsys.readouterr().err)
     assert err.startswith("error: ") and err.endswith("(LORADEPLOY_DEBUG=1 shows the traceback)")
+
+
+def test_progress_shows_as_it_happens_in_a_pipe(tmp_path):
+    """With stderr piped (a CI log), each stage is a timestamped line printed when it begins or
+    ends, not at the end; stdout (here --json) stays the result alone."""
+    import json
+    import re
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+
+    from loradeploy.evaldata import DEFAULT_EVAL
+
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text("\n".join(DEFAULT_EVAL.read_text().splitlines()[:32]) + "\n")
+    argv = [sys.executable, "-m", "loradeploy.cli", "export", "--base", "minilm", "--adapter",
+            str(EXAMPLE_ADAPTERS / "sora"), "--target", str(quick_profile(tmp_path, "onnx-cpu")), "--eval", str(ev),
+            "-o", str(tmp_path / "out"), "--json"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    arrived = []
+    for line in proc.stderr:
+        arrived.append((time.monotonic(), line.rstrip("\n")))
+    out = proc.stdout.read()
+    end = time.monotonic()
+    assert proc.wait() == 0
+    assert json.loads(out)["validation"]["passed"]
+    lines = [text for _, text in arrived]
+    stamp = re.compile(r"^\[\d\d:\d\d:\d\d \+ *\d+\.\d+s\] ")
+    assert lines and all(stamp.match(ln) for ln in lines), lines
+    stages = [stamp.sub("", ln) for ln in lines]
+    begins = [s for s in stages if s.endswith(" …")]
+    assert any(s.startswith("exporting the swappable artifact for onnx-cpu") for s in begins)
+    assert any(s.startswith("computing the fp32 PyTorch reference on 32 eval inputs") for s in begins)
+    assert any(s.startswith(f"done: eval set {ev} (32 inputs)") for s in stages)
+    first = {key: next(i for i, s in enumerate(stages) if s.startswith(key))
+             for key in ("exporting the swappable", "done: exported swappable artifact", "measuring latency", "done: validated")}
+    assert first["exporting the swappable"] < first["done: exported swappable artifact"] < first["measuring latency"] \
+        < first["done: validated"]
+    # printed as it happened: the first line reached the pipe well before the command ended
+    assert end - arrived[0][0] > 2.0

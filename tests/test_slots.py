@@ -6,7 +6,7 @@ from loradeploy import slots
 from loradeploy.adapters import read_adapter
 from loradeploy.errors import LoradeployError
 from loradeploy.prune import prune
-from tests.conftest import EXAMPLE_ADAPTERS
+from tests.conftest import EXAMPLE_ADAPTERS, error_text
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_cli_refuses_a_bad_slot_spec_in_one_line(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["export", "--base", "minilm", "--adapter", str(EXAMPLE_ADAPTERS / "sora"), "--target", "onnx-cpu",
                  "--slots", "adapters,nonexistent", "-o", str(out)])
-    err = capsys.readouterr().err.strip()
+    err = error_text(capsys.readouterr().err)
     assert code == 2 and err.startswith("error:") and len(err.splitlines()) == 1 and "nonexistent" in err
     assert not out.exists()
 

@@ -67,7 +67,7 @@ class BnbTarget(Target):
     """Writes a bitsandbytes-quantized transformers folder (+ PEFT adapter folders), loaded by
     :mod:`loradeploy.runtime.bnb` (or plain transformers + peft)."""
 
-    def export(self, job: ExportJob, out: Path) -> dict:
+    def export(self, job: ExportJob, out: Path, progress=None) -> dict:
         from ..adapters import peft as peft_format
         from ..base import auto_class, load_tokenizer
         from ..merge import load_extras, merge_into

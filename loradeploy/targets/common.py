@@ -22,7 +22,7 @@ class Target(ABC):
     session's job (``loradeploy/runtime/<rt>.py``); the pair is registered in ``registry.py``."""
 
     @abstractmethod
-    def export(self, job: ExportJob, out: Path) -> dict: ...
+    def export(self, job: ExportJob, out: Path, progress=None) -> dict: ...
 
 
 def copy_tokenizer(base_dir: Path, out: Path) -> list[str]:

@@ -238,7 +238,7 @@ def write_merged(src: Path, dst: Path, adapters: AdapterSet, info: dict, base_mo
 class GgufTarget(Target):
     """Writes adapter GGUFs beside the base, or a merged GGUF (loaded by :mod:`loradeploy.runtime.llama`)."""
 
-    def export(self, job: ExportJob, out: Path) -> dict:
+    def export(self, job: ExportJob, out: Path, progress=None) -> dict:
         base = Path(job.base_dir)
         if not base.is_file():
             raise LoradeployError(f"{base}: the llama.cpp target needs a GGUF base file")

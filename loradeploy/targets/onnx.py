@@ -121,13 +121,13 @@ def _eager_attention(model):
 class OnnxTarget(Target):
     """Writes merged or swappable ONNX artifacts (loaded by :mod:`loradeploy.runtime.onnx`)."""
 
-    def export(self, job: ExportJob, out: Path) -> dict:
+    def export(self, job: ExportJob, out: Path, progress=None) -> dict:
         from ..ir import Task
 
         if job.task is Task.CAUSAL_LM:
             from .onnx_lm import export_lm
 
-            return export_lm(job, out)
+            return export_lm(job, out, progress)
         if job.profile.precision == "gguf":
             raise LoradeployError(f"profile {job.profile.name} keeps a GGUF base's own blocks: it exports causal LMs "
                                   f"on a GGUF base, not a {job.task.value} model")

@@ -241,6 +241,8 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
     from .onnx_graph import lora_factors
     from .onnx_lora import default_arrays, lower_inputs
 
+    from ..render import begin
+
     step = progress or (lambda _m: None)
     arch = check_architecture(job.base_model)
     precision = job.profile.precision
@@ -266,11 +268,13 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
             load_tokenizer(job.base_dir).save_pretrained(str(src))
         else:
             src = hf_folder(job.base_dir, job.base_model)
-        step(f"building the {PRECISIONS[precision]} decoder (onnxruntime-genai model builder)")
+        begin(step, f"building the {PRECISIONS[precision]} decoder (onnxruntime-genai model builder)")
         build_decoder(src, Path(tmp) / "build" if from_gguf else out, precision, cache)
+        step(f"built the {PRECISIONS[precision]} decoder")
         if from_gguf:
-            step("transcoding the GGUF's blocks into MatMulNBits")
+            begin(step, "transcoding the GGUF's blocks into MatMulNBits")
             transcoded = _transcode_build(Path(tmp) / "build", out, job.base_dir)
+            step("transcoded the GGUF's blocks")
     path = out / MODEL_FILE
     model = onnx.load(str(path), load_external_data=False)
     sites = lora_sites(model)

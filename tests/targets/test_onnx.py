@@ -11,7 +11,7 @@ from loradeploy.job import AdapterSpec
 from tests.exports import export_adapters as export
 from loradeploy.manifest import read as read_manifest
 from loradeploy.fsutil import sha256_file
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+from tests.conftest import EXAMPLE_ADAPTERS, quick_profile, error_text
 
 pytestmark = pytest.mark.slow
 AGREE_ATOL = 1e-4  # max |Δlogit| between two fp32 paths (ORT swappable, ORT merged, PyTorch)
@@ -148,7 +148,7 @@ def test_adapter_base_mismatch(tmp_path, capsys, modules, message):
     adapter = _sora_for(tmp_path, modules)
     out = tmp_path / "out"
     code = main(["export", "--base", "minilm", "--adapter", str(adapter), "--target", "onnx-cpu", "-o", str(out)])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_text(capsys.readouterr().err).splitlines()
     assert code == 2 and len(err) == 1 and message in err[0] and "bad-adapter" in err[0]
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
 

@@ -15,7 +15,7 @@ import torch
 from loradeploy import runtime
 from loradeploy.cli import main
 from loradeploy.job import AdapterSpec
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+from tests.conftest import EXAMPLE_ADAPTERS, quick_profile, error_text
 from tests.exports import export_adapters
 from tests.serving import serve_with_arm_swaps
 from tests.targets import tiny_lm
@@ -216,7 +216,7 @@ def test_merged_and_int4_decoders(tmp_path):
 
 def _cli_refuses(capsys, out: Path, argv: list[str], *needles: str) -> None:
     code = main(argv)
-    err = capsys.readouterr().err.strip()
+    err = error_text(capsys.readouterr().err)
     assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("error:") and all(n in err for n in needles), err
     assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
