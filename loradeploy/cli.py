@@ -119,7 +119,7 @@ def plan_options(f):
 
 
 @cli.command("export")
-@click.option("--base", required=True, help="Base model: a Hugging Face folder or a built-in alias (minilm).")
+@click.option("--base", required=True, help="Base model: a Hugging Face model folder, a GGUF file (llama.cpp targets; causal LMs on onnx-cpu-gguf) or a built-in alias: minilm (all-MiniLM-L6-v2), gemma3-270m (Gemma 3 270M Q4_K_M GGUF).")
 @click.option("--adapter", "adapters", required=True, multiple=True, metavar="[NAME=]PATH",
               help="Adapter checkpoint (file or folder); repeat for several adapters in one swappable artifact.")
 @click.option("--target", required=True, help="Target profile name (see `loradeploy targets`) or a .yaml path.")
@@ -159,7 +159,7 @@ def export_cmd(base, adapters, target, mode, eval_path, out, method, lora_alpha,
 
 
 @cli.command("quantize")
-@click.option("--base", required=True, help="Base model: a Hugging Face folder, a GGUF file or an alias.")
+@click.option("--base", required=True, help="Base model: a Hugging Face model folder, a GGUF file (llama.cpp targets; causal LMs on onnx-cpu-gguf) or a built-in alias: minilm (all-MiniLM-L6-v2), gemma3-270m (Gemma 3 270M Q4_K_M GGUF).")
 @click.option("--adapter", "adapters", required=True, multiple=True, metavar="[NAME=]PATH",
               help="Adapter checkpoint; repeat for several (one plan entry each).")
 @click.option("--target", required=True, help="Target profile: its runtime decides the formats a tensor can take.")
@@ -358,6 +358,12 @@ def _quiet_third_party_logs() -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import warnings
+
+    # deprecations inside the libraries (e.g. transformers' is_gradient_checkpointing, hit by
+    # bitsandbytes loading) are theirs to fix; a loradeploy user cannot act on them
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(?!loradeploy\b)")
 
 
 if __name__ == "__main__":

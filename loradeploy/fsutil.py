@@ -70,7 +70,7 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False):
         raise OutputError(f"{out}: cannot write here ({e.strerror or e})") from e
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
+        normal_modes(tmp)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "old")
@@ -81,6 +81,21 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def normal_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain write would (0666/0777 less the
+    umask): temporary folders are 0700, and some writers (safetensors) create files 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            path = os.path.join(root, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

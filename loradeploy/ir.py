@@ -14,6 +14,8 @@ closed hard-concrete gates). Both are optional; a plain LoRA module has neither.
 
 from __future__ import annotations
 
+import re
+
 import enum
 import math
 from dataclasses import dataclass, field
@@ -166,6 +168,7 @@ class AdapterSet:
     hyperparameters: dict[str, object] = field(default_factory=dict)
     sources: list[SourceFile] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    declared_task: Task | None = None  # what the adapter's own config says (PEFT task_type, architectures)
 
     def __post_init__(self) -> None:
         if not self.modules:
@@ -175,10 +178,21 @@ class AdapterSet:
 
     @property
     def task(self) -> Task:
-        """Sequence classification when a classifier head travels with the adapter."""
+        """The task the adapter's config declares; else sequence classification when a classifier
+        head travels with it, a causal LM when its modules are named as in decoder LMs
+        (``model.layers.N.self_attn.q_proj``: Llama, Gemma, Qwen, Mistral), else feature extraction."""
+        return self.task_and_source[0]
+
+    @property
+    def task_and_source(self) -> tuple[Task, str]:
+        """:attr:`task` and where it was read from."""
+        if self.declared_task is not None:
+            return self.declared_task, "the adapter's config"
         if any(k.startswith(HEAD_PREFIXES) for k in self.extra_tensors):
-            return Task.SEQUENCE_CLASSIFICATION
-        return Task.FEATURE_EXTRACTION
+            return Task.SEQUENCE_CLASSIFICATION, "a classifier head travels with it"
+        if self.modules and all(DECODER_MODULE.search(n) for n in self.modules):
+            return Task.CAUSAL_LM, "its module names are a decoder LM's (layers.N.self_attn / mlp)"
+        return Task.FEATURE_EXTRACTION, "no head and no task in its files"
 
     @property
     def num_labels(self) -> int | None:
@@ -210,3 +224,6 @@ HEAD_PREFIXES: tuple[str, ...] = (
     "classification_head.",  # BART *ForSequenceClassification
     "qa_outputs.",  # *ForQuestionAnswering
 )
+
+#: module names of decoder LMs in the Hugging Face layout (Llama, Gemma, Qwen, Mistral)
+DECODER_MODULE = re.compile(r"(^|\.)layers\.\d+\.(self_attn|mlp)\.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 
@@ -154,10 +154,12 @@ class Manifest:
             raise ManifestError(f"{where}: base.weights is malformed")
         validation = _need(where, data, "validation", dict, optional=True)
         if validation is not None:
-            keys = {f.name for f in fields(Validation)}
+            keys = {f.name for f in fields(Validation) if f.default is MISSING}  # eval_note: newer, optional
             if not keys <= set(validation) or not isinstance(validation.get("metrics"), dict):
                 raise ManifestError(f"{where}: the validation record is malformed (needs {', '.join(sorted(keys))})")
-            validation = Validation(**{k: validation[k] for k in keys})
+            note = validation.get("eval_note")
+            validation = Validation(**{k: validation[k] for k in keys},
+                                    eval_note=note if isinstance(note, str) else None)
         return cls(
             target=TargetRecord(_need(where, target, "name", str), _need(where, target, "runtime", str),
                                 _need(where, target, "profile", dict)),

@@ -109,3 +109,36 @@ def noise_floor(name: str, budgets: dict, resolution: int | None = None, spread:
     if m.unit == "cosine":
         return max(BUDGET_SHARE * (1.0 - own), MIN_FLOOR) if own is not None else MIN_FLOOR
     return 0.0
+
+
+#: what the speed and size rows of a validation mean (not fidelity: not compared by ``check``)
+RUNTIME_HELP = {
+    "latency_p50_ms": "median time of one call at this batch × sequence shape, in a fresh process holding only the runtime",
+    "latency_p95_ms": "95th percentile of that time",
+    "peak_rss_mb": "peak resident memory of that fresh process (the runtime, the artifact and its inputs)",
+    "artifact_mb": "size of the artifact folder",
+    "tokens_per_s": "prompt processing speed: tokens of an N-token prompt per second, the adapter active",
+    "tokens_per_s_base": "the same with no adapter active (the base alone)",
+    "tg_tokens_per_s": "generation speed: tokens generated per second, one at a time with the KV cache, the adapter active",
+    "tg_tokens_per_s_base": "the same with no adapter active",
+    "adapter_load_ms": "time to load the adapter file into the running session",
+    "adapter_switch_ms": "time to switch the active adapter between two calls",
+    "model_reload_ms": "time to load the base model again (what a switch saves)",
+    "reload_over_switch": "model reload time divided by adapter switch time",
+}
+
+
+def describe(name: str) -> str | None:
+    """What a validation row named ``name`` measures (its ``[shape]`` suffix and a ``ppN_``
+    prompt-length prefix stripped); None for an unknown name."""
+    import re
+
+    base = re.sub(r"\[.*\]$", "", name)
+    if base in MEASURES:
+        return MEASURES[base].help
+    if base in RUNTIME_HELP:
+        return RUNTIME_HELP[base]
+    prompt = re.match(r"pp(\d+)_(tokens_per_s(_base)?)$", base)
+    if prompt:
+        return RUNTIME_HELP[prompt.group(2)].replace("an N-token", f"a {prompt.group(1)}-token")
+    return None

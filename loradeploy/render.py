@@ -30,7 +30,8 @@ def print_inspect(record: dict) -> None:
     t = record["totals"]
     console.print(f"[bold]{record['sources'][0]['path']}[/bold]")
     console.print(f"format: {record['method']}   task: {record['task']}"
-                  + (f" ({record['num_labels']} labels)" if record["num_labels"] else ""))
+                  + (f" ({record['num_labels']} labels)" if record["num_labels"] else "")
+                  + (f" [dim](from {escape(record['task_from'])})[/]" if record.get("task_from") else ""))
     table = Table(show_edge=False, pad_edge=False)
     for col in ("module", "out×in", "scale", "rank", "bytes", "bits"):
         table.add_column(col, justify="left" if col in ("module", "bits") else "right",

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 from .manifest import REPORT
 
 _CSS = """body{font:14px system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}
-td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4f4}td:first-child{text-align:left}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4f4}td:first-child,td:nth-child(2){text-align:left}
 .PASS{color:#070}.FAIL{color:#b00;font-weight:bold}.INFO{color:#666}svg{background:#fafafa;margin:4px}
 code{background:#f4f4f4;padding:1px 4px}"""
 
@@ -103,6 +104,60 @@ def plan_svg(adapter: dict, runtime_metrics: dict | None) -> str:
                        "bytes", measure)
 
 
+def _natural(name: str) -> list:
+    """Sort key that puts layer 2 before layer 10."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
+def _glossary(checks: list[dict]) -> str:
+    """What each measure of the table means."""
+    from .measures import describe
+
+    names = []
+    for c in checks:
+        base = re.sub(r"\[.*\]$", "", c["measure"])
+        if base not in names:
+            names.append(base)
+    items = "".join(f"<li><code>{html.escape(n)}</code>: {html.escape(describe(n) or 'no description')}</li>"
+                    for n in names)
+    return f"<details open><summary>What the measures mean</summary><ul>{items}</ul></details>"
+
+
+def _decisions_prose(manifest: dict) -> str:
+    """The decisions a person needs to read the page: the mode and why, the slots, the plan."""
+    d = manifest.get("decisions", {})
+    out = []
+    mode = manifest["mode"]
+    selection = d.get("mode_selection")
+    if selection:
+        lines = []
+        for cand, r in selection["candidates"].items():
+            if not r.get("exportable", True):
+                lines.append(f"<li><b>{cand}</b>: not possible in this runtime — {html.escape(r.get('reason', ''))}</li>")
+                continue
+            failed = [f"{c['measure']} {c['value']:.4g} (budget {c['direction']} {c['budget']:g})"
+                      for c in r.get("checks", []) if c.get("status") == "FAIL"]
+            verdict = "passes the fidelity budget" if r["passed"] else "misses the fidelity budget: " + ", ".join(failed)
+            lines.append(f"<li><b>{cand}</b>: {html.escape(verdict)}</li>")
+        out.append(f"<p>Mode <b>auto</b> exported and validated each mode; rule: {html.escape(selection['rule'])}. "
+                   f"Shipped: <b>{html.escape(selection['chosen'])}</b>.</p><ul>{''.join(lines)}</ul>"
+                   "<p>Rows of the validation table marked <i>not shipped</i> are the other mode's results, shown "
+                   "for comparison (INFO).</p>")
+    elif mode == "merged":
+        out.append("<p>Mode <b>merged</b>: the adapter's ΔW is folded into the base weights; the artifact runs "
+                   "with no adapter machinery.</p>")
+    else:
+        out.append("<p>Mode <b>swappable</b>: the base is exported once and every adapter is a separate file "
+                   "activated per call.</p>")
+    if "lora_slots" in d:
+        out.append(f"<p>LoRA slots: {d['lora_slots']} modules take LoRA inputs (<code>--slots "
+                   f"{html.escape(str(d.get('lora_slots_spec', 'blocks')))}</code>); any adapter for this base whose "
+                   "modules are among them loads into this artifact.</p>")
+    if d.get("plan") or any(a.get("plan") for a in manifest["adapters"]):
+        out.append("<p>A precision plan chose the storage format of each adapter tensor (see Adapters).</p>")
+    return "".join(out)
+
+
 def render(manifest: dict) -> str:
     v = manifest.get("validation", {})
     parts = [f"<h1>loradeploy artifact: {html.escape(manifest['target']['name'])} ({manifest['mode']})</h1>",
@@ -110,22 +165,31 @@ def render(manifest: dict) -> str:
              f"{len(manifest['adapters'])} adapter(s), eval set <code>{html.escape(str(v.get('eval_file')))}</code> "
              f"({v.get('eval_inputs')} inputs). Result: <b class=\"{'PASS' if v.get('passed') else 'FAIL'}\">"
              f"{'PASS' if v.get('passed') else 'FAIL'}</b></p>", "<h2>Validation</h2>"]
+    if v.get("eval_note"):
+        parts.insert(2, f"<p><b>Note:</b> {html.escape(v['eval_note'])}.</p>")
+    parts.append("<p>Each row compares the artifact, run in its runtime, with the fp32 PyTorch reference (the base "
+                 "with the adapter as trained, before pruning and quantization). PASS/FAIL rows have a budget from "
+                 "the target profile; INFO rows are reported, not budgeted.</p>")
     parts.append(_table(["adapter", "measure", "value", "budget", "status"],
                         [[c["adapter"], c["measure"], c["value"], "" if c["budget"] is None else f"{c['direction']} {c['budget']}",
                           c["status"]] for c in v.get("checks", [])]))
+    parts.append(_glossary(v.get("checks", [])))
+    parts.append("<h2>How this artifact was made</h2>" + _decisions_prose(manifest))
     parts.append("<h2>Latency</h2>")
     for label, stats in v.get("latency", {}).get("shapes", {}).items():
         parts.append(histogram_svg(stats["samples_ms"], f"{label}: p50 {stats['p50_ms']:.1f} ms, p95 {stats['p95_ms']:.1f} ms"))
-    parts.append("<h2>Fidelity per class</h2>")
-    for name, m in v.get("metrics", {}).items():
-        if "max_abs_logit_per_class" in m:
-            parts.append(bars_svg({f"class {i}": x for i, x in enumerate(m["max_abs_logit_per_class"])},
-                                  f"{name}: max |Δlogit| per class"))
+    per_class = {name: m["max_abs_logit_per_class"] for name, m in v.get("metrics", {}).items()
+                 if "max_abs_logit_per_class" in m}
+    if per_class:
+        parts.append("<h2>Fidelity per class</h2>")
+        for name, values in per_class.items():
+            parts.append(bars_svg({f"class {i}": x for i, x in enumerate(values)}, f"{name}: max |Δlogit| per class"))
     parts.append("<h2>Adapters</h2>")
     for a in manifest["adapters"]:
         parts.append(f"<h3>{html.escape(a['name'])} ({a['method']}): rank {a['rank_total'][0]} → {a['rank_total'][1]}, "
                      f"LoRA bytes {a['lora_bytes'][0]:,} → {a['lora_bytes'][1]:,}</h3>")
-        parts.append(bars_svg({k: r[1] for k, r in a["ranks"].items()}, "ranks kept per module"))
+        ranks = sorted(a["ranks"].items(), key=lambda kv: _natural(kv[0]))
+        parts.append(bars_svg({k: r[1] for k, r in ranks}, "ranks kept per module after exact pruning (0: the method zeroed the whole module)"))
         if a.get("plan"):
             p = a["plan"]
             parts.append(f"<p>precision plan ({html.escape(p['method'])}): {p['bytes']:,} bytes "
@@ -135,7 +199,7 @@ def render(manifest: dict) -> str:
     parts.append("<h2>Files</h2>")
     parts.append(_table(["file", "bytes", "sha256"], [[f["path"], f"{f['bytes']:,}", f["sha256"][:16] + "…"]
                                                       for f in manifest["files"]]))
-    parts.append("<h2>Decisions</h2><pre>" + html.escape(json.dumps(manifest.get("decisions", {}), indent=1)) + "</pre>")
+    parts.append("<h2>Decisions (raw)</h2><pre>" + html.escape(json.dumps(manifest.get("decisions", {}), indent=1)) + "</pre>")
     parts.append("<h2>Environment</h2><pre>" + html.escape(json.dumps(manifest.get("environment", {}), indent=1)) + "</pre>")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>loradeploy report</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"
 

@@ -25,6 +25,7 @@ def summarize(adapters: AdapterSet, report: PruneReport) -> dict:
     return {
         "method": adapters.method.value,
         "task": adapters.task.value,
+        "task_from": adapters.task_and_source[1],
         "num_labels": adapters.num_labels,
         "base_model_hint": adapters.base_model_hint,
         "hyperparameters": adapters.hyperparameters,

@@ -126,3 +126,70 @@ def test_progress_shows_as_it_happens_in_a_pipe(tmp_path):
         < first["done: validated"]
     # printed as it happened: the first line reached the pipe well before the command ended
     assert end - arrived[0][0] > 2.0
+
+
+def test_task_is_read_from_the_adapter_and_kept_by_prune(tmp_path, capsys):
+    """The task comes from the adapter's own config where it has one (PEFT task_type, IncreLoRA's
+    architectures), else from a head or decoder-LM module names; prune writes it back, and its
+    files get the modes of a plain write."""
+    import json
+    import os
+
+    from loradeploy.cli import main
+    from tests.conftest import EXAMPLE_ADAPTERS
+
+    def inspect(path):
+        assert main(["inspect", str(path), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    got = {n: inspect(EXAMPLE_ADAPTERS / n) for n in ("sora-gemma", "increlora-gemma", "sora", "blora")}
+    assert [got[n]["task"] for n in got] == ["causal-lm", "causal-lm", "sequence-classification",
+                                              "sequence-classification"]
+    assert "module names" in got["sora-gemma"]["task_from"] and got["increlora-gemma"]["task_from"] == "the adapter's config"
+    assert not any("--head" in note for note in got["sora-gemma"]["notes"])
+    # a PEFT folder whose config says CAUSAL_LM, on modules no name rule would call a decoder's
+    out = tmp_path / "pruned"
+    assert main(["prune", str(EXAMPLE_ADAPTERS / "sora"), "-o", str(out), "--json"]) == 0
+    capsys.readouterr()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS"
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v for k, v in load_file(str(out / "adapter_model.safetensors")).items() if "classifier" not in k}
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({**config, "task_type": "CAUSAL_LM", "modules_to_save": None}))
+    peft = inspect(out)
+    assert peft["task"] == "causal-lm" and peft["task_from"] == "the adapter's config"
+    again = tmp_path / "again"
+    assert main(["prune", str(out), "-o", str(again), "--json"]) == 0
+    assert json.loads((again / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    gemma = tmp_path / "gemma"
+    assert main(["prune", str(EXAMPLE_ADAPTERS / "sora-gemma"), "-o", str(gemma), "--json"]) == 0
+    assert json.loads((gemma / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in gemma.iterdir()}
+    assert modes and set(modes.values()) == {0o666 & ~umask}, modes
+
+
+@pytest.mark.slow
+def test_bnb_export_prints_no_library_warnings(tmp_path):
+    """transformers' FutureWarning and bitsandbytes' optional-kernel warning stay out of stderr:
+    a piped export prints progress lines only."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+
+    from loradeploy.evaldata import DEFAULT_EVAL
+
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text("\n".join(DEFAULT_EVAL.read_text().splitlines()[:16]) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "loradeploy.cli", "export", "--base", "minilm", "--adapter",
+                           str(EXAMPLE_ADAPTERS / "sora"), "--target", str(quick_profile(tmp_path, "bnb-nf4")),
+                           "--eval", str(ev), "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stamp = re.compile(r"^\[\d\d:\d\d:\d\d \+ *\d+\.\d+s\] ")
+    noise = [ln for ln in proc.stderr.splitlines() if not stamp.match(ln)]
+    assert noise == [] and len(proc.stderr.splitlines()) > 5

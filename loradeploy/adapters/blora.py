@@ -19,6 +19,7 @@ from ..errors import AdapterFormatError
 from ..ir import AdapterSet, LoraModule, Method
 from .checkpoint import Checkpoint, ReadOptions
 from .common import blame, group_by_module, head_tensors, positive_integer, positive_number, rank_of, require
+from .peft import declared_task
 
 PREFIX = "base_model.model."
 # Hard-concrete stretch (Louizos et al.): beta = 2/3, gamma = -0.1, zeta = 1.1. Bayesian Bits'
@@ -115,4 +116,5 @@ def read(ckpt: Checkpoint, options: ReadOptions) -> AdapterSet:
             hyperparameters={k: config.get(k) for k in ("r", "lora_alpha", "prune_rank", "quantize",
                                                         "n_bits", "task_type")},
             sources=ckpt.sources(),
+            declared_task=declared_task(config),
         )

@@ -14,7 +14,7 @@ import re
 import torch
 
 from ..errors import AdapterFormatError
-from ..ir import AdapterSet, LoraModule, Method
+from ..ir import AdapterSet, LoraModule, Method, Task
 from .checkpoint import Checkpoint, ReadOptions
 from .common import blame, head_tensors, positive_number
 
@@ -101,4 +101,15 @@ def read(ckpt: Checkpoint, options: ReadOptions) -> AdapterSet:
                              "lora_module": config.get("lora_module")},
             sources=ckpt.sources(),
             notes=notes,
+            declared_task=_architecture_task(config),
         )
+
+
+def _architecture_task(config: dict) -> Task | None:
+    """The task of the transformers class IncreLoRA's config.json names (``architectures``)."""
+    names = config.get("architectures") or []
+    if any(str(n).endswith("ForCausalLM") for n in names):
+        return Task.CAUSAL_LM
+    if any(str(n).endswith("ForSequenceClassification") for n in names):
+        return Task.SEQUENCE_CLASSIFICATION
+    return None

@@ -101,7 +101,14 @@ def read(ckpt: Checkpoint, options: ReadOptions) -> AdapterSet:
                                                         "use_rslora", "task_type") if k in config},
             sources=ckpt.sources(),
             notes=notes,
+            declared_task=declared_task(config),
         )
+
+
+def declared_task(config: dict) -> Task | None:
+    """The task a PEFT ``task_type`` names (None for types loradeploy does not export)."""
+    by_type = {v: k for k, v in PEFT_TASK_TYPES.items()}
+    return by_type.get(str(config.get("task_type") or "").upper())
 
 
 def write(adapters: AdapterSet, out_dir: Path, task: Task | None = None,

@@ -12,7 +12,7 @@ import logging
 import re
 
 from ..errors import AdapterFormatError
-from ..ir import AdapterSet, LoraModule, Method
+from ..ir import DECODER_MODULE, AdapterSet, LoraModule, Method
 from .checkpoint import Checkpoint, ReadOptions
 from .common import blame, group_by_module, load_head, positive_integer, positive_number, rank_of, require
 
@@ -64,7 +64,8 @@ def read(ckpt: Checkpoint, options: ReadOptions) -> AdapterSet:
     head, head_files = load_head(ckpt, options)
     if head:
         notes.append(f"classifier head read from {head_files[0]}")
-    elif not any(k.startswith(("classifier.", "score.")) for k in extras):
+    elif not any(k.startswith(("classifier.", "score.")) for k in extras) and \
+            not all(DECODER_MODULE.search(n) for n in modules):
         notes.append(
             "no classifier head: SoRA checkpoints hold LoRA tensors only; for classification "
             "pass --head FILE (or put head.safetensors beside the checkpoint)"

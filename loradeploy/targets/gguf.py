@@ -241,7 +241,9 @@ class GgufTarget(Target):
     def export(self, job: ExportJob, out: Path, progress=None) -> dict:
         base = Path(job.base_dir)
         if not base.is_file():
-            raise LoradeployError(f"{base}: the llama.cpp target needs a GGUF base file")
+            raise LoradeployError(f"{base}: the llama.cpp target needs a GGUF base file; convert a Hugging Face "
+                                  "folder with llama.cpp's convert_hf_to_gguf.py (`python convert_hf_to_gguf.py "
+                                  "FOLDER --outtype f16`), or use the gemma3-270m alias")
         info = base_info(base)
         if job.mode == "merged":
             (entry,) = job.adapters

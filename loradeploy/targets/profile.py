@@ -169,7 +169,11 @@ def load_profile(name_or_path: str) -> TargetProfile:
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         known = profile_paths()
         if name_or_path not in known:
-            raise ProfileError(f"unknown target {name_or_path!r} (known: {', '.join(sorted(known))}; "
+            import difflib
+
+            close = difflib.get_close_matches(name_or_path, list(known), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ProfileError(f"unknown target {name_or_path!r}: {hint}(known: {', '.join(sorted(known))}; "
                                "or give a path to a .yaml profile)")
         path = known[name_or_path]
     try:

@@ -163,6 +163,12 @@ def test_layernorm_weights_travel_as_modules_to_save(tmp_path, eval_small):
            fast_profile(tmp_path, "bnb-nf4"), art, mode="swappable", eval_path=eval_small)
     saved = json.loads((art / "adapters" / "ln" / "adapter_config.json").read_text())["modules_to_save"]
     assert set(norms) <= set(saved)
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(p.relative_to(art)): p.stat().st_mode & 0o777 for p in art.rglob("*") if p.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes  # safetensors writes 0600
     model = transformers.AutoModelForSequenceClassification.from_pretrained(art)
     model = PeftModel.from_pretrained(model, art / "adapters" / "ln", adapter_name="ln")
     model.load_adapter(art / "adapters" / "plain", adapter_name="plain")

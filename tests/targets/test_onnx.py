@@ -156,7 +156,15 @@ def test_adapter_base_mismatch(tmp_path, capsys, modules, message):
 def test_unknown_target_and_unwritable_output(tmp_path, capsys):
     adapter = str(EXAMPLE_ADAPTERS / "sora")
     assert main(["export", "--base", "minilm", "--adapter", adapter, "--target", "tpu", "-o", str(tmp_path / "o")]) == 2
-    assert "unknown target 'tpu'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown target 'tpu'" in err and "did you mean" not in err
+    assert main(["export", "--base", "minilm", "--adapter", adapter, "--target", "onnx-cpu-itn4", "-o",
+                 str(tmp_path / "o")]) == 2
+    assert "unknown target 'onnx-cpu-itn4': did you mean 'onnx-cpu-int4'?" in capsys.readouterr().err
+    # a Hugging Face folder for the llama.cpp target: how to make a GGUF
+    assert main(["export", "--base", "minilm", "--adapter", adapter, "--target", "gguf-cpu", "-o",
+                 str(tmp_path / "o")]) == 2
+    assert "convert_hf_to_gguf.py" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     assert main(["export", "--base", "minilm", "--adapter", adapter, "--target", "onnx-cpu",
                  "-o", str(tmp_path / "file" / "o")]) == 2

@@ -1,0 +1,90 @@
+"""report.html explains itself: every measure defined, the decisions in words, modules in layer
+order, no empty sections (on a real onnx-cpu export of MiniLM + the SoRA example)."""
+
+import copy
+import json
+import re
+
+import pytest
+
+from loradeploy.measures import describe
+from loradeploy.report import render
+from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+from tests.exports import export_adapters
+from loradeploy.job import AdapterSpec
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    from loradeploy.evaldata import DEFAULT_EVAL
+
+    root = tmp_path_factory.mktemp("report")
+    ev = root / "eval.jsonl"
+    ev.write_text("\n".join(DEFAULT_EVAL.read_text().splitlines()[:16]) + "\n")
+    return export_adapters("minilm", [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")], str(quick_profile(root, "onnx-cpu")),
+                           root / "art", mode="swappable", eval_path=ev)
+
+
+def test_every_measure_of_the_table_is_defined(manifest):
+    page = render(manifest)
+    measures = {re.sub(r"\[.*\]$", "", c["measure"]) for c in manifest["validation"]["checks"]}
+    assert {"label_agreement", "adapter_effect_kept", "latency_p95_ms", "artifact_mb"} <= measures
+    for m in measures:
+        assert describe(m) and f"<code>{m}</code>: " in page, m
+    assert "no description" not in page
+    assert describe("pp128_tokens_per_s").startswith("prompt processing speed: tokens of a 128-token prompt")
+    assert describe("kl_excess_vs_base") and describe("tg_tokens_per_s_base") and describe("made_up") is None
+
+
+def test_decisions_are_explained_in_words(manifest):
+    page = render(manifest)
+    assert "Mode <b>swappable</b>" in page and "36 modules take LoRA inputs" in page
+    auto = copy.deepcopy(manifest)
+    auto["mode"] = "merged"
+    failing = {"adapter": "sora", "measure": "max_abs_logit", "value": 0.25, "budget": 0.001, "direction": "<=",
+               "status": "FAIL"}
+    auto["decisions"]["mode_selection"] = {
+        "chosen": "swappable", "rule": "merged if it passes the fidelity budget, else swappable",
+        "candidates": {"merged": {"passed": False, "exportable": True, "checks": [failing]},
+                       "swappable": {"passed": True, "exportable": True, "checks": []}}}
+    page = render(auto)
+    assert "Shipped: <b>swappable</b>" in page
+    assert "<b>merged</b>: misses the fidelity budget: max_abs_logit 0.25 (budget &lt;= 0.001)" in page
+    assert "not shipped" in page
+
+
+def test_modules_in_layer_order_and_no_empty_sections(manifest):
+    lm = copy.deepcopy(manifest)
+    lm["task"] = "causal-lm"
+    for m in lm["validation"]["metrics"].values():
+        m.pop("max_abs_logit_per_class", None)
+    lm["adapters"][0]["ranks"] = {f"model.layers.{i}.self_attn.q_proj": [8, 4] for i in (10, 2, 1)}
+    page = render(lm)
+    assert "Fidelity per class" not in page and "Fidelity per class" in render(manifest)
+    order = [page.index(f"model.layers.{i}.self_attn.q_proj") for i in (1, 2, 10)]
+    assert order == sorted(order)
+
+
+def test_the_shipped_eval_set_on_another_base_is_called_out(manifest):
+    from loradeploy.evaldata import DEFAULT_EVAL, load_eval, shipped_set_note
+    from loradeploy.base import resolve_base
+
+    assert shipped_set_note(load_eval(DEFAULT_EVAL), resolve_base("minilm")) is None
+    note = shipped_set_note(load_eval(DEFAULT_EVAL), resolve_base("gemma3-270m"))
+    assert "accuracy on it says nothing about this base" in note
+    other = copy.deepcopy(manifest)
+    other["validation"]["eval_note"] = note
+    assert "accuracy on it says nothing about this base" in render(other)
+    assert json.dumps(manifest["validation"]).count("eval_note") == 1 and manifest["validation"]["eval_note"] is None
+
+
+def test_the_terminal_names_the_eval_set(manifest, capsys):
+    from pathlib import Path
+
+    from loradeploy.cli import main
+
+    art = Path(manifest["artifact"])
+    ev = Path(manifest["validation"]["eval_file"])
+    assert main(["validate", str(art), "--eval", str(ev)]) == 0
+    out = capsys.readouterr().out
+    assert f"eval set: {ev} (16 inputs)" in out.replace("\n", "") or f"eval set: {ev} (16 inputs)" in out
