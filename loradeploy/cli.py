@@ -31,11 +31,11 @@ def _adapter_inputs(specs, method, lora_alpha, lora_r, head):
                          _read_options(lora_alpha, lora_r, head))
 
 
-def _plan_config(plan, budget, max_bytes, calibration):
+def _plan_config(plan, budget, max_bytes, calibration, ranks=True):
     from .quantize import PlanConfig
 
     return PlanConfig.parse(plan, budget=budget, max_bytes=max_bytes,
-                            calibration=Path(calibration) if calibration else None)
+                            calibration=Path(calibration) if calibration else None, ranks=ranks)
 
 
 def adapter_options(f):
@@ -109,6 +109,10 @@ def plan_options(f):
     f = click.option("--calibration", type=click.Path(dir_okay=False),
                      help="Calibration texts for a learned plan (JSON lines or .txt); default: the examples' "
                           "training texts (never the eval set).")(f)
+    f = click.option("--ranks/--no-ranks", default=True, show_default=True,
+                     help="Learned plan: also lower module ranks (ΔW re-factored by SVD in float64), chosen with "
+                          "the formats by measured error per byte saved; the manifest records each truncated "
+                          "module's rank and the share of ‖ΔW‖² kept.")(f)
     f = click.option("--max-bytes", type=click.IntRange(min=1),
                      help="Learned plan: the least error within this many adapter bytes (instead of --budget).")(f)
     f = click.option("--budget", metavar="[MEASURE=]VALUE",
@@ -142,7 +146,7 @@ def plan_options(f):
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_cmd(base, adapters, target, mode, eval_path, out, method, lora_alpha, lora_r, head, plan, budget,
-               max_bytes, calibration, slots, overwrite, as_json):
+               max_bytes, ranks, calibration, slots, overwrite, as_json):
     """Export adapters on a base for a target, validate there, write manifest + report.
 
     Exits 1 when a validation measure is outside the profile's budget."""
@@ -150,7 +154,7 @@ def export_cmd(base, adapters, target, mode, eval_path, out, method, lora_alpha,
     from .render import print_export, progress_steps
 
     config = ExportConfig(base, _adapter_inputs(adapters, method, lora_alpha, lora_r, head), target, Path(out), mode,
-                          Path(eval_path) if eval_path else None, _plan_config(plan, budget, max_bytes, calibration),
+                          Path(eval_path) if eval_path else None, _plan_config(plan, budget, max_bytes, calibration, ranks),
                           overwrite, slots)
     with progress_steps() as step:
         record = export(config, step)
@@ -170,7 +174,7 @@ def export_cmd(base, adapters, target, mode, eval_path, out, method, lora_alpha,
 @adapter_options
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def quantize_cmd(base, adapters, target, plan, budget, max_bytes, calibration, out, method, lora_alpha, lora_r,
+def quantize_cmd(base, adapters, target, plan, budget, max_bytes, ranks, calibration, out, method, lora_alpha, lora_r,
                  head, overwrite, as_json):
     """Learn a per-tensor precision plan for adapters on a base and target.
 
@@ -182,7 +186,7 @@ def quantize_cmd(base, adapters, target, plan, budget, max_bytes, calibration, o
     from .render import print_plan, progress_steps
 
     config = QuantizeConfig(base, _adapter_inputs(adapters, method, lora_alpha, lora_r, head), target, Path(out),
-                            _plan_config(plan, budget, max_bytes, calibration), overwrite)
+                            _plan_config(plan, budget, max_bytes, calibration, ranks), overwrite)
     with progress_steps() as step:
         record = quantize(config, step)
     _emit(record, as_json, print_plan)

@@ -45,8 +45,11 @@ def parse_budget(text: str | None, task: Task) -> tuple[str, float]:
     return measure, v
 
 
-def _entry_record(entry: AdapterEntry, runtime: str, formats: dict[str, str], how: str) -> dict:
-    q = quantize_adapter(entry.pruned, runtime, formats)
+def _entry_record(entry: AdapterEntry, runtime: str, formats: dict[str, str], how: str,
+                  ranks: dict[str, int] | None = None) -> dict:
+    from .quant.rank import energy_kept
+
+    q = quantize_adapter(entry.pruned, runtime, formats, ranks)
     counts: dict[str, int] = {}
     for fmt in formats.values():
         counts[fmt] = counts.get(fmt, 0) + 1
@@ -55,7 +58,10 @@ def _entry_record(entry: AdapterEntry, runtime: str, formats: dict[str, str], ho
     return {"formats": dict(sorted(formats.items())), "format_counts": dict(sorted(counts.items())),
             "chosen_by": how, "bytes": q.nbytes, "bytes_highest_precision": fp32,
             "bytes_dense_fp16_max_rank": dense_fp16_bytes_at_max_rank(entry.original),
-            "bit_hints": {f"{n}.{r}": b for n, m in entry.original.modules.items() for r, b in m.bits.items()}}
+            "bit_hints": {f"{n}.{r}": b for n, m in entry.original.modules.items() for r, b in m.bits.items()},
+            # modules the plan truncates by SVD: [rank after exact pruning, rank shipped], share of ‖ΔW‖² kept
+            "ranks": {n: [entry.pruned.modules[n].rank, k] for n, k in sorted((ranks or {}).items())},
+            "energy_kept": {n: energy_kept(entry.pruned.modules[n], k) for n, k in sorted((ranks or {}).items())}}
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class PlanConfig:
     budget: str | None = field(default=None, metadata={"help": "learned: [MEASURE=]VALUE (see parse_budget)"})
     max_bytes: int | None = field(default=None, metadata={"help": "learned: least error within this many bytes"})
     calibration: Path | None = field(default=None, metadata={"help": "calibration texts (default: the examples')"})
+    ranks: bool = field(default=True, metadata={"help": "learned: also lower module ranks (SVD truncation)"})
 
     @classmethod
     def parse(cls, plan: str | None, **options) -> "PlanConfig":
@@ -94,7 +101,8 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
         if plan.runtime != runtime:
             raise PlanError(f"{value}: the plan is for {plan.runtime}, the target runs {runtime}")
         adapters = {e.name: {**plan.adapters.get(e.name, next(iter(plan.adapters.values()))),
-                             **_entry_record(e, runtime, plan.formats_for(e.name, e.pruned, str(value)), "plan file")}
+                             **_entry_record(e, runtime, plan.formats_for(e.name, e.pruned, str(value)), "plan file",
+                                             plan.ranks_for(e.name, e.pruned, str(value)))}
                     for e in entries}
         return Plan(runtime, target, adapters, plan.budget, f"file:{value}")
     if isinstance(choice, UniformPlan):
@@ -115,8 +123,8 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
         step(f"calibrating {e.name} on {len(texts.texts)} texts")
         ev = Evaluator(base_model, e.pruned, runtime, task, batches)
         result = search(ev, None if max_bytes else limit, max_bytes,
-                        hinted_formats(e.pruned, runtime, e.original), progress=step)
-        record = _entry_record(e, runtime, result.formats, "learned")
+                        hinted_formats(e.pruned, runtime, e.original), progress=step, ranks=config.ranks)
+        record = _entry_record(e, runtime, result.formats, "learned", result.ranks)
         record.update({"chosen_from": result.chosen_from, "measured_pytorch": result.measured,
                        "predicted": {measure: result.predicted}, "evaluations": ev.evaluations,
                        "checked_plans": result.curve, "sensitivity": result.sensitivity,
@@ -132,9 +140,15 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
 
 def apply_plan(entries: tuple[AdapterEntry, ...], plan: Plan) -> tuple[AdapterEntry, ...]:
     """The entries with ``plan`` applied (their stored forms); the inputs are left as they are."""
-    return tuple(dataclasses.replace(e, quantized=quantize_adapter(e.pruned, plan.runtime,
-                                                                   plan.adapters[e.name]["formats"]))
-                 for e in entries)
+    from .quant.rank import truncate_adapter
+
+    out = []
+    for e in entries:
+        ranks = plan.ranks_for(e.name, e.pruned)
+        shipped = truncate_adapter(e.pruned, ranks)  # what ships: the plan's ranks (exact pruning where none)
+        out.append(dataclasses.replace(e, pruned=shipped,
+                                       quantized=quantize_adapter(shipped, plan.runtime, plan.adapters[e.name]["formats"])))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -76,8 +76,13 @@ class QuantizedAdapter:
         return sum(q.nbytes for q in self.stored.values())
 
 
-def quantize_adapter(adapters: AdapterSet, runtime: str, formats: dict[str, str]) -> QuantizedAdapter:
-    """Apply ``formats`` (tensor key → format) to a pruned, gate-free adapter."""
+def quantize_adapter(adapters: AdapterSet, runtime: str, formats: dict[str, str],
+                     ranks: dict[str, int] | None = None) -> QuantizedAdapter:
+    """Apply ``formats`` (tensor key → format) to a pruned, gate-free adapter, its modules first
+    truncated to ``ranks`` (module → rank, SVD) where given."""
+    from .rank import truncate_adapter
+
+    adapters = truncate_adapter(adapters, ranks)
     storage = registry.get(runtime).storage
     stored, modules = {}, {}
     for name, m in adapters.modules.items():
@@ -98,7 +103,8 @@ def quantize_adapter(adapters: AdapterSet, runtime: str, formats: dict[str, str]
             values[role] = _from_stored(stored[key].dequantized, m, role, storage)
         modules[name] = LoraModule(name, values["lora_A"], values["lora_B"], 1.0 if storage.folds_scale else m.scale)
     sim = AdapterSet(adapters.method, modules, dict(adapters.extra_tensors), adapters.base_model_hint,
-                     dict(adapters.hyperparameters), list(adapters.sources), list(adapters.notes))
+                     dict(adapters.hyperparameters), list(adapters.sources), list(adapters.notes),
+                     adapters.declared_task)
     return QuantizedAdapter(runtime, dict(formats), stored, sim)
 
 
@@ -172,6 +178,19 @@ class Plan:
             raise PlanError(f"{source}: the plan does not fit adapter {adapter_name!r}: {what} "
                             "(plans are made for the pruned adapter: run `loradeploy quantize` on it)")
         return dict(formats)
+
+    def ranks_for(self, adapter_name: str, adapters: AdapterSet, source: str = "plan") -> dict[str, int] | None:
+        """Modules the plan truncates → rank (None: none), checked against the pruned adapter."""
+        entry = self.adapters.get(adapter_name) or (next(iter(self.adapters.values())) if len(self.adapters) == 1 else {})
+        ranks = entry.get("ranks") or {}
+        out = {}
+        for name, pair in ranks.items():
+            k = pair[1] if isinstance(pair, list) else pair
+            if name not in adapters.modules or not isinstance(k, int) or not 1 <= k <= adapters.modules[name].rank:
+                raise PlanError(f"{source}: rank {k!r} for module {name} does not fit adapter {adapter_name!r}")
+            if k < adapters.modules[name].rank:
+                out[name] = k
+        return out or None
 
     def to_dict(self) -> dict:
         return {"plan_version": PLAN_VERSION, "runtime": self.runtime, "target": self.target,

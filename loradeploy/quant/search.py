@@ -18,9 +18,10 @@ import torch
 
 from .. import measures, registry
 from ..errors import LoradeployError
-from ..ir import AdapterSet, Task
+from ..ir import AdapterSet, LoraModule, Task
 from ..merge import find_module, load_extras
 from .plan import ROLES, allowed_formats, quantize_adapter, stored_matrix, tensor_key
+from .rank import truncate
 
 #: the measure a plan is held to, per task (names from the one table of measures)
 MEASURES = {Task.SEQUENCE_CLASSIFICATION: "mean_abs_logit", Task.FEATURE_EXTRACTION: "cosine_distance",
@@ -49,8 +50,9 @@ class Evaluator:
             _, module = find_module(self.model, name)
             self.weights[name] = module.weight
             self.base_weights[name] = module.weight.detach().clone()
-        self._cache: dict[tuple[str, str], torch.Tensor] = {}
-        self._current: dict[str, tuple[str, str]] = {}  # module → formats its weight holds now
+        self._cache: dict[tuple[str, str, int], torch.Tensor] = {}
+        self._current: dict[str, tuple[str, str, int]] = {}  # module → (formats, rank) its weight holds now
+        self._truncated: dict[tuple[str, int], LoraModule] = {}
         self.evaluations = 0
         exact = {tensor_key(n, r): self.storage.ladder[0] for n in adapters.modules for r in ROLES}
         self._set(exact)
@@ -71,44 +73,55 @@ class Evaluator:
             self.inputs[name] = torch.cat([self.inputs[name], x.double()]) if name in self.inputs else x.double()
         return hook
 
+    def module_at(self, name: str, rank: int | None = None) -> LoraModule:
+        """Module ``name`` at ``rank`` (its pruned rank when None; lower: the SVD truncation)."""
+        m = self.adapters.modules[name]
+        k = m.rank if rank is None else rank
+        if (name, k) not in self._truncated:
+            self._truncated[(name, k)] = truncate(m, k)
+        return self._truncated[(name, k)]
+
     @torch.no_grad()
-    def layer_error(self, name: str, fmt_a: str, fmt_b: str) -> float:
+    def layer_error(self, name: str, fmt_a: str, fmt_b: str, rank: int | None = None) -> float:
         """||X·(ΔW_plan − ΔW)ᵀ||_F on the module's calibration inputs X: the error that module's
-        output takes when its tensors are stored in (fmt_a, fmt_b)."""
+        output takes when its tensors are stored in (fmt_a, fmt_b), at ``rank``."""
         top = self.storage.ladder[0]
-        scale = self._unfolded_scale(name)
+        full = self.adapters.modules[name].rank
+        k = full if rank is None else rank
+        # ΔW_plan − ΔW = L·R of rank ≤ k + r: ‖X (L R)ᵀ‖² = Σ (Y LᵀL) ⊙ Y with Y = X Rᵀ, never
+        # forming the [out, in] difference (cheap for wide layers and many candidates)
+        right = torch.cat([self._dequantized(name, "lora_A", fmt_a, k), self._dequantized(name, "lora_A", top, full)])
+        left = torch.cat([self._unfolded_scale(name, k) * self._dequantized(name, "lora_B", fmt_b, k),
+                          -self._unfolded_scale(name, full) * self._dequantized(name, "lora_B", top, full)], dim=1)
+        y = self.inputs[name] @ right.T
+        return float(((y @ (left.T @ left)) * y).sum().clamp(min=0.0).sqrt())
 
-        def delta(fa, fb):
-            return scale * (self._dequantized(name, "lora_B", fb) @ self._dequantized(name, "lora_A", fa))
-
-        diff = delta(fmt_a, fmt_b) - delta(top, top)
-        return float(torch.linalg.norm(self.inputs[name] @ diff.T))
-
-    def _dequantized(self, name: str, role: str, fmt: str) -> torch.Tensor:
-        key = (tensor_key(name, role), fmt)
+    def _dequantized(self, name: str, role: str, fmt: str, rank: int | None = None) -> torch.Tensor:
+        module = self.module_at(name, rank)
+        key = (tensor_key(name, role), fmt, module.rank)
         if key not in self._cache:
-            single = AdapterSet(self.adapters.method, {name: self.adapters.modules[name]})
+            single = AdapterSet(self.adapters.method, {name: module})
             q = quantize_adapter(single, self.runtime, {tensor_key(name, r): fmt if r == role else self.storage.ladder[0]
                                                         for r in ROLES})
             self._cache[key] = getattr(q.simulated.modules[name], role).to(torch.float64)
         return self._cache[key]
 
     @torch.no_grad()
-    def _set(self, formats: dict[str, str]) -> None:
+    def _set(self, formats: dict[str, str], ranks: dict[str, int] | None = None) -> None:
         for name, m in self.adapters.modules.items():
-            pair = (formats[tensor_key(name, "lora_A")], formats[tensor_key(name, "lora_B")])
-            if self._current.get(name) == pair:
+            k = (ranks or {}).get(name, m.rank)
+            state = (formats[tensor_key(name, "lora_A")], formats[tensor_key(name, "lora_B")], k)
+            if self._current.get(name) == state:
                 continue
-            self._current[name] = pair
-            a = self._dequantized(name, "lora_A", pair[0])
-            b = self._dequantized(name, "lora_B", pair[1])
-            scale = self._unfolded_scale(name)
+            self._current[name] = state
+            a = self._dequantized(name, "lora_A", state[0], k)
+            b = self._dequantized(name, "lora_B", state[1], k)
             w = self.weights[name]
-            w.copy_((self.base_weights[name].to(torch.float64) + scale * (b @ a)).to(w.dtype))
+            w.copy_((self.base_weights[name].to(torch.float64) + self._unfolded_scale(name, k) * (b @ a)).to(w.dtype))
 
-    def _unfolded_scale(self, name: str) -> float:
+    def _unfolded_scale(self, name: str, rank: int | None = None) -> float:
         """The scale the stored B still needs: 1 where the runtime folds it into B."""
-        return 1.0 if self.storage.folds_scale else self.adapters.modules[name].scale
+        return 1.0 if self.storage.folds_scale else self.module_at(name, rank).scale
 
     _mask: torch.Tensor | None = None
 
@@ -127,9 +140,10 @@ class Evaluator:
                 outs.append(((out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)).double())
         return outs
 
-    def error(self, formats: dict[str, str]) -> dict:
-        """Error measures of a whole plan (every tensor's format given)."""
-        self._set(formats)
+    def error(self, formats: dict[str, str], ranks: dict[str, int] | None = None) -> dict:
+        """Error measures of a whole plan (every tensor's format given; ``ranks``: modules
+        truncated to a lower rank)."""
+        self._set(formats, ranks)
         self.evaluations += 1
         got = self._outputs()
         return compare(self.reference, got, self.task)
@@ -171,6 +185,7 @@ class SearchResult:
     predicted: float = 0.0
     start: dict | None = None  # B-LoRA's learned bit widths as a plan, measured
     chosen_from: str = "search"
+    ranks: dict[str, int] | None = None  # modules the plan truncates (SVD) → their rank
 
 
 def _bytes(ev: Evaluator, key: str, fmt: str) -> int:
@@ -231,54 +246,42 @@ def _from_additive(measure: str, value: float) -> float:
 
 def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = None,
            start: dict[str, str] | None = None, progress: Progress | None = None,
-           sensitivity: str = "layer", floors: dict[str, float] | None = None) -> SearchResult:
+           sensitivity: str = "layer", floors: dict[str, float] | None = None, ranks: bool = False) -> SearchResult:
     """Minimise bytes with ``measure ≤ budget`` (or minimise error with ``bytes ≤ max_bytes``).
     ``sensitivity``: ``layer`` (module output error, scaled to the model's by one forward pass
-    per module) or ``model`` (one forward pass per tensor and format)."""
+    per module) or ``model`` (one forward pass per tensor and format). ``ranks``: also lower
+    modules' ranks (SVD truncation, :mod:`loradeploy.quant.rank`), chosen jointly with the
+    formats by the same measured error per byte saved."""
     step = progress or (lambda _m: None)
     measure = MEASURES[ev.task]
     ladders = {tensor_key(n, r): allowed_formats(m, r, ev.storage) for n, m in ev.adapters.modules.items() for r in ROLES}
     top = {k: lad[0] for k, lad in ladders.items()}
     base_err = ev.error(top)[measure]
-    sens = (_model_sensitivity if sensitivity == "model" else _layer_sensitivity)(ev, ladders, top, base_err, measure, step)
-    nbytes: dict[str, dict[str, int]] = {key: {f: _bytes(ev, key, f) for f in ladder} for key, ladder in ladders.items()}
-
-    # greedy order: every drop of one tensor by one level, cheapest error per byte saved first
-    level = {k: 0 for k in ladders}
-    heap = []
-
-    def push(key):
-        i = level[key]
-        lad = ladders[key]
-        if i + 1 < len(lad):
-            d_err = sens[key][lad[i + 1]] - sens[key][lad[i]]
-            d_bytes = nbytes[key][lad[i]] - nbytes[key][lad[i + 1]]
-            heapq.heappush(heap, (max(d_err, 0.0) / max(d_bytes, 1), key, i + 1))
-
-    for k in sorted(ladders):
-        push(k)
-    moves = []
-    while heap:
-        _, key, nxt = heapq.heappop(heap)
-        level[key] = nxt
-        moves.append((key, ladders[key][nxt]))
-        push(key)
-
-    def plan_at(n: int) -> dict[str, str]:
-        formats = dict(top)
-        for key, fmt in moves[:n]:
-            formats[key] = fmt
-        return formats
-
-    bytes_at = [sum(nbytes[k][f] for k, f in plan_at(n).items()) for n in range(len(moves) + 1)]
+    if ranks:
+        sens, nbytes, plans = _joint_order(ev, ladders, top, base_err, measure, step)
+    else:
+        sens = (_model_sensitivity if sensitivity == "model" else _layer_sensitivity)(ev, ladders, top, base_err, measure, step)
+        nbytes = {key: {f: _bytes(ev, key, f) for f in ladder} for key, ladder in ladders.items()}
+        plans = _format_order(ladders, top, sens, nbytes, measure)
+    bytes_at = [p[2] for p in plans]
     curve: list[dict] = []
 
+    def plan_at(n: int) -> dict[str, str]:
+        return plans[n][0]
+
+    def ranks_at(n: int) -> dict[str, int] | None:
+        return plans[n][1] or None
+
     def check(n: int) -> dict:
-        got = ev.error(plan_at(n))
-        predicted = _from_additive(measure, sum(sens[k][f] for k, f in plan_at(n).items()))
-        curve.append({"moves": n, "bytes": bytes_at[n], **got, "predicted": predicted})
+        got = ev.error(plan_at(n), ranks_at(n))
+        curve.append({"moves": n, "bytes": bytes_at[n], **got, "predicted": plans[n][3]})
         step(f"checked a plan of {bytes_at[n]:,} bytes: {measure} {got[measure]:.4g}")
         return got
+
+    floors = DEFAULT_FLOORS.get(ev.task, {}) if floors is None else floors
+
+    def meets(got: dict) -> bool:
+        return got[measure] <= budget and all(got.get(k, v) >= v for k, v in floors.items())
 
     if max_bytes is not None:
         n = next((i for i, b in enumerate(bytes_at) if b <= max_bytes), None)
@@ -286,13 +289,8 @@ def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = N
             raise LoradeployError(f"no plan fits in {max_bytes:,} bytes (the smallest is {bytes_at[-1]:,})")
         measured = check(n)
     else:
-        lo, hi = 0, len(moves)
+        lo, hi = 0, len(plans) - 1
         first = check(0)
-        floors = DEFAULT_FLOORS.get(ev.task, {}) if floors is None else floors
-
-        def meets(got: dict) -> bool:
-            return got[measure] <= budget and all(got.get(k, v) >= v for k, v in floors.items())
-
         if not meets(first):
             raise LoradeployError(f"even the highest precision misses the budget: {measure} {first[measure]:.4g} > {budget}")
         measured_at = {0: first}
@@ -304,8 +302,7 @@ def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = N
             else:
                 hi = mid - 1
         n, measured = lo, measured_at[lo]
-    result = SearchResult(plan_at(n), measured, bytes_at[n], sens, nbytes, curve,
-                          _from_additive(measure, sum(sens[k][f] for k, f in plan_at(n).items())))
+    result = SearchResult(plan_at(n), measured, bytes_at[n], sens, nbytes, curve, plans[n][3], ranks=ranks_at(n))
     # whole plans outside the greedy order, measured the same way: B-LoRA's bit hints (the
     # starting plan) and each uniform level (the additive model can misjudge how errors of many
     # tensors combine; these keep the result no worse than either at its bytes)
@@ -325,4 +322,139 @@ def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = N
             else (got[measure], size) < (result.measured[measure], result.nbytes)
         if fits and better:
             result.formats, result.measured, result.nbytes, result.chosen_from = formats, got, size, label
+            result.ranks = None
     return result
+
+
+def _format_order(ladders, top, sens, nbytes, measure) -> list[tuple[dict, dict, int, float]]:
+    """Whole plans along the greedy order of format drops (one tensor by one level, cheapest
+    error per byte saved first): (formats, ranks {}, bytes, predicted measure) per prefix."""
+    level = {k: 0 for k in ladders}
+    heap = []
+
+    def push(key):
+        i = level[key]
+        lad = ladders[key]
+        if i + 1 < len(lad):
+            d_err = sens[key][lad[i + 1]] - sens[key][lad[i]]
+            d_bytes = nbytes[key][lad[i]] - nbytes[key][lad[i + 1]]
+            heapq.heappush(heap, (max(d_err, 0.0) / max(d_bytes, 1), key, i + 1))
+
+    for k in sorted(ladders):
+        push(k)
+    formats = dict(top)
+    plans = [(dict(formats), {}, sum(nbytes[k][f] for k, f in formats.items()),
+              _from_additive(measure, sum(sens[k][f] for k, f in formats.items())))]
+    while heap:
+        _, key, nxt = heapq.heappop(heap)
+        level[key] = nxt
+        formats[key] = ladders[key][nxt]
+        plans.append((dict(formats), {}, sum(nbytes[k][f] for k, f in formats.items()),
+                      _from_additive(measure, sum(sens[k][f] for k, f in formats.items()))))
+        push(key)
+    return plans
+
+
+def _joint_order(ev, ladders, top, base_err, measure, step):
+    """Whole plans along a greedy order of moves that each lower one module's rank by one (SVD
+    truncation) or one of its tensors by one format level — the move with the least predicted
+    error per byte saved first. A module's predicted error is gain_m · ‖X (ΔW_state − ΔW)ᵀ‖²
+    (its output error on its calibration inputs, in the additive form of the measure), gain_m
+    from one forward pass with the module's tensors at their lowest formats."""
+    from .formats import quantize
+
+    storage = ev.storage
+    names = sorted(ev.adapters.modules)
+    gain, sens, nbytes = {}, {}, {}
+    for i, name in enumerate(names):
+        ka, kb = tensor_key(name, "lora_A"), tensor_key(name, "lora_B")
+        low_a, low_b = ladders[ka][-1], ladders[kb][-1]
+        e2e = max(additive(measure, ev.error({**top, ka: low_a, kb: low_b})[measure]) - additive(measure, base_err), 0.0)
+        layer = ev.layer_error(name, low_a, low_b)
+        gain[name] = e2e / layer ** 2 if layer > 0 else 0.0
+        sens[ka] = {f: gain[name] * ev.layer_error(name, f, top[kb]) ** 2 for f in ladders[ka]}
+        sens[kb] = {f: gain[name] * ev.layer_error(name, top[ka], f) ** 2 for f in ladders[kb]}
+        nbytes[ka] = {f: _bytes(ev, ka, f) for f in ladders[ka]}
+        nbytes[kb] = {f: _bytes(ev, kb, f) for f in ladders[kb]}
+        if i % 8 == 7:
+            step(f"sensitivity {i + 1}/{len(names)} modules")
+
+    size_cache: dict[tuple, int] = {}
+    err_cache: dict[tuple, float] = {}
+
+    def fmt_ladder(name, role, k):
+        return allowed_formats(ev.module_at(name, k), role, storage)
+
+    def size(name, state):
+        if (name, state) not in size_cache:
+            k, fa, fb = state
+            m = ev.module_at(name, k)
+            size_cache[(name, state)] = sum(quantize(stored_matrix(m, r, storage), f).nbytes
+                                            for r, f in (("lora_A", fa), ("lora_B", fb)))
+        return size_cache[(name, state)]
+
+    def err(name, state):
+        if (name, state) not in err_cache:
+            k, fa, fb = state
+            err_cache[(name, state)] = gain[name] * ev.layer_error(name, fa, fb, k) ** 2
+        return err_cache[(name, state)]
+
+    def fit(fmt, ladder):
+        """``fmt`` if the ladder has it, else the nearest higher precision it has."""
+        full = storage.ladder
+        return fmt if fmt in ladder else [f for f in ladder if full.index(f) <= full.index(fmt)][-1]
+
+    def moves(name, state):
+        k, fa, fb = state
+        lad_a, lad_b = fmt_ladder(name, "lora_A", k), fmt_ladder(name, "lora_B", k)
+        out = []
+        if lad_a.index(fa) + 1 < len(lad_a):
+            out.append((k, lad_a[lad_a.index(fa) + 1], fb))
+        if lad_b.index(fb) + 1 < len(lad_b):
+            out.append((k, fa, lad_b[lad_b.index(fb) + 1]))
+        lower = [k - 1] if k > 1 else []
+        if k > 32 and k % 32:  # the nearest rank whose lora_b rows are whole 32-blocks (GGML types)
+            lower.append(k - k % 32)
+        for k2 in lower:
+            out.append((k2, fit(fa, fmt_ladder(name, "lora_A", k2)), fit(fb, fmt_ladder(name, "lora_B", k2))))
+        return out
+
+    state = {n: (ev.adapters.modules[n].rank, top[tensor_key(n, "lora_A")], top[tensor_key(n, "lora_B")]) for n in names}
+    version = {n: 0 for n in names}
+    heap = []
+
+    def push(name):
+        here_e, here_b = err(name, state[name]), size(name, state[name])
+        best = None
+        for nxt in moves(name, state[name]):
+            saved = here_b - size(name, nxt)
+            if saved <= 0:
+                continue
+            ratio = max(err(name, nxt) - here_e, 0.0) / saved
+            if best is None or ratio < best[0]:
+                best = (ratio, nxt)
+        if best is not None:
+            heapq.heappush(heap, (best[0], name, version[name], best[1]))
+
+    def snapshot():
+        formats, rank_of = {}, {}
+        for n in names:
+            k, fa, fb = state[n]
+            formats[tensor_key(n, "lora_A")], formats[tensor_key(n, "lora_B")] = fa, fb
+            if k < ev.adapters.modules[n].rank:
+                rank_of[n] = k
+        total = sum(size(n, state[n]) for n in names)
+        return formats, rank_of, total, _from_additive(measure, sum(err(n, state[n]) for n in names))
+
+    for n in names:
+        push(n)
+    plans = [snapshot()]
+    while heap:
+        _, name, ver, nxt = heapq.heappop(heap)
+        if ver != version[name]:
+            continue
+        state[name] = nxt
+        version[name] += 1
+        plans.append(snapshot())
+        push(name)
+    return sens, nbytes, plans

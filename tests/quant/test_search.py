@@ -49,6 +49,22 @@ def test_search_meets_budget_where_uniform_int4_fails(sora_setup):
     assert all(c["bytes"] >= result.nbytes or c["mean_abs_logit"] > BUDGET for c in result.curve)
 
 
+def test_ranks_as_a_knob_save_bytes_within_the_same_budget(sora_setup):
+    """Rank and format chosen together: fewer bytes than formats alone at the same budget, the
+    plan's measure re-measured from scratch, and no checked plan over the budget accepted."""
+    entry, model, batches = sora_setup
+    ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches)
+    formats_only = search(ev, budget=BUDGET)
+    joint = search(ev, budget=BUDGET, ranks=True)
+    assert joint.ranks and joint.nbytes < formats_only.nbytes
+    assert joint.measured["mean_abs_logit"] <= BUDGET
+    assert ev.error(joint.formats, joint.ranks)["mean_abs_logit"] == pytest.approx(joint.measured["mean_abs_logit"])
+    assert all(c["bytes"] >= joint.nbytes or c["mean_abs_logit"] > BUDGET for c in joint.curve)
+    stored = quantize_adapter(entry.pruned, "onnxruntime", joint.formats, joint.ranks)
+    assert stored.nbytes == joint.nbytes
+    assert all(stored.simulated.modules[n].rank == k < entry.pruned.modules[n].rank for n, k in joint.ranks.items())
+
+
 def test_search_under_a_byte_budget(sora_setup):
     entry, model, batches = sora_setup
     ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches)
@@ -90,12 +106,17 @@ def test_quantize_command_writes_plan_and_export_uses_it(tmp_path, capsys):
     # here, so the verdict does not depend on the machine's speed)
     assert code == 0 and manifest["validation"]["passed"] is True
     assert manifest["adapters"][0]["plan"]["formats"] == formats
-    # one graph input per tensor, counted by its stored format
-    assert manifest["decisions"]["lora_precision"] == dict(sorted(Counter(formats.values()).items()))
+    ranks = plan.ranks_for("sora", load_entries(AdapterInputs.of([AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")]))[0].pruned)
+    assert ranks, "the learned plan truncates some modules, so their SVD factors go through ONNX Runtime here"
+    # one graph input per tensor, counted by its stored format; the slots no module of this
+    # adapter uses (the graph has slots for every linear layer of the base) take fp32
+    empty = 2 * (manifest["decisions"]["lora_slots"] - len(formats) // 2)
+    assert empty > 0
+    assert manifest["decisions"]["lora_precision"] == dict(sorted((Counter(formats.values()) + Counter(fp32=empty)).items()))
     texts = load_eval(eval_path).texts
     got = _outputs(out, "sora", texts)
     (entry,) = load_entries(AdapterInputs.of([AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")]))
-    simulated = quantize_adapter(entry.pruned, "onnxruntime", formats).simulated
+    simulated = quantize_adapter(entry.pruned, "onnxruntime", formats, ranks).simulated
     from loradeploy.base import load_tokenizer
     from loradeploy.validate import reference_outputs
 

@@ -124,8 +124,12 @@ def test_planned_tensor_types_reach_llama_cpp(tmp_path, tiny):
     for i, name in enumerate(sorted(entry.pruned.modules)):
         formats[f"{name}.lora_A"] = kinds[i % len(kinds)]
         formats[f"{name}.lora_B"] = "f16" if i % 2 else "f32"
+    # and two modules truncated below their pruned rank (SVD re-factoring, a plan decision)
+    truncated = sorted(entry.pruned.modules)[:2]
+    ranks = {n: [entry.pruned.modules[n].rank, k + 1] for k, n in enumerate(truncated)}
+    assert all(r > k for r, k in ranks.values())
     plan_file = tmp_path / "plan.json"
-    Plan("llama.cpp", "gguf-cpu", {"qk": {"formats": formats}}).save(plan_file)
+    Plan("llama.cpp", "gguf-cpu", {"qk": {"formats": formats, "ranks": ranks}}).save(plan_file)
     eval_file = tmp_path / "eval.txt"
     eval_file.write_text("\n".join(TEXTS) + "\n")
 
@@ -134,7 +138,10 @@ def test_planned_tensor_types_reach_llama_cpp(tmp_path, tiny):
     types = record["decisions"]["adapter_tensor_types"]["qk"]
     assert set(types.values()) == {"Q8_0", "Q5_0", "Q4_0", "F16", "F32"}
     assert record["adapters"][0]["plan"]["formats"] == formats
-    simulated = quantize_adapter(entry.pruned, "llama.cpp", formats).simulated
+    assert record["adapters"][0]["plan"]["ranks"] == ranks
+    assert all(0 < e < 1 for e in record["adapters"][0]["plan"]["energy_kept"].values())
+    simulated = quantize_adapter(entry.pruned, "llama.cpp", formats, {n: k for n, (_, k) in ranks.items()}).simulated
+    assert [simulated.modules[n].rank for n in truncated] == [1, 2]
     model = merge_into(LlamaForCausalLM.from_pretrained(hf).eval(), simulated)
     tokens = [2, 10, 20, 30, 40, 50]
     logits, _ = _runner_logits(tmp_path / "art", "qk", [tokens])
@@ -143,6 +150,11 @@ def test_planned_tensor_types_reach_llama_cpp(tmp_path, tiny):
     ok = lm_fidelity([(ref, logits[0], tokens)])
     assert ok["kl_mean"] < 1e-3 and ok["top1_agreement"] == 1.0
     assert json.loads((tmp_path / "art" / "manifest.json").read_text())["adapters"][0]["plan"]["method"].startswith("file:")
+    # the truncation is what llama.cpp computes: the untruncated plan's simulation is farther off
+    full = merge_into(LlamaForCausalLM.from_pretrained(hf).eval(), quantize_adapter(entry.pruned, "llama.cpp", formats).simulated)
+    with torch.no_grad():
+        far = lm_fidelity([(full(torch.tensor([tokens])).logits[0].numpy(), logits[0], tokens)])
+    assert far["kl_mean"] > 10 * max(ok["kl_mean"], 1e-7)
 
 
 def test_norm_weights_merge_into_the_gguf_and_are_refused_as_swappable(tmp_path, gemma):
