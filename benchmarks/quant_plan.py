@@ -62,7 +62,31 @@ def run_plan(base, adapter, name, profile, plan: PlanConfig, folder: Path, measu
             row[key] = m[key]
     if "measured_pytorch" in record["plan"]:
         row["pytorch_calibration"] = record["plan"]["measured_pytorch"]
+    row["artifact"] = str(out)
     return row
+
+
+def against_trained(base: str, adapter_dir: Path, artifact: str, name: str) -> dict:
+    """A classifier artifact's outputs on the eval set against the fp32 reference of the adapter
+    at ``adapter_dir`` as trained: mean |Δlogit| and label agreement."""
+    import numpy as np
+
+    from loradeploy import runtime
+    from loradeploy.adapters import read_adapter
+    from loradeploy.base import load_tokenizer, load_torch_model, resolve_base
+    from loradeploy.evaldata import load_eval
+    from loradeploy.validate import reference_outputs, session_outputs
+
+    trained = read_adapter(adapter_dir)
+    base_dir = resolve_base(base)
+    tokenizer = load_tokenizer(base_dir)
+    texts = load_eval().texts
+    ref = reference_outputs(load_torch_model(base_dir, trained.task, trained.num_labels), trained, trained.task,
+                            tokenizer, texts)
+    with runtime.open(Path(artifact)) as session:
+        got = session_outputs(session, name, tokenizer, texts)
+    return {"mean_abs_logit": float(np.abs(got - ref).mean()),
+            "label_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean())}
 
 
 def peft_converted(base: str, adapter_dir: Path, target_bytes: int, folder: Path) -> tuple[Path, float]:
@@ -116,10 +140,14 @@ def pareto(base, adapter_dir: Path, name: str, target: str, folder: Path, measur
     profile = fast_profile(folder, target)
     rows = [run_plan(base, adapter_dir, name, profile, PlanConfig.parse(f"uniform:{b}"), folder, measure) for b in uniform_bits]
     uniform = list(rows)
-    for u in uniform[1:]:  # PEFT's convert_to_lora at the bytes of the lower uniform plans, stored fp16
+    for u in uniform[1:] if measure == "mean_abs_logit" else []:
+        # PEFT's convert_to_lora at the bytes of the lower uniform plans, stored fp16, measured in the
+        # runtime against the fp32 adapter *as trained* (its own export validates against itself)
         converted, threshold = peft_converted(base, adapter_dir, u["bytes"], folder)
         row = run_plan(base, converted, name, profile, PlanConfig.parse("uniform:16"), folder, measure)
-        row.update({"plan": f"peft convert_to_lora({threshold:.4f}) fp16", "vs": u["plan"]})
+        row.update({"plan": f"peft convert_to_lora({threshold:.4f}) fp16", "vs": u["plan"],
+                    "dense_fp16_max_rank": u["dense_fp16_max_rank"]})
+        row.update(against_trained(base, adapter_dir, row.pop("artifact"), name))
         row["error_ratio_vs_uniform"] = row[measure] / u[measure] if u[measure] else float("nan")
         rows.append(row)
     for ranks in (True, False):  # rank and format chosen together; formats alone (the earlier plan)
