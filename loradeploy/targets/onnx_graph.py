@@ -51,6 +51,8 @@ class GraphModule(torch.nn.Module):
         for param in extras:  # any parameter (head, LayerNorm, embeddings): set per call, traced as an input
             module_name, _, kind = param.rpartition(".")
             owner = model.get_submodule(module_name)
+            if isinstance(owner, _LoraSlot):  # a bias trained beside LoRA (PEFT bias="lora_only"/"all")
+                owner = owner.base
             if kind not in owner._parameters:
                 raise LoradeployError(f"tensor {param} travels with the adapter but is not a parameter of the base")
             del owner._parameters[kind]
