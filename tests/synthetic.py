@@ -155,10 +155,11 @@ def make_blora(folder: Path, r: int = 8, alpha: float = 16.0, seed: int = 2) -> 
 
 
 def with_layernorms(source: Path, folder: Path, base_model, norms: list[str], lora_scale: float = 1.0,
-                    seed: int = 3) -> Path:
+                    seed: int = 3, biases: tuple[str, ...] = ()) -> Path:
     """A PEFT adapter folder: the adapter at ``source`` (read and pruned exactly), its LoRA B
     multiplied by ``lora_scale``, plus trained-looking weights and biases for the LayerNorm
-    modules ``norms`` of ``base_model`` (as PEFT's ``modules_to_save`` carries them)."""
+    modules ``norms`` of ``base_model`` (as PEFT's ``modules_to_save`` carries them) and trained
+    biases of the linear layers ``biases`` (as PEFT's ``bias="lora_only"`` saves them)."""
     import dataclasses
 
     from loradeploy.adapters import peft as peft_format, read_adapter
@@ -177,6 +178,9 @@ def with_layernorms(source: Path, folder: Path, base_model, norms: list[str], lo
                 continue
             p = params[f"{norm}.{kind}"].detach()
             extras[f"{norm}.{kind}"] = p * 1.3 + 0.1 * torch.randn(p.shape, generator=g)
+    for linear in biases:
+        p = params[f"{linear}.bias"].detach()
+        extras[f"{linear}.bias"] = p + 0.2 * torch.randn(p.shape, generator=g)
     folder.mkdir(parents=True, exist_ok=True)
     peft_format.write(dataclasses.replace(adapter, extra_tensors=extras), folder)
     return folder

@@ -263,12 +263,15 @@ def test_layernorm_weights_travel_as_graph_inputs(tmp_path, eval_small):
 
     norms = ["bert.encoder.layer.0.attention.output.LayerNorm", "bert.encoder.layer.5.output.LayerNorm"]
     base = load_torch_model(resolve_base("minilm"), Task.SEQUENCE_CLASSIFICATION, 2)
-    ln = with_layernorms(EXAMPLE_ADAPTERS / "increlora", tmp_path / "ln", base, norms)
+    lora_bias = "bert.encoder.layer.2.attention.self.query"  # a LoRA slot's own bias travels too
+    ln = with_layernorms(EXAMPLE_ADAPTERS / "increlora", tmp_path / "ln", base, norms, biases=(lora_bias,))
     profile = fast_profile(tmp_path, "onnx-cpu")
     specs = [AdapterSpec("ln", ln), AdapterSpec("increlora", EXAMPLE_ADAPTERS / "increlora")]
     swap = export("minilm", specs, profile, tmp_path / "swap", mode="swappable", eval_path=eval_small)
     assert swap["validation"]["passed"]
-    assert {f"{n}.{k}" for n in norms for k in ("weight", "bias")} <= set(swap["decisions"]["graph_inputs_overridable"])
+    assert {f"{n}.{k}" for n in norms for k in ("weight", "bias")} | {f"{lora_bias}.bias"} \
+        <= set(swap["decisions"]["graph_inputs_overridable"])
+    assert lora_bias in swap["decisions"]["lora_slot_modules"]
     texts = load_eval(eval_small).texts
     outs = {n: _outputs(tmp_path / "swap", n, texts) for n in ("ln", "increlora")}
     for spec in specs:
