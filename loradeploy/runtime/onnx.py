@@ -18,7 +18,7 @@ from .session import Generation, HfTokenizer, Session, refuse
 SPEC = RuntimeSpec(
     name="onnxruntime", distribution="onnxruntime", packages=("onnxruntime", "onnx"),
     precisions=("fp32", "int8-dynamic", "int4", "gguf"),
-    storage=LoraStorage(ladder=("fp32", "fp16", "int8", "int4"), accepted=("fp32", "fp16", "int8", "int4"),
+    storage=LoraStorage(ladder=("fp32", "fp16", "int8", "lut4", "int4"), accepted=("fp32", "fp16", "int8", "lut4", "int4"),
                         by_bits={32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}, folds_scale=True, b_rank_major=True),
     adapter_suffix=".onnx_adapter", target="loradeploy.targets.onnx:OnnxTarget",
     session="loradeploy.runtime.onnx:OrtSession")

@@ -9,7 +9,9 @@ the graph then takes the stored form as inputs and rebuilds ``X`` in front of it
 * ``int4``: ``X.int4`` uint8, two values per byte (low nibble first, stored as value + 8) of the
   rank-major matrix ``[r, n]`` padded to whole 32-blocks, and ``X.scale [r, n/32]`` → unpacked
   with BitShift/Concat/Reshape, scaled per block (onnxruntime's adapter files do not take the
-  int4 element type, so the packing is explicit).
+  int4 element type, so the packing is explicit);
+* ``lut4``: the same packing of 4-bit indices (``X.lut4``), the block scales, and ``X.levels [16]``,
+  the tensor's own learned levels → a Gather from the levels replaces int4's ``− 8``.
 
 The rank stays a dynamic axis and every input has an empty rank-0 default, as for fp32.
 """
@@ -45,6 +47,10 @@ def input_arrays(name: str, role: str, fmt: str, stored) -> dict[str, np.ndarray
     if fmt == "int4":
         return {f"{name}.int4": pack_int4(stored.payload["q"]),
                 f"{name}.scale": np.ascontiguousarray(stored.payload["scale"], dtype=np.float32)}
+    if fmt == "lut4":
+        return {f"{name}.lut4": pack_int4(stored.payload["q"]),
+                f"{name}.scale": np.ascontiguousarray(stored.payload["scale"], dtype=np.float32),
+                f"{name}.levels": np.ascontiguousarray(stored.payload["levels"], dtype=np.float32)}
     raise ValueError(f"format {fmt!r} has no ONNX LoRA input form")
 
 
@@ -58,6 +64,10 @@ def default_arrays(name: str, role: str, fmt: str, n: int) -> dict[str, np.ndarr
     if fmt == "int8":
         return {f"{name}.int8": np.zeros(shape, np.int8), f"{name}.scale": np.zeros(0, np.float32)}
     cols = n + (-n) % BLOCK
+    if fmt == "lut4":
+        return {f"{name}.lut4": np.zeros((0, cols // 2), np.uint8),
+                f"{name}.scale": np.zeros((0, cols // BLOCK), np.float32),
+                f"{name}.levels": np.zeros(16, np.float32)}
     return {f"{name}.int4": np.zeros((0, cols // 2), np.uint8),
             f"{name}.scale": np.zeros((0, cols // BLOCK), np.float32)}
 
@@ -97,27 +107,40 @@ def lower_inputs(model, formats: dict[str, tuple[str, str, int]]) -> None:
             new_nodes.append(helper.make_node("DequantizeLinear", [f"{name}.int8", f"{name}.scale"], [name],
                                               axis=rank_axis, name=f"{name}/dequantize"))
             continue
-        if fmt != "int4":
+        if fmt not in ("int4", "lut4"):
             raise ValueError(f"format {fmt!r} has no ONNX LoRA input form")
         cols = n + (-n) % BLOCK
         nb = cols // BLOCK
-        graph.input.append(helper.make_tensor_value_info(f"{name}.int4", TensorProto.UINT8, [rank_dim, cols // 2]))
+        packed = f"{name}.{fmt}"
+        graph.input.append(helper.make_tensor_value_info(packed, TensorProto.UINT8, [rank_dim, cols // 2]))
         graph.input.append(helper.make_tensor_value_info(f"{name}.scale", TensorProto.FLOAT, [rank_dim, nb]))
         four = const(np.array(4, np.uint8), "four")
         last = const(np.array([-1], np.int64), "last_axis")
-        p = f"{name}/int4"
+        p = f"{name}/{fmt}"
         new_nodes += [
-            helper.make_node("BitShift", [f"{name}.int4", four], [f"{p}/shl"], direction="LEFT", name=f"{p}/shl"),
+            helper.make_node("BitShift", [packed, four], [f"{p}/shl"], direction="LEFT", name=f"{p}/shl"),
             helper.make_node("BitShift", [f"{p}/shl", four], [f"{p}/lo"], direction="RIGHT", name=f"{p}/lo"),
-            helper.make_node("BitShift", [f"{name}.int4", four], [f"{p}/hi"], direction="RIGHT", name=f"{p}/hi"),
+            helper.make_node("BitShift", [packed, four], [f"{p}/hi"], direction="RIGHT", name=f"{p}/hi"),
             helper.make_node("Unsqueeze", [f"{p}/lo", last], [f"{p}/lo3"], name=f"{p}/lo3"),
             helper.make_node("Unsqueeze", [f"{p}/hi", last], [f"{p}/hi3"], name=f"{p}/hi3"),
             helper.make_node("Concat", [f"{p}/lo3", f"{p}/hi3"], [f"{p}/pairs"], axis=-1, name=f"{p}/pairs"),
             helper.make_node("Reshape", [f"{p}/pairs", const(np.array([-1, nb, BLOCK], np.int64), f"blocks_{nb}")],
                              [f"{p}/blocks"], name=f"{p}/blocks"),
-            helper.make_node("Cast", [f"{p}/blocks"], [f"{p}/float"], to=TensorProto.FLOAT, name=f"{p}/float"),
-            helper.make_node("Sub", [f"{p}/float", const(np.array(8.0, np.float32), "eight")], [f"{p}/signed"],
-                             name=f"{p}/signed"),
+        ]
+        if fmt == "int4":  # stored as value + 8
+            new_nodes += [
+                helper.make_node("Cast", [f"{p}/blocks"], [f"{p}/float"], to=TensorProto.FLOAT, name=f"{p}/float"),
+                helper.make_node("Sub", [f"{p}/float", const(np.array(8.0, np.float32), "eight")], [f"{p}/signed"],
+                                 name=f"{p}/signed"),
+            ]
+        else:  # an index into the tensor's own 16 levels
+            graph.input.append(helper.make_tensor_value_info(f"{name}.levels", TensorProto.FLOAT, [16]))
+            new_nodes += [
+                helper.make_node("Cast", [f"{p}/blocks"], [f"{p}/index"], to=TensorProto.INT64, name=f"{p}/index"),
+                helper.make_node("Gather", [f"{name}.levels", f"{p}/index"], [f"{p}/signed"], axis=0,
+                                 name=f"{p}/levels"),
+            ]
+        new_nodes += [
             helper.make_node("Unsqueeze", [f"{name}.scale", last], [f"{p}/scale3"], name=f"{p}/scale3"),
             helper.make_node("Mul", [f"{p}/signed", f"{p}/scale3"], [f"{p}/scaled"], name=f"{p}/scaled"),
             helper.make_node("Reshape", [f"{p}/scaled", const(np.array([-1, cols], np.int64), f"rows_{cols}")],

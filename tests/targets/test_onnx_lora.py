@@ -55,3 +55,30 @@ def test_graph_unpacks_what_pack_int4_wrote(role, n):
     (y,) = session.run(None, {"X.int4": pack_int4(q), "X.scale": scale})
     want = (q.astype(np.float32) * np.repeat(scale, BLOCK, axis=1))[:, :n]  # rank-major [r, n]
     assert np.array_equal(y, want.T if role == "lora_A" else want)
+
+
+@pytest.mark.parametrize("role,n", [("lora_B", 64), ("lora_A", 40)])
+def test_graph_rebuilds_lut4_from_its_levels(role, n):
+    """lut4: the same packing, a Gather from the tensor's own 16 levels instead of int4's − 8."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from loradeploy.quant.formats import quantize
+    from loradeploy.targets.onnx_lora import input_arrays, lower_inputs
+
+    r = 3
+    shape = [n, "rank"] if role == "lora_A" else ["rank", n]
+    graph = helper.make_graph([helper.make_node("Identity", ["X"], ["Y"])], "g",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    lower_inputs(model, {"X": ("lut4", role, n)})
+    x = np.random.default_rng(2).standard_normal((r, n)).astype(np.float32)  # rank-major
+    stored = quantize(x, "lut4")
+    feeds = input_arrays("X", role, "lut4", stored)
+    assert set(feeds) == {"X.lut4", "X.scale", "X.levels"}
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, feeds)
+    want = stored.dequantized
+    assert np.array_equal(y, want.T if role == "lora_A" else want)
