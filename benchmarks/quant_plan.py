@@ -188,6 +188,8 @@ def main(argv=None) -> int:
         for name in [a for a in args.adapters.split(",") if a]:
             rows += pareto("minilm", REPO / "examples" / "adapters" / name, name, "onnx-cpu", folder,
                            "mean_abs_logit", (16, 8, 4))
+            print_table([r for r in rows if r["adapter"] == name], "mean_abs_logit")  # as each adapter finishes
+            sys.stdout.flush()
         results["minilm_onnx"] = rows
         if rows:
             print_table(rows, "mean_abs_logit")
