@@ -30,22 +30,29 @@ def test_pack_int4_round_trip_every_value():
     assert np.array_equal(_unpack(pack_int4(q)), q)
 
 
-@pytest.mark.parametrize("role,n", [("lora_B", 64), ("lora_A", 40)])
-def test_graph_unpacks_what_pack_int4_wrote(role, n):
-    """A one-node graph (Identity of the LoRA input) lowered to int4: onnxruntime rebuilds
-    q · scale per 32-block from pack_int4's bytes (padded rows cut back to n)."""
-    import onnxruntime as ort
+def _identity_graph(role: str, n: int):
+    """A one-node graph (Identity of the LoRA input X, rank a dynamic axis)."""
     from onnx import TensorProto, helper
 
-    from loradeploy.targets.onnx_lora import lower_inputs
-
-    r = 3
     shape = [n, "rank"] if role == "lora_A" else ["rank", n]
     graph = helper.make_graph([helper.make_node("Identity", ["X"], ["Y"])], "g",
                               [helper.make_tensor_value_info("X", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, shape)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("role,n", [("lora_B", 64), ("lora_A", 40)])
+def test_graph_unpacks_what_pack_int4_wrote(role, n):
+    """A one-node graph (Identity of the LoRA input) lowered to int4: onnxruntime rebuilds
+    q · scale per 32-block from pack_int4's bytes (padded rows cut back to n)."""
+    import onnxruntime as ort
+
+    from loradeploy.targets.onnx_lora import lower_inputs
+
+    r = 3
+    model = _identity_graph(role, n)
     lower_inputs(model, {"X": ("int4", role, n)})
     cols = n + (-n) % BLOCK
     rng = np.random.default_rng(1)
@@ -61,18 +68,12 @@ def test_graph_unpacks_what_pack_int4_wrote(role, n):
 def test_graph_rebuilds_lut4_from_its_levels(role, n):
     """lut4: the same packing, a Gather from the tensor's own 16 levels instead of int4's − 8."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper
 
     from loradeploy.quant.formats import quantize
     from loradeploy.targets.onnx_lora import input_arrays, lower_inputs
 
     r = 3
-    shape = [n, "rank"] if role == "lora_A" else ["rank", n]
-    graph = helper.make_graph([helper.make_node("Identity", ["X"], ["Y"])], "g",
-                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, shape)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
+    model = _identity_graph(role, n)
     lower_inputs(model, {"X": ("lut4", role, n)})
     x = np.random.default_rng(2).standard_normal((r, n)).astype(np.float32)  # rank-major
     stored = quantize(x, "lut4")
