@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from .manifest import REPORT
+from .slots import natural_key
 
 _CSS = """body{font:14px system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4f4}td:first-child,td:nth-child(2){text-align:left}
@@ -104,11 +105,6 @@ def plan_svg(adapter: dict, runtime_metrics: dict | None) -> str:
                        "bytes", measure)
 
 
-def _natural(name: str) -> list:
-    """Sort key that puts layer 2 before layer 10."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
-
-
 def _glossary(checks: list[dict]) -> str:
     """What each measure of the table means."""
     from .measures import describe
@@ -188,7 +184,7 @@ def render(manifest: dict) -> str:
     for a in manifest["adapters"]:
         parts.append(f"<h3>{html.escape(a['name'])} ({a['method']}): rank {a['rank_total'][0]} → {a['rank_total'][1]}, "
                      f"LoRA bytes {a['lora_bytes'][0]:,} → {a['lora_bytes'][1]:,}</h3>")
-        ranks = sorted(a["ranks"].items(), key=lambda kv: _natural(kv[0]))
+        ranks = sorted(a["ranks"].items(), key=lambda kv: natural_key(kv[0]))
         parts.append(bars_svg({k: r[1] for k, r in ranks}, "ranks kept per module after exact pruning (0: the method zeroed the whole module)"))
         if a.get("plan"):
             p = a["plan"]

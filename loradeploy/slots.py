@@ -42,7 +42,8 @@ def parse(spec: str | None) -> tuple[str, ...]:
     return tokens
 
 
-def _natural(name: str) -> list:
+def natural_key(name: str) -> list:
+    """Sort key that puts layer 2 before layer 10 (digit runs compared as numbers)."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
@@ -85,4 +86,4 @@ def choose(model: "torch.nn.Module", adapters: Iterable["AdapterSet"], spec: str
             raise LoradeployError(f"--slots: {token!r} matches no linear layer of the base "
                                   f"({type(model).__name__}: {len(linears)} linear layers)")
         chosen.update(found)
-    return dict(sorted(chosen.items(), key=lambda kv: _natural(kv[0])))
+    return dict(sorted(chosen.items(), key=lambda kv: natural_key(kv[0])))

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import BaseModelError, LoradeployError
+from ..slots import natural_key
 
 if TYPE_CHECKING:
     from ..job import ExportJob
@@ -149,11 +150,7 @@ def projection_shapes(base_model, sites: dict[str, tuple[str, ...]]) -> dict[str
                 raise LoradeployError(f"the decoder graph computes {m}, which the PyTorch base does not have as a "
                                       "linear layer")
             shapes[m] = (lin.in_features, lin.out_features)
-    return dict(sorted(shapes.items(), key=lambda kv: _natural(kv[0])))
-
-
-def _natural(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+    return dict(sorted(shapes.items(), key=lambda kv: natural_key(kv[0])))
 
 
 def check_slots(job: ExportJob, shapes: dict[str, tuple[int, int]]) -> None:
