@@ -111,3 +111,12 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise OutputError(f"{path}: cannot write ({e.strerror})") from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (one file on disk, no copy time), or a copy when the
+    two are on different file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

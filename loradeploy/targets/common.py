@@ -24,6 +24,21 @@ class Target(ABC):
     @abstractmethod
     def export(self, job: ExportJob, out: Path, progress=None) -> dict: ...
 
+    # A plugin whose artifacts can share one base file across adapters (``loradeploy.fleet``)
+    # overrides these three; by default every artifact is exported whole.
+
+    def shared_base(self, job: ExportJob) -> dict | None:
+        """What the job's base file depends on besides the base and profile (JSON data: the
+        fleet keys the shared file by it), or None when it cannot be shared."""
+        return None
+
+    def export_shared(self, job: ExportJob, signature: dict, out: Path, progress=None) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} exports no shared base")
+
+    def export_on_shared(self, job: ExportJob, shared: Path, shared_decisions: dict, out: Path,
+                         progress=None) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} exports no shared base")
+
 
 def copy_tokenizer(base_dir: Path, out: Path) -> list[str]:
     copied = []

@@ -16,14 +16,13 @@ and all metadata are copied unchanged.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import BaseModelError, LoradeployError
+from ..fsutil import link_or_copy
 from ..runtime.llama import ADAPTER_DIR, MODEL_FILE
 from .common import Target
 
@@ -256,10 +255,7 @@ class GgufTarget(Target):
                     f"{entry.source}: carries {len(entry.pruned.extra_tensors)} tensors besides LoRA ({first} …); "
                     "a llama.cpp LoRA adapter GGUF holds only lora_a/lora_b pairs, so it cannot be swappable: "
                     "use --mode merged (or auto), which writes them into the merged GGUF")
-        try:
-            os.link(base, out / MODEL_FILE)  # same file system: no copy of the base
-        except OSError:
-            shutil.copyfile(base, out / MODEL_FILE)
+        link_or_copy(base, out / MODEL_FILE)  # same file system: no copy of the base
         (out / ADAPTER_DIR).mkdir()
         types = {}
         for entry in job.adapters:

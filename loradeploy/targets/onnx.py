@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import LoradeployError
+from ..fsutil import link_or_copy
 from ..runtime.onnx import ADAPTER_DIR, MODEL_FILE, SPEC
 from .common import Target
 
@@ -47,11 +48,34 @@ def _set_defaults(path: Path, defaults: dict[str, np.ndarray]) -> None:
     onnx.save(model, str(path))
 
 
+def _pop_defaults(path: Path, names: set[str]) -> dict[str, np.ndarray]:
+    """Remove the defaults of overridable inputs from the graph at ``path`` and return them.
+    The quantizers treat an input with an initializer as a constant (quantize_dynamic folds a
+    Gemm's transposed weight into a new initializer, leaving the input unused and dropping it),
+    so they see plain inputs; :func:`_set_defaults` puts the defaults back."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    kept, popped = [], {}
+    for init in model.graph.initializer:
+        (popped.__setitem__(init.name, numpy_helper.to_array(init)) if init.name in names else kept.append(init))
+    if popped:
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        onnx.save(model, str(path))
+    return popped
+
+
 def _nodes_reading(path: Path, inputs: set[str]) -> list[str]:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    return [n.name for n in model.graph.node if inputs.intersection(n.input)]
+    names = [n.name for n in model.graph.node if inputs.intersection(n.input)]
+    # quantize_dynamic first rewrites a Gemm as MatMul + Add, naming the MatMul NAME_MatMul: the
+    # exclusion must name that too, or a head read from an overridable input is quantized away
+    gemms = [f"{n.name}_MatMul" for n in model.graph.node if n.op_type == "Gemm" and n.name in names]
+    return names + gemms
 
 
 def fuse_transformer(src: Path, dst: Path, config) -> bool:
@@ -139,18 +163,7 @@ class OnnxTarget(Target):
         else:
             overridable, lora_formats, slot_shapes = self._export_swappable(job, fp32, out)
             decisions.update(lora_slot_decisions(job.slots, slot_shapes))
-        decisions.update({"graph_inputs_overridable": sorted(overridable), "fused_offline": False})
-        if job.profile.precision != "fp32":
-            src = fp32
-            if not overridable:
-                fused = out / "model.fused.onnx"
-                if fuse_transformer(fp32, fused, job.base_model.config):
-                    decisions["fused_offline"], src = True, fused
-            with _quiet_logs():
-                quantize(src, out / MODEL_FILE, job.profile.precision, _nodes_reading(src, overridable))
-            for tmp in (fp32, out / "model.fused.onnx"):
-                tmp.unlink(missing_ok=True)
-        decisions.update(self._precision_summary(out / MODEL_FILE, job.profile.precision, overridable))
+        decisions.update(self._finish_base(job, fp32, out, overridable))
         if any(fmt != "fp32" for fmt in lora_formats.values()):
             counts: dict[str, int] = {}
             for fmt in lora_formats.values():
@@ -158,6 +171,90 @@ class OnnxTarget(Target):
             decisions["lora_precision"] = dict(sorted(counts.items()))
             decisions["lora_input_formats"] = dict(sorted(lora_formats.items()))
         return decisions
+
+    def _finish_base(self, job: ExportJob, fp32: Path, out: Path, overridable: set[str]) -> dict:
+        """The fp32 graph at ``fp32`` into ``out/model.onnx`` at the profile's precision (nodes
+        reading an overridable input stay fp32); what was decided."""
+        decisions = {"graph_inputs_overridable": sorted(overridable), "fused_offline": False}
+        if job.profile.precision != "fp32":
+            src = fp32
+            if not overridable:
+                fused = out / "model.fused.onnx"
+                if fuse_transformer(fp32, fused, job.base_model.config):
+                    decisions["fused_offline"], src = True, fused
+            defaults = _pop_defaults(src, overridable)
+            with _quiet_logs():
+                quantize(src, out / MODEL_FILE, job.profile.precision, _nodes_reading(src, overridable))
+            _set_defaults(out / MODEL_FILE, defaults)
+            for tmp in (fp32, out / "model.fused.onnx"):
+                tmp.unlink(missing_ok=True)
+        decisions.update(self._precision_summary(out / MODEL_FILE, job.profile.precision, overridable))
+        return decisions
+
+    # --- one base graph shared by many single-adapter artifacts (loradeploy.fleet) -----------
+
+    def shared_base(self, job: ExportJob) -> dict | None:
+        """What a swappable encoder graph depends on besides the base and profile — its LoRA
+        slots and the names and shapes of the tensors that travel with the adapter — or None
+        when the graph depends on the adapter's values (a precision plan stores its slots in
+        the plan's formats; causal LMs go through the decoder builder)."""
+        from ..ir import Task
+        from ..slots import choose as choose_slots
+
+        if job.mode != "swappable" or job.task is Task.CAUSAL_LM or job.profile.precision == "gguf" \
+                or any(e.quantized is not None for e in job.adapters):
+            return None
+        slot_shapes = choose_slots(job.base_model, [e.pruned for e in job.adapters], job.slots)
+        extras = travelling_defaults(job)
+        return {"slots_spec": job.slots, "slots": {m: list(s) for m, s in slot_shapes.items()},
+                "travelling": {n: list(a.shape) for n, a in extras.items()}}
+
+    def export_shared(self, job: ExportJob, signature: dict, out: Path, progress=None) -> dict:
+        """The base graph of ``signature`` (see :meth:`shared_base`) into ``out``, holding no
+        adapter: every LoRA input defaults to rank 0, a travelling tensor to the base's own
+        value and the task head to zeros (the base has no trained head, and a shared graph
+        must not depend on which adapter came first)."""
+        import copy
+
+        from ..merge import is_head_tensor
+        from .onnx_graph import GraphModule, export_graph
+
+        params = dict(job.base_model.named_parameters())
+        slot_shapes = {m: tuple(s) for m, s in signature["slots"].items()}
+        extras = {n: np.zeros(shape, np.float32) if is_head_tensor(job.base_model, n)
+                  else np.ascontiguousarray(params[n].detach().float().numpy())
+                  for n, shape in signature["travelling"].items()}
+        fp32 = out / ("model.fp32.onnx" if job.profile.precision != "fp32" else MODEL_FILE)
+        module = GraphModule(_eager_attention(copy.deepcopy(job.base_model)), job.task, list(slot_shapes), list(extras))
+        export_graph(module, slot_shapes, extras, fp32, job.profile.opset)
+        formats = {f"{q}.{role}": ("fp32", role, n) for q, (i, o) in slot_shapes.items()
+                   for role, n in (("lora_A", i), ("lora_B", o))}
+        defaults = dict(extras)
+        from .onnx_lora import default_arrays
+
+        for name, (fmt, role, n) in formats.items():
+            defaults.update(default_arrays(name, role, fmt, n))
+        _set_defaults(fp32, defaults)
+        decisions = lora_slot_decisions(signature["slots_spec"], slot_shapes)
+        decisions.update(self._finish_base(job, fp32, out, set(defaults) | set(formats)))
+        return decisions
+
+    def export_on_shared(self, job: ExportJob, shared: Path, shared_decisions: dict, out: Path,
+                         progress=None) -> dict:
+        """A swappable artifact whose graph is the shared one at ``shared`` (hard-linked, so
+        every artifact of the fleet holds the same file once on disk) and whose adapter files
+        are the job's own."""
+        from ..merge import find_module
+        from .onnx_graph import extra_inputs, lora_factors
+
+        link_or_copy(shared / MODEL_FILE, out / MODEL_FILE)
+        qualified = {name: find_module(job.base_model, name)[0] for e in job.adapters for name in e.pruned.modules}
+        (out / ADAPTER_DIR).mkdir()
+        for entry in job.adapters:
+            tensors = lora_factors(entry.pruned, qualified)
+            tensors.update(extra_inputs(entry.pruned, job.base_model))
+            write_adapter_file(tensors, out / ADAPTER_DIR / f"{entry.name}.onnx_adapter")
+        return {**shared_decisions, "shared_base_graph": True}
 
     def _export_merged(self, job: ExportJob, path: Path) -> set[str]:
         import copy

@@ -93,6 +93,24 @@ def test_int8_merged_label_agreement(tmp_path):
     assert "MatMulInteger" in record["decisions"]["quantized_ops"]
 
 
+def test_int8_swappable_keeps_the_head_an_input(tmp_path, eval_small):
+    """quantize_dynamic rewrites a Gemm whose weight has an initializer as a MatMul over a new
+    transposed constant and drops the input: the heads of an int8 swappable graph must stay
+    overridable inputs, so each adapter runs with its own head (it was refused at load before)."""
+    import onnx
+
+    specs = [AdapterSpec(n, EXAMPLE_ADAPTERS / n) for n in ("sora", "increlora")]
+    record = export("minilm", specs, fast_profile(tmp_path, "onnx-cpu-int8"), tmp_path / "int8",
+                    mode="swappable", eval_path=eval_small)
+    model = onnx.load(str(tmp_path / "int8" / "model.onnx"))
+    inputs = {i.name for i in model.graph.input}
+    assert {"classifier.weight", "classifier.bias"} <= inputs
+    assert "MatMulInteger" in record["decisions"]["quantized_ops"]
+    for name in ("sora", "increlora"):
+        assert record["validation"]["metrics"][name]["label_agreement"] >= 0.97
+    assert record["validation"]["passed"]
+
+
 def test_int4_swappable_keeps_lora_in_fp32(tmp_path, eval_small):
     record = export("minilm", [AdapterSpec("blora", EXAMPLE_ADAPTERS / "blora")],
                     fast_profile(tmp_path, "onnx-cpu-int4"), tmp_path / "int4", mode="swappable",
