@@ -8,12 +8,14 @@ loader every caller uses. Also the ``validate`` verb: an existing artifact valid
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -80,12 +82,99 @@ def reference_outputs(base_model, adapters: AdapterSet, task: Task, tokenizer, t
 
 def base_alone_outputs(base_model, adapters: AdapterSet, task: Task, tokenizer, texts) -> np.ndarray:
     """The fp32 base with only the adapter's extra tensors (its head): what the adapter's ΔW
-    moves the outputs away from."""
+    moves the outputs away from. Computed from the base's features before its head when
+    another adapter of the same base and texts ran in this process (see :class:`_BaseFeatures`)."""
     from .merge import load_extras
 
+    cached = _BASE_FEATURES.outputs(base_model, adapters, task, tokenizer, texts)
+    if cached is not None:
+        return cached
     model = copy.deepcopy(base_model)
     load_extras(model, adapters)
     return model_outputs(model, task, tokenizer, texts)
+
+
+class _BaseFeatures:
+    """What the base alone computes before its task head, kept for the next adapter of the same
+    base model object and texts (a process exporting many adapters: ``loradeploy fleet``).
+
+    An adapter whose only extra tensors are its head Linear's weight (and bias) changes the base
+    alone's outputs only through that Linear, so they are the head applied to the features that
+    reach it, batch by batch — the same products the whole forward computes. An adapter with no
+    extra tensors has the base's own outputs. Used only when applying the base's own head to the
+    kept features reproduces the base's outputs exactly; anything else runs the whole forward."""
+
+    def __init__(self):
+        self._key = None
+        self._features = None  # (head module name, [per-batch head inputs]) or None: not usable
+        self._outputs = None  # the base's own outputs
+
+    def _head(self, model, adapters: AdapterSet) -> str | None:
+        from .merge import is_head_tensor
+
+        params = dict(model.named_parameters())
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        names = {k if k in params else f"{prefix}.{k}" for k in adapters.extra_tensors}
+        modules = {n.rsplit(".", 1)[0] for n in names}
+        if len(modules) != 1 or not all(is_head_tensor(model, n) for n in names):
+            return None
+        (head,) = modules
+        module = dict(model.named_modules()).get(head)
+        ok = isinstance(module, torch.nn.Linear) and f"{head}.weight" in names and names <= {f"{head}.weight", f"{head}.bias"}
+        return head if ok else None
+
+    @torch.no_grad()
+    def _capture(self, model, head: str, task: Task, tokenizer, texts) -> None:
+        module = dict(model.named_modules())[head]
+        feats: list[torch.Tensor] = []
+        hook = module.register_forward_pre_hook(lambda _m, args: feats.append(args[0].detach().clone()))
+        try:
+            self._outputs = model_outputs(model, task, tokenizer, texts)
+        finally:
+            hook.remove()
+        again = np.concatenate([torch.nn.functional.linear(f, module.weight, module.bias).numpy() for f in feats]) \
+            if feats else None
+        self._features = (head, feats) if again is not None and np.array_equal(again, self._outputs) else None
+
+    def outputs(self, model, adapters: AdapterSet, task: Task, tokenizer, texts) -> np.ndarray | None:
+        import hashlib
+        import weakref
+
+        key = (hashlib.sha256("\0".join(texts).encode()).hexdigest(), getattr(tokenizer, "name_or_path", id(tokenizer)),
+               task)
+        head = self._head(model, adapters) if adapters.extra_tensors else None
+        if adapters.extra_tensors and head is None:
+            return None
+        if self._key is None or self._key[0]() is not model or self._key[1:] != key:
+            self._key = (weakref.ref(model), *key)
+            self._features = self._outputs = None
+            head_name = head or self._head_of(model)
+            if head_name is None:
+                self._outputs = model_outputs(model, task, tokenizer, texts)
+            else:
+                self._capture(model, head_name, task, tokenizer, texts)
+        if head is None:
+            return self._outputs
+        if self._features is None or self._features[0] != head:
+            return None
+        t = {k.rsplit(".", 1)[-1]: v.to(torch.float32) for k, v in adapters.extra_tensors.items()}
+        bias = t["bias"] if "bias" in t else dict(model.named_modules())[head].bias
+        with torch.no_grad():
+            return np.concatenate([torch.nn.functional.linear(f, t["weight"], bias).numpy()
+                                   for f in self._features[1]])
+
+    def _head_of(self, model) -> str | None:
+        """The task head Linear of ``model`` (one module outside the backbone), if there is one."""
+        from .merge import is_head_tensor
+
+        heads = {n.rsplit(".", 1)[0] for n, _ in model.named_parameters() if is_head_tensor(model, n)}
+        if len(heads) != 1:
+            return None
+        (head,) = heads
+        return head if isinstance(dict(model.named_modules()).get(head), torch.nn.Linear) else None
+
+
+_BASE_FEATURES = _BaseFeatures()
 
 
 def adapter_effect_kept(ref: np.ndarray, got: np.ndarray, base: np.ndarray) -> float:
@@ -129,6 +218,12 @@ def measure_checks(label: str, metrics: dict, budgets: Budgets, task: Task) -> l
             for m in measures.MEASURES.values() if task.value in m.tasks and m.name in metrics]
 
 
+#: Held around every latency run: a context manager factory. ``loradeploy.fleet`` sets one that
+#: waits until no other unit on this machine is computing, so that timings are not another unit's
+#: noise.
+latency_guard: Callable[[], ContextManager] = contextlib.nullcontext
+
+
 def measure_latency(artifact: Path, adapter: str | None, profile: TargetProfile) -> dict:
     """Latency per shape and peak RSS, measured by ``loradeploy.latency`` in a fresh process."""
     cmd = [sys.executable, "-m", "loradeploy.latency", str(artifact),
@@ -136,7 +231,8 @@ def measure_latency(artifact: Path, adapter: str | None, profile: TargetProfile)
     cmd += [a for s in profile.shapes for a in ("--shape", f"{s.batch}x{s.seq}")]
     if adapter:
         cmd += ["--adapter", adapter]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with latency_guard():
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise LoradeployError(f"{artifact}: the latency run failed ({tail})")
