@@ -285,6 +285,62 @@ def ab_cmd(artifact, arms, weights, inputs, keys, as_json):
     _emit(record, as_json, print_ab)
 
 
+@cli.group("fleet")
+def fleet_group():
+    """Many adapters × targets from one spec: each (adapter, target) a unit keyed by the sha256
+    of its inputs, skipped when its artifact is up to date; the base's graph built once per
+    target; a local process pool by default, shards for CI matrices, Ray for clusters.
+
+    Spec (YAML): base, adapters (paths and globs), targets, and optionally mode, plan, eval,
+    slots, resources. See `loradeploy fleet run --help` and examples/fleet.yaml."""
+
+
+@fleet_group.command("run")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Fleet output folder (TARGET/ADAPTER artifacts, index.json, index.html, junit.xml); a re-run "
+                   "into it redoes only the units whose inputs changed.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: a process pool on this machine. ray: Ray tasks on a local cluster, or on RAY_ADDRESS "
+                   "(needs loradeploy[ray]).")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="local: pool processes (default: the CPU count; 1 runs in this process). ray: CPUs of the "
+                   "local cluster it starts.")
+@click.option("--shard", metavar="I/N", help="Run only shard I of N (a fixed partition by unit id; merge the N "
+                                             "outputs with `loradeploy fleet merge`).")
+@click.option("--force", is_flag=True, help="Run every unit, even those up to date.")
+@click.option("--json", "as_json", is_flag=True, help="Print the index as JSON.")
+def fleet_run_cmd(spec, out, executor, workers, shard, force, as_json):
+    """Export every unit of SPEC into OUT and write its index.
+
+    Exit 0 when every unit passes, 1 when any is outside its budget or failed (the others still
+    run), 2 for a bad spec."""
+    from .fleet import FleetConfig, run_fleet
+    from .render import fleet_progress, print_fleet
+
+    with fleet_progress() as progress:
+        index = run_fleet(FleetConfig(Path(spec), Path(out), executor, workers, shard, force), progress)
+    index["fleet"]["out"] = str(Path(out).absolute())
+    _emit(index, as_json, print_fleet)
+    return 0 if index["passed"] else 1
+
+
+@fleet_group.command("merge")
+@click.argument("shards", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Merged fleet output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the index as JSON.")
+def fleet_merge_cmd(shards, out, as_json):
+    """Merge the outputs of `fleet run --shard I/N` (all N, one spec) into one fleet output with
+    one index. Exit 1 when any unit failed, 2 when the shards do not make one whole run."""
+    from .fleet import merge_shards
+    from .render import print_fleet
+
+    index = merge_shards([Path(s) for s in shards], Path(out))
+    index["fleet"]["out"] = str(Path(out).absolute())
+    _emit(index, as_json, print_fleet)
+    return 0 if index["passed"] else 1
+
+
 @cli.command("targets")
 @click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
 def targets_cmd(as_json):
@@ -323,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: known errors print one line and exit 2; an unexpected exception (a bug) prints
     one line naming the command and exits 3, so CI can tell a crash from a regression (exit 1).
     ``LORADEPLOY_DEBUG=1`` re-raises both with their traceback."""
-    _quiet_third_party_logs()
+    quiet_third_party_logs()
     try:
         code = cli.main(args=argv, prog_name="loradeploy", standalone_mode=False)
     except LoradeployError as e:
@@ -349,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0
 
 
-def _quiet_third_party_logs() -> None:
+def quiet_third_party_logs() -> None:
     """Keep stderr for our own messages: bitsandbytes warns on import about optional hub
     kernels it cannot fetch, transformers about heads it initialises."""
     import logging

@@ -57,3 +57,8 @@ class EvalDataError(LoradeployError):
 
 class ManifestError(LoradeployError):
     """A manifest file is missing, unreadable or not of this version's shape."""
+
+
+class SpecError(LoradeployError):
+    """A fleet spec is unreadable or invalid (unknown keys, a glob matching nothing, two adapters
+    with one name, an unknown target)."""

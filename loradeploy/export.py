@@ -26,6 +26,10 @@ from .render import begin
 from .validate import validate_artifact
 
 Progress = Callable[[str], None]
+#: (base spec, adapter entries) → (base folder/file, task, label count, fp32 model): the one base loader
+BaseLoader = Callable[[str, tuple], tuple]
+#: an export job → (folder holding a graph shared by many artifacts, its decisions), or None
+SharedBase = Callable[["ExportJob"], "tuple[Path, dict] | None"]
 MODES = ("merged", "swappable", "auto")
 
 
@@ -48,9 +52,11 @@ class ExportConfig:
             raise LoradeployError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
 
 
-def export(config: ExportConfig, progress: Progress | None = None) -> dict:
+def export(config: ExportConfig, progress: Progress | None = None, load_base: BaseLoader = load_base_for,
+           shared: SharedBase | None = None) -> dict:
     """Export ``config.adapters`` on ``config.base`` for ``config.target`` into ``config.out``;
-    returns the manifest (as JSON data)."""
+    returns the manifest (as JSON data). ``load_base`` and ``shared`` let a caller exporting
+    many artifacts (``loradeploy.fleet``) keep the base loaded and its graph built once."""
     step = progress or (lambda _msg: None)
     profile = load_profile(config.target)
     n = len(config.adapters.specs)
@@ -63,17 +69,18 @@ def export(config: ExportConfig, progress: Progress | None = None) -> dict:
         raise LoradeployError("--plan applies to adapters kept beside the base (swappable mode); a merged "
                               "adapter is folded into the base's weights")
     with atomic_output_dir(config.out, overwrite=config.overwrite) as tmp:
-        manifest = _export_into(tmp, config, profile, mode, step)
+        manifest = _export_into(tmp, config, profile, mode, step, load_base, shared)
     manifest.artifact = str(Path(config.out).absolute())
     return manifest.to_dict()
 
 
-def _export_into(tmp: Path, config: ExportConfig, profile: TargetProfile, mode: str, step: Progress) -> mf.Manifest:
+def _export_into(tmp: Path, config: ExportConfig, profile: TargetProfile, mode: str, step: Progress,
+                 load_base: BaseLoader = load_base_for, shared: SharedBase | None = None) -> mf.Manifest:
     begin(step, f"reading and pruning {len(config.adapters.specs)} adapter(s)")
     entries = load_entries(config.adapters)
     step("read and pruned adapters")
     begin(step, f"loading base {config.base}")
-    base_dir, task, num_labels, base_model = load_base_for(config.base, entries)
+    base_dir, task, num_labels, base_model = load_base(config.base, entries)
     step(f"loaded base model ({task.value})")
     job = ExportJob(config.base, base_dir, task, num_labels, entries, profile, mode, base_model,
                     slots=config.slots or profile.slots)
@@ -90,7 +97,8 @@ def _export_into(tmp: Path, config: ExportConfig, profile: TargetProfile, mode: 
         chosen, selection = _choose_mode(tmp, job, config.adapters, eval_set, step)
         job = dataclasses.replace(job, mode=chosen)
     begin(step, f"exporting the {job.mode} artifact for {profile.name} ({profile.runtime})")
-    manifest = _write(tmp, job, config.adapters, {"mode_selection": selection} if selection else {}, step)
+    manifest = _write(tmp, job, config.adapters, {"mode_selection": selection} if selection else {}, step,
+                      shared(job) if shared else None)
     step(f"exported {job.mode} artifact")
     validation = validate_artifact(tmp, job, eval_set, step)
     if selection:
@@ -104,9 +112,14 @@ def _export_into(tmp: Path, config: ExportConfig, profile: TargetProfile, mode: 
 
 
 def _write(folder: Path, job: ExportJob, inputs: AdapterInputs, more_decisions: dict | None = None,
-           progress: Progress | None = None) -> mf.Manifest:
-    """The job's artifact files (through the runtime's target plugin) and its manifest."""
-    decisions = registry.get(job.profile.runtime).target_plugin().export(job, folder, progress)
+           progress: Progress | None = None, shared: tuple[Path, dict] | None = None) -> mf.Manifest:
+    """The job's artifact files (through the runtime's target plugin; on the graph at
+    ``shared`` when given) and its manifest."""
+    plugin = registry.get(job.profile.runtime).target_plugin()
+    if shared is not None:
+        decisions = plugin.export_on_shared(job, shared[0], shared[1], folder, progress)
+    else:
+        decisions = plugin.export(job, folder, progress)
     if job.base_dir.is_dir():
         copy_tokenizer(job.base_dir, folder)
     manifest = _manifest(job, {**decisions, **(more_decisions or {})}, folder, inputs)

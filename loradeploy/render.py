@@ -241,3 +241,89 @@ def begin(step, message: str) -> None:
     announce = getattr(step, "begin", None)
     if announce is not None:
         announce(message)
+
+
+def print_fleet(index: dict) -> None:
+    """The adapter × target table of a fleet run, and where its index is."""
+    units = index["units"]
+    targets = sorted({u["target"] for u in units})
+    table = Table(title=f"fleet: {index['summary']['units']} units", show_lines=False)
+    table.add_column("adapter")
+    for t in targets:
+        table.add_column(t)
+    cell = {(u["adapter"], u["target"]): u for u in units}
+    colour = {"pass": "green", "fail": "red", "error": "yellow"}
+    for a in sorted({u["adapter"] for u in units}):
+        row = [a]
+        for t in targets:
+            u = cell.get((a, t))
+            if u is None:
+                row.append("")
+                continue
+            text = f"[{colour[u['status']]}]{u['status'].upper()}[/]"
+            if u.get("bytes") is not None:
+                text += f" {human_bytes(u['bytes'])}"
+            if not u["ran"]:
+                text += " [dim](up to date)[/]"
+            if u.get("failed"):
+                text += "\n" + escape(", ".join(u["failed"]))
+            if u.get("message"):
+                text += "\n" + escape(u["message"][:200])
+            row.append(text)
+        table.add_row(*row)
+    console.print(table)
+    s, f = index["summary"], index["fleet"]
+    console.print(f"{s['pass']} pass, {s['fail']} fail, {s['error']} error; {s['ran']} ran, {s['up_to_date']} up to "
+                  f"date; {f['wall_seconds']} s ({f['executor']}"
+                  + (f", {f['workers']} workers" if f.get("workers") else "")
+                  + (f", shard {f['shard']}" if f.get("shard") else "") + ")")
+    if f.get("out"):
+        console.print(f"wrote {f['out']}/index.json, index.html, junit.xml")
+
+
+class fleet_progress:
+    """A progress bar over a fleet's units on stderr, a line per finished unit (its status and
+    time); plain timestamped lines when stderr is not a terminal."""
+
+    def __init__(self):
+        self._console = Console(stderr=True, highlight=False)
+        self._bar = None
+        self._task = None
+        self._t0 = time.monotonic()
+
+    def __enter__(self):
+        return self
+
+    def _line(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(text)
+        else:
+            print(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - self._t0:6.1f}s] {text}", file=sys.stderr,
+                  flush=True)
+
+    def __call__(self, kind: str, *args) -> None:
+        if kind == "start":
+            total, todo = args
+            if self._console.is_terminal:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self._bar = Progress(TextColumn("units"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                     console=self._console)
+                self._bar.__enter__()
+                self._task = self._bar.add_task("units", total=total)
+            else:
+                self._line(f"{total} units: {todo} to run, {total - todo} up to date")
+        elif kind == "unit":
+            uid, result = args
+            status = result.get("status", "error")
+            how = f"{result.get('seconds', 0):.1f} s" if result.get("ran", True) else "up to date"
+            text = f"{status.upper():5} {uid} ({how})"
+            if result.get("message"):
+                text += f": {result['message']}"
+            self._line(escape(text) if self._bar is not None else text)
+            if self._bar is not None:
+                self._bar.advance(self._task)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)

@@ -1,0 +1,166 @@
+"""One unit of a fleet, run in a worker (a pool process, a Ray task or the driver itself): the
+``export`` verb on one (adapter, target), with what a worker keeps between units — the loaded
+fp32 base, and the shared base graph of each (base, target, slot layout), built once per fleet
+output under a file lock and hard-linked into every artifact that uses it.
+
+A unit ends with its artifact renamed into place and then its state file (``ADAPTER.unit.json``
+beside it) written: a unit whose state names its current key and whose files match their
+manifest is up to date, so a killed run resumes with the units it had not finished."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from ..errors import LoradeployError
+from ..fsutil import atomic_output_dir, write_text_atomic
+from .spec import Unit, digest
+
+SHARED_DIR = "_shared"
+STATE_SUFFIX = ".unit.json"
+_BASES: dict[tuple, tuple] = {}
+
+
+class QuietMachine:
+    """A machine-wide reader-writer lock (``flock`` on a file in the temporary folder): a unit
+    computes holding it shared, and times its artifact holding it exclusively, so latency is
+    measured while no other unit of any fleet on this machine runs."""
+
+    def __init__(self):
+        self.path = Path(tempfile.gettempdir()) / f"loradeploy-quiet-{os.getuid()}.lock"
+        self._fd = None
+
+    @contextlib.contextmanager
+    def computing(self):
+        self._fd = open(self.path, "a")
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._fd.close()
+            self._fd = None
+
+    @contextlib.contextmanager
+    def timing(self):
+        if self._fd is None:  # not inside a unit
+            yield
+            return
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+
+
+QUIET = QuietMachine()
+
+
+def state_path(out: Path, unit: Unit) -> Path:
+    return Path(out) / unit.target_name / f"{unit.adapter}{STATE_SUFFIX}"
+
+
+def init_worker(threads: int) -> None:
+    """A pool process: its share of the cores for PyTorch's intra-op threads."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    from ..cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
+
+def _cached_base(base: str, entries: tuple):
+    """The one base loader, kept loaded for the worker's next units of the same base."""
+    from ..errors import BaseModelError
+    from ..job import load_base_for
+    from ..merge import check_fits
+
+    first = entries[0].original
+    key = (base, first.task, first.num_labels)
+    if key not in _BASES:
+        _BASES[key] = load_base_for(base, entries)
+        return _BASES[key]
+    base_dir, _task, _labels, model = _BASES[key]
+    for e in entries:
+        try:
+            check_fits(model, e.original)
+        except BaseModelError as err:
+            raise BaseModelError(f"{e.source}: does not fit base {base_dir}: {err}") from err
+    return _BASES[key]
+
+
+def _shared_base(out: Path):
+    """The ``shared`` hook of :func:`loradeploy.export.export` for this fleet output."""
+    def shared(job):
+        from .. import registry
+        from ..export import _base_record
+        from ..manifest import profile_dict
+        from .spec import _versions
+
+        plugin = registry.get(job.profile.runtime).target_plugin()
+        signature = plugin.shared_base(job)
+        if signature is None:
+            return None
+        key = digest({"signature": signature, "base": _base_record(job.base_spec, job.base_dir).weights,
+                      "profile": {k: v for k, v in profile_dict(job.profile).items() if k != "source"},
+                      "task": job.task.value, "labels": job.num_labels, "versions": _versions()})
+        root = Path(out) / SHARED_DIR / job.profile.name
+        folder = root / key[:16]
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / f".{key[:16]}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be building it: wait, then reuse
+            if not (folder / "decisions.json").is_file():
+                with atomic_output_dir(folder, overwrite=True) as tmp:
+                    decisions = plugin.export_shared(job, signature, tmp)
+                    (tmp / "signature.json").write_text(json.dumps({"key": key, **signature}, indent=1))
+                    (tmp / "decisions.json").write_text(json.dumps(decisions, indent=1, default=str))
+        return folder, json.loads((folder / "decisions.json").read_text())
+    return shared
+
+
+def run_unit(unit_data: dict, out: str) -> dict:
+    """Export one unit into ``out/TARGET/ADAPTER`` and write its state; never raises: an error
+    is the unit's result (status ``error`` and its one-line message)."""
+    from ..adapters import ReadOptions
+    from ..export import ExportConfig, export
+    from ..ir import Method
+    from ..job import AdapterInputs, AdapterSpec
+    from ..quantize import PlanConfig
+
+    unit = Unit(**unit_data)
+    out_dir = Path(out)
+    t0 = time.perf_counter()
+    result = {"id": unit.id, "adapter": unit.adapter, "target": unit.target_name, "key": unit.key, "ran": True,
+              "worker": f"{os.uname().nodename}:{os.getpid()}"}
+    try:
+        inputs = AdapterInputs((AdapterSpec(unit.adapter, Path(unit.path)),),
+                               Method(unit.format) if unit.format else None,
+                               ReadOptions(unit.lora_alpha, unit.lora_r, Path(unit.head) if unit.head else None))
+        config = ExportConfig(unit.base, inputs, unit.target, out_dir / unit.target_name / unit.adapter, unit.mode,
+                              Path(unit.eval) if unit.eval else None, PlanConfig.parse(unit.plan), overwrite=True,
+                              slots=unit.slots)
+        state_path(out_dir, unit).unlink(missing_ok=True)  # the old state no longer describes the folder
+        from .. import validate
+
+        validate.latency_guard = QUIET.timing
+        with QUIET.computing():
+            manifest = export(config, None, _cached_base, _shared_base(out_dir))
+        result.update(status="pass" if manifest["validation"]["passed"] else "fail", mode=manifest["mode"],
+                      shared_base=bool(manifest["decisions"].get("shared_base_graph")))
+    except LoradeployError as e:
+        result.update(status="error", message=str(e))
+    except Exception as e:  # a bug: this unit's result, not the fleet's end  # noqa: BLE001
+        result.update(status="error", message=f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                      traceback=traceback.format_exc(limit=8))
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    path = state_path(out_dir, unit)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(result, indent=1) + "\n")
+    return result
