@@ -1,6 +1,6 @@
 # One venv (.venv), created/updated idempotently: torch==2.13.0 (CPU) is installed first, then
 # llama-cpp-python from a portable wheel built once per machine, then the package with every
-# extra under constraints.txt, so nothing pulls a CUDA torch.
+# extra (and Ray, for the fleet's Ray executor test) under constraints.txt, so nothing pulls a CUDA torch.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml constraints.txt $(LLAMA_STAMP)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[all,dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[all,ray,dev]"
 	touch $(STAMP)
 
 demo: setup

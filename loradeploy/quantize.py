@@ -87,6 +87,15 @@ class PlanConfig:
             raise LoradeployError(f"--max-bytes {self.max_bytes}: must be at least 1")
 
 
+def uniform_format(runtime: str, bits: int) -> str:
+    """The format ``uniform:BITS`` stores tensors in on ``runtime``; a PlanError names the widths it has."""
+    storage = registry.get(runtime).storage
+    if bits not in storage.by_bits:
+        raise PlanError(f"--plan uniform:{bits}: {runtime} stores LoRA tensors in "
+                        + ", ".join(f"{b} ({f})" for b, f in sorted(storage.by_bits.items(), reverse=True)))
+    return storage.by_bits[bits]
+
+
 def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = None) -> Plan:
     """A plan for every adapter of ``job`` on its base and target, as ``config.choice`` says
     (learned when None)."""
@@ -107,10 +116,7 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
         return Plan(runtime, target, adapters, plan.budget, f"file:{value}")
     if isinstance(choice, UniformPlan):
         value = choice.bits
-        if value not in storage.by_bits:
-            raise PlanError(f"--plan uniform:{value}: {runtime} stores LoRA tensors in "
-                            + ", ".join(f"{b} ({f})" for b, f in sorted(storage.by_bits.items(), reverse=True)))
-        fmt = storage.by_bits[value]
+        fmt = uniform_format(runtime, value)
         adapters = {e.name: _entry_record(e, runtime, uniform_formats(e.pruned, runtime, fmt), f"uniform:{value}")
                     for e in entries}
         return Plan(runtime, target, adapters, {}, f"uniform:{value}")

@@ -29,6 +29,7 @@ from .spec import FleetSpec, Unit, file_sha256, load_spec, parse_shard, shard
 from .unit import SHARED_DIR, STATE_SUFFIX, state_path
 
 INDEX = "index.json"
+MARKER = ".loradeploy-fleet"  # written first: a killed run's folder is still a fleet output to resume into
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,11 @@ def run_fleet(config: FleetConfig, progress: Callable | None = None) -> dict:
     out = Path(config.out).absolute()
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / INDEX).is_file():
-        raise OutputError(f"{out}: folder exists, is not empty and holds no fleet ({INDEX}); give a new or fleet folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise OutputError(f"{out}: folder exists, is not empty and is not a fleet output; give a new folder or a "
+                          "fleet's output")
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"spec": str(spec.path), "spec_sha256": spec.sha256}) + "\n")
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
     todo = []
@@ -133,10 +136,24 @@ def run_fleet(config: FleetConfig, progress: Callable | None = None) -> dict:
         report("unit", unit.id, result)
 
     executor.run(sorted(todo, key=lambda u: (u.target_name, u.adapter)), out, done)
+    if not shard_text:
+        remove_unused_shared(out, results.values())
     index = build_index(out, spec, units, results, {**executor.describe(), "shard": shard_text,
                                                     "wall_seconds": round(time.perf_counter() - t0, 3)})
     write_index(out, index)
     return index
+
+
+def remove_unused_shared(out: Path, results) -> list[Path]:
+    """Remove the shared base graphs no unit of the spec uses any more (an older toolchain's, or
+    a removed target's): the artifacts that used them hold their own hard links."""
+    keep = {r.get("shared") for r in results if r.get("shared")}
+    removed = []
+    for folder in sorted((out / SHARED_DIR).glob("*/*")):
+        if folder.is_dir() and folder.relative_to(out).as_posix() not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def build_index(out: Path, spec: FleetSpec, units, results: dict, run: dict) -> dict:
@@ -201,6 +218,7 @@ def merge_shards(folders: list[Path], out: Path) -> dict:
                              "up_to_date": sum(not e["ran"] for e in entries)},
                  "passed": counts["fail"] == 0 and counts["error"] == 0, "units": entries}
         write_index(tmp, index)
+        (tmp / MARKER).write_text(json.dumps({"spec": first["spec"], "spec_sha256": first["spec_sha256"]}) + "\n")
         if out.exists():
             out.rmdir()
         tmp.rename(out)

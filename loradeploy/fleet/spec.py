@@ -166,12 +166,15 @@ def _targets(root: Path, where: str, items, defaults: dict) -> list[dict]:
             raise SpecError(f"{at}: {e}") from e
         plan = item.get("plan", defaults.get("plan"))
         if plan is not None:
-            from ..quant.plan import parse_plan_choice
+            from ..quant.plan import UniformPlan, parse_plan_choice
+            from ..quantize import uniform_format
 
             if not isinstance(plan, str) or (Path(plan).suffix == ".json" and not Path(plan).is_absolute()):
                 plan = str(_resolve(root, str(plan)).absolute()) if isinstance(plan, str) else plan
             try:
-                parse_plan_choice(_text(at, plan, "plan"))
+                choice = parse_plan_choice(_text(at, plan, "plan"))
+                if isinstance(choice, UniformPlan):
+                    uniform_format(profile.runtime, choice.bits)
             except LoradeployError as e:
                 raise SpecError(f"{at}: {e}") from e
         mode = item.get("mode", defaults.get("mode"))

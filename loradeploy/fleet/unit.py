@@ -96,8 +96,9 @@ def _cached_base(base: str, entries: tuple):
     return _BASES[key]
 
 
-def _shared_base(out: Path):
-    """The ``shared`` hook of :func:`loradeploy.export.export` for this fleet output."""
+def _shared_base(out: Path, used: list[Path]):
+    """The ``shared`` hook of :func:`loradeploy.export.export` for this fleet output; the
+    folders it hands out are appended to ``used``."""
     def shared(job):
         from .. import registry
         from ..export import _base_record
@@ -121,6 +122,7 @@ def _shared_base(out: Path):
                     decisions = plugin.export_shared(job, signature, tmp)
                     (tmp / "signature.json").write_text(json.dumps({"key": key, **signature}, indent=1))
                     (tmp / "decisions.json").write_text(json.dumps(decisions, indent=1, default=str))
+        used.append(folder)
         return folder, json.loads((folder / "decisions.json").read_text())
     return shared
 
@@ -150,10 +152,11 @@ def run_unit(unit_data: dict, out: str) -> dict:
         from .. import validate
 
         validate.latency_guard = QUIET.timing
+        used: list[Path] = []
         with QUIET.computing():
-            manifest = export(config, None, _cached_base, _shared_base(out_dir))
+            manifest = export(config, None, _cached_base, _shared_base(out_dir, used))
         result.update(status="pass" if manifest["validation"]["passed"] else "fail", mode=manifest["mode"],
-                      shared_base=bool(manifest["decisions"].get("shared_base_graph")))
+                      shared=used[-1].relative_to(out_dir).as_posix() if used else None)
     except LoradeployError as e:
         result.update(status="error", message=str(e))
     except Exception as e:  # a bug: this unit's result, not the fleet's end  # noqa: BLE001

@@ -1,0 +1,41 @@
+"""Fleet specs over the example adapters, written into a test's folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import EXAMPLE_ADAPTERS
+
+#: the MiniLM examples; sora's head is a separate file (real SoRA checkpoints hold none)
+EXAMPLES = ("sora", "increlora", "blora")
+
+
+def copy_examples(folder: Path, names=EXAMPLES) -> dict[str, dict]:
+    """Copies of the example adapters (so a test may change one) → their spec entries."""
+    entries = {}
+    for name in names:
+        dst = folder / "adapters" / name
+        shutil.copytree(EXAMPLE_ADAPTERS / name, dst)
+        entry = {"name": name, "path": f"adapters/{name}"}
+        if (dst / "head.safetensors").is_file():
+            entry["head"] = f"adapters/{name}/head.safetensors"
+        entries[name] = entry
+    return entries
+
+
+def write_spec(folder: Path, adapters: list, targets: list, **more) -> Path:
+    path = folder / "fleet.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "base": "minilm", "adapters": adapters, "targets": targets, **more},
+                                   sort_keys=False))
+    return path
+
+
+def small_eval(folder: Path, lines: int = 64) -> Path:
+    from loradeploy.evaldata import DEFAULT_EVAL
+
+    path = folder / "eval.jsonl"
+    path.write_text("\n".join(DEFAULT_EVAL.read_text().splitlines()[:lines]) + "\n")
+    return path
