@@ -304,8 +304,9 @@ def fleet_group():
               help="local: a process pool on this machine. ray: Ray tasks on a local cluster, or on RAY_ADDRESS "
                    "(needs loradeploy[ray]).")
 @click.option("--workers", type=click.IntRange(min=1),
-              help="local: pool processes (default: the CPU count; 1 runs in this process). ray: CPUs of the "
-                   "local cluster it starts.")
+              help="local: pool processes (default: as many as the units' runtime threads fill the cores — one "
+                   "for profiles with threads 0, which take every core; 1 runs in this process). ray: CPUs of "
+                   "the local cluster it starts.")
 @click.option("--shard", metavar="I/N", help="Run only shard I of N (a fixed partition by unit id; merge the N "
                                              "outputs with `loradeploy fleet merge`).")
 @click.option("--force", is_flag=True, help="Run every unit, even those up to date.")

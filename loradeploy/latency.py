@@ -100,7 +100,7 @@ def time_session(session, adapter, batch: int, seq: int, warmup: int, runs: int,
     return {**stats(samples), **ratio_stats(samples, refs, reference.repeats)}
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m loradeploy.latency")
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--adapter")
@@ -108,10 +108,15 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def measure(argv: list[str]) -> dict:
+    """Open the artifact, time its shapes, close it: the JSON record the worker prints."""
     from . import registry, runtime
     from .machine import fingerprint
 
+    args = _parser().parse_args(argv)
     t0 = time.perf_counter()
     session = runtime.open(args.artifact, threads=args.threads, workers=1)
     load_ms = (time.perf_counter() - t0) * 1e3
@@ -120,8 +125,49 @@ def main(argv=None) -> int:
     parsed = [tuple(int(x) for x in shape.lower().split("x")) for shape in args.shape]
     result = session.measure(args.adapter, parsed, args.warmup, args.runs, reference)
     session.close()
-    print(json.dumps({"load_ms": load_ms, **result, "peak_rss_mb": peak_rss_mb(),
-                      "fingerprint": fingerprint(spec.name, spec.distribution, args.threads)}))
+    return {"load_ms": load_ms, **result, "peak_rss_mb": peak_rss_mb(),
+            "fingerprint": fingerprint(spec.name, spec.distribution, args.threads)}
+
+
+def reset_peak_rss() -> bool:
+    """Start ``VmHWM`` again from the current RSS (Linux ≥ 4.0: ``clear_refs`` 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def serve() -> int:
+    """``--serve``: one measurement per stdin line (a JSON list of the arguments above), one
+    JSON line back (``{"result": …}`` or ``{"error": …}``). A process that measures many
+    artifacts in turn (``loradeploy fleet``) saves starting Python and the runtime each time;
+    the peak-RSS mark is reset before each, so ``peak_rss_mb`` is each artifact's own peak
+    over what the process holds between artifacts (the runtime's libraries)."""
+    import sys
+
+    for line in sys.stdin:
+        try:
+            argv = json.loads(line)
+            if not reset_peak_rss():
+                raise RuntimeError("cannot reset the peak RSS mark (/proc/self/clear_refs)")
+            reply = {"result": measure([str(a) for a in argv])}
+        except SystemExit as e:  # argparse
+            reply = {"error": f"bad arguments ({e})"}
+        except Exception as e:  # the measurement's failure is the caller's to report  # noqa: BLE001
+            reply = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def main(argv=None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--serve"]:
+        return serve()
+    print(json.dumps(measure(argv)))
     return 0
 
 

@@ -2,9 +2,9 @@
 with each unit's result as it finishes, in any order; a unit's failure is its result and never
 stops the others.
 
-- ``local`` (default): a process pool sized to the cores; each process keeps the base loaded
-  between units, and units are queued grouped by target so they share it. One worker runs the
-  units in the calling process (no pool).
+- ``local`` (default): a process pool sized so the units' runtime threads fill the cores (one
+  worker, in the calling process, when a profile lets the runtime take every core); each process
+  keeps the base loaded between units, and units are queued grouped by target so they share it.
 - ``ray``: each unit a Ray task with the spec's per-unit ``resources``; ``ray.init()`` starts a
   local cluster, or attaches to the one ``RAY_ADDRESS`` names (the output folder must then be on
   a file system every node sees). Needs the ``[ray]`` extra.
@@ -31,12 +31,20 @@ def _error(unit: Unit, message: str) -> dict:
             "status": "error", "message": message, "seconds": 0.0}
 
 
+def pool_size(unit_threads: int, cores: int | None = None) -> int:
+    """Workers that fill the cores when each unit runs with ``unit_threads`` runtime threads
+    (0: the runtime takes every core, so one unit at a time fills them)."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // unit_threads) if unit_threads > 0 else 1
+
+
 class LocalExecutor:
     """A pool of ``workers`` processes (spawned: a forked PyTorch is not safe), each with
-    ``cores // workers`` PyTorch threads."""
+    ``cores // workers`` PyTorch threads; by default sized so the units' runtime threads fill
+    the cores (:func:`pool_size`)."""
 
-    def __init__(self, workers: int | None = None):
-        self.workers = max(1, workers or os.cpu_count() or 1)
+    def __init__(self, workers: int | None = None, unit_threads: int = 0):
+        self.workers = max(1, workers or pool_size(unit_threads))
 
     def describe(self) -> dict:
         return {"executor": "local", "workers": self.workers}
@@ -110,9 +118,9 @@ def _ray_unit(unit_data: dict, out: str, threads: int) -> dict:
     return run_unit(unit_data, out)
 
 
-def make(name: str, workers: int | None, resources: dict | None):
+def make(name: str, workers: int | None, resources: dict | None, unit_threads: int = 0):
     if name == "local":
-        return LocalExecutor(workers)
+        return LocalExecutor(workers, unit_threads)
     if name == "ray":
         return RayExecutor(resources, workers)
     raise LoradeployError(f"executor {name!r} is not one of {', '.join(EXECUTORS)}")

@@ -44,6 +44,14 @@ class FleetConfig:
     force: bool = False  # run every unit even when up to date
 
 
+def unit_threads(units) -> int:
+    """The most runtime threads a unit runs with (0, every core, when any profile says so)."""
+    from ..targets.profile import load_profile
+
+    threads = [load_profile(t).threads for t in {u.target for u in units}]
+    return 0 if not threads or 0 in threads else max(threads)
+
+
 def _state(out: Path, unit: Unit) -> dict | None:
     try:
         return json.loads(state_path(out, unit).read_text())
@@ -107,7 +115,7 @@ def run_fleet(config: FleetConfig, progress: Callable | None = None) -> dict:
     if config.shard:
         i, n = parse_shard(config.shard)
         units, shard_text = shard(units, i, n), f"{i}/{n}"
-    executor = make_executor(config.executor, config.workers, spec.resources)
+    executor = make_executor(config.executor, config.workers, spec.resources, unit_threads(units))
     out = Path(config.out).absolute()
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")

@@ -9,6 +9,7 @@ manifest is up to date, so a killed run resumes with the units it had not finish
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
@@ -60,6 +61,42 @@ class QuietMachine:
 
 
 QUIET = QuietMachine()
+
+
+class LatencyProcess:
+    """One ``python -m loradeploy.latency --serve`` per worker, measuring each unit's artifact
+    in turn (started on first use, again if it died)."""
+
+    def __init__(self):
+        self._proc = None
+
+    def __call__(self, args: list[str]) -> dict:
+        import subprocess
+        import sys
+
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen([sys.executable, "-m", "loradeploy.latency", "--serve"], text=True,
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            atexit.register(self.close)
+        self._proc.stdin.write(json.dumps(args) + "\n")
+        self._proc.stdin.flush()
+        line = self._proc.stdout.readline()
+        if not line:
+            self._proc = None
+            raise LoradeployError(f"{args[0]}: the latency process ended without a result")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise LoradeployError(f"{args[0]}: the latency run failed ({reply['error']})")
+        return reply["result"]
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=30)
+        self._proc = None
+
+
+LATENCY = LatencyProcess()
 
 
 def state_path(out: Path, unit: Unit) -> Path:
@@ -151,7 +188,7 @@ def run_unit(unit_data: dict, out: str) -> dict:
         state_path(out_dir, unit).unlink(missing_ok=True)  # the old state no longer describes the folder
         from .. import validate
 
-        validate.latency_guard = QUIET.timing
+        validate.latency_guard, validate.latency_runner = QUIET.timing, LATENCY
         used: list[Path] = []
         with QUIET.computing():
             manifest = export(config, None, _cached_base, _shared_base(out_dir, used))

@@ -1,0 +1,38 @@
+"""benchmarks/fleet.py, scaled down: the adapters it derives are distinct PEFT adapters whose
+ΔW is the example's scaled, and its RSS sampler counts a child process."""
+
+import subprocess
+import sys
+import time
+
+import torch
+
+from benchmarks import fleet as bench
+from loradeploy.adapters import ReadOptions, read_adapter
+from loradeploy.prune import prune
+from tests.conftest import EXAMPLE_ADAPTERS
+
+
+def test_derived_adapters_scale_the_examples(tmp_path):
+    derived = bench.derive(tmp_path, 4)
+    assert list(derived) == ["sora-0", "increlora-0", "blora-0", "sora-1"]
+    sora = prune(read_adapter(EXAMPLE_ADAPTERS / "sora", None,
+                              ReadOptions(head=EXAMPLE_ADAPTERS / "sora" / "head.safetensors")))[0]
+    for name, factor in (("sora-0", 0.6), ("sora-1", 0.7)):
+        got = read_adapter(derived[name])
+        assert got.method.value == "peft-lora"
+        for m, mod in sora.modules.items():
+            want = mod.scale * mod.lora_B @ mod.lora_A * factor
+            have = got.modules[m].scale * got.modules[m].lora_B @ got.modules[m].lora_A
+            assert torch.allclose(have, want, rtol=1e-5, atol=1e-7)
+        assert set(got.extra_tensors) == set(sora.extra_tensors)  # the head travels along
+
+
+def test_tree_rss_counts_children():
+    code = "import time; b = bytearray(300 << 20); time.sleep(3)"
+    parent = subprocess.Popen([sys.executable, "-c",
+                               f"import subprocess, sys; subprocess.run([sys.executable, '-c', {code!r}])"])
+    rss = bench.TreeRSS(parent.pid)
+    parent.wait()
+    time.sleep(0.1)
+    assert rss.stop() > 300 << 20  # the child's 300 MB, not only the parent's few
