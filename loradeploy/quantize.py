@@ -134,7 +134,8 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
         record.update({"chosen_from": result.chosen_from, "measured_pytorch": result.measured,
                        "predicted": {measure: result.predicted}, "evaluations": ev.evaluations,
                        "checked_plans": result.curve, "sensitivity": result.sensitivity,
-                       "tensor_bytes": result.tensor_bytes, "start_plan": result.start})
+                       "tensor_bytes": result.tensor_bytes, "start_plan": result.start,
+                       "uniform_plans": result.uniform})
         adapters[e.name] = record
     from .quant.search import DEFAULT_FLOORS
 

@@ -88,3 +88,18 @@ def test_the_terminal_names_the_eval_set(manifest, capsys):
     assert main(["validate", str(art), "--eval", str(ev)]) == 0
     out = capsys.readouterr().out
     assert f"eval set: {ev} (16 inputs)" in out.replace("\n", "") or f"eval set: {ev} (16 inputs)" in out
+
+
+def test_the_plan_plot_shows_the_uniform_plans_beside_the_learned_one():
+    from loradeploy.report import plan_svg
+
+    plan = {"budget": {"measure": "mean_abs_logit", "max": 0.01}, "bytes": 3000,
+            "checked_plans": [{"bytes": 5000, "mean_abs_logit": 0.001}, {"bytes": 3000, "mean_abs_logit": 0.004}],
+            "uniform_plans": [{"plan": "uniform fp32", "bytes": 8000, "mean_abs_logit": 0.0},
+                              {"plan": "uniform int8", "bytes": 2000, "mean_abs_logit": 0.02}],
+            "measured_pytorch": {"mean_abs_logit": 0.004}}
+    svg = plan_svg({"name": "sora", "plan": plan}, {"mean_abs_logit": 0.0041})
+    assert ">uniform int8<" in svg and ">uniform fp32<" in svg and ">chosen (PyTorch)<" in svg
+    assert svg.count('fill="#2a2"') == 2
+    plan.pop("uniform_plans")  # plans written before uniform plans were recorded still draw
+    assert "uniform" not in plan_svg({"name": "sora", "plan": plan}, None)

@@ -186,6 +186,7 @@ class SearchResult:
     start: dict | None = None  # B-LoRA's learned bit widths as a plan, measured
     chosen_from: str = "search"
     ranks: dict[str, int] | None = None  # modules the plan truncates (SVD) → their rank
+    uniform: list[dict] = field(default_factory=list)  # each uniform level as a whole plan, measured
 
 
 def _bytes(ev: Evaluator, key: str, fmt: str) -> int:
@@ -317,6 +318,8 @@ def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = N
         size = sum(nbytes[k][f] for k, f in formats.items())
         if label == "blora-bit-hints":
             result.start = {"formats": formats, "bytes": size, **got}
+        else:
+            result.uniform.append({"plan": label, "bytes": size, **got})
         fits = meets(got) if max_bytes is None else size <= max_bytes
         better = (size, got[measure]) < (result.nbytes, result.measured[measure]) if max_bytes is None \
             else (got[measure], size) < (result.measured[measure], result.nbytes)

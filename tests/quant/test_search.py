@@ -49,6 +49,10 @@ def test_search_meets_budget_where_uniform_int4_fails(sora_setup):
     assert "int4" in set(result.formats.values())
     # every checked plan over the budget was rejected
     assert all(c["bytes"] >= result.nbytes or c["mean_abs_logit"] > BUDGET for c in result.curve)
+    # each uniform level is recorded as measured (the report's baselines)
+    by_plan = {u["plan"]: u for u in result.uniform}
+    assert by_plan["uniform int4"]["mean_abs_logit"] == pytest.approx(uniform4_err)
+    assert by_plan["uniform int8"]["bytes"] == uniform8.nbytes
 
 
 def test_ranks_as_a_knob_save_bytes_within_the_same_budget(sora_setup):
