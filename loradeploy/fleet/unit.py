@@ -70,14 +70,19 @@ class LatencyProcess:
     def __init__(self):
         self._proc = None
 
-    def __call__(self, args: list[str]) -> dict:
+    def start(self, runtime: str | None = None) -> None:
+        """Start the process now, importing ``runtime`` while the unit computes, unless running."""
         import subprocess
         import sys
 
         if self._proc is None or self._proc.poll() is not None:
-            self._proc = subprocess.Popen([sys.executable, "-m", "loradeploy.latency", "--serve"], text=True,
+            self._proc = subprocess.Popen([sys.executable, "-m", "loradeploy.latency", "--serve",
+                                           *([runtime] if runtime else [])], text=True,
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             atexit.register(self.close)
+
+    def __call__(self, args: list[str]) -> dict:
+        self.start()
         self._proc.stdin.write(json.dumps(args) + "\n")
         self._proc.stdin.flush()
         line = self._proc.stdout.readline()
@@ -172,6 +177,7 @@ def run_unit(unit_data: dict, out: str) -> dict:
     from ..ir import Method
     from ..job import AdapterInputs, AdapterSpec
     from ..quantize import PlanConfig
+    from ..targets.profile import load_profile
 
     unit = Unit(**unit_data)
     out_dir = Path(out)
@@ -189,6 +195,7 @@ def run_unit(unit_data: dict, out: str) -> dict:
         from .. import validate
 
         validate.latency_guard, validate.latency_runner = QUIET.timing, LATENCY
+        LATENCY.start(load_profile(unit.target).runtime)
         used: list[Path] = []
         with QUIET.computing():
             manifest = export(config, None, _cached_base, _shared_base(out_dir, used))
