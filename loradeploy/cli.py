@@ -31,11 +31,12 @@ def _adapter_inputs(specs, method, lora_alpha, lora_r, head):
                          _read_options(lora_alpha, lora_r, head))
 
 
-def _plan_config(plan, budget, max_bytes, calibration, ranks=True):
+def _plan_config(plan, budget, max_bytes, calibration, ranks=True, peft_anchor=False):
     from .quantize import PlanConfig
 
     return PlanConfig.parse(plan, budget=budget, max_bytes=max_bytes,
-                            calibration=Path(calibration) if calibration else None, ranks=ranks)
+                            calibration=Path(calibration) if calibration else None, ranks=ranks,
+                            peft_anchor=peft_anchor)
 
 
 def adapter_options(f):
@@ -109,6 +110,11 @@ def plan_options(f):
     f = click.option("--calibration", type=click.Path(dir_okay=False),
                      help="Calibration texts for a learned plan (JSON lines or .txt); default: the examples' "
                           "training texts (never the eval set).")(f)
+    f = click.option("--peft-anchor", is_flag=True,
+                     help="Learned plan: also measure PEFT's convert_to_lora (per-layer rank by energy threshold, "
+                          "fp16) at thresholds 0.5-0.99 on the same calibration inputs; the report's bytes-vs-"
+                          "fidelity plot shows them beside the uniform plans and the learned one (~2 s per "
+                          "threshold).")(f)
     f = click.option("--ranks/--no-ranks", default=True, show_default=True,
                      help="Learned plan: also lower module ranks (ΔW re-factored by SVD in float64), chosen with "
                           "the formats by measured error per byte saved; the manifest records each truncated "
@@ -146,7 +152,7 @@ def plan_options(f):
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_cmd(base, adapters, target, mode, eval_path, out, method, lora_alpha, lora_r, head, plan, budget,
-               max_bytes, ranks, calibration, slots, overwrite, as_json):
+               max_bytes, ranks, peft_anchor, calibration, slots, overwrite, as_json):
     """Export adapters on a base for a target, validate there, write manifest + report.
 
     Exits 1 when a validation measure is outside the profile's budget."""
@@ -154,7 +160,8 @@ def export_cmd(base, adapters, target, mode, eval_path, out, method, lora_alpha,
     from .render import print_export, progress_steps
 
     config = ExportConfig(base, _adapter_inputs(adapters, method, lora_alpha, lora_r, head), target, Path(out), mode,
-                          Path(eval_path) if eval_path else None, _plan_config(plan, budget, max_bytes, calibration, ranks),
+                          Path(eval_path) if eval_path else None,
+                          _plan_config(plan, budget, max_bytes, calibration, ranks, peft_anchor),
                           overwrite, slots)
     with progress_steps() as step:
         record = export(config, step)
@@ -174,8 +181,8 @@ def export_cmd(base, adapters, target, mode, eval_path, out, method, lora_alpha,
 @adapter_options
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def quantize_cmd(base, adapters, target, plan, budget, max_bytes, ranks, calibration, out, method, lora_alpha, lora_r,
-                 head, overwrite, as_json):
+def quantize_cmd(base, adapters, target, plan, budget, max_bytes, ranks, peft_anchor, calibration, out, method,
+                 lora_alpha, lora_r, head, overwrite, as_json):
     """Learn a per-tensor precision plan for adapters on a base and target.
 
     Measures each tensor's sensitivity on calibration inputs, lowers precisions greedily by
@@ -186,7 +193,7 @@ def quantize_cmd(base, adapters, target, plan, budget, max_bytes, ranks, calibra
     from .render import print_plan, progress_steps
 
     config = QuantizeConfig(base, _adapter_inputs(adapters, method, lora_alpha, lora_r, head), target, Path(out),
-                            _plan_config(plan, budget, max_bytes, calibration, ranks), overwrite)
+                            _plan_config(plan, budget, max_bytes, calibration, ranks, peft_anchor), overwrite)
     with progress_steps() as step:
         record = quantize(config, step)
     _emit(record, as_json, print_plan)

@@ -74,6 +74,8 @@ class PlanConfig:
     max_bytes: int | None = field(default=None, metadata={"help": "learned: least error within this many bytes"})
     calibration: Path | None = field(default=None, metadata={"help": "calibration texts (default: the examples')"})
     ranks: bool = field(default=True, metadata={"help": "learned: also lower module ranks (SVD truncation)"})
+    peft_anchor: bool = field(default=False, metadata={"help": "learned: also measure PEFT's convert_to_lora "
+                                                                 "(loradeploy.quant.anchor) for the report's plot"})
 
     @classmethod
     def parse(cls, plan: str | None, **options) -> "PlanConfig":
@@ -136,6 +138,11 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
                        "checked_plans": result.curve, "sensitivity": result.sensitivity,
                        "tensor_bytes": result.tensor_bytes, "start_plan": result.start,
                        "uniform_plans": result.uniform})
+        if config.peft_anchor:
+            from .quant.anchor import peft_points
+
+            step(f"PEFT convert_to_lora anchor for {e.name}")
+            record["peft_conversion"] = peft_points(ev, base_model, uniform_format(runtime, 16))
         adapters[e.name] = record
     from .quant.search import DEFAULT_FLOORS
 

@@ -87,7 +87,7 @@ def scatter_svg(points: list[tuple[float, float, str, str]], title: str, xlabel:
 
 def plan_svg(adapter: dict, runtime_metrics: dict | None) -> str:
     """Bytes vs fidelity of the plans the search checked end to end, each uniform plan (every
-    tensor at one level), the start plan (B-LoRA's bit hints), the chosen plan in PyTorch and
+    tensor at one level), PEFT's convert_to_lora at several thresholds (when measured), the start plan (B-LoRA's bit hints), the chosen plan in PyTorch and
     the same plan measured in the runtime."""
     plan = adapter.get("plan") or {}
     measure = (plan.get("budget") or {}).get("measure")
@@ -97,6 +97,9 @@ def plan_svg(adapter: dict, runtime_metrics: dict | None) -> str:
     for u in plan.get("uniform_plans") or []:  # the baselines: every tensor at one level
         if measure in u:
             points.append((u["bytes"], u[measure], "#2a2", u["plan"]))
+    for p in plan.get("peft_conversion") or []:  # PEFT's SVD re-factoring by energy threshold
+        if measure in p:
+            points.append((p["bytes"], p[measure], "#a3c", f"PEFT {p['threshold']}"))
     if plan.get("start_plan"):
         points.append((plan["start_plan"]["bytes"], plan["start_plan"][measure], "#c80", "B-LoRA bits"))
     points.append((plan["bytes"], plan["measured_pytorch"][measure], "#47a", "chosen (PyTorch)"))

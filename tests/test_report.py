@@ -97,9 +97,14 @@ def test_the_plan_plot_shows_the_uniform_plans_beside_the_learned_one():
             "checked_plans": [{"bytes": 5000, "mean_abs_logit": 0.001}, {"bytes": 3000, "mean_abs_logit": 0.004}],
             "uniform_plans": [{"plan": "uniform fp32", "bytes": 8000, "mean_abs_logit": 0.0},
                               {"plan": "uniform int8", "bytes": 2000, "mean_abs_logit": 0.02}],
+            "peft_conversion": [{"plan": "PEFT convert_to_lora(0.9)", "threshold": 0.9, "bytes": 2500,
+                                 "mean_abs_logit": 0.03}],
             "measured_pytorch": {"mean_abs_logit": 0.004}}
     svg = plan_svg({"name": "sora", "plan": plan}, {"mean_abs_logit": 0.0041})
     assert ">uniform int8<" in svg and ">uniform fp32<" in svg and ">chosen (PyTorch)<" in svg
+    assert ">PEFT 0.9<" in svg
     assert svg.count('fill="#2a2"') == 2
-    plan.pop("uniform_plans")  # plans written before uniform plans were recorded still draw
-    assert "uniform" not in plan_svg({"name": "sora", "plan": plan}, None)
+    plan.pop("uniform_plans")  # plans written before these were recorded still draw
+    plan.pop("peft_conversion")
+    svg = plan_svg({"name": "sora", "plan": plan}, None)
+    assert "uniform" not in svg and "PEFT" not in svg and ">chosen (PyTorch)<" in svg

@@ -131,3 +131,25 @@ def test_quantize_command_writes_plan_and_export_uses_it(tmp_path, capsys):
     ref = reference_outputs(load_torch_model(base_dir, Task.SEQUENCE_CLASSIFICATION, 2), simulated,
                             Task.SEQUENCE_CLASSIFICATION, load_tokenizer(base_dir), texts)
     assert np.abs(got - ref).max() < 1e-4
+
+
+def test_peft_anchor_is_measured_like_the_plans(sora_setup):
+    """PEFT's convert_to_lora ranks at three thresholds, measured by the search's evaluator: more
+    energy kept, more ranks and bytes, less error; the learned plan at the bytes of PEFT's 0.9
+    point has less error than PEFT there."""
+    from loradeploy.quant.anchor import peft_points, peft_ranks
+
+    entry, model, batches = sora_setup
+    ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches)
+    points = peft_points(ev, model, "fp16", thresholds=(0.5, 0.9, 0.99))
+    assert [p["threshold"] for p in points] == [0.5, 0.9, 0.99]
+    ranks = [p["ranks_total"] for p in points]
+    assert ranks[0] < ranks[1] <= ranks[2] <= sum(m.rank for m in entry.pruned.modules.values())
+    assert points[0]["bytes"] < points[1]["bytes"] <= points[2]["bytes"]
+    assert points[0]["mean_abs_logit"] > points[1]["mean_abs_logit"] >= points[2]["mean_abs_logit"]
+    chosen = peft_ranks(model, entry.pruned, (0.9,))[0.9]
+    again = ev.error({k: "fp16" for k in uniform_formats(entry.pruned, "onnxruntime", "fp16")}, chosen)
+    assert again["mean_abs_logit"] == pytest.approx(points[1]["mean_abs_logit"])
+    learned = search(ev, max_bytes=points[1]["bytes"], ranks=True)
+    assert learned.nbytes <= points[1]["bytes"]
+    assert learned.measured["mean_abs_logit"] < points[1]["mean_abs_logit"]
