@@ -21,7 +21,7 @@ from typing import Callable
 
 from .. import __version__
 from .. import manifest as mf
-from ..errors import LoradeployError, ManifestError, OutputError, SpecError
+from ..errors import ManifestError, OutputError, SpecError
 from ..fsutil import link_or_copy, write_text_atomic
 from . import index as index_files
 from .executors import make as make_executor
@@ -160,6 +160,7 @@ def remove_unused_shared(out: Path, results) -> list[Path]:
     for folder in sorted((out / SHARED_DIR).glob("*/*")):
         if folder.is_dir() and folder.relative_to(out).as_posix() not in keep:
             shutil.rmtree(folder, ignore_errors=True)
+            (folder.parent / f".{folder.name}.lock").unlink(missing_ok=True)
             removed.append(folder)
     return removed
 
@@ -253,5 +254,3 @@ def _copy_artifact(src: Path, dst: Path, shas: dict[str, str], seen: dict[str, P
             if sha:
                 seen[sha] = target
 
-
-__all__ = ["FleetConfig", "run_fleet", "merge_shards", "SHARED_DIR", "LoradeployError"]

@@ -103,20 +103,48 @@ def _resolve(root: Path, text: str) -> Path:
     return p if p.is_absolute() else (root / p)
 
 
-def _adapters(root: Path, where: str, items) -> list[dict]:
+def _entries(where: str, items, section: str, short: str, allowed: set[str]):
+    """(where, mapping) per entry of a list section; a bare string is ``{short: string}``."""
+    if isinstance(items, str) and section == "targets":
+        items = [items]
     if not isinstance(items, list) or not items:
-        raise SpecError(f"{where}: `adapters` must be a non-empty list")
-    out = []
+        raise SpecError(f"{where}: `{section}` must be a non-empty list")
     for n, item in enumerate(items, 1):
-        at = f"{where}: adapters[{n}]"
+        at = f"{where}: {section}[{n}]"
         if isinstance(item, str):
-            item = {"path": item}
+            item = {short: item}
         if not isinstance(item, dict):
-            raise SpecError(f"{at}: expected a path or a mapping, got {type(item).__name__}")
-        _unknown(at, item, ADAPTER_KEYS)
+            raise SpecError(f"{at}: expected a {short} or a mapping, got {type(item).__name__}")
+        _unknown(at, item, allowed)
+        yield at, item
+
+
+def _distinct(where: str, names: list[str], what: str) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SpecError(f"{where}: two {what} are named {', '.join(map(repr, dupes))}; give each a distinct `name`")
+
+
+def _read_options(at: str, item: dict) -> dict:
+    """The entry's format and read options, checked."""
+    from ..ir import Method
+
+    out = {k: item[k] for k in ("format", "lora_alpha", "lora_r") if item.get(k) is not None}
+    if "format" in out and out["format"] not in {m.value for m in Method}:
+        raise SpecError(f"{at}: format {out['format']!r} is not one of {', '.join(m.value for m in Method)}")
+    if "lora_alpha" in out and (isinstance(out["lora_alpha"], bool) or not isinstance(out["lora_alpha"], (int, float))):
+        raise SpecError(f"{at}: lora_alpha must be a number, got {out['lora_alpha']!r}")
+    if "lora_r" in out and (isinstance(out["lora_r"], bool) or not isinstance(out["lora_r"], int) or out["lora_r"] < 1):
+        raise SpecError(f"{at}: lora_r must be a positive integer, got {out['lora_r']!r}")
+    return out
+
+
+def _adapters(root: Path, where: str, items) -> list[dict]:
+    out = []
+    for at, item in _entries(where, items, "adapters", "path", ADAPTER_KEYS):
         if ("path" in item) == ("glob" in item):
             raise SpecError(f"{at}: give exactly one of `path` and `glob`")
-        common = {k: item[k] for k in ("format", "lora_alpha", "lora_r") if item.get(k) is not None}
+        common = _read_options(at, item)
         if "head" in item:
             common["head"] = str(_resolve(root, _text(at, item["head"], "head")).absolute())
         if "glob" in item:
@@ -135,28 +163,15 @@ def _adapters(root: Path, where: str, items) -> list[dict]:
                 raise SpecError(f"{at}: {path}: no such file or folder")
             name = _name_ok(at, str(item.get("name") or Path(str(path).rstrip("/")).stem))
             out.append({"name": name, "path": str(path.absolute()), **common})
-    names = [a["name"] for a in out]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise SpecError(f"{where}: two adapters are named {', '.join(map(repr, dupes))}; give each a distinct `name`")
+    _distinct(where, [a["name"] for a in out], "adapters")
     return out
 
 
 def _targets(root: Path, where: str, items, defaults: dict) -> list[dict]:
     from ..targets.profile import load_profile
 
-    if isinstance(items, str):
-        items = [items]
-    if not isinstance(items, list) or not items:
-        raise SpecError(f"{where}: `targets` must be a non-empty list")
     out = []
-    for n, item in enumerate(items, 1):
-        at = f"{where}: targets[{n}]"
-        if isinstance(item, str):
-            item = {"target": item}
-        if not isinstance(item, dict):
-            raise SpecError(f"{at}: expected a profile name or a mapping, got {type(item).__name__}")
-        _unknown(at, item, TARGET_KEYS)
+    for at, item in _entries(where, items, "targets", "target", TARGET_KEYS):
         target = _text(at, item.get("target"), "target")
         if Path(target).suffix in (".yaml", ".yml"):
             target = str(_resolve(root, target).absolute())
@@ -183,10 +198,7 @@ def _targets(root: Path, where: str, items, defaults: dict) -> list[dict]:
         out.append({"target_name": _name_ok(at, str(item.get("name") or profile.name)), "target": target,
                     "mode": mode, "plan": plan,
                     "slots": item.get("slots", defaults.get("slots"))})
-    names = [t["target_name"] for t in out]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise SpecError(f"{where}: two targets are named {', '.join(map(repr, dupes))}; give each a distinct `name`")
+    _distinct(where, [t["target_name"] for t in out], "targets")
     return out
 
 

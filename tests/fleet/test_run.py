@@ -90,10 +90,15 @@ def test_rerun_skips_up_to_date_units_and_redoes_a_changed_one(fleet, tmp_path):
     spec.write_text(spec.read_text().replace(str(fleet["root"]), str(work)))
     out = work / "out"
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")
-              and p.name not in ("index.json", "index.html", "junit.xml")}
+              and p.name not in ("index.json", "index.html", "junit.xml") and "_shared" not in p.parts}
+    stale = out / "_shared" / "onnx-cpu" / "0123456789abcdef"  # a graph no unit uses any more
+    stale.mkdir()
+    (stale / "model.onnx").write_bytes(b"old")
+    used = [p.parent for p in (out / "_shared").glob("onnx-cpu/*/model.onnx") if p.parent != stale]
     assert main(["fleet", "run", str(spec), "-o", str(out), "--json"]) == 0
     index = json.loads((out / "index.json").read_text())
     assert index["summary"]["ran"] == 0 and index["summary"]["up_to_date"] == 3
+    assert not stale.exists() and all(p.is_dir() for p in used) and len(used) == 1
     after = {p: p.stat().st_mtime_ns for p in before}
     assert before == after
     # one adapter changes: only its unit runs

@@ -33,6 +33,12 @@ BAD_SPECS = {
     "bad mode": ({"adapters": "A", "targets": ["onnx-cpu"], "mode": "fused"}, "mode 'fused'"),
     "missing adapter path": ({"adapters": [{"path": "adapters/gone"}], "targets": ["onnx-cpu"]}, "no such file"),
     "bad plan": ({"adapters": "A", "targets": [{"target": "onnx-cpu", "plan": "uniform:3"}]}, "uniform:3"),
+    "unknown format": ({"adapters": [{"path": "adapters/blora", "format": "lokr"}], "targets": ["onnx-cpu"]},
+                       "format 'lokr' is not one of"),
+    "bad lora_r": ({"adapters": [{"path": "adapters/blora", "lora_r": "eight"}], "targets": ["onnx-cpu"]},
+                   "lora_r must be a positive integer"),
+    "adapter not a mapping": ({"adapters": [["adapters/blora"]], "targets": ["onnx-cpu"]},
+                              "expected a path or a mapping, got list"),
 }
 
 
