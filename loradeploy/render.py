@@ -245,18 +245,17 @@ def begin(step, message: str) -> None:
 
 def print_fleet(index: dict) -> None:
     """The adapter × target table of a fleet run, and where its index is."""
-    units = index["units"]
-    targets = sorted({u["target"] for u in units})
+    from .fleet.index import grid
+
+    targets, rows = grid(index)
     table = Table(title=f"fleet: {index['summary']['units']} units", show_lines=False)
     table.add_column("adapter")
     for t in targets:
         table.add_column(t)
-    cell = {(u["adapter"], u["target"]): u for u in units}
     colour = {"pass": "green", "fail": "red", "error": "yellow"}
-    for a in sorted({u["adapter"] for u in units}):
+    for a, units in rows:
         row = [a]
-        for t in targets:
-            u = cell.get((a, t))
+        for u in units:
             if u is None:
                 row.append("")
                 continue

@@ -16,6 +16,14 @@ def key_measures(validation) -> dict:
             and " (" not in c["adapter"]}
 
 
+def grid(index: dict) -> tuple[list[str], list[tuple[str, list[dict | None]]]]:
+    """The adapter × target table: the targets, and per adapter its unit under each (or None)."""
+    units = index["units"]
+    targets = sorted({u["target"] for u in units})
+    cell = {(u["adapter"], u["target"]): u for u in units}
+    return targets, [(a, [cell.get((a, t)) for t in targets]) for a in sorted({u["adapter"] for u in units})]
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -54,10 +62,7 @@ td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}th{background:#f4
 
 def html(index: dict) -> str:
     """The adapter × target table: status, key measures, bytes, a link to each report."""
-    units = index["units"]
-    adapters = sorted({u["adapter"] for u in units})
-    targets = sorted({u["target"] for u in units})
-    cell = {(u["adapter"], u["target"]): u for u in units}
+    targets, rows = grid(index)
     f, s = index["fleet"], index["summary"]
     esc = htmllib.escape
     out = ["<!doctype html><html><head><meta charset='utf-8'><title>loradeploy fleet</title>",
@@ -67,10 +72,9 @@ def html(index: dict) -> str:
            f"{esc(str(f.get('executor')))}, {f.get('wall_seconds')} s, loradeploy {esc(f['loradeploy_version'])}"
            + (f", shard {esc(f['shard'])}" if f.get("shard") else "") + ".</p>",
            "<table><tr><th>adapter</th>" + "".join(f"<th>{esc(t)}</th>" for t in targets) + "</tr>"]
-    for a in adapters:
+    for a, units in rows:
         row = [f"<tr><th>{esc(a)}</th>"]
-        for t in targets:
-            u = cell.get((a, t))
+        for u in units:
             if u is None:
                 row.append("<td></td>")
                 continue
