@@ -108,8 +108,23 @@ def state_path(out: Path, unit: Unit) -> Path:
     return Path(out) / unit.target_name / f"{unit.adapter}{STATE_SUFFIX}"
 
 
-def init_worker(threads: int) -> None:
-    """A pool process: its share of the cores for PyTorch's intra-op threads."""
+def die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when the process that started it dies (a pool worker
+    must not outlive a killed fleet run, holding a loaded base)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def init_worker(threads: int, pool: bool = False) -> None:
+    """A worker: its share of the cores for PyTorch's intra-op threads; a pool process also
+    ends with the run that started it."""
+    if pool:
+        die_with_parent()
     import torch
 
     torch.set_num_threads(max(1, threads))

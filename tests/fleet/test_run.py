@@ -198,3 +198,50 @@ def test_the_same_fleet_on_a_local_ray_cluster(fleet, tmp_path):
     assert _files(index) == _files(fleet["index"])
     workers = {json.loads((out / "onnx-cpu" / f"{u['adapter']}.unit.json").read_text())["worker"] for u in index["units"]}
     assert all(":" in w for w in workers)
+
+
+def _descendants(pid: int) -> set[int]:
+    from pathlib import Path
+
+    parents = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                parents[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {c for c, par in parents.items() if par in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+def test_pool_workers_end_with_a_killed_run(fleet, tmp_path):
+    """A SIGKILLed fleet run leaves no pool worker (nor its latency process) holding a loaded base."""
+    cmd = [sys.executable, "-m", "loradeploy.cli", "fleet", "run", str(fleet["spec"]), "-o", str(tmp_path / "out"),
+           "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    workers = set()
+    while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        workers = {p for p in _descendants(proc.pid) if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()}
+    assert len(workers) == 2, "the pool started"
+    time.sleep(3)  # the workers are loading the base / exporting
+    family = _descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in family) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in family if _alive(p)]
