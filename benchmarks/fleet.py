@@ -58,6 +58,22 @@ def derive(folder: Path, count: int, bump: float = 0.0) -> dict[str, Path]:
     return out
 
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process descending from it (parent ids read from /proc)."""
+    parents = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                parents[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [c for c, par in parents.items() if par in frontier]
+        tree += frontier
+    return tree
+
+
 class TreeRSS:
     """Peak of the RSS summed over a process and its descendants, sampled every 50 ms."""
 
@@ -65,21 +81,6 @@ class TreeRSS:
         self.pid, self.peak, self._stop = pid, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-
-    @staticmethod
-    def _tree(root: int) -> list[int]:
-        parents = {}
-        for p in Path("/proc").iterdir():
-            if p.name.isdigit():
-                try:
-                    parents[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    pass
-        tree, frontier = [root], [root]
-        while frontier:
-            frontier = [c for c, par in parents.items() if par in frontier]
-            tree += frontier
-        return tree
 
     @staticmethod
     def _rss(pid: int) -> int:
@@ -93,7 +94,7 @@ class TreeRSS:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, sum(self._rss(p) for p in self._tree(self.pid)))
+            self.peak = max(self.peak, sum(self._rss(p) for p in process_tree(self.pid)))
             time.sleep(0.05)
 
     def stop(self) -> int:

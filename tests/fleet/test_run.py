@@ -201,20 +201,9 @@ def test_the_same_fleet_on_a_local_ray_cluster(fleet, tmp_path):
 
 
 def _descendants(pid: int) -> set[int]:
-    from pathlib import Path
+    from benchmarks.fleet import process_tree
 
-    parents = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                parents[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {c for c, par in parents.items() if par in frontier} - found
-        found |= frontier
-    return found
+    return set(process_tree(pid)) - {pid}
 
 
 def _alive(pid: int) -> bool:
