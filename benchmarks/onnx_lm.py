@@ -83,12 +83,7 @@ def build(work: Path) -> dict:
         onnx_lm.build_decoder(hf, work / "no-lora", "int4", work / "cache")
     if not (work / "genai-lora" / "genai_config.json").is_file():
         _cli("prune", str(ADAPTER), "-o", str(work / "peft"))
-        options = onnx_lm.BUILDER_OPTIONS
-        onnx_lm.BUILDER_OPTIONS = options + (f"adapter_path={work / 'peft'}",)
-        try:
-            onnx_lm.build_decoder(hf, work / "genai-lora", "int4", work / "cache")
-        finally:
-            onnx_lm.BUILDER_OPTIONS = options
+        onnx_lm.build_decoder(hf, work / "genai-lora", "int4", work / "cache", (f"adapter_path={work / 'peft'}",))
     if not (work / "gguf" / "manifest.json").is_file():
         _cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
              str(_quick(work, "gguf-cpu")), "-o", str(work / "gguf"), "--overwrite")

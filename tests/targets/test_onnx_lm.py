@@ -188,7 +188,7 @@ def test_ab_command_on_an_lm_artifact(llama_art, tmp_path, capsys):
     assert record["agreement"] == pytest.approx(sum(same) / len(TEXTS))
 
 
-def test_merged_and_int4_decoders(tmp_path):
+def test_merged_and_int4_decoders(tmp_path, capfd):
     """Merged: the adapter folded before the build equals PyTorch + PEFT's merge. int4: the base's
     projections become MatMulNBits, the LoRA inputs stay fp32, and the artifact is smaller."""
     import onnx
@@ -208,7 +208,12 @@ def test_merged_and_int4_decoders(tmp_path):
                            tmp_path / "int4", mode="swappable", eval_path=ev)
     assert "MatMulNBits" in int4["decisions"]["quantized_ops"] and int4["decisions"]["lora_precision"] == {"fp32": 2 * 7 * tiny_lm.LAYERS}
     graph = onnx.load(str(tmp_path / "int4" / "model.onnx"), load_external_data=False).graph
-    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == tiny_lm.LAYERS * 5 + 1  # qkv packed, o, gate, up, down; + lm_head
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == tiny_lm.LAYERS * 5 + 1  # qkv packed, o, gate, up, down; + lm_head
+    # the k-quant search: asymmetric blocks, each with its zero point (round to nearest had none)
+    assert "algo_config=k_quant" in int4["decisions"]["builder_options"]
+    assert all(len(n.input) >= 4 and n.input[3] for n in nbits), [list(n.input) for n in nbits[:2]]
+    assert "WARNING" not in capfd.readouterr().err  # the builder's logging stays in its own log
     assert int4["validation"]["artifact_bytes"] < merged["validation"]["artifact_bytes"]
 
 
