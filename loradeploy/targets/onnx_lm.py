@@ -76,6 +76,40 @@ def _legacy_rope(config) -> None:
         config.rope_parameters, config.rope_theta = full, full["rope_theta"]
 
 
+#: blocks per call of onnxruntime's k-quant search: its numpy temporaries then stay in the CPU's
+#: caches (16,384 blocks of 32: 2 MB per float32 array) instead of ~20 passes over 670 MB arrays
+#: for Gemma 3's tied 262,144 × 640 head
+K_QUANT_CHUNK = 16384
+
+
+@contextlib.contextmanager
+def chunked_k_quant():
+    """Run onnxruntime's k-quant search (``quant_tensor_k_quant_cpu``, every computation in it per
+    block of ``group_size``) on chunks of blocks, on the machine's cores: the same arrays bit for bit
+    (test), ~2.5× faster on 2 cores. Patched for the duration of a build only."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from onnxruntime.quantization.neural_compressor import weight_only
+
+    original = weight_only.quant_tensor_k_quant_cpu
+
+    def chunked(data, num_bits=4, group_size=32):
+        blocks = np.reshape(data, (-1, group_size))
+        starts = range(0, blocks.shape[0], K_QUANT_CHUNK)
+        if len(starts) <= 1:
+            return original(data, num_bits, group_size)
+        with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # numpy releases the GIL
+            parts = list(pool.map(lambda i: original(blocks[i:i + K_QUANT_CHUNK], num_bits, group_size), starts))
+        return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
+
+    weight_only.quant_tensor_k_quant_cpu = chunked
+    try:
+        yield
+    finally:
+        weight_only.quant_tensor_k_quant_cpu = original
+
+
 def build_decoder(hf_dir: Path, out: Path, precision: str, cache: Path, extra: tuple[str, ...] = ()) -> None:
     """The builder's decoder (``model.onnx`` + ``model.onnx.data``, ``genai_config.json``,
     tokenizer files) for the Hugging Face folder ``hf_dir``, with ``extra`` builder options
@@ -91,7 +125,7 @@ def build_decoder(hf_dir: Path, out: Path, precision: str, cache: Path, extra: t
         # the k-quant path logs onnx_ir warnings about the tied head's intermediate graph through
         # handlers bound to the real stderr; the finished graph loads and is checked by validation
         logging.disable(logging.WARNING)
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), chunked_k_quant():
             options = builder.parse_extra_options(None, str(hf_dir), str(out), PRECISIONS[precision], "cpu",
                                                   str(cache), [*BUILDER_OPTIONS, *PRECISION_OPTIONS.get(precision, ()), *extra])
             _legacy_rope(options["hf_details"]["hf_config"])

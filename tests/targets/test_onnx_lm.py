@@ -217,6 +217,23 @@ def test_merged_and_int4_decoders(tmp_path, capfd):
     assert int4["validation"]["artifact_bytes"] < merged["validation"]["artifact_bytes"]
 
 
+def test_chunked_k_quant_gives_onnxruntimes_arrays_bit_for_bit():
+    from onnxruntime.quantization.neural_compressor import weight_only
+
+    from loradeploy.targets.onnx_lm import K_QUANT_CHUNK, chunked_k_quant
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((96, K_QUANT_CHUNK * 5 // 6 + 7)) * 0.02).astype(np.float32)  # 3 chunks, the last short
+    w[:, :40] = 0.5  # blocks with one value (the search's min == max branch)
+    want = weight_only.quant_tensor_k_quant_cpu(w.T, 4, 32)
+    with chunked_k_quant():
+        assert weight_only.quant_tensor_k_quant_cpu is not want  # patched while building
+        got = weight_only.quant_tensor_k_quant_cuda(w.T, 4, 32)  # the builder's entry point
+    assert weight_only.quant_tensor_k_quant_cpu.__name__ == "quant_tensor_k_quant_cpu"
+    assert [x.shape for x in got] == [x.shape for x in want] and want[0].shape[0] > 2 * K_QUANT_CHUNK
+    assert all(np.array_equal(g, x) and g.dtype == x.dtype for g, x in zip(got, want))
+
+
 # -- bad input: one line, exit 2, nothing written ------------------------------------------
 
 def _cli_refuses(capsys, out: Path, argv: list[str], *needles: str) -> None:
