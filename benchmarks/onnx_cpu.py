@@ -98,10 +98,11 @@ def interleaved(runners: dict, ids, mask, rounds: int) -> dict[str, float]:
 
 
 def fidelity(fn, ref: np.ndarray, tokenizer, texts) -> dict:
-    from loradeploy.validate import batches, fidelity as fid
+    from loradeploy.validate import batches, fidelity as fid, in_text_order, length_order
     from loradeploy.ir import Task
 
-    got = np.concatenate([fn(i, m) for i, m in batches(tokenizer, texts)])
+    order = length_order(tokenizer, texts)
+    got = in_text_order([fn(i, m) for i, m in batches(tokenizer, texts, order)], order)
     f = fid(ref, got, None, Task.SEQUENCE_CLASSIFICATION)
     return {"label_agreement": f["label_agreement"], "max_abs_logit": f["max_abs_logit"],
             "mean_abs_logit": f["mean_abs_logit"]}

@@ -56,23 +56,41 @@ def tokenize(tokenizer, texts: list[str], max_length: int = MAX_LENGTH):
     return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
 
-def batches(tokenizer, texts: list[str]):
+def length_order(tokenizer, texts: list[str]) -> np.ndarray:
+    """The order of ``texts`` by token count (stable): batches of similar lengths pad less (the
+    500-text eval set: 10,724 tokens padded in text order, 7,988 in this order, 7,709 real)."""
+    ids = tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
+    return np.argsort(np.array([len(x) for x in ids], dtype=np.int64), kind="stable")
+
+
+def batches(tokenizer, texts: list[str], order: np.ndarray | None = None):
+    """(input_ids, attention_mask) batches of ``BATCH`` texts taken in ``order`` (default
+    :func:`length_order`); :func:`in_text_order` puts per-batch results back in text order."""
+    order = length_order(tokenizer, texts) if order is None else order
     for i in range(0, len(texts), BATCH):
-        yield tokenize(tokenizer, texts[i:i + BATCH])
+        yield tokenize(tokenizer, [texts[j] for j in order[i:i + BATCH]])
+
+
+def in_text_order(parts: list[np.ndarray], order: np.ndarray) -> np.ndarray:
+    """Per-batch results (rows in ``order``) as one array in the texts' own order."""
+    rows = np.concatenate(parts)
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out
 
 
 @torch.no_grad()
 def model_outputs(model, task: Task, tokenizer, texts) -> np.ndarray:
     """Logits (classifier) or mean-pooled embeddings of a PyTorch model on ``texts``."""
-    outs = []
-    for ids, mask in batches(tokenizer, texts):
+    outs, order = [], length_order(tokenizer, texts)
+    for ids, mask in batches(tokenizer, texts, order):
         out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
         if task is Task.SEQUENCE_CLASSIFICATION:
             outs.append(out.logits.numpy())
         else:
             m = torch.from_numpy(mask).unsqueeze(-1).float()
             outs.append(((out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)).numpy())
-    return np.concatenate(outs)
+    return in_text_order(outs, order)
 
 
 def reference_outputs(base_model, adapters: AdapterSet, task: Task, tokenizer, texts) -> np.ndarray:
@@ -106,7 +124,7 @@ class _BaseFeatures:
 
     def __init__(self):
         self._key = None
-        self._features = None  # (head module name, [per-batch head inputs]) or None: not usable
+        self._features = None  # (head module name, [per-batch head inputs], batch order) or None: not usable
         self._outputs = None  # the base's own outputs
 
     def _head(self, model, adapters: AdapterSet) -> str | None:
@@ -132,9 +150,10 @@ class _BaseFeatures:
             self._outputs = model_outputs(model, task, tokenizer, texts)
         finally:
             hook.remove()
-        again = np.concatenate([torch.nn.functional.linear(f, module.weight, module.bias).numpy() for f in feats]) \
-            if feats else None
-        self._features = (head, feats) if again is not None and np.array_equal(again, self._outputs) else None
+        order = length_order(tokenizer, texts)  # the batches model_outputs ran, in its order
+        again = in_text_order([torch.nn.functional.linear(f, module.weight, module.bias).numpy() for f in feats],
+                              order) if feats else None
+        self._features = (head, feats, order) if again is not None and np.array_equal(again, self._outputs) else None
 
     def outputs(self, model, adapters: AdapterSet, task: Task, tokenizer, texts) -> np.ndarray | None:
         import hashlib
@@ -160,8 +179,8 @@ class _BaseFeatures:
         t = {k.rsplit(".", 1)[-1]: v.to(torch.float32) for k, v in adapters.extra_tensors.items()}
         bias = t["bias"] if "bias" in t else dict(model.named_modules())[head].bias
         with torch.no_grad():
-            return np.concatenate([torch.nn.functional.linear(f, t["weight"], bias).numpy()
-                                   for f in self._features[1]])
+            return in_text_order([torch.nn.functional.linear(f, t["weight"], bias).numpy()
+                                  for f in self._features[1]], self._features[2])
 
     def _head_of(self, model) -> str | None:
         """The task head Linear of ``model`` (one module outside the backbone), if there is one."""
@@ -186,8 +205,9 @@ def adapter_effect_kept(ref: np.ndarray, got: np.ndarray, base: np.ndarray) -> f
 
 
 def session_outputs(session, adapter: str | None, tokenizer, texts) -> np.ndarray:
-    return np.concatenate([session.run({"input_ids": ids, "attention_mask": mask}, adapter).outputs
-                           for ids, mask in batches(tokenizer, texts)])
+    order = length_order(tokenizer, texts)
+    return in_text_order([session.run({"input_ids": ids, "attention_mask": mask}, adapter).outputs
+                          for ids, mask in batches(tokenizer, texts, order)], order)
 
 
 def fidelity(ref: np.ndarray, got: np.ndarray, labels: list[int] | None, task: Task) -> dict:

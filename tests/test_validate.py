@@ -1,5 +1,5 @@
 """validate: the base alone's outputs kept between adapters of one base are exactly the whole
-forward's."""
+forward's; batches of similar lengths give each text its own outputs, in the texts' order."""
 
 import copy
 import dataclasses
@@ -11,7 +11,7 @@ from loradeploy.base import load_tokenizer, load_torch_model
 from loradeploy.evaldata import load_eval
 from loradeploy.ir import Task
 from loradeploy.merge import load_extras
-from loradeploy.validate import _BaseFeatures, model_outputs
+from loradeploy.validate import _BaseFeatures, batches, length_order, model_outputs
 from tests.conftest import EXAMPLE_ADAPTERS
 
 
@@ -45,3 +45,24 @@ def test_base_alone_from_kept_features_equals_the_whole_forward(minilm_dir):
     norm = dataclasses.replace(adapters[1], extra_tensors={**adapters[1].extra_tensors,
                                                            ln: dict(model.named_parameters())[ln].detach() * 1.1})
     assert kept.outputs(model, norm, Task.SEQUENCE_CLASSIFICATION, tokenizer, texts) is None
+    # the kept features were taken in length order and are given back in text order
+    assert kept._features is not None and not np.array_equal(kept._features[2], np.arange(len(texts)))
+
+
+def test_length_ordered_batches_pad_less_and_keep_each_texts_outputs(minilm_dir):
+    import torch
+
+    model = load_torch_model(minilm_dir, Task.SEQUENCE_CLASSIFICATION, 2)
+    tokenizer = load_tokenizer(minilm_dir)
+    texts = load_eval().texts[:100]
+    order = length_order(tokenizer, texts)
+    padded = sum(ids.size for ids, _ in batches(tokenizer, texts, order))
+    in_order = sum(ids.size for ids, _ in batches(tokenizer, texts, np.arange(len(texts))))
+    real = sum(int(mask.sum()) for _, mask in batches(tokenizer, texts, order))
+    assert real <= padded < 0.9 * in_order, (real, padded, in_order)
+    got = model_outputs(model, Task.SEQUENCE_CLASSIFICATION, tokenizer, texts)
+    with torch.no_grad():  # each text alone, no padding: its row, in the texts' order
+        alone = np.concatenate([model(**{k: torch.from_numpy(v) for k, v in zip(("input_ids", "attention_mask"),
+                                                                                 next(batches(tokenizer, [t])))}).logits.numpy()
+                                for t in texts[::7]])
+    assert np.abs(got[::7] - alone).max() < 1e-4
