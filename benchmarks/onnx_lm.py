@@ -13,7 +13,8 @@ Artifacts (kept in ``--work``; delete it to rebuild):
 * ``no-lora``: the builder's int4 decoder of the base, without LoRA inputs;
 * ``genai-lora``: onnxruntime-genai's own builder given the adapter as a PEFT folder
   (``adapter_path``; written by ``loradeploy prune``): the adapter baked into the graph at PEFT's
-  ranks, packed Q/K/V off;
+  ranks, packed Q/K/V off; its int4 is round to nearest (onnxruntime's k-quant, loradeploy's int4,
+  fails on the builder's rank-8 ``lora_B`` MatMuls), the same MatMulNBits kernel;
 * ``gguf``: ``loradeploy export --target gguf-cpu`` (llama.cpp, F16 adapter GGUF).
 
 Generation speed: greedy decoding of ``--tokens`` tokens after a fixed 8-token prompt, each
@@ -82,8 +83,11 @@ def build(work: Path) -> dict:
     if not (work / "no-lora" / "genai_config.json").is_file():
         onnx_lm.build_decoder(hf, work / "no-lora", "int4", work / "cache")
     if not (work / "genai-lora" / "genai_config.json").is_file():
-        _cli("prune", str(ADAPTER), "-o", str(work / "peft"))
-        onnx_lm.build_decoder(hf, work / "genai-lora", "int4", work / "cache", (f"adapter_path={work / 'peft'}",))
+        _cli("prune", str(ADAPTER), "-o", str(work / "peft"), "--overwrite")
+        # round to nearest, the builder's default: onnxruntime 1.32's k-quant cannot pack the zero
+        # points of a rank-8 lora_B (one block per column over an odd count); same kernel and speed
+        onnx_lm.build_decoder(hf, work / "genai-lora", "int4", work / "cache",
+                              (f"adapter_path={work / 'peft'}", "algo_config=default"))
     if not (work / "gguf" / "manifest.json").is_file():
         _cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
              str(_quick(work, "gguf-cpu")), "-o", str(work / "gguf"), "--overwrite")
