@@ -63,6 +63,8 @@ def run_plan(base, adapter, name, profile, plan: PlanConfig, folder: Path, measu
     if "measured_pytorch" in record["plan"]:
         row["pytorch_calibration"] = record["plan"]["measured_pytorch"]
     row["artifact"] = str(out)
+    print(f"  [{row['seconds']:6.1f} s] {name} {row['plan']}: {row['bytes']:,} B, {measure} {row[measure]:.5f}",
+          file=sys.stderr, flush=True)  # a long sweep (sora-gemma) shows where it is
     return row
 
 
