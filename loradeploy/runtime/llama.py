@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import struct
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BaseModelError, LoradeployError
+from ..ggufheader import read_header
 from ..manifest import BaseRecord, Manifest, TargetRecord
 from ..registry import LoraStorage, RuntimeSpec
 from .session import Generation, Loaded, Session, refuse
@@ -54,70 +54,16 @@ def _check_gguf(path: Path) -> str | None:
         head = f.read(8)
     if head[:4] != b"GGUF":
         return "not a GGUF file (bad magic)"
-    if path.stat().st_size < 64 * 2**20:  # adapter files: read every tensor's header
-        import gguf
-
-        gguf.GGUFReader(str(path))
+    if path.stat().st_size < 64 * 2**20:  # adapter files: every tensor's header, and its data in the file
+        problem = read_header(path).extent_problem()
+        return f"not a valid gguf file ({problem})" if problem else None
     return None
 
 
-#: GGUF metadata value type → struct format of one value (8: string, 9: array)
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
 def gguf_tensor_shapes(path: Path) -> tuple[str | None, dict[str, tuple[int, ...]]]:
-    """``general.architecture`` and every tensor's dims (ggml order) from a GGUF header,
-    skipping the other metadata values without decoding them."""
-    with Path(path).open("rb") as f:
-        data = f.read(1 << 16)
-        buf = bytearray(data)
-        pos = 0
-
-        def take(n: int) -> bytes:
-            nonlocal pos, buf
-            while pos + n > len(buf):
-                more = f.read(max(n, 1 << 20))
-                if not more:
-                    raise BaseModelError(f"{path}: truncated GGUF header")
-                buf += more
-            pos += n
-            return bytes(buf[pos - n:pos])
-
-        def unpack(fmt: str):
-            return struct.unpack("<" + fmt, take(struct.calcsize(fmt)))[0]
-
-        def string() -> str:
-            return take(unpack("Q")).decode("utf-8", "replace")
-
-        def skip(vtype: int) -> None:
-            if vtype == 8:
-                string()
-            elif vtype == 9:
-                etype, n = unpack("I"), unpack("Q")
-                if etype in _GGUF_SCALARS:
-                    take(n * struct.calcsize(_GGUF_SCALARS[etype]))
-                else:
-                    for _ in range(n):
-                        skip(etype)
-            else:
-                take(struct.calcsize(_GGUF_SCALARS[vtype]))
-
-        if take(4) != b"GGUF":
-            raise BaseModelError(f"{path}: not a GGUF file")
-        _version, n_tensors, n_kv = unpack("I"), unpack("Q"), unpack("Q")
-        arch = None
-        for _ in range(n_kv):
-            key, vtype = string(), unpack("I")
-            if key == "general.architecture" and vtype == 8:
-                arch = string()
-            else:
-                skip(vtype)
-        shapes = {}
-        for _ in range(n_tensors):
-            name, n_dims = string(), unpack("I")
-            shapes[name] = tuple(unpack("Q") for _ in range(n_dims))
-            take(12)  # type (u32) and offset (u64)
-    return arch, shapes
+    """``general.architecture`` and every tensor's dims (ggml order) from a GGUF header."""
+    header = read_header(path)
+    return header.architecture, {name: t.dims for name, t in header.tensors.items()}
 
 
 class ModelLock:
@@ -245,7 +191,7 @@ class LlamaSession(Session):
         return {"input_ids": ids, "attention_mask": mask}
 
     def _gguf_info(self):
-        if self._base_tensors is None:  # gguf.GGUFReader takes ~8 s on the Gemma base (its vocab)
+        if self._base_tensors is None:
             self._arch, self._base_tensors = gguf_tensor_shapes(self._path)
         return self._arch, self._base_tensors
 

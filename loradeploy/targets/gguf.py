@@ -51,8 +51,9 @@ def _gguf():
 
 def base_info(path: Path) -> dict:
     """Architecture, block count and head counts of a GGUF base."""
-    reader = _gguf().GGUFReader(str(path))
-    field = lambda k: reader.fields[k].contents() if k in reader.fields else None  # noqa: E731
+    from ..ggufheader import read_header
+
+    field = read_header(path).metadata.get  # not gguf.GGUFReader: it decodes the whole vocabulary
     arch = field("general.architecture")
     return {"arch": arch, "blocks": field(f"{arch}.block_count"), "heads": field(f"{arch}.attention.head_count"),
             "heads_kv": field(f"{arch}.attention.head_count_kv") or field(f"{arch}.attention.head_count")}
