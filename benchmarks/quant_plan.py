@@ -46,7 +46,8 @@ def fast_profile(folder: Path, name: str, **changes) -> str:
 
 
 def run_plan(base, adapter, name, profile, plan: PlanConfig, folder: Path, measure: str) -> dict:
-    out = folder / f"{name}-{str(plan.choice).replace(':', '')}-{plan.max_bytes or 'b'}-{plan.ranks}"
+    # a folder per (adapter files, plan): PEFT's conversions are exported with uniform:16 too
+    out = folder / f"{name}-{Path(adapter).name}-{str(plan.choice).replace(':', '')}-{plan.max_bytes or 'b'}-{plan.ranks}"
     t = time.perf_counter()
     manifest = export(ExportConfig(base, AdapterInputs.of({name: adapter}), profile, out, mode="swappable", plan=plan,
                                    overwrite=True))
@@ -193,6 +194,10 @@ def pareto(base, adapter_dir: Path, name: str, target: str, folder: Path, measur
     return rows
 
 
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else ("1.00 (both 0)" if a == 0 else "inf")
+
+
 def measure_of(key: str) -> str:
     return "mean_abs_logit" if key == "minilm_onnx" else "kl_vs_fp16_adapter"
 
@@ -256,7 +261,7 @@ def main(argv=None) -> int:
             if r["plan"].startswith("learned") and anchor is not None:
                 goals.append(f"{r['adapter']}: {r['plan'].split(' @')[0]} vs PEFT convert_to_lora at the bytes of "
                              f"{r['vs']} ({r['bytes']:,} vs {anchor['bytes']:,} B): error ratio "
-                             f"{r[measure_of(key)] / anchor[measure_of(key)]:.2f} (goal ≤ 0.7)")
+                             f"{_ratio(r[measure_of(key)], anchor[measure_of(key)])} (goal ≤ 0.7)")
             if "error_ratio_vs_uniform" in r:
                 goals.append(f"{r['adapter']}: {r['plan'].split(' @')[0]} at the bytes of {r['vs']}: error ratio "
                              f"{r['error_ratio_vs_uniform']:.2f} (goal ≤ 0.7)")
