@@ -1,8 +1,8 @@
 """A GGUF file's header without decoding its metadata arrays.
 
 ``gguf.GGUFReader`` decodes every metadata value into numpy views, one per string: on Gemma 3's
-vocabulary (262,144 tokens, scores and types) that takes 8-14 s per read on this machine, and a
-llama.cpp export read the base three times. What loradeploy needs from a base's header — a few
+vocabulary (262,144 tokens, scores and types) that takes 8-14 s per read on this machine, and every
+llama.cpp export read the base's header for four scalars. What loradeploy needs from a header — a few
 scalars (architecture, block and head counts), each tensor's dims, type and offset, and whether
 every tensor's data lies within the file — is read here in well under a second; arrays are skipped
 by their lengths. Tensor data itself is read with ``gguf.GGUFReader`` where it is needed.
@@ -10,6 +10,7 @@ by their lengths. Tensor data itself is read with ``gguf.GGUFReader`` where it i
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,18 +46,16 @@ class GGUFHeader:
         import gguf
 
         for name, t in self.tensors.items():
-            sizes = gguf.GGML_QUANT_SIZES.get(gguf.GGMLQuantizationType(t.ggml_type)) \
-                if t.ggml_type in gguf.GGMLQuantizationType._value2member_map_ else None
-            if sizes is None:
+            try:
+                block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.ggml_type)]
+            except (ValueError, KeyError):
                 return f"tensor {name} has an unknown ggml type {t.ggml_type}"
-            block, nbytes = sizes
-            n = 1
-            for d in t.dims:
-                n *= d
+            n = math.prod(t.dims)
+            if n % block:
+                return f"tensor {name} is not whole {block}-blocks"
             end = self.data_start + t.offset + n // block * nbytes
-            if n % block or end > self.file_size:
-                return (f"tensor {name} ends at byte {end:,}, past the end of the file ({self.file_size:,} bytes): "
-                        "truncated" if end > self.file_size else f"tensor {name} is not whole {block}-blocks")
+            if end > self.file_size:
+                return f"tensor {name} ends at byte {end:,}, past the end of the file ({self.file_size:,} bytes): truncated"
         return None
 
 

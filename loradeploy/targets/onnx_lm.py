@@ -47,6 +47,11 @@ BUILDER_OPTIONS = ("windowed_kv_cache=false",)
 #: from 0.37 to 0.29 at the same speed (benchmarks/onnx_lm.py)
 PRECISION_OPTIONS = {"int4": ("algo_config=k_quant",)}
 
+
+def builder_options(precision: str) -> list[str]:
+    """The builder options loradeploy passes for a profile precision (recorded in the manifest)."""
+    return [*BUILDER_OPTIONS, *PRECISION_OPTIONS.get(precision, ())]
+
 _SITE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+?)_proj/MatMul(?:_Q\d)?$")
 _PACKED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 _BLOCK = {"attn": "self_attn", "mlp": "mlp"}
@@ -127,7 +132,7 @@ def build_decoder(hf_dir: Path, out: Path, precision: str, cache: Path, extra: t
         logging.disable(logging.WARNING)
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), chunked_k_quant():
             options = builder.parse_extra_options(None, str(hf_dir), str(out), PRECISIONS[precision], "cpu",
-                                                  str(cache), [*BUILDER_OPTIONS, *PRECISION_OPTIONS.get(precision, ()), *extra])
+                                                  str(cache), [*builder_options(precision), *extra])
             _legacy_rope(options["hf_details"]["hf_config"])
             builder.create_model(None, str(hf_dir), str(out), PRECISIONS[precision], "cpu", str(cache), **options)
     except Exception as e:  # the builder raises bare Exception/ValueError/KeyError alike
@@ -326,7 +331,7 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
                  "kv_cache": "inputs past_key_values.N.key/value, outputs present.N.key/value",
                  "packed_qkv": any(n.endswith("/qkv_proj/MatMul") or "/qkv_proj/MatMul_Q" in n for n in sites),
                  "base_precision": precision,
-                 "builder_options": [*BUILDER_OPTIONS, *PRECISION_OPTIONS.get(precision, ())],
+                 "builder_options": builder_options(precision),
                  "quantized_ops": sorted({n.op_type for n in model.graph.node if n.op_type in ("MatMulNBits",
                                                                                                "GatherBlockQuantized")})}
     if from_gguf:
