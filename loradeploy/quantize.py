@@ -115,7 +115,17 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
                              **_entry_record(e, runtime, plan.formats_for(e.name, e.pruned, str(value)), "plan file",
                                              plan.ranks_for(e.name, e.pruned, str(value)))}
                     for e in entries}
-        return Plan(runtime, target, adapters, plan.budget, f"file:{value}")
+        grams = {}
+        rounded = [e for e in entries if adapters[e.name].get("rounding") == "output-aware"]
+        if rounded:  # the codes are chosen against the calibration inputs: measure them again
+            texts = _recorded_calibration(plan.budget.get("calibration") or {}, task, str(value))
+            batches = calibration_batches(load_tokenizer(base_dir), texts.texts, task,
+                                          CALIBRATION_MAX_LENGTH.get(task, 128))
+            for e in rounded:
+                step(f"calibrating {e.name} on {len(texts.texts)} texts (output-aware rounding)")
+                ev = Evaluator(base_model, e.pruned, runtime, task, batches)
+                grams[e.name] = {n: ev.gram(n) for n in e.pruned.modules}
+        return Plan(runtime, target, adapters, plan.budget, f"file:{value}", grams)
     if isinstance(choice, UniformPlan):
         value = choice.bits
         fmt = uniform_format(runtime, value)
@@ -126,14 +136,14 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
     measure, limit = parse_budget(budget, task)
     texts = load_calibration(calibration, CALIBRATION_TEXTS.get(task, CALIBRATION_DEFAULT), lm=task is Task.CAUSAL_LM)
     batches = calibration_batches(load_tokenizer(base_dir), texts.texts, task, CALIBRATION_MAX_LENGTH.get(task, 128))
-    adapters = {}
+    adapters, grams = {}, {}
     for e in entries:
         step(f"calibrating {e.name} on {len(texts.texts)} texts")
         ev = Evaluator(base_model, e.pruned, runtime, task, batches)
         result = search(ev, None if max_bytes else limit, max_bytes,
                         hinted_formats(e.pruned, runtime, e.original), progress=step, ranks=config.ranks)
         record = _entry_record(e, runtime, result.formats, "learned", result.ranks)
-        record.update({"chosen_from": result.chosen_from, "measured_pytorch": result.measured,
+        record.update({"rounding": result.rounding, "chosen_from": result.chosen_from, "measured_pytorch": result.measured,
                        "predicted": {measure: result.predicted}, "evaluations": ev.evaluations,
                        "checked_plans": result.curve, "sensitivity": result.sensitivity,
                        "tensor_bytes": result.tensor_bytes, "start_plan": result.start,
@@ -144,12 +154,35 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
             step(f"PEFT convert_to_lora anchor for {e.name}")
             record["peft_conversion"] = peft_points(ev, base_model, uniform_format(runtime, 16))
         adapters[e.name] = record
+        if result.rounding == "output-aware":
+            grams[e.name] = {n: ev.gram(n) for n in e.pruned.modules}
     from .quant.search import DEFAULT_FLOORS
 
     budget_record = ({"measure": measure, "max": limit, "floors": DEFAULT_FLOORS.get(task, {})} if not max_bytes
                      else {"max_bytes": max_bytes})
-    budget_record["calibration"] = {"source": str(texts.path), "texts": len(texts.texts)}
-    return Plan(runtime, target, adapters, budget_record, "learned")
+    budget_record["calibration"] = {"source": str(texts.path), "texts": len(texts.texts), "default": calibration is None,
+                                    "sha256": _texts_digest(texts.texts)}
+    return Plan(runtime, target, adapters, budget_record, "learned", grams)
+
+
+def _texts_digest(texts: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n\0".join(texts).encode()).hexdigest()
+
+
+def _recorded_calibration(record: dict, task: Task, source: str):
+    """The calibration texts a plan file was made on (output-aware rounding is measured on them
+    again when the plan is applied); a PlanError when they are gone or changed."""
+    n = int(record.get("texts") or CALIBRATION_TEXTS.get(task, CALIBRATION_DEFAULT))
+    path = None if record.get("default", True) else Path(record.get("source", ""))
+    if path is not None and not path.exists():
+        raise PlanError(f"{source}: the plan's calibration texts {path} are gone (output-aware rounding needs them)")
+    texts = load_calibration(path, n, lm=task is Task.CAUSAL_LM)
+    if record.get("sha256") and _texts_digest(texts.texts) != record["sha256"]:
+        raise PlanError(f"{source}: the calibration texts differ from those the plan was made on "
+                        f"({path or 'the default set'}); run `loradeploy quantize` again")
+    return texts
 
 
 def apply_plan(entries: tuple[AdapterEntry, ...], plan: Plan) -> tuple[AdapterEntry, ...]:
@@ -160,8 +193,14 @@ def apply_plan(entries: tuple[AdapterEntry, ...], plan: Plan) -> tuple[AdapterEn
     for e in entries:
         ranks = plan.ranks_for(e.name, e.pruned)
         shipped = truncate_adapter(e.pruned, ranks)  # what ships: the plan's ranks (exact pruning where none)
+        entry = plan.adapters[e.name]
+        grams = None
+        if entry.get("rounding") == "output-aware":
+            grams = plan.grams.get(e.name)
+            if grams is None:
+                raise PlanError(f"adapter {e.name!r}: its plan rounds output-aware and holds no calibration grams")
         out.append(dataclasses.replace(e, pruned=shipped,
-                                       quantized=quantize_adapter(shipped, plan.runtime, plan.adapters[e.name]["formats"])))
+                                       quantized=quantize_adapter(shipped, plan.runtime, entry["formats"], grams=grams)))
     return tuple(out)
 
 

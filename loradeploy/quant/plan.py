@@ -62,6 +62,21 @@ def _from_stored(values: np.ndarray, m: LoraModule, role: str, storage: LoraStor
     return t.T.contiguous() if (role == "lora_B" and storage.b_rank_major) else t
 
 
+def _stored(matrix: np.ndarray, fmt: str, m: LoraModule, role: str, storage: LoraStorage,
+            gram: np.ndarray | None):
+    """``matrix`` in ``fmt``: nearest rounding, or output-aware against the module's input gram."""
+    from .rounding import ROUNDED_FORMATS, round_along_columns, round_along_rows
+
+    if gram is None or fmt not in ROUNDED_FORMATS:
+        return quantize(matrix, fmt)
+    if role == "lora_A":
+        return round_along_columns(matrix, fmt, gram)
+    if not storage.b_rank_major:  # B's inputs are its columns there; no runtime stores it so with integer formats
+        raise PlanError(f"output-aware rounding of {fmt} needs lora_B stored rank-major")
+    a = m.lora_A.to(torch.float64).numpy()
+    return round_along_rows(matrix, fmt, a @ gram @ a.T)
+
+
 @dataclass
 class QuantizedAdapter:
     """An adapter with a plan applied: stored form per tensor and the values computed with."""
@@ -77,9 +92,11 @@ class QuantizedAdapter:
 
 
 def quantize_adapter(adapters: AdapterSet, runtime: str, formats: dict[str, str],
-                     ranks: dict[str, int] | None = None) -> QuantizedAdapter:
+                     ranks: dict[str, int] | None = None, grams: dict[str, np.ndarray] | None = None) -> QuantizedAdapter:
     """Apply ``formats`` (tensor key → format) to a pruned, gate-free adapter, its modules first
-    truncated to ``ranks`` (module → rank, SVD) where given."""
+    truncated to ``ranks`` (module → rank, SVD) where given. ``grams`` (module → XᵀX of its
+    calibration inputs): integer formats then store the codes output-aware rounding chooses
+    (:mod:`.rounding`) instead of the nearest ones."""
     from .rank import truncate_adapter
 
     adapters = truncate_adapter(adapters, ranks)
@@ -99,7 +116,7 @@ def quantize_adapter(adapters: AdapterSet, runtime: str, formats: dict[str, str]
             if fmt.startswith("q") and not ggml_fits(fmt, matrix.shape[1]):
                 raise PlanError(f"tensor {key}: {fmt} needs rows of whole 32-blocks, this one has rows of "
                                 f"{matrix.shape[1]}")
-            stored[key] = quantize(matrix, fmt)
+            stored[key] = _stored(matrix, fmt, m, role, storage, (grams or {}).get(name))
             values[role] = _from_stored(stored[key].dequantized, m, role, storage)
         modules[name] = LoraModule(name, values["lora_A"], values["lora_B"], 1.0 if storage.folds_scale else m.scale)
     sim = AdapterSet(adapters.method, modules, dict(adapters.extra_tensors), adapters.base_model_hint,
@@ -161,6 +178,9 @@ class Plan:
     adapters: dict[str, dict] = field(default_factory=dict)  # name → {"formats": {...}, ...}
     budget: dict = field(default_factory=dict)
     method: str = "learned"
+    #: adapter → module → XᵀX of its calibration inputs, for entries whose ``rounding`` is
+    #: "output-aware" (in memory only: a plan file's are measured again when it is applied)
+    grams: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
 
     def formats_for(self, adapter_name: str, adapters: AdapterSet, source: str = "plan") -> dict[str, str]:
         if adapter_name in self.adapters:

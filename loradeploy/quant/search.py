@@ -14,6 +14,7 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .. import measures, registry
@@ -22,6 +23,7 @@ from ..ir import AdapterSet, LoraModule, Task
 from ..merge import find_module, load_extras
 from .plan import ROLES, allowed_formats, quantize_adapter, stored_matrix, tensor_key
 from .rank import truncate
+from .rounding import ROUNDED_FORMATS
 
 #: the measure a plan is held to, per task (names from the one table of measures)
 MEASURES = {Task.SEQUENCE_CLASSIFICATION: "mean_abs_logit", Task.FEATURE_EXTRACTION: "cosine_distance",
@@ -38,10 +40,15 @@ Progress = Callable[[str], None]
 
 class Evaluator:
     """The base with the adapter merged, re-merging only the modules a plan changes. Outputs
-    on fixed calibration inputs, compared with the fp32 adapter's."""
+    on fixed calibration inputs, compared with the fp32 adapter's. ``rounding``: integer
+    formats store the codes output-aware rounding chooses against each module's calibration
+    inputs (:mod:`.rounding`), else the nearest ones."""
 
-    def __init__(self, base_model, adapters: AdapterSet, runtime: str, task: Task, batches: list[dict]):
+    def __init__(self, base_model, adapters: AdapterSet, runtime: str, task: Task, batches: list[dict],
+                 rounding: bool = True):
         self.adapters, self.runtime, self.task, self.batches = adapters, runtime, task, batches
+        self.rounding = rounding
+        self._grams: dict[str, np.ndarray] = {}
         self.storage = registry.get(runtime).storage
         self.model = copy.deepcopy(base_model).eval()
         load_extras(self.model, adapters)
@@ -51,7 +58,7 @@ class Evaluator:
             self.weights[name] = module.weight
             self.base_weights[name] = module.weight.detach().clone()
         self._cache: dict[tuple[str, str, int], torch.Tensor] = {}
-        self._current: dict[str, tuple[str, str, int]] = {}  # module → (formats, rank) its weight holds now
+        self._current: dict[str, tuple] = {}  # module → (formats, rank, rounding) its weight holds now
         self._truncated: dict[tuple[str, int], LoraModule] = {}
         self.evaluations = 0
         exact = {tensor_key(n, r): self.storage.ladder[0] for n in adapters.modules for r in ROLES}
@@ -72,6 +79,13 @@ class Evaluator:
             x = x[mask] if mask is not None else x
             self.inputs[name] = torch.cat([self.inputs[name], x.double()]) if name in self.inputs else x.double()
         return hook
+
+    def gram(self, name: str):
+        """XᵀX (float64 numpy) of module ``name``'s calibration inputs."""
+        if name not in self._grams:
+            x = self.inputs[name]
+            self._grams[name] = (x.T @ x).numpy()
+        return self._grams[name]
 
     def module_at(self, name: str, rank: int | None = None) -> LoraModule:
         """Module ``name`` at ``rank`` (its pruned rank when None; lower: the SVD truncation)."""
@@ -96,26 +110,29 @@ class Evaluator:
         y = self.inputs[name] @ right.T
         return float(((y @ (left.T @ left)) * y).sum().clamp(min=0.0).sqrt())
 
-    def _dequantized(self, name: str, role: str, fmt: str, rank: int | None = None) -> torch.Tensor:
+    def _dequantized(self, name: str, role: str, fmt: str, rank: int | None = None,
+                     rounding: bool | None = None) -> torch.Tensor:
         module = self.module_at(name, rank)
-        key = (tensor_key(name, role), fmt, module.rank)
+        rounded = (self.rounding if rounding is None else rounding) and fmt in ROUNDED_FORMATS
+        key = (tensor_key(name, role), fmt, module.rank, rounded)
         if key not in self._cache:
             single = AdapterSet(self.adapters.method, {name: module})
             q = quantize_adapter(single, self.runtime, {tensor_key(name, r): fmt if r == role else self.storage.ladder[0]
-                                                        for r in ROLES})
+                                                        for r in ROLES}, grams={name: self.gram(name)} if rounded else None)
             self._cache[key] = getattr(q.simulated.modules[name], role).to(torch.float64)
         return self._cache[key]
 
     @torch.no_grad()
-    def _set(self, formats: dict[str, str], ranks: dict[str, int] | None = None) -> None:
+    def _set(self, formats: dict[str, str], ranks: dict[str, int] | None = None, rounding: bool | None = None) -> None:
+        rounding = self.rounding if rounding is None else rounding
         for name, m in self.adapters.modules.items():
             k = (ranks or {}).get(name, m.rank)
-            state = (formats[tensor_key(name, "lora_A")], formats[tensor_key(name, "lora_B")], k)
+            state = (formats[tensor_key(name, "lora_A")], formats[tensor_key(name, "lora_B")], k, rounding)
             if self._current.get(name) == state:
                 continue
             self._current[name] = state
-            a = self._dequantized(name, "lora_A", state[0], k)
-            b = self._dequantized(name, "lora_B", state[1], k)
+            a = self._dequantized(name, "lora_A", state[0], k, rounding)
+            b = self._dequantized(name, "lora_B", state[1], k, rounding)
             w = self.weights[name]
             w.copy_((self.base_weights[name].to(torch.float64) + self._unfolded_scale(name, k) * (b @ a)).to(w.dtype))
 
@@ -140,10 +157,11 @@ class Evaluator:
                 outs.append(((out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)).double())
         return outs
 
-    def error(self, formats: dict[str, str], ranks: dict[str, int] | None = None) -> dict:
+    def error(self, formats: dict[str, str], ranks: dict[str, int] | None = None, rounding: bool | None = None) -> dict:
         """Error measures of a whole plan (every tensor's format given; ``ranks``: modules
-        truncated to a lower rank)."""
-        self._set(formats, ranks)
+        truncated to a lower rank; ``rounding``: output-aware or nearest, the evaluator's own
+        when None)."""
+        self._set(formats, ranks, rounding)
         self.evaluations += 1
         got = self._outputs()
         return compare(self.reference, got, self.task)
@@ -186,6 +204,7 @@ class SearchResult:
     start: dict | None = None  # B-LoRA's learned bit widths as a plan, measured
     chosen_from: str = "search"
     ranks: dict[str, int] | None = None  # modules the plan truncates (SVD) → their rank
+    rounding: str = "nearest"  # how integer codes are chosen: "output-aware" or "nearest"
     uniform: list[dict] = field(default_factory=list)  # each uniform level as a whole plan, measured
 
 
@@ -303,18 +322,26 @@ def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = N
             else:
                 hi = mid - 1
         n, measured = lo, measured_at[lo]
-    result = SearchResult(plan_at(n), measured, bytes_at[n], sens, nbytes, curve, plans[n][3], ranks=ranks_at(n))
+    rounding_of = {True: "output-aware", False: "nearest"}
+    result = SearchResult(plan_at(n), measured, bytes_at[n], sens, nbytes, curve, plans[n][3], ranks=ranks_at(n),
+                          rounding=rounding_of[ev.rounding])
     # whole plans outside the greedy order, measured the same way: B-LoRA's bit hints (the
-    # starting plan) and each uniform level (the additive model can misjudge how errors of many
-    # tensors combine; these keep the result no worse than either at its bytes)
+    # starting plan) and each uniform level, with the evaluator's rounding and (when that is
+    # output-aware) with nearest rounding too (the additive model can misjudge how errors of many
+    # tensors combine, and output-aware rounding can lose to nearest where a tensor's error is
+    # already at noise level; these keep the result no worse than any of them at its bytes)
     candidates = []
     if start is not None:
-        candidates.append(("blora-bit-hints", dict(start)))
-    for level, fmt in enumerate(ev.storage.ladder):
-        candidates.append((f"uniform {fmt}", {k: lad[min(level, len(lad) - 1)] if fmt not in lad else fmt
-                                              for k, lad in ladders.items()}))
-    for label, formats in candidates:
-        got = ev.error(formats)
+        candidates.append(("blora-bit-hints", dict(start), ev.rounding))
+    for rounded in sorted({ev.rounding, False}, reverse=True):
+        for level, fmt in enumerate(ev.storage.ladder):
+            label = f"uniform {fmt}" + (", output-aware rounding" if rounded and fmt in ROUNDED_FORMATS else "")
+            if rounded != ev.rounding and fmt not in ROUNDED_FORMATS:
+                continue  # the same plan as with the evaluator's rounding
+            candidates.append((label, {k: lad[min(level, len(lad) - 1)] if fmt not in lad else fmt
+                                       for k, lad in ladders.items()}, rounded))
+    for label, formats, rounded in candidates:
+        got = ev.error(formats, rounding=rounded)
         size = sum(nbytes[k][f] for k, f in formats.items())
         if label == "blora-bit-hints":
             result.start = {"formats": formats, "bytes": size, **got}
@@ -325,7 +352,9 @@ def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = N
             else (got[measure], size) < (result.measured[measure], result.nbytes)
         if fits and better:
             result.formats, result.measured, result.nbytes, result.chosen_from = formats, got, size, label
-            result.ranks = None
+            result.ranks, result.rounding = None, rounding_of[rounded]
+    if not any(f in ROUNDED_FORMATS for f in result.formats.values()):
+        result.rounding = "nearest"  # no integer format it applies to (e.g. llama.cpp's block types)
     return result
 
 

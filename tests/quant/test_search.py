@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from loradeploy.base import load_torch_model, resolve_base
 from loradeploy.cli import main
@@ -35,8 +36,10 @@ def sora_setup():
 
 
 def test_search_meets_budget_where_uniform_int4_fails(sora_setup):
+    """Formats mixed by the search (nearest rounding: with output-aware rounding, uniform lut4
+    alone meets this budget; tests/quant/test_rounding.py)."""
     entry, model, batches = sora_setup
-    ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches)
+    ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches, rounding=False)
     uniform4 = uniform_formats(entry.pruned, "onnxruntime", "int4")
     uniform4_err = ev.error(uniform4)["mean_abs_logit"]
     assert uniform4_err > BUDGET, "the case must be one where uniform 4-bit misses the budget"
@@ -59,7 +62,7 @@ def test_ranks_as_a_knob_save_bytes_within_the_same_budget(sora_setup):
     """Rank and format chosen together: fewer bytes than formats alone at the same budget, the
     plan's measure re-measured from scratch, and no checked plan over the budget accepted."""
     entry, model, batches = sora_setup
-    ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches)
+    ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches, rounding=False)
     formats_only = search(ev, budget=BUDGET)
     joint = search(ev, budget=BUDGET, ranks=True)
     assert joint.ranks and joint.nbytes < formats_only.nbytes
@@ -96,6 +99,7 @@ def test_quantize_command_writes_plan_and_export_uses_it(tmp_path, capsys):
     formats = plan.adapters["sora"]["formats"]
     for i, key in enumerate(sorted(formats)):
         formats[key] = ("fp32", "fp16", "int8", "lut4", "int4")[i % 5]
+    plan.adapters["sora"]["rounding"] = "output-aware"  # integer codes chosen against the calibration inputs
     plan.save(plan_path)
     from tests.targets.test_onnx import _outputs
 
@@ -122,12 +126,24 @@ def test_quantize_command_writes_plan_and_export_uses_it(tmp_path, capsys):
     assert manifest["decisions"]["lora_precision"] == dict(sorted((Counter(formats.values()) + Counter(fp32=empty)).items()))
     texts = load_eval(eval_path).texts
     got = _outputs(out, "sora", texts)
-    (entry,) = load_entries(AdapterInputs.of([AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")]))
-    simulated = quantize_adapter(entry.pruned, "onnxruntime", formats, ranks).simulated
     from loradeploy.base import load_tokenizer
+    from loradeploy.job import ExportJob
+    from loradeploy.quantize import PlanConfig, apply_plan, plan_for
+    from loradeploy.targets.profile import load_profile
     from loradeploy.validate import reference_outputs
 
+    # the plan file applied as export applies it: its codes rounded against the calibration
+    # texts it records (measured again), which must differ from nearest rounding
+    entries = load_entries(AdapterInputs.of([AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")]))
     base_dir = resolve_base("minilm")
+    model = load_torch_model(base_dir, Task.SEQUENCE_CLASSIFICATION, 2)
+    job = ExportJob("minilm", base_dir, Task.SEQUENCE_CLASSIFICATION, 2, entries, load_profile("onnx-cpu"),
+                    "swappable", model)
+    applied = apply_plan(entries, plan_for(job, PlanConfig.parse(str(plan_path))))
+    simulated = applied[0].quantized.simulated
+    nearest = quantize_adapter(entries[0].pruned, "onnxruntime", formats, ranks).simulated
+    name = next(k.rsplit(".", 1)[0] for k, f in sorted(formats.items()) if f == "int8" and k.endswith("lora_A"))
+    assert not torch.equal(simulated.modules[name].lora_A, nearest.modules[name].lora_A)
     ref = reference_outputs(load_torch_model(base_dir, Task.SEQUENCE_CLASSIFICATION, 2), simulated,
                             Task.SEQUENCE_CLASSIFICATION, load_tokenizer(base_dir), texts)
     assert np.abs(got - ref).max() < 1e-4
