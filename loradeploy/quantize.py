@@ -46,7 +46,8 @@ def parse_budget(text: str | None, task: Task) -> tuple[str, float]:
 
 
 def _entry_record(entry: AdapterEntry, runtime: str, formats: dict[str, str], how: str,
-                  ranks: dict[str, int] | None = None) -> dict:
+                  ranks: dict[str, int] | None = None, grams: dict | None = None) -> dict:
+    """``grams`` (module → XᵀX): ranks are truncated output-aware (energy kept: of ‖ΔW L‖²)."""
     from .quant.rank import energy_kept
 
     q = quantize_adapter(entry.pruned, runtime, formats, ranks)
@@ -61,7 +62,9 @@ def _entry_record(entry: AdapterEntry, runtime: str, formats: dict[str, str], ho
             "bit_hints": {f"{n}.{r}": b for n, m in entry.original.modules.items() for r, b in m.bits.items()},
             # modules the plan truncates by SVD: [rank after exact pruning, rank shipped], share of ‖ΔW‖² kept
             "ranks": {n: [entry.pruned.modules[n].rank, k] for n, k in sorted((ranks or {}).items())},
-            "energy_kept": {n: energy_kept(entry.pruned.modules[n], k) for n, k in sorted((ranks or {}).items())}}
+            "energy_kept": {n: energy_kept(entry.pruned.modules[n], k, (grams or {}).get(n))
+                            for n, k in sorted((ranks or {}).items())},
+            "truncation": ("output-aware" if grams else "plain") if ranks else None}
 
 
 @dataclass(frozen=True)
@@ -111,13 +114,11 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
         plan = Plan.load(value)
         if plan.runtime != runtime:
             raise PlanError(f"{value}: the plan is for {plan.runtime}, the target runs {runtime}")
-        adapters = {e.name: {**plan.adapters.get(e.name, next(iter(plan.adapters.values()))),
-                             **_entry_record(e, runtime, plan.formats_for(e.name, e.pruned, str(value)), "plan file",
-                                             plan.ranks_for(e.name, e.pruned, str(value)))}
-                    for e in entries}
+        recorded = {e.name: plan.adapters.get(e.name, next(iter(plan.adapters.values()))) for e in entries}
         grams = {}
-        rounded = [e for e in entries if adapters[e.name].get("rounding") == "output-aware"]
-        if rounded:  # the codes are chosen against the calibration inputs: measure them again
+        rounded = [e for e in entries if recorded[e.name].get("rounding") == "output-aware"
+                   or recorded[e.name].get("truncation") == "output-aware"]
+        if rounded:  # codes or ranks chosen against the calibration inputs: measure them again
             texts = _recorded_calibration(plan.budget.get("calibration") or {}, task, str(value))
             batches = calibration_batches(load_tokenizer(base_dir), texts.texts, task,
                                           CALIBRATION_MAX_LENGTH.get(task, 128))
@@ -125,6 +126,13 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
                 step(f"calibrating {e.name} on {len(texts.texts)} texts (output-aware rounding)")
                 ev = Evaluator(base_model, e.pruned, runtime, task, batches)
                 grams[e.name] = {n: ev.gram(n) for n in e.pruned.modules}
+        adapters = {}
+        for e in entries:
+            ranks = plan.ranks_for(e.name, e.pruned, str(value))
+            truncation_grams = grams.get(e.name) if recorded[e.name].get("truncation") == "output-aware" else None
+            adapters[e.name] = {**recorded[e.name],
+                                **_entry_record(e, runtime, plan.formats_for(e.name, e.pruned, str(value)), "plan file",
+                                                ranks, truncation_grams)}
         return Plan(runtime, target, adapters, plan.budget, f"file:{value}", grams)
     if isinstance(choice, UniformPlan):
         value = choice.bits
@@ -142,7 +150,8 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
         ev = Evaluator(base_model, e.pruned, runtime, task, batches)
         result = search(ev, None if max_bytes else limit, max_bytes,
                         hinted_formats(e.pruned, runtime, e.original), progress=step, ranks=config.ranks)
-        record = _entry_record(e, runtime, result.formats, "learned", result.ranks)
+        truncation_grams = {n: ev.gram(n) for n in (result.ranks or {})} if ev.truncation == "output-aware" else None
+        record = _entry_record(e, runtime, result.formats, "learned", result.ranks, truncation_grams)
         record.update({"rounding": result.rounding, "chosen_from": result.chosen_from, "measured_pytorch": result.measured,
                        "predicted": {measure: result.predicted}, "evaluations": ev.evaluations,
                        "checked_plans": result.curve, "sensitivity": result.sensitivity,
@@ -154,7 +163,7 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
             step(f"PEFT convert_to_lora anchor for {e.name}")
             record["peft_conversion"] = peft_points(ev, base_model, uniform_format(runtime, 16))
         adapters[e.name] = record
-        if result.rounding == "output-aware":
+        if result.rounding == "output-aware" or record["truncation"] == "output-aware":
             grams[e.name] = {n: ev.gram(n) for n in e.pruned.modules}
     from .quant.search import DEFAULT_FLOORS
 
@@ -192,13 +201,16 @@ def apply_plan(entries: tuple[AdapterEntry, ...], plan: Plan) -> tuple[AdapterEn
     out = []
     for e in entries:
         ranks = plan.ranks_for(e.name, e.pruned)
-        shipped = truncate_adapter(e.pruned, ranks)  # what ships: the plan's ranks (exact pruning where none)
         entry = plan.adapters[e.name]
-        grams = None
-        if entry.get("rounding") == "output-aware":
-            grams = plan.grams.get(e.name)
-            if grams is None:
-                raise PlanError(f"adapter {e.name!r}: its plan rounds output-aware and holds no calibration grams")
+        calibrated = entry.get("rounding") == "output-aware" or (ranks and entry.get("truncation") == "output-aware")
+        grams = plan.grams.get(e.name) if calibrated else None
+        if calibrated and grams is None:
+            raise PlanError(f"adapter {e.name!r}: its plan is calibrated (output-aware rounding or truncation) "
+                            "and holds no calibration grams")
+        # what ships: the plan's ranks (exact pruning where none)
+        shipped = truncate_adapter(e.pruned, ranks, grams if entry.get("truncation") == "output-aware" else None)
+        if entry.get("rounding") != "output-aware":
+            grams = None
         out.append(dataclasses.replace(e, pruned=shipped,
                                        quantized=quantize_adapter(shipped, plan.runtime, entry["formats"], grams=grams)))
     return tuple(out)

@@ -50,10 +50,14 @@ def peft_points(ev, base_model, fmt16: str, thresholds=THRESHOLDS) -> list[dict]
     from .plan import stored_matrix
 
     points = []
-    for t, ranks in peft_ranks(base_model, ev.adapters, thresholds).items():
-        formats = {tensor_key(n, r): fmt16 for n in ev.adapters.modules for r in ROLES}
-        size = sum(quantize(stored_matrix(ev.module_at(n, ranks[n]), r, ev.storage), fmt16).nbytes
-                   for n in ev.adapters.modules for r in ROLES)
-        points.append({"plan": f"PEFT convert_to_lora({t})", "threshold": t, "ranks_total": sum(ranks.values()),
-                       "bytes": size, **ev.error(formats, ranks)})
+    own, ev.truncation = ev.truncation, "plain"  # PEFT re-factors by the SVD of ΔW itself
+    try:
+        for t, ranks in peft_ranks(base_model, ev.adapters, thresholds).items():
+            formats = {tensor_key(n, r): fmt16 for n in ev.adapters.modules for r in ROLES}
+            size = sum(quantize(stored_matrix(ev.module_at(n, ranks[n]), r, ev.storage), fmt16).nbytes
+                       for n in ev.adapters.modules for r in ROLES)
+            points.append({"plan": f"PEFT convert_to_lora({t})", "threshold": t, "ranks_total": sum(ranks.values()),
+                           "bytes": size, **ev.error(formats, ranks)})
+    finally:
+        ev.truncation = own
     return points

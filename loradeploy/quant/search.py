@@ -22,7 +22,7 @@ from ..errors import LoradeployError
 from ..ir import AdapterSet, LoraModule, Task
 from ..merge import find_module, load_extras
 from .plan import ROLES, allowed_formats, quantize_adapter, stored_matrix, tensor_key
-from .rank import truncate
+from .rank import decompose, truncate
 from .rounding import ROUNDED_FORMATS
 
 #: the measure a plan is held to, per task (names from the one table of measures)
@@ -48,6 +48,9 @@ class Evaluator:
                  rounding: bool = True):
         self.adapters, self.runtime, self.task, self.batches = adapters, runtime, task, batches
         self.rounding = rounding
+        #: how modules are truncated to a lower rank: "output-aware" (SVD of ΔW·L, L Lᵀ = XᵀX + λI)
+        #: or "plain" (SVD of ΔW, as PEFT's conversion does)
+        self.truncation = "output-aware"
         self._grams: dict[str, np.ndarray] = {}
         self.storage = registry.get(runtime).storage
         self.model = copy.deepcopy(base_model).eval()
@@ -59,7 +62,8 @@ class Evaluator:
             self.base_weights[name] = module.weight.detach().clone()
         self._cache: dict[tuple[str, str, int], torch.Tensor] = {}
         self._current: dict[str, tuple] = {}  # module → (formats, rank, rounding) its weight holds now
-        self._truncated: dict[tuple[str, int], LoraModule] = {}
+        self._truncated: dict[tuple[str, int, str], LoraModule] = {}
+        self._decomposed: dict[tuple[str, str], tuple] = {}
         self.evaluations = 0
         exact = {tensor_key(n, r): self.storage.ladder[0] for n in adapters.modules for r in ROLES}
         self._set(exact)
@@ -88,12 +92,20 @@ class Evaluator:
         return self._grams[name]
 
     def module_at(self, name: str, rank: int | None = None) -> LoraModule:
-        """Module ``name`` at ``rank`` (its pruned rank when None; lower: the SVD truncation)."""
+        """Module ``name`` at ``rank`` (its pruned rank when None; lower: the SVD truncation,
+        output-aware or plain as ``self.truncation`` says)."""
         m = self.adapters.modules[name]
         k = m.rank if rank is None else rank
-        if (name, k) not in self._truncated:
-            self._truncated[(name, k)] = truncate(m, k)
-        return self._truncated[(name, k)]
+        key = (name, k, self.truncation)
+        if key not in self._truncated:
+            if k >= m.rank:
+                self._truncated[key] = m
+            else:
+                if (name, self.truncation) not in self._decomposed:  # one SVD per module, cut at each rank
+                    gram = self.gram(name) if self.truncation == "output-aware" else None
+                    self._decomposed[(name, self.truncation)] = decompose(m, gram)
+                self._truncated[key] = truncate(m, k, parts=self._decomposed[(name, self.truncation)])
+        return self._truncated[key]
 
     @torch.no_grad()
     def layer_error(self, name: str, fmt_a: str, fmt_b: str, rank: int | None = None) -> float:
@@ -114,7 +126,7 @@ class Evaluator:
                      rounding: bool | None = None) -> torch.Tensor:
         module = self.module_at(name, rank)
         rounded = (self.rounding if rounding is None else rounding) and fmt in ROUNDED_FORMATS
-        key = (tensor_key(name, role), fmt, module.rank, rounded)
+        key = (tensor_key(name, role), fmt, module.rank, rounded, self.truncation)
         if key not in self._cache:
             single = AdapterSet(self.adapters.method, {name: module})
             q = quantize_adapter(single, self.runtime, {tensor_key(name, r): fmt if r == role else self.storage.ladder[0]
@@ -127,7 +139,8 @@ class Evaluator:
         rounding = self.rounding if rounding is None else rounding
         for name, m in self.adapters.modules.items():
             k = (ranks or {}).get(name, m.rank)
-            state = (formats[tensor_key(name, "lora_A")], formats[tensor_key(name, "lora_B")], k, rounding)
+            state = (formats[tensor_key(name, "lora_A")], formats[tensor_key(name, "lora_B")], k, rounding,
+                     self.truncation)
             if self._current.get(name) == state:
                 continue
             self._current[name] = state
