@@ -31,12 +31,12 @@ def _adapter_inputs(specs, method, lora_alpha, lora_r, head):
                          _read_options(lora_alpha, lora_r, head))
 
 
-def _plan_config(plan, budget, max_bytes, calibration, ranks=True, peft_anchor=False):
+def _plan_config(plan, budget, max_bytes, calibration, ranks=True, peft_anchor=False, output_aware=True):
     from .quantize import PlanConfig
 
     return PlanConfig.parse(plan, budget=budget, max_bytes=max_bytes,
                             calibration=Path(calibration) if calibration else None, ranks=ranks,
-                            peft_anchor=peft_anchor)
+                            peft_anchor=peft_anchor, output_aware=output_aware)
 
 
 def adapter_options(f):
@@ -119,6 +119,11 @@ def plan_options(f):
                      help="Learned plan: also lower module ranks (ΔW re-factored by SVD in float64), chosen with "
                           "the formats by measured error per byte saved; the manifest records each truncated "
                           "module's rank and the share of ‖ΔW‖² kept.")(f)
+    f = click.option("--output-aware/--nearest", "output_aware", default=True, show_default=True,
+                     help="Learned plan: choose integer codes (int8/int4/lut4: OPTQ's sequential rounding) and "
+                          "truncated ranks (SVD of ΔW·L, L Lᵀ = XᵀX) against each module's calibration inputs X, "
+                          "for less output error in the same bytes; --nearest: nearest rounding, plain SVD. "
+                          "Nearest-rounded uniform plans stay candidates either way.")(f)
     f = click.option("--max-bytes", type=click.IntRange(min=1),
                      help="Learned plan: the least error within this many adapter bytes (instead of --budget).")(f)
     f = click.option("--budget", metavar="[MEASURE=]VALUE",
@@ -152,7 +157,7 @@ def plan_options(f):
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_cmd(base, adapters, target, mode, eval_path, out, method, lora_alpha, lora_r, head, plan, budget,
-               max_bytes, ranks, peft_anchor, calibration, slots, overwrite, as_json):
+               max_bytes, ranks, output_aware, peft_anchor, calibration, slots, overwrite, as_json):
     """Export adapters on a base for a target, validate there, write manifest + report.
 
     Exits 1 when a validation measure is outside the profile's budget."""
@@ -161,7 +166,7 @@ def export_cmd(base, adapters, target, mode, eval_path, out, method, lora_alpha,
 
     config = ExportConfig(base, _adapter_inputs(adapters, method, lora_alpha, lora_r, head), target, Path(out), mode,
                           Path(eval_path) if eval_path else None,
-                          _plan_config(plan, budget, max_bytes, calibration, ranks, peft_anchor),
+                          _plan_config(plan, budget, max_bytes, calibration, ranks, peft_anchor, output_aware),
                           overwrite, slots)
     with progress_steps() as step:
         record = export(config, step)
@@ -181,8 +186,8 @@ def export_cmd(base, adapters, target, mode, eval_path, out, method, lora_alpha,
 @adapter_options
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def quantize_cmd(base, adapters, target, plan, budget, max_bytes, ranks, peft_anchor, calibration, out, method,
-                 lora_alpha, lora_r, head, overwrite, as_json):
+def quantize_cmd(base, adapters, target, plan, budget, max_bytes, ranks, output_aware, peft_anchor, calibration, out,
+                 method, lora_alpha, lora_r, head, overwrite, as_json):
     """Learn a per-tensor precision plan for adapters on a base and target.
 
     Measures each tensor's sensitivity on calibration inputs, lowers precisions greedily by
@@ -193,7 +198,8 @@ def quantize_cmd(base, adapters, target, plan, budget, max_bytes, ranks, peft_an
     from .render import print_plan, progress_steps
 
     config = QuantizeConfig(base, _adapter_inputs(adapters, method, lora_alpha, lora_r, head), target, Path(out),
-                            _plan_config(plan, budget, max_bytes, calibration, ranks, peft_anchor), overwrite)
+                            _plan_config(plan, budget, max_bytes, calibration, ranks, peft_anchor, output_aware),
+                            overwrite)
     with progress_steps() as step:
         record = quantize(config, step)
     _emit(record, as_json, print_plan)

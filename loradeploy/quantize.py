@@ -77,6 +77,8 @@ class PlanConfig:
     max_bytes: int | None = field(default=None, metadata={"help": "learned: least error within this many bytes"})
     calibration: Path | None = field(default=None, metadata={"help": "calibration texts (default: the examples')"})
     ranks: bool = field(default=True, metadata={"help": "learned: also lower module ranks (SVD truncation)"})
+    output_aware: bool = field(default=True, metadata={"help": "learned: integer codes and truncated ranks chosen "
+                                                                "against the calibration inputs (else nearest, plain SVD)"})
     peft_anchor: bool = field(default=False, metadata={"help": "learned: also measure PEFT's convert_to_lora "
                                                                  "(loradeploy.quant.anchor) for the report's plot"})
 
@@ -147,7 +149,8 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
     adapters, grams = {}, {}
     for e in entries:
         step(f"calibrating {e.name} on {len(texts.texts)} texts")
-        ev = Evaluator(base_model, e.pruned, runtime, task, batches)
+        ev = Evaluator(base_model, e.pruned, runtime, task, batches, rounding=config.output_aware,
+                       truncation="output-aware" if config.output_aware else "plain")
         result = search(ev, None if max_bytes else limit, max_bytes,
                         hinted_formats(e.pruned, runtime, e.original), progress=step, ranks=config.ranks)
         truncation_grams = {n: ev.gram(n) for n in (result.ranks or {})} if ev.truncation == "output-aware" else None

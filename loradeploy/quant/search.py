@@ -45,12 +45,12 @@ class Evaluator:
     inputs (:mod:`.rounding`), else the nearest ones."""
 
     def __init__(self, base_model, adapters: AdapterSet, runtime: str, task: Task, batches: list[dict],
-                 rounding: bool = True):
+                 rounding: bool = True, truncation: str = "output-aware"):
         self.adapters, self.runtime, self.task, self.batches = adapters, runtime, task, batches
         self.rounding = rounding
         #: how modules are truncated to a lower rank: "output-aware" (SVD of ΔW·L, L Lᵀ = XᵀX + λI)
         #: or "plain" (SVD of ΔW, as PEFT's conversion does)
-        self.truncation = "output-aware"
+        self.truncation = truncation
         self._grams: dict[str, np.ndarray] = {}
         self.storage = registry.get(runtime).storage
         self.model = copy.deepcopy(base_model).eval()
