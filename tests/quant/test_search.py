@@ -164,8 +164,14 @@ def test_peft_anchor_is_measured_like_the_plans(sora_setup):
     assert points[0]["bytes"] < points[1]["bytes"] <= points[2]["bytes"]
     assert points[0]["mean_abs_logit"] > points[1]["mean_abs_logit"] >= points[2]["mean_abs_logit"]
     chosen = peft_ranks(model, entry.pruned, (0.9,))[0.9]
-    again = ev.error({k: "fp16" for k in uniform_formats(entry.pruned, "onnxruntime", "fp16")}, chosen)
+    assert ev.truncation == "output-aware"  # the plans' own; PEFT's points are cut by the plain SVD, as PEFT does
+    fp16 = {k: "fp16" for k in uniform_formats(entry.pruned, "onnxruntime", "fp16")}
+    aware = ev.error(fp16, chosen)
+    ev.truncation = "plain"
+    again = ev.error(fp16, chosen)
+    ev.truncation = "output-aware"
     assert again["mean_abs_logit"] == pytest.approx(points[1]["mean_abs_logit"])
+    assert aware["mean_abs_logit"] != pytest.approx(again["mean_abs_logit"])  # the evaluator's own cut differs
     learned = search(ev, max_bytes=points[1]["bytes"], ranks=True)
     assert learned.nbytes <= points[1]["bytes"]
     assert learned.measured["mean_abs_logit"] < points[1]["mean_abs_logit"]
