@@ -125,7 +125,7 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
             batches = calibration_batches(load_tokenizer(base_dir), texts.texts, task,
                                           CALIBRATION_MAX_LENGTH.get(task, 128))
             for e in rounded:
-                step(f"calibrating {e.name} on {len(texts.texts)} texts (output-aware rounding)")
+                step(f"calibrating {e.name} on {len(texts.texts)} texts (the plan is output-aware)")
                 ev = Evaluator(base_model, e.pruned, runtime, task, batches)
                 grams[e.name] = {n: ev.gram(n) for n in e.pruned.modules}
         adapters = {}

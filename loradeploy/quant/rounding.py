@@ -114,7 +114,7 @@ def round_along_columns(x: np.ndarray, fmt: str, gram: np.ndarray) -> Quantized:
         codes[:, j] = idx - 8
         return levels[idx] * s
 
-    deq = _solve(x64, gram, round_column).astype(np.float32)
+    _solve(x64, gram, round_column)  # fills codes and scales
     payload = {"q": codes, "scale": scales, "columns": np.asarray(n)}
     if fmt == "lut4":
         payload["levels"] = levels.astype(np.float32)
