@@ -31,8 +31,9 @@ from .formats import BLOCK, Quantized, _best_clip, _blocks, quantize
 #: formats whose stored codes output-aware rounding chooses
 ROUNDED_FORMATS = ("int8", "int4", "lut4")
 #: damping of the gram's diagonal, relative to its mean: 0.1 rather than GPTQ's 0.01, since a
-#: LoRA plan calibrates on few texts (64: ~1,000 token rows for 384-wide inputs); on the MiniLM
-#: examples' eval texts the model error of 0.1 generalised better (measured, stop 25)
+#: LoRA plan calibrates on few texts (64: ~1,000 token rows for 384-wide inputs). Measured on the
+#: MiniLM examples' eval texts (stop 25): uniform int8 with 0.1 had less model error than with
+#: 0.01 on all three adapters; on 4-bit formats it was mixed; the mean over the nine cases, equal
 DAMPING = 0.1
 
 
