@@ -61,7 +61,7 @@ class Evaluator:
             self.weights[name] = module.weight
             self.base_weights[name] = module.weight.detach().clone()
         self._cache: dict[tuple[str, str, int], torch.Tensor] = {}
-        self._current: dict[str, tuple] = {}  # module → (formats, rank, rounding) its weight holds now
+        self._current: dict[str, tuple] = {}  # module → (formats, rank, rounding, truncation) its weight holds now
         self._truncated: dict[tuple[str, int, str], LoraModule] = {}
         self._decomposed: dict[tuple[str, str], tuple] = {}
         self.evaluations = 0
