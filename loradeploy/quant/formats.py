@@ -178,6 +178,52 @@ def _ggml(x: np.ndarray, fmt: str) -> Quantized:
     return Quantized(fmt, deq, int(data.nbytes), {"clipped": clipped}, best_clip.reshape(rows, -1))
 
 
+#: the GGML types whose block is one f16 scale ``d`` and 32 integer codes (value = code · d), with
+#: the codes' range; :func:`ggml_blocks` writes them from chosen codes (output-aware rounding)
+GGML_CODES = {"q8_0": (-127, 127), "q5_0": (-16, 15), "q4_0": (-8, 7)}
+
+
+def ggml_scales(blocks: np.ndarray, fmt: str) -> np.ndarray:
+    """Per block of ``blocks`` [groups, 32], the f16-representable scale ``d`` with the least
+    squared round-trip error among clip ratios on CLIP_GRID, both for the largest value on the
+    longer (negative-code) side, as ggml's own quantizer does, and on the positive side."""
+    qmin, qmax = GGML_CODES[fmt]
+    amax = np.abs(blocks).max(axis=1)
+    signed = blocks[np.arange(len(blocks)), np.abs(blocks).argmax(axis=1)]
+    candidates = np.concatenate([CLIP_GRID[None, :] * signed[:, None] / qmin,
+                                 CLIP_GRID[None, :] * amax[:, None] / qmax], axis=1)  # [groups, K]
+    d = candidates.astype(np.float16).astype(np.float64)
+    safe = np.where(d != 0, d, 1.0)
+    q = np.clip(np.rint(blocks[:, None, :] / safe[..., None]), qmin, qmax)
+    err = ((q * d[..., None] - blocks[:, None, :]) ** 2).sum(axis=2)
+    return d[np.arange(len(d)), err.argmin(axis=1)]
+
+
+def ggml_blocks(codes: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarray:
+    """The bytes llama.cpp stores for GGML type ``fmt`` (block layouts of ggml-common.h) holding
+    ``codes`` [rows, n] (ints within ``GGML_CODES[fmt]``) with one scale per block of 32,
+    ``scales`` [rows, n / 32] (stored as f16): uint8 [rows, bytes per row], the form gguf's
+    writer takes for a quantized tensor. The ``gguf`` package only quantizes from floats, choosing
+    its own codes; this writes codes chosen elsewhere."""
+    rows, n = codes.shape
+    c = codes.reshape(rows, n // BLOCK, BLOCK).astype(np.int32)
+    d = np.ascontiguousarray(scales, dtype="<f2").reshape(rows, -1, 1).view(np.uint8)
+    if fmt == "q8_0":
+        body = c.astype(np.int8).view(np.uint8)
+    elif fmt == "q4_0":  # element j in the low nibble of byte j, element j + 16 in its high nibble
+        u = (c + 8).astype(np.uint8)
+        body = u[..., :16] | (u[..., 16:] << 4)
+    elif fmt == "q5_0":  # the low nibbles as q4_0, then the fifth bit of element j in bit j of a u32
+        u = (c + 16).astype(np.uint32)
+        high = (((u >> 4) & 1) << np.arange(BLOCK, dtype=np.uint32)).sum(axis=2, dtype=np.uint32)
+        low = (u & 0xF).astype(np.uint8)
+        body = np.concatenate([high.astype("<u4")[..., None].view(np.uint8), low[..., :16] | (low[..., 16:] << 4)],
+                              axis=2)
+    else:
+        raise LoradeployError(f"no block layout for {fmt!r} (block types with chosen codes: {', '.join(GGML_CODES)})")
+    return np.concatenate([d, body], axis=2).reshape(rows, -1)
+
+
 def quantize(x: np.ndarray, fmt: str) -> Quantized:
     """``x`` (2-D, rows = the runtime's grouping) in format ``fmt``."""
     x = np.asarray(x)

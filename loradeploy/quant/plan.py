@@ -71,9 +71,9 @@ def _stored(matrix: np.ndarray, fmt: str, m: LoraModule, role: str, storage: Lor
         return quantize(matrix, fmt)
     if role == "lora_A":
         return round_along_columns(matrix, fmt, gram)
-    if not storage.b_rank_major:  # B's inputs are its columns there; no runtime stores it so with integer formats
-        raise PlanError(f"output-aware rounding of {fmt} needs lora_B stored rank-major")
     a = m.lora_A.to(torch.float64).numpy()
+    if not storage.b_rank_major:  # [out, r]: B's inputs (Z = X Aᵀ) are its columns, as for lora_A
+        return round_along_columns(matrix, fmt, a @ gram @ a.T)
     return round_along_rows(matrix, fmt, a @ gram @ a.T)
 
 

@@ -12,11 +12,13 @@ bytes); only which codes are stored differs.
 For a LoRA module the two tensors see different inputs: ``lora_A`` [r, in] sees the module's
 inputs X (gram XᵀX, in × in); ``lora_B`` sees ``Z = X Aᵀ`` (gram A XᵀX Aᵀ, r × r), and when it is
 stored rank-major (``(s·B)ᵀ [r, out]``, ONNX Runtime) each of its stored rows is one input
-column, quantized whole by the format's own quantizer. Formats rounded here: ``int8`` (one
-scale per stored row), ``int4`` and ``lut4`` (blocks of 32 along the stored row; a block's scale
-is chosen when the solve reaches it, from the values as updated so far; lut4 keeps the 16 levels
-fitted to the tensor as given). Float formats and the GGML block types (which the ``gguf``
-package re-quantizes from floats, so the stored codes are its choice) are not.
+column, quantized whole by the format's own quantizer; stored ``[out, r]`` (llama.cpp) its
+columns are the inputs, as for ``lora_A``. Formats rounded here: ``int8`` (one scale per stored
+row), ``int4``, ``lut4`` and the GGML types ``q8_0``/``q5_0``/``q4_0`` (blocks of 32 along the
+stored row; a block's scale is chosen when the solve reaches it, from the values as updated so
+far; lut4 keeps the 16 levels fitted to the tensor as given; the GGML blocks are written as the
+bytes llama.cpp reads, since the ``gguf`` package quantizes only from floats, with its own
+codes). Float formats are not rounded.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from typing import Callable
 
 import numpy as np
 
-from .formats import BLOCK, Quantized, _best_clip, _blocks, quantize
+from .formats import BLOCK, GGML_CODES, Quantized, _best_clip, _blocks, ggml_blocks, ggml_scales, quantize
 
 #: formats whose stored codes output-aware rounding chooses
-ROUNDED_FORMATS = ("int8", "int4", "lut4")
+ROUNDED_FORMATS = ("int8", "int4", "lut4", *GGML_CODES)
 #: damping of the gram's diagonal, relative to its mean: 0.1 rather than GPTQ's 0.01, since a
 #: LoRA plan calibrates on few texts (64: ~1,000 token rows for 384-wide inputs). Measured on the
 #: MiniLM examples' eval texts (stop 25): uniform int8 with 0.1 had less model error than with
@@ -95,6 +97,8 @@ def round_along_columns(x: np.ndarray, fmt: str, gram: np.ndarray) -> Quantized:
         q = np.rint(deq / s[:, None]).astype(np.int8)
         return Quantized("int8", (q.astype(np.float32) * scale[:, None]).astype(np.float32), nearest.nbytes,
                          {"q": q, "scale": scale})
+    if fmt in GGML_CODES:
+        return _ggml_along_columns(x64, fmt, gram, nearest)
     if fmt not in ("int4", "lut4"):
         raise ValueError(f"output-aware rounding does not take {fmt!r}")
     nb = -(-n // BLOCK)
@@ -123,6 +127,30 @@ def round_along_columns(x: np.ndarray, fmt: str, gram: np.ndarray) -> Quantized:
     else:
         deq = codes[:, :n].astype(np.float32) * scales.repeat(BLOCK, 1)[:, :n]
     return Quantized(fmt, deq.astype(np.float32), nearest.nbytes, payload)
+
+
+def _ggml_along_columns(x64: np.ndarray, fmt: str, gram: np.ndarray, nearest: Quantized) -> Quantized:
+    """A GGML block type (rows of whole 32-blocks): a block's f16 scale chosen when the solve
+    reaches it, from its values as updated so far (:func:`.formats.ggml_scales`); stored as the
+    block bytes llama.cpp reads."""
+    rows, n = x64.shape
+    qmin, qmax = GGML_CODES[fmt]
+    scales = np.zeros((rows, n // BLOCK))
+    codes = np.zeros((rows, n), np.int8)
+
+    def round_column(j, w):
+        b = j // BLOCK
+        if j % BLOCK == 0:
+            scales[:, b] = ggml_scales(w[:, j:j + BLOCK], fmt)
+        s = scales[:, b]
+        codes[:, j] = np.clip(np.rint(w[:, j] / np.where(s != 0, s, 1.0)), qmin, qmax)
+        return codes[:, j] * s
+
+    _solve(x64, gram, round_column)
+    blocks = ggml_blocks(codes, scales, fmt)
+    deq = codes.astype(np.float32) * np.repeat(scales.astype(np.float16).astype(np.float32), BLOCK, axis=1)
+    assert blocks.nbytes == nearest.nbytes
+    return Quantized(fmt, deq, int(blocks.nbytes), {"blocks": blocks})
 
 
 def _rows_with_levels(x: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

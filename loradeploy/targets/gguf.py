@@ -101,9 +101,12 @@ def adapter_tensors(adapters: AdapterSet, info: dict) -> dict[str, tuple[np.ndar
 
 
 def _typed(arr: np.ndarray, type_name: str):
-    """``arr`` converted to GGML type ``type_name`` (F16 when its rows are not whole blocks)."""
+    """``arr`` converted to GGML type ``type_name`` (F16 when its rows are not whole blocks);
+    uint8 ``arr``: that type's block bytes already (codes chosen by output-aware rounding)."""
     gguf = _gguf()
     qtype = gguf.GGMLQuantizationType[type_name]
+    if arr.dtype == np.uint8:
+        return arr, qtype
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if arr.shape[-1] % block:
         qtype = gguf.GGMLQuantizationType.F16
@@ -112,15 +115,17 @@ def _typed(arr: np.ndarray, type_name: str):
 
 def planned_tensors(quantized, info: dict) -> dict[str, tuple[tuple[np.ndarray, str], tuple[np.ndarray, str]]]:
     """GGUF name → ((lora_a, type), (lora_b, type)) from a quantization plan's stored forms:
-    float formats as values, GGML block types as the clipped values the plan chose (the gguf
-    package's quantizer then reproduces the plan's blocks exactly)."""
+    float formats as values, GGML block types as their block bytes where the plan chose the codes
+    (output-aware rounding), else as the clipped values the plan chose (the gguf package's
+    quantizer then reproduces the plan's blocks exactly)."""
     out = {}
     for name, m in quantized.simulated.modules.items():
         g = tensor_name(info, name)
         pair = []
         for role in ("lora_A", "lora_B"):
             q = quantized.stored[f"{name}.{role}"]
-            arr = q.payload["clipped"] if "clipped" in q.payload else q.payload["values"].astype(np.float32)
+            arr = next((q.payload[k] for k in ("blocks", "clipped") if k in q.payload), None)
+            arr = q.payload["values"].astype(np.float32) if arr is None else arr
             heads = _permutation_heads(info, g) if role == "lora_B" else None
             pair.append((np.ascontiguousarray(permute_rows(arr, heads) if heads else arr), q.format.upper()))
         out[g] = tuple(pair)

@@ -60,3 +60,43 @@ def test_permutation_only_for_llama_q_and_k():
     k_order = [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]  # 2 heads of 8 rows
     assert np.array_equal(target.permute_rows(w, 4), w[q_order])
     assert np.array_equal(target.permute_rows(w, 2), w[k_order])
+
+
+
+def test_output_aware_block_codes_are_the_bytes_written(tmp_path):
+    """A plan with output-aware rounding on GGML types (lora_a in Q4_0/Q5_0, a rank-32 lora_b in
+    Q8_0): the adapter GGUF holds the chosen codes as they are (not re-quantized by the gguf
+    package), so what llama.cpp reads is the plan's simulated adapter exactly."""
+    import gguf
+
+    from loradeploy.quant.plan import quantize_adapter
+
+    g = torch.Generator().manual_seed(1)
+    shapes = {"model.layers.0.self_attn.q_proj": (1024, 640), "model.layers.1.self_attn.o_proj": (640, 1024)}
+    adapters = AdapterSet(Method.PEFT_LORA, {n: LoraModule(n, torch.randn(32, i, generator=g), torch.randn(o, 32, generator=g), 0.5)
+                                             for n, (o, i) in shapes.items()})
+    factors = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    grams = {}
+    for name, m in adapters.modules.items():
+        x = factors @ torch.randn(6, m.in_features, generator=g, dtype=torch.float64)
+        x += 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        grams[name] = (x.T @ x).numpy()
+    q, o = shapes
+    formats = {f"{q}.lora_A": "q4_0", f"{q}.lora_B": "q8_0", f"{o}.lora_A": "q5_0", f"{o}.lora_B": "q8_0"}
+    rounded = quantize_adapter(adapters, "llama.cpp", formats, grams=grams)
+    nearest = quantize_adapter(adapters, "llama.cpp", formats)
+    path = tmp_path / "a.gguf"
+    types = target.write_adapter(path, adapters, INFO, "f16", quantized=rounded)
+    assert types == {"blk.0.attn_q.weight.lora_a": "Q4_0", "blk.0.attn_q.weight.lora_b": "Q8_0",
+                     "blk.1.attn_output.weight.lora_a": "Q5_0", "blk.1.attn_output.weight.lora_b": "Q8_0"}
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for name, gname in ((q, "blk.0.attn_q"), (o, "blk.1.attn_output")):
+        for role, suffix in (("lora_A", "lora_a"), ("lora_B", "lora_b")):
+            t = tensors[f"{gname}.weight.{suffix}"]
+            stored = rounded.stored[f"{name}.{role}"]
+            got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(stored.dequantized.shape)
+            assert np.array_equal(got, stored.dequantized)  # the file holds exactly what the plan simulated
+            # and those are the output-aware codes, not what the gguf package would have chosen
+            assert not np.array_equal(got, nearest.stored[f"{name}.{role}"].dequantized)
+        sim = rounded.simulated.modules[name]
+        assert torch.equal(sim.lora_A, torch.from_numpy(rounded.stored[f"{name}.lora_A"].dequantized))
