@@ -108,16 +108,18 @@ class Evaluator:
         return self._truncated[key]
 
     @torch.no_grad()
-    def layer_error(self, name: str, fmt_a: str, fmt_b: str, rank: int | None = None) -> float:
+    def layer_error(self, name: str, fmt_a: str, fmt_b: str, rank: int | None = None,
+                    rounding: bool | None = None) -> float:
         """||X·(ΔW_plan − ΔW)ᵀ||_F on the module's calibration inputs X: the error that module's
-        output takes when its tensors are stored in (fmt_a, fmt_b), at ``rank``."""
+        output takes when its tensors are stored in (fmt_a, fmt_b), at ``rank`` (``rounding``:
+        output-aware or nearest codes, the evaluator's own when None)."""
         top = self.storage.ladder[0]
         full = self.adapters.modules[name].rank
         k = full if rank is None else rank
         # ΔW_plan − ΔW = L·R of rank ≤ k + r: ‖X (L R)ᵀ‖² = Σ (Y LᵀL) ⊙ Y with Y = X Rᵀ, never
         # forming the [out, in] difference (cheap for wide layers and many candidates)
-        right = torch.cat([self._dequantized(name, "lora_A", fmt_a, k), self._dequantized(name, "lora_A", top, full)])
-        left = torch.cat([self._unfolded_scale(name, k) * self._dequantized(name, "lora_B", fmt_b, k),
+        right = torch.cat([self._dequantized(name, "lora_A", fmt_a, k, rounding), self._dequantized(name, "lora_A", top, full)])
+        left = torch.cat([self._unfolded_scale(name, k) * self._dequantized(name, "lora_B", fmt_b, k, rounding),
                           -self._unfolded_scale(name, full) * self._dequantized(name, "lora_B", top, full)], dim=1)
         y = self.inputs[name] @ right.T
         return float(((y @ (left.T @ left)) * y).sum().clamp(min=0.0).sqrt())
@@ -253,6 +255,18 @@ def _model_sensitivity(ev, ladders, top, base_err, measure, step) -> dict[str, d
     return sens
 
 
+def _gain(ev, name: str, lowest: dict[str, str], measure: str, base_err: float) -> float:
+    """Model error per squared output error of module ``name``: one forward pass with its
+    tensors at their lowest formats (``lowest``), with nearest codes. The gain is a property of
+    where the module sits, not of the codes, and nearest rounding moves the model well above the
+    measure's float noise, where output-aware codes may not (sora-gemma's q4_0 modules, one at a
+    time: KL at noise level, so every gain was 0 and the greedy order blind)."""
+    ka, kb = tensor_key(name, "lora_A"), tensor_key(name, "lora_B")
+    e2e = max(additive(measure, ev.error(lowest, rounding=False)[measure]) - additive(measure, base_err), 0.0)
+    layer = ev.layer_error(name, lowest[ka], lowest[kb], rounding=False)
+    return e2e / layer ** 2 if layer > 0 else 0.0
+
+
 def _layer_sensitivity(ev, ladders, top, base_err, measure, step) -> dict[str, dict[str, float]]:
     """Each module's output error on its calibration inputs per format, converted to the model's
     output measure by one forward pass per module (both its tensors at their lowest format):
@@ -263,9 +277,7 @@ def _layer_sensitivity(ev, ladders, top, base_err, measure, step) -> dict[str, d
     for i, name in enumerate(sorted(ev.adapters.modules)):
         ka, kb = tensor_key(name, "lora_A"), tensor_key(name, "lora_B")
         low_a, low_b = ladders[ka][-1], ladders[kb][-1]
-        e2e = max(additive(measure, ev.error({**top, ka: low_a, kb: low_b})[measure]) - additive(measure, base_err), 0.0)
-        layer = ev.layer_error(name, low_a, low_b)
-        gain = e2e / layer ** p if layer > 0 else 0.0
+        gain = _gain(ev, name, {**top, ka: low_a, kb: low_b}, measure, base_err)
         sens[ka] = {f: gain * ev.layer_error(name, f, top_fmt) ** p for f in ladders[ka]}
         sens[kb] = {f: gain * ev.layer_error(name, top_fmt, f) ** p for f in ladders[kb]}
         if i % 8 == 7:
@@ -414,9 +426,7 @@ def _joint_order(ev, ladders, top, base_err, measure, step):
     for i, name in enumerate(names):
         ka, kb = tensor_key(name, "lora_A"), tensor_key(name, "lora_B")
         low_a, low_b = ladders[ka][-1], ladders[kb][-1]
-        e2e = max(additive(measure, ev.error({**top, ka: low_a, kb: low_b})[measure]) - additive(measure, base_err), 0.0)
-        layer = ev.layer_error(name, low_a, low_b)
-        gain[name] = e2e / layer ** 2 if layer > 0 else 0.0
+        gain[name] = _gain(ev, name, {**top, ka: low_a, kb: low_b}, measure, base_err)
         sens[ka] = {f: gain[name] * ev.layer_error(name, f, top[kb]) ** 2 for f in ladders[ka]}
         sens[kb] = {f: gain[name] * ev.layer_error(name, top[ka], f) ** 2 for f in ladders[kb]}
         nbytes[ka] = {f: _bytes(ev, ka, f) for f in ladders[ka]}

@@ -175,3 +175,25 @@ def test_peft_anchor_is_measured_like_the_plans(sora_setup):
     learned = search(ev, max_bytes=points[1]["bytes"], ranks=True)
     assert learned.nbytes <= points[1]["bytes"]
     assert learned.measured["mean_abs_logit"] < points[1]["mean_abs_logit"]
+
+
+def test_module_gain_is_measured_with_nearest_codes(sora_setup):
+    """A module's gain (model error per squared output error) comes from a forward pass with its
+    tensors at their lowest formats and *nearest* codes, whatever codes the plan stores: with
+    output-aware codes that pass can sit at the measure's float noise (sora-gemma's q4_0 modules),
+    which made every gain 0. The gain is the same from an output-aware and a nearest evaluator,
+    and positive."""
+    from loradeploy.quant.plan import tensor_key
+    from loradeploy.quant.search import MEASURES, _gain
+
+    entry, model, batches = sora_setup
+    measure = MEASURES[Task.SEQUENCE_CLASSIFICATION]
+    name = sorted(entry.pruned.modules)[0]
+    gains = []
+    for rounding in (True, False):
+        ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches[:1], rounding=rounding)
+        top = uniform_formats(entry.pruned, "onnxruntime", "fp32")
+        lowest = {**top, tensor_key(name, "lora_A"): "int4", tensor_key(name, "lora_B"): "int4"}
+        gains.append(_gain(ev, name, lowest, measure, ev.error(top)[measure]))
+        assert ev.layer_error(name, "int4", "int4", rounding=True) < ev.layer_error(name, "int4", "int4", rounding=False)
+    assert gains[0] == pytest.approx(gains[1], rel=1e-6) and gains[0] > 0
