@@ -4,7 +4,9 @@ For each MiniLM example adapter (ONNX Runtime, swappable, fp32 base) and the Gem
 (llama.cpp): uniform 16/8/4-bit plans, the learned plan under its default budget, and the
 learned plan held to the bytes of each uniform plan. Every plan is exported and validated on
 the eval set in the runtime (|Δlogit| and accuracy for the classifier, KL and top-1 for the
-LM, against the fp32 adapter as trained).
+LM, against the fp32 adapter as trained). The LM's plans are compared by their KL from the fp16
+adapter in llama.cpp, on the shipped base and on its dequantized F32 copy (where the ratios are
+judged: see :func:`lm_errors_vs_fp16`).
 
 The learned plan chooses each module's rank (SVD truncation) and each tensor's format together;
 "formats only" is the earlier plan (ranks as pruned), for comparison.
