@@ -37,6 +37,9 @@ class LoraStorage:
     by_bits: dict[int, str] = field(metadata={"help": "nominal bit width → format (uniform plans, B-LoRA hints)"})
     folds_scale: bool = field(metadata={"help": "scale and rank gates folded into B (else kept in the adapter's config)"})
     b_rank_major: bool = field(metadata={"help": "B stored as (s·B)ᵀ [r, out] (rows per rank), else [out, r]"})
+    activations: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "weight format → how the runtime rounds that product's input before multiplying "
+                "(quant.formats.round_activations: 'f16', 'q8_0'); a format not named: used as is"})
 
     def __post_init__(self):
         if not self.ladder or not set(self.ladder) <= set(self.accepted):

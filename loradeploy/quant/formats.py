@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from ..errors import LoradeployError
 
@@ -248,3 +249,26 @@ def format_for_bits(by_bits: dict[int, str], bits: int) -> str:
     table = by_bits
     wide = sorted(b for b in table if b >= bits)
     return table[wide[0]] if wide else table[min(table)]
+
+
+def round_activations(x: torch.Tensor, how: str | None) -> torch.Tensor:
+    """``x`` (…, n) as a runtime rounds a product's input before multiplying (the weight's
+    format decides, :attr:`LoraStorage.activations`): ``"f16"`` to half precision; ``"q8_0"``
+    to ggml's 8-bit blocks of 32 along the last axis (per block d = max|x| / 127, codes
+    round(x / d) to nearest even, d stored as f16: x̂ = code · f16(d), as ggml-cpu's
+    ``quantize_row_q8_0``); None: unchanged."""
+    if how is None:
+        return x
+    if how == "f16":
+        return x.to(torch.float16).to(x.dtype)
+    if how != "q8_0":
+        raise ValueError(f"round_activations: unknown rounding {how!r}")
+    n = x.shape[-1]
+    if n % BLOCK:
+        raise ValueError(f"round_activations: q8_0 needs rows of whole {BLOCK}-blocks, got {n}")
+    blocks = x.reshape(*x.shape[:-1], n // BLOCK, BLOCK).to(torch.float32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    d = amax / 127
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    codes = torch.round(blocks * inv)
+    return (codes * d.to(torch.float16).to(torch.float32)).reshape(x.shape).to(x.dtype)

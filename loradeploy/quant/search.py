@@ -23,6 +23,7 @@ from ..ir import AdapterSet, LoraModule, Task
 from ..merge import find_module, load_extras
 from .plan import ROLES, allowed_formats, quantize_adapter, stored_matrix, tensor_key
 from .rank import decompose, truncate
+from .formats import round_activations
 from .rounding import ROUNDED_FORMATS
 
 #: the measure a plan is held to, per task (names from the one table of measures)
@@ -65,6 +66,15 @@ class Evaluator:
         self._truncated: dict[tuple[str, int, str], LoraModule] = {}
         self._decomposed: dict[tuple[str, str], tuple] = {}
         self.evaluations = 0
+        #: a runtime that rounds a product's input by the weight's format (llama.cpp) cannot be
+        #: simulated by merged weights: each module then adds its LoRA path beside the base
+        #: weight, its inputs rounded as the runtime rounds them, in float64
+        self.unmerged = bool(self.storage.activations)
+        self._paths: dict[str, tuple] = {}
+        self._rounded_inputs: dict[tuple[str, str | None], torch.Tensor] = {}
+        if self.unmerged:
+            for name in adapters.modules:
+                find_module(self.model, name)[1].register_forward_hook(self._lora_path(name))
         exact = {tensor_key(n, r): self.storage.ladder[0] for n in adapters.modules for r in ROLES}
         self._set(exact)
         self.inputs: dict[str, torch.Tensor] = {}
@@ -83,6 +93,24 @@ class Evaluator:
             x = x[mask] if mask is not None else x
             self.inputs[name] = torch.cat([self.inputs[name], x.double()]) if name in self.inputs else x.double()
         return hook
+
+    def _lora_path(self, name: str):
+        def hook(_module, args, out):
+            a, b, how_a, how_b = self._paths[name]
+            x = round_activations(args[0].to(torch.float64), how_a)
+            return out + (round_activations(x @ a.T, how_b) @ b.T).to(out.dtype)
+        return hook
+
+    def _activation(self, fmt: str) -> str | None:
+        return self.storage.activations.get(fmt)
+
+    def _rank_outputs(self, name: str, a: torch.Tensor, fmt_a: str, fmt_b: str) -> torch.Tensor:
+        """The calibration inputs through a module's stored ``A`` as the runtime computes them:
+        inputs rounded for ``fmt_a``, the product rounded for ``fmt_b`` (``B``'s input)."""
+        how = self._activation(fmt_a)
+        if (name, how) not in self._rounded_inputs:
+            self._rounded_inputs[(name, how)] = round_activations(self.inputs[name], how)
+        return round_activations(self._rounded_inputs[(name, how)] @ a.T, self._activation(fmt_b))
 
     def gram(self, name: str):
         """XᵀX (float64 numpy) of module ``name``'s calibration inputs."""
@@ -118,10 +146,11 @@ class Evaluator:
         k = full if rank is None else rank
         # ΔW_plan − ΔW = L·R of rank ≤ k + r: ‖X (L R)ᵀ‖² = Σ (Y LᵀL) ⊙ Y with Y = X Rᵀ, never
         # forming the [out, in] difference (cheap for wide layers and many candidates)
-        right = torch.cat([self._dequantized(name, "lora_A", fmt_a, k, rounding), self._dequantized(name, "lora_A", top, full)])
+        # (inputs rounded as the runtime rounds them: Y holds the rank outputs both sides)
         left = torch.cat([self._unfolded_scale(name, k) * self._dequantized(name, "lora_B", fmt_b, k, rounding),
                           -self._unfolded_scale(name, full) * self._dequantized(name, "lora_B", top, full)], dim=1)
-        y = self.inputs[name] @ right.T
+        y = torch.cat([self._rank_outputs(name, self._dequantized(name, "lora_A", fmt_a, k, rounding), fmt_a, fmt_b),
+                       self._rank_outputs(name, self._dequantized(name, "lora_A", top, full), top, top)], dim=1)
         return float(((y @ (left.T @ left)) * y).sum().clamp(min=0.0).sqrt())
 
     def _dequantized(self, name: str, role: str, fmt: str, rank: int | None = None,
@@ -148,6 +177,10 @@ class Evaluator:
             self._current[name] = state
             a = self._dequantized(name, "lora_A", state[0], k, rounding)
             b = self._dequantized(name, "lora_B", state[1], k, rounding)
+            if self.unmerged:
+                self._paths[name] = (a, self._unfolded_scale(name, k) * b, self._activation(state[0]),
+                                     self._activation(state[1]))
+                continue
             w = self.weights[name]
             w.copy_((self.base_weights[name].to(torch.float64) + self._unfolded_scale(name, k) * (b @ a)).to(w.dtype))
 
@@ -156,6 +189,7 @@ class Evaluator:
         return 1.0 if self.storage.folds_scale else self.module_at(name, rank).scale
 
     _mask: torch.Tensor | None = None
+    _reference_probs: list[torch.Tensor] | None = None
 
     @torch.no_grad()
     def _outputs(self) -> list[torch.Tensor]:
@@ -164,13 +198,20 @@ class Evaluator:
             self._mask = batch["attention_mask"]
             out = self.model(**batch)
             if self.task is Task.CAUSAL_LM:
-                outs.append(torch.log_softmax(out.logits.float(), -1)[batch["attention_mask"].bool()])
+                outs.append(out.logits.float()[batch["attention_mask"].bool()])  # compare() takes log-probs
             elif self.task is Task.SEQUENCE_CLASSIFICATION:
                 outs.append(out.logits.double())
             else:
                 m = batch["attention_mask"].unsqueeze(-1).float()
                 outs.append(((out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)).double())
         return outs
+
+    def outputs(self, formats: dict[str, str], ranks: dict[str, int] | None = None,
+                rounding: bool | None = None) -> list[torch.Tensor]:
+        """The model's outputs on the calibration batches with the adapter stored as a plan says
+        (LM: logits of the unmasked tokens)."""
+        self._set(formats, ranks, rounding)
+        return self._outputs()
 
     def error(self, formats: dict[str, str], ranks: dict[str, int] | None = None, rounding: bool | None = None) -> dict:
         """Error measures of a whole plan (every tensor's format given; ``ranks``: modules
@@ -179,14 +220,16 @@ class Evaluator:
         self._set(formats, ranks, rounding)
         self.evaluations += 1
         got = self._outputs()
+        if self.task is Task.CAUSAL_LM:
+            if self._reference_probs is None:
+                self._reference_probs = [torch.softmax(r.double(), -1).float() for r in self.reference]
+            return _lm_compare(self.reference, self._reference_probs, got)
         return compare(self.reference, got, self.task)
 
 
 def compare(reference: list[torch.Tensor], got: list[torch.Tensor], task: Task) -> dict:
     if task is Task.CAUSAL_LM:
-        kl = torch.cat([(r.exp() * (r - g)).sum(-1) for r, g in zip(reference, got)])
-        top1 = torch.cat([(r.argmax(-1) == g.argmax(-1)).float() for r, g in zip(reference, got)])
-        return {"kl_mean": float(kl.mean()), "top1_agreement": float(top1.mean())}
+        return _lm_compare(reference, [None] * len(reference), got)
     ref, out = torch.cat(reference), torch.cat(got)
     if task is Task.SEQUENCE_CLASSIFICATION:
         d = (out - ref).abs()
@@ -194,6 +237,22 @@ def compare(reference: list[torch.Tensor], got: list[torch.Tensor], task: Task) 
                 "label_agreement": float((out.argmax(-1) == ref.argmax(-1)).double().mean())}
     cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
     return {"cosine_distance": float(1 - cos.mean()), "cosine_min": float(cos.min())}
+
+
+def _lm_compare(reference: list[torch.Tensor], probs: list[torch.Tensor | None], got: list[torch.Tensor]) -> dict:
+    """Per-token KL(reference ‖ got) from logits [tokens, vocab], in float64 from the logit
+    differences δ = got − reference: KL = log E_p[e^δ] − E_p[δ] (p the reference's softmax,
+    float32 in ``probs`` where cached). Log-probs in float32 would not do: their rounding alone
+    (~1e-6 at −20) averages to a KL of ~1e-8, the size of an 8-bit plan's error."""
+    kl, top1 = [], []
+    for r, p_all, g in zip(reference, probs, got):
+        for i in range(0, r.shape[0], 64):
+            p = (torch.softmax(r[i:i + 64].double(), -1) if p_all is None else p_all[i:i + 64]).double()
+            total = p.sum(-1)  # the stored p's own sum: normalizing by it keeps float32 p exact
+            d = g[i:i + 64].double() - r[i:i + 64].double()
+            kl.append(torch.log1p((p * torch.expm1(d)).sum(-1) / total) - (p * d).sum(-1) / total)
+        top1.append((r.argmax(-1) == g.argmax(-1)).double())
+    return {"kl_mean": float(torch.cat(kl).mean()), "top1_agreement": float(torch.cat(top1).mean())}
 
 
 def calibration_batches(tokenizer, texts: list[str], task: Task, max_length: int, batch_size: int = 32) -> list[dict]:

@@ -28,7 +28,12 @@ SPEC = RuntimeSpec(
     storage=LoraStorage(ladder=("f32", "f16", "q8_0", "q5_0", "q4_0"),
                         accepted=("f32", "f16", "q8_0", "q5_0", "q4_0", "q5_1", "q4_1"),
                         by_bits={32: "f32", 16: "f16", 8: "q8_0", 5: "q5_0", 4: "q4_0"},
-                        folds_scale=True, b_rank_major=False),
+                        folds_scale=True, b_rank_major=False,
+                        # ggml-cpu's vec_dot_type: an F16 weight multiplies the input rounded to
+                        # f16, every block type the input quantized to 8-bit blocks of 32 (Q8_0;
+                        # Q8_1 for q5_1/q4_1 holds the same codes and scale)
+                        activations={"f16": "f16", "q8_0": "q8_0", "q5_0": "q8_0", "q4_0": "q8_0",
+                                     "q5_1": "q8_0", "q4_1": "q8_0"}),
     adapter_suffix=".gguf", target="loradeploy.targets.gguf:GgufTarget",
     session="loradeploy.runtime.llama:LlamaSession")
 

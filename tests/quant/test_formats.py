@@ -141,3 +141,21 @@ def test_ggml_scales_never_worse_than_ggml_own(fmt):
     qtype = gguf.GGMLQuantizationType[formats.GGML_FORMATS[fmt]]
     theirs = ((gguf.quants.dequantize(gguf.quants.quantize(x.astype(np.float32), qtype), qtype) - x) ** 2).sum(1)
     assert np.all(ours <= theirs * (1 + 1e-6)) and np.any(ours < theirs * (1 - 1e-3))
+
+
+def test_activation_rounding_is_ggmls_q8_0_and_f16():
+    """llama.cpp multiplies a block-typed weight with its input quantized to Q8_0 (an F16 weight
+    with the input in f16): round_activations gives what the gguf package's own Q8_0
+    quantize → dequantize gives, except at exact ties (ggml's SIMD rounds half to even)."""
+    import torch
+    from gguf import GGMLQuantizationType, dequantize, quantize as gguf_quantize
+
+    x = _matrix(8, 256, seed=3) * 50  # activations: larger, with outliers
+    x[2, :32] = 0.0  # an all-zero block keeps its zeros
+    ours = formats.round_activations(torch.from_numpy(x), "q8_0").numpy()
+    theirs = dequantize(gguf_quantize(x, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)
+    assert np.array_equal(ours, theirs)
+    assert np.abs(ours - x).max() > 0  # it did round
+    assert np.array_equal(formats.round_activations(torch.from_numpy(x), "f16").numpy(), x.astype(np.float16).astype(np.float32))
+    with pytest.raises(ValueError, match="whole 32-blocks"):
+        formats.round_activations(torch.zeros(2, 40), "q8_0")

@@ -155,6 +155,19 @@ def test_planned_tensor_types_reach_llama_cpp(tmp_path, tiny):
     with torch.no_grad():
         far = lm_fidelity([(full(torch.tensor([tokens])).logits[0].numpy(), logits[0], tokens)])
     assert far["kl_mean"] > 10 * max(ok["kl_mean"], 1e-7)
+    # the plan search's evaluator runs each LoRA path beside the base weight with its inputs
+    # rounded as ggml rounds them per weight type (f16; 8-bit blocks for Q8_0/Q5_0/Q4_0): it
+    # computes what llama.cpp computes far closer than the merged simulation above
+    from loradeploy.ir import Task
+    from loradeploy.quant.search import Evaluator
+
+    batch = {"input_ids": torch.tensor([tokens]), "attention_mask": torch.ones(1, len(tokens), dtype=torch.long)}
+    ev = Evaluator(LlamaForCausalLM.from_pretrained(hf).eval(), entry.pruned, "llama.cpp", Task.CAUSAL_LM, [batch],
+                   rounding=False, truncation="plain")
+    assert ev.unmerged
+    (sim,) = ev.outputs(formats, {n: k for n, (_, k) in ranks.items()})
+    closer = lm_fidelity([(sim.numpy(), logits[0], tokens)])
+    assert closer["kl_mean"] < ok["kl_mean"] / 10, (closer, ok)
 
 
 def test_norm_weights_merge_into_the_gguf_and_are_refused_as_swappable(tmp_path, gemma):
