@@ -197,3 +197,29 @@ def test_module_gain_is_measured_with_nearest_codes(sora_setup):
         gains.append(_gain(ev, name, lowest, measure, ev.error(top)[measure]))
         assert ev.layer_error(name, "int4", "int4", rounding=True) < ev.layer_error(name, "int4", "int4", rounding=False)
     assert gains[0] == pytest.approx(gains[1], rel=1e-6) and gains[0] > 0
+
+
+def test_lm_kl_is_exact_for_tiny_perturbations_and_the_cached_reference_agrees():
+    """KL from logit differences in float64: a perturbation δ of 1e-4 gives ½·Var_p(δ) (~5e-9),
+    which float32 log-probs could not resolve; the cached reference (entries above 1e-12) gives
+    the same to 1e-6 relative."""
+    from loradeploy.quant.search import LmReference, _lm_compare
+
+    gen = torch.Generator().manual_seed(0)
+    ref = [torch.randn(70, 32768, generator=gen) * 4, torch.randn(9, 32768, generator=gen) * 4]
+    got = [r + torch.randn(r.shape, generator=gen) * 1e-4 for r in ref]
+    second_order = []
+    for r, g in zip(ref, got):
+        p = torch.softmax(r.double(), -1)
+        d = (g.double() - r.double())
+        mean = (p * d).sum(-1, keepdim=True)
+        second_order.append(0.5 * (p * (d - mean) ** 2).sum(-1))
+    expected = float(torch.cat(second_order).mean())
+    full = _lm_compare(ref, got)["kl_mean"]
+    assert full == pytest.approx(expected, rel=1e-3)
+    float32 = float(torch.cat([(torch.log_softmax(r, -1).exp() * (torch.log_softmax(r, -1) - torch.log_softmax(g, -1))).sum(-1)
+                               for r, g in zip(ref, got)]).mean())
+    assert abs(float32 - expected) > 0.1 * expected  # what the float64 form is for
+    cached = LmReference(ref).compare(got)
+    assert cached["kl_mean"] == pytest.approx(full, rel=1e-6)
+    assert cached["top1_agreement"] == _lm_compare(ref, got)["top1_agreement"]
