@@ -14,7 +14,7 @@ from . import manifest as mf
 from . import registry
 from .errors import LoradeployError
 from .evaldata import EvalSet, load_eval
-from .fsutil import atomic_output_dir, sha256_file
+from .fsutil import atomic_output_dir, file_sha256
 from .ir import Task
 from .job import AdapterEntry, AdapterInputs, ExportJob, load_base_for, load_entries
 from .quant.plan import parse_plan_choice
@@ -188,7 +188,7 @@ def _base_record(spec: str, base_dir: Path) -> mf.BaseRecord:
         weights = [base_dir]
     else:
         weights = sorted(p for p in base_dir.glob("*.safetensors")) or sorted(base_dir.glob("*.bin"))
-    return mf.BaseRecord(spec, str(base_dir), [{"file": p.name, "sha256": sha256_file(p)} for p in weights])
+    return mf.BaseRecord(spec, str(base_dir), [{"file": p.name, "sha256": file_sha256(p)} for p in weights])
 
 
 def _manifest(job: ExportJob, decisions: dict, folder: Path, inputs: AdapterInputs) -> mf.Manifest:

@@ -22,6 +22,19 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_SHA: dict[tuple, str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, computed once per (device, inode, size, mtime) in this process: a
+    fleet's artifacts hard-link one base file, and its many inputs repeat."""
+    st = Path(path).stat()
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if ident not in _SHA:
+        _SHA[ident] = sha256_file(path)
+    return _SHA[ident]
+
+
 def cache_dir() -> Path:
     """Where assembled base files, dequantized references and the runtimes' reference models are
     kept (``LORADEPLOY_CACHE``, default ``~/.cache/loradeploy``)."""

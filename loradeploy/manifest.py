@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ManifestError
-from .fsutil import sha256_file
+from .fsutil import file_sha256
 
 MANIFEST = "manifest.json"
 REPORT = "report.html"
@@ -177,7 +177,7 @@ class Manifest:
 
 def file_entries(folder: Path) -> list[FileRecord]:
     """Every file of the artifact (but the manifest and report) with its sha256 and size."""
-    return [FileRecord(p.relative_to(folder).as_posix(), sha256_file(p), p.stat().st_size)
+    return [FileRecord(p.relative_to(folder).as_posix(), file_sha256(p), p.stat().st_size)
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (MANIFEST, REPORT)]
 
 

@@ -22,10 +22,10 @@ from typing import Callable
 from .. import __version__
 from .. import manifest as mf
 from ..errors import ManifestError, OutputError, SpecError
-from ..fsutil import link_or_copy, write_text_atomic
+from ..fsutil import file_sha256, link_or_copy, write_text_atomic
 from . import index as index_files
 from .executors import make as make_executor
-from .spec import FleetSpec, Unit, file_sha256, load_spec, parse_shard, shard
+from .spec import FleetSpec, Unit, load_spec, parse_shard, shard
 from .unit import SHARED_DIR, STATE_SUFFIX, state_path
 
 INDEX = "index.json"

@@ -33,7 +33,7 @@ import yaml
 
 from .. import __version__
 from ..errors import LoradeployError, SpecError
-from ..fsutil import sha256_file
+from ..fsutil import file_sha256
 
 SPEC_VERSION = 1
 TOP_KEYS = {"version", "base", "adapters", "targets", "mode", "plan", "eval", "slots", "resources"}
@@ -241,19 +241,6 @@ def load_spec(path: Path) -> FleetSpec:
 
 
 # --- keys ------------------------------------------------------------------------------------
-
-_SHA: dict[tuple, str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, computed once per (inode, size, mtime) in this process: a fleet's
-    artifacts hard-link one base file, and its many inputs repeat."""
-    st = path.stat()
-    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if ident not in _SHA:
-        _SHA[ident] = sha256_file(path)
-    return _SHA[ident]
-
 
 def _tree(path: Path) -> dict[str, str]:
     """sha256 of a file, or of every file under a folder (by relative path)."""

@@ -104,6 +104,56 @@ class LatencyProcess:
 LATENCY = LatencyProcess()
 
 
+class SharedTiming:
+    """The latency runner of a unit whose artifact is a shared base graph plus its adapter: the
+    timing depends only on the graph, the adapter's tensor types and shapes
+    (``Session.timing_signature``), the timing arguments and the machine, so it is measured once
+    per such key in ``OUT/_shared/TARGET/GRAPH/latency/`` and every other unit with the same key
+    takes that record, marked with where it came from (``timing``: measured by which unit, the
+    key). Units without a shared graph, or runtimes without a signature, are always timed."""
+
+    def __init__(self, out: Path, unit: Unit, used: list[Path], runner, guard):
+        self.out, self.unit, self.used, self.runner, self.guard = Path(out), unit, used, runner, guard
+
+    def _timed(self, args: list[str]) -> dict:
+        with self.guard():
+            return self.runner(args)
+
+    def __call__(self, args: list[str]) -> dict:
+        if not self.used or "--adapter" not in args:
+            return self._timed(args)
+        from .. import registry
+        from ..machine import fingerprint
+        from ..targets.profile import load_profile
+
+        spec = registry.get(load_profile(self.unit.target).runtime)
+        adapter = args[args.index("--adapter") + 1]
+        adapter_file = Path(args[0]) / "adapters" / f"{adapter}{spec.adapter_suffix}"
+        signature = spec.session_class().timing_signature(adapter_file) if adapter_file.exists() else None
+        if signature is None:
+            return self._timed(args)
+        threads = int(args[args.index("--threads") + 1]) if "--threads" in args else 0
+        graph = self.used[-1]
+        key = digest({"graph": graph.name, "adapter": signature, "args": [a for a in args[1:] if a != adapter],
+                      "machine": {**fingerprint(spec.name, spec.distribution, threads), "node": os.uname().nodename}})
+        folder = graph / "latency"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{key[:16]}.json"
+        if path.is_file():
+            record = json.loads(path.read_text())
+            record["timing"] = {**record["timing"], "reused_by": f"{self.unit.target_name}/{self.unit.adapter}"}
+            return record
+        # no lock held while timing (a unit waiting on one would hold its share of the machine
+        # and the timing could never start): two workers racing on one key both time it, the
+        # last record written is the one later units take
+        record = self._timed(args)
+        record["timing"] = {"key": key, "measured_by": f"{self.unit.target_name}/{self.unit.adapter}",
+                            "shared_by": "units whose adapter tensors have these names, types and shapes, "
+                                         "on this graph, with these timing arguments, on this machine"}
+        write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+        return record
+
+
 def state_path(out: Path, unit: Unit) -> Path:
     return Path(out) / unit.target_name / f"{unit.adapter}{STATE_SUFFIX}"
 
@@ -209,9 +259,10 @@ def run_unit(unit_data: dict, out: str) -> dict:
         state_path(out_dir, unit).unlink(missing_ok=True)  # the old state no longer describes the folder
         from .. import validate
 
-        validate.latency_guard, validate.latency_runner = QUIET.timing, LATENCY
-        LATENCY.start(load_profile(unit.target).runtime)
         used: list[Path] = []
+        validate.latency_guard = contextlib.nullcontext  # SharedTiming holds QUIET.timing() while it times
+        validate.latency_runner = SharedTiming(out_dir, unit, used, LATENCY, QUIET.timing)
+        LATENCY.start(load_profile(unit.target).runtime)
         with QUIET.computing():
             manifest = export(config, None, _cached_base, _shared_base(out_dir, used))
         result.update(status="pass" if manifest["validation"]["passed"] else "fail", mode=manifest["mode"],

@@ -129,6 +129,13 @@ class OrtSession(HfTokenizer, Session):
         self._slots = {i.name: i for i in self.session.get_overridable_initializers()}
         self._decoder = Decoder(self.session, self.artifact) if manifest.task == "causal-lm" else None
 
+    @classmethod
+    def timing_signature(cls, adapter_file):
+        import onnxruntime as ort
+
+        params = ort.AdapterFormat.read_adapter(str(adapter_file)).get_parameters()
+        return {name: [str(v.data_type()), [int(d) for d in v.shape()]] for name, v in sorted(params.items())}
+
     def _check_tensors(self, path):
         try:
             params = self._ort.AdapterFormat.read_adapter(str(path)).get_parameters()

@@ -244,6 +244,13 @@ class Session(ABC):
         every machine), returning ms per call: latency is compared as a ratio to it."""
 
     @classmethod
+    def timing_signature(cls, adapter_file: Path) -> dict | None:
+        """What an adapter file brings to the computation besides its values — each tensor's
+        name, type and shape — where that is all it brings (two adapters alike here run the same
+        kernels on the same graph, so they time alike); None: not known, always timed."""
+        return None
+
+    @classmethod
     def open_base(cls, base: Path, threads: int = 0) -> "Session | None":
         """The base alone in this runtime, when the base is itself a runtime file (a GGUF)."""
         return None

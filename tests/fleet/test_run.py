@@ -48,6 +48,11 @@ def test_every_unit_passes_into_its_own_artifact_on_one_base_file(fleet):
     for u in index["units"]:
         assert u["shared_base"] and (out / u["report"]).is_file()
         assert main(["verify", str(out / u["id"]), "--no-load"]) == 0  # each artifact stands alone
+    # the three adapters' tensors differ in shape: each unit timed its own artifact, once
+    for u in index["units"]:
+        timing = json.loads((out / u["id"] / "manifest.json").read_text())["validation"]["latency"]["timing"]
+        assert timing["measured_by"] == u["id"] and "reused_by" not in timing
+    assert len(list(shared[0].parent.glob("latency/*.json"))) == 3
     cases = ET.parse(out / "junit.xml").getroot().findall(".//testcase")
     assert sorted(c.get("name") for c in cases) == ["blora", "increlora", "sora"]
     assert "onnx-cpu/sora/report.html" in (out / "index.html").read_text()
@@ -111,6 +116,12 @@ def test_rerun_skips_up_to_date_units_and_redoes_a_changed_one(fleet, tmp_path):
     ran = {u["id"] for u in index["units"] if u["ran"]}
     assert ran == {"onnx-cpu/blora"}
     assert _files(index)["onnx-cpu/blora"] != _files(fleet["index"])["onnx-cpu/blora"]
+    # its tensors kept their shapes on the same graph: the latency timed for the old file is
+    # reused, and the manifest says so
+    latency = json.loads((out / "onnx-cpu" / "blora" / "manifest.json").read_text())["validation"]["latency"]
+    first = json.loads((fleet["out"] / "onnx-cpu" / "blora" / "manifest.json").read_text())["validation"]["latency"]
+    assert latency["timing"]["measured_by"] == "onnx-cpu/blora" and latency["timing"]["reused_by"] == "onnx-cpu/blora"
+    assert latency["shapes"] == first["shapes"]
     assert _files(index)["onnx-cpu/sora"] == _files(fleet["index"])["onnx-cpu/sora"]
     # an artifact changed on disk is not up to date any more
     (out / "onnx-cpu" / "sora" / "adapters" / "sora.onnx_adapter").write_bytes(b"tampered")
