@@ -242,7 +242,6 @@ def run_unit(unit_data: dict, out: str) -> dict:
     from ..ir import Method
     from ..job import AdapterInputs, AdapterSpec
     from ..quantize import PlanConfig
-    from ..targets.profile import load_profile
 
     unit = Unit(**unit_data)
     out_dir = Path(out)
@@ -262,7 +261,6 @@ def run_unit(unit_data: dict, out: str) -> dict:
         used: list[Path] = []
         validate.latency_guard = contextlib.nullcontext  # SharedTiming holds QUIET.timing() while it times
         validate.latency_runner = SharedTiming(out_dir, unit, used, LATENCY, QUIET.timing)
-        LATENCY.start(load_profile(unit.target).runtime)
         with QUIET.computing():
             manifest = export(config, None, _cached_base, _shared_base(out_dir, used))
         result.update(status="pass" if manifest["validation"]["passed"] else "fail", mode=manifest["mode"],
