@@ -277,13 +277,13 @@ class LmReference:
                 flat = rows * r.shape[1] + cols
                 kept = p[rows, cols]
                 total = torch.zeros(p.shape[0], dtype=torch.float64).index_add_(0, rows, kept)
-                self.parts.append((i, flat, rows, kept / total[rows], r[i:i + 64].reshape(-1)[flat].double()))
+                self.parts.append((flat, rows, kept / total[rows], r[i:i + 64].reshape(-1)[flat].double()))
 
     def compare(self, got: list[torch.Tensor]) -> dict:
         kl, top1, k = [], [], 0
         for r, g in zip(self.reference, got):
             for i in range(0, r.shape[0], 64):
-                start, flat, rows, p, ref = self.parts[k]
+                flat, rows, p, ref = self.parts[k]
                 k += 1
                 d = g[i:i + 64].reshape(-1)[flat].double() - ref
                 n = min(64, r.shape[0] - i)
