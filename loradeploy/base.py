@@ -117,18 +117,14 @@ def load_tokenizer(folder: Path):
     cached = cache_dir() / "tokenizers" / file_sha256(folder)[:32]
     if not (cached / "tokenizer_config.json").is_file():
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder.parent), gguf_file=folder.name)
-        tmp = Path(tempfile.mkdtemp(prefix=cached.name + ".", dir=_made(cached.parent)))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=cached.name + ".", dir=cached.parent))
         tokenizer.save_pretrained(str(tmp))
         try:
             os.replace(tmp, cached)
         except OSError:  # another process cached it first
             shutil.rmtree(tmp, ignore_errors=True)
     return transformers.AutoTokenizer.from_pretrained(str(cached))
-
-
-def _made(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def load_gguf_torch(path: Path):

@@ -138,18 +138,14 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def serve(preload: str | None = None) -> int:
-    """``--serve [RUNTIME]``: one measurement per stdin line (a JSON list of the arguments above), one
+def serve() -> int:
+    """``--serve``: one measurement per stdin line (a JSON list of the arguments above), one
     JSON line back (``{"result": …}`` or ``{"error": …}``). A process that measures many
     artifacts in turn (``loradeploy fleet``) saves starting Python and the runtime each time;
     the peak-RSS mark is reset before each, so ``peak_rss_mb`` is each artifact's own peak
     over what the process holds between artifacts (the runtime's libraries)."""
     import sys
 
-    if preload:  # import the runtime now, while the caller still computes
-        from . import registry
-
-        registry.get(preload).session_class()
     for line in sys.stdin:
         try:
             argv = json.loads(line)
@@ -169,8 +165,8 @@ def main(argv=None) -> int:
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--serve"]:  # --serve [RUNTIME to import first]
-        return serve(argv[1] if len(argv) > 1 else None)
+    if argv[:1] == ["--serve"]:
+        return serve()
     print(json.dumps(measure(argv)))
     return 0
 

@@ -70,14 +70,13 @@ class LatencyProcess:
     def __init__(self):
         self._proc = None
 
-    def start(self, runtime: str | None = None) -> None:
-        """Start the process now, importing ``runtime`` while the unit computes, unless running."""
+    def start(self) -> None:
+        """Start the process unless it is running."""
         import subprocess
         import sys
 
         if self._proc is None or self._proc.poll() is not None:
-            self._proc = subprocess.Popen([sys.executable, "-m", "loradeploy.latency", "--serve",
-                                           *([runtime] if runtime else [])], text=True,
+            self._proc = subprocess.Popen([sys.executable, "-m", "loradeploy.latency", "--serve"], text=True,
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             atexit.register(self.close)
 
@@ -112,8 +111,8 @@ class SharedTiming:
     takes that record, marked with where it came from (``timing``: measured by which unit, the
     key). Units without a shared graph, or runtimes without a signature, are always timed."""
 
-    def __init__(self, out: Path, unit: Unit, used: list[Path], runner, guard):
-        self.out, self.unit, self.used, self.runner, self.guard = Path(out), unit, used, runner, guard
+    def __init__(self, unit: Unit, used: list[Path], runner, guard):
+        self.unit, self.used, self.runner, self.guard = unit, used, runner, guard
 
     def _timed(self, args: list[str]) -> dict:
         with self.guard():
@@ -260,7 +259,7 @@ def run_unit(unit_data: dict, out: str) -> dict:
 
         used: list[Path] = []
         validate.latency_guard = contextlib.nullcontext  # SharedTiming holds QUIET.timing() while it times
-        validate.latency_runner = SharedTiming(out_dir, unit, used, LATENCY, QUIET.timing)
+        validate.latency_runner = SharedTiming(unit, used, LATENCY, QUIET.timing)
         with QUIET.computing():
             manifest = export(config, None, _cached_base, _shared_base(out_dir, used))
         result.update(status="pass" if manifest["validation"]["passed"] else "fail", mode=manifest["mode"],
