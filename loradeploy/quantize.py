@@ -159,7 +159,7 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
                        "predicted": {measure: result.predicted}, "evaluations": ev.evaluations,
                        "checked_plans": result.curve, "sensitivity": result.sensitivity,
                        "tensor_bytes": result.tensor_bytes, "start_plan": result.start,
-                       "uniform_plans": result.uniform})
+                       "uniform_plans": result.uniform, "continued": result.continued})
         if config.peft_anchor:
             from .quant.anchor import peft_points
 

@@ -60,7 +60,8 @@ def test_search_meets_budget_where_uniform_int4_fails(sora_setup):
 
 def test_ranks_as_a_knob_save_bytes_within_the_same_budget(sora_setup):
     """Rank and format chosen together: fewer bytes than formats alone at the same budget, the
-    plan's measure re-measured from scratch, and no checked plan over the budget accepted."""
+    plan's measure re-measured from scratch (by a fresh evaluator too), and no checked plan over
+    the budget accepted."""
     entry, model, batches = sora_setup
     ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches, rounding=False)
     formats_only = search(ev, budget=BUDGET)
@@ -72,6 +73,38 @@ def test_ranks_as_a_knob_save_bytes_within_the_same_budget(sora_setup):
     stored = quantize_adapter(entry.pruned, "onnxruntime", joint.formats, joint.ranks)
     assert stored.nbytes == joint.nbytes
     assert all(stored.simulated.modules[n].rank == k < entry.pruned.modules[n].rank for n, k in joint.ranks.items())
+    # past the prefix the binary search kept, later moves measured one by one: the plan ends
+    # smaller than every prefix plan within the budget, some moves refused on the way
+    prefixes = [c for c in joint.curve if not str(c["moves"]).startswith("+")]
+    continued = [c for c in joint.curve if str(c["moves"]).startswith("+")]
+    assert joint.nbytes < min(c["bytes"] for c in prefixes if c["mean_abs_logit"] <= BUDGET)
+    assert any(c["mean_abs_logit"] > BUDGET for c in continued)
+    fresh = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches, rounding=False)
+    assert fresh.error(joint.formats, joint.ranks)["mean_abs_logit"] == pytest.approx(joint.measured["mean_abs_logit"])
+
+
+def test_kept_block_outputs_change_nothing_and_skip_the_blocks_before_a_change(sora_setup):
+    """Plans that change modules in the last layer, then the first: the evaluator reuses the
+    blocks before the first changed one and gets what a fresh evaluator gets."""
+    entry, model, batches = sora_setup
+    ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches, rounding=False)
+    first_sub = next(ev._blocks[0].children())
+    calls = []
+    first_sub.register_forward_hook(lambda *_: calls.append(1))
+    int4 = uniform_formats(entry.pruned, "onnxruntime", "int4")
+    names = sorted(entry.pruned.modules)
+    last = [k for k in int4 if k.startswith(max(names, key=lambda n: ev._block_of[n]))]
+    first = [k for k in int4 if k.startswith(min(names, key=lambda n: ev._block_of[n]))]
+    plans = [int4, {**int4, **{k: "fp16" for k in last}}, {**int4, **{k: "fp16" for k in first}}]
+    got, block0_runs = [], []
+    for p in plans:
+        calls.clear()
+        got.append(ev.error(p))
+        block0_runs.append(len(calls))
+    assert block0_runs == [len(batches), 0, len(batches)]  # a change in the last block only reruns it
+    for p, g in zip(plans, got):
+        fresh = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches, rounding=False)
+        assert fresh.error(p)["mean_abs_logit"] == pytest.approx(g["mean_abs_logit"], rel=1e-9, abs=1e-12)
 
 
 def test_search_under_a_byte_budget(sora_setup):
