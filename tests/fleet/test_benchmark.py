@@ -36,3 +36,9 @@ def test_tree_rss_counts_children():
     parent.wait()
     time.sleep(0.1)
     assert rss.stop() > 300 << 20  # the child's 300 MB, not only the parent's few
+
+
+def test_process_start_imports_run():
+    """The benchmark's process-start floor imports modules that exist (a renamed module fails it)."""
+    done = subprocess.run([sys.executable, "-c", bench.START_IMPORTS], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
