@@ -83,6 +83,22 @@ def test_ranks_as_a_knob_save_bytes_within_the_same_budget(sora_setup):
     assert fresh.error(joint.formats, joint.ranks)["mean_abs_logit"] == pytest.approx(joint.measured["mean_abs_logit"])
 
 
+def test_the_plan_returned_is_within_a_looser_budget_too(sora_setup):
+    """A budget 3× the default: the plan returned (back-off, continuation and uniform
+    candidates all considered) meets it and the floors when a fresh evaluator measures it, and
+    costs fewer bytes than the plan for a third of that budget."""
+    budget = 0.03
+    entry, model, batches = sora_setup
+    ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches, rounding=False)
+    got = search(ev, budget=budget, ranks=True)
+    fresh = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches, rounding=False)
+    again = fresh.error(got.formats, got.ranks)
+    assert again["mean_abs_logit"] <= budget and again["label_agreement"] >= 0.995
+    assert quantize_adapter(entry.pruned, "onnxruntime", got.formats, got.ranks).nbytes == got.nbytes
+    tighter = search(ev, budget=budget / 3, ranks=True)
+    assert tighter.measured["mean_abs_logit"] <= budget / 3 and tighter.nbytes > got.nbytes
+
+
 def test_kept_block_outputs_change_nothing_and_skip_the_blocks_before_a_change(sora_setup):
     """Plans that change modules in the last layer, then the first: the evaluator reuses the
     blocks before the first changed one and gets what a fresh evaluator gets."""
