@@ -60,7 +60,7 @@ class LocalExecutor:
             return
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(self.workers, len(units)), mp_context=ctx, initializer=init_worker,
-                                 initargs=(threads, True)) as pool:
+                                 initargs=(threads, os.getpid())) as pool:
             pending = {pool.submit(run_unit, u.to_dict(), str(out)): u for u in units}
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)

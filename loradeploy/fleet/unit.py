@@ -157,23 +157,27 @@ def state_path(out: Path, unit: Unit) -> Path:
     return Path(out) / unit.target_name / f"{unit.adapter}{STATE_SUFFIX}"
 
 
-def die_with_parent() -> None:
-    """Linux: this process gets SIGTERM when the process that started it dies (a pool worker
-    must not outlive a killed fleet run, holding a loaded base)."""
+def die_with_parent(parent: int) -> None:
+    """Linux: this process gets SIGTERM when ``parent``, the process that started it, dies (a
+    pool worker must not outlive a killed fleet run, holding a loaded base). If ``parent`` died
+    already — before this call, while the worker was still starting — it ends now: the signal
+    is only sent for a death after the call."""
     import ctypes
     import signal
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() != parent:  # re-parented: the run is gone
+        os._exit(1)
 
 
-def init_worker(threads: int, pool: bool = False) -> None:
-    """A worker: its share of the cores for PyTorch's intra-op threads; a pool process also
-    ends with the run that started it."""
-    if pool:
-        die_with_parent()
+def init_worker(threads: int, parent: int | None = None) -> None:
+    """A worker: its share of the cores for PyTorch's intra-op threads; a pool process (started
+    by the process ``parent``) also ends with the run that started it."""
+    if parent is not None:
+        die_with_parent(parent)
     import torch
 
     torch.set_num_threads(max(1, threads))

@@ -226,8 +226,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_pool_workers_end_with_a_killed_run(fleet, tmp_path):
-    """A SIGKILLed fleet run leaves no pool worker (nor its latency process) holding a loaded base."""
+@pytest.mark.parametrize("after", [0.0, 3.0], ids=["while-workers-start", "while-they-export"])
+def test_pool_workers_end_with_a_killed_run(fleet, tmp_path, after):
+    """A SIGKILLed fleet run leaves no pool worker (nor its latency process) holding a loaded base,
+    whether it is killed while they are still starting or while they load the base / export."""
     cmd = [sys.executable, "-m", "loradeploy.cli", "fleet", "run", str(fleet["spec"]), "-o", str(tmp_path / "out"),
            "--workers", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -237,7 +239,7 @@ def test_pool_workers_end_with_a_killed_run(fleet, tmp_path):
         time.sleep(0.2)
         workers = {p for p in _descendants(proc.pid) if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()}
     assert len(workers) == 2, "the pool started"
-    time.sleep(3)  # the workers are loading the base / exporting
+    time.sleep(after)
     family = _descendants(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -73,3 +73,57 @@ def test_the_latency_process_reports_a_failure_naming_the_artifact(tmp_path):
         assert runner._proc is not None and runner._proc.poll() is None
     finally:
         runner.close()
+
+
+@pytest.mark.parametrize("parent_alive", [True, False])
+def test_a_worker_whose_parent_died_while_it_started_ends(tmp_path, parent_alive):
+    """A pool worker asks for SIGTERM on its parent's death once it runs its initializer; a parent
+    killed before that (while the worker still imports) sends no signal, so the worker ends by
+    itself when it finds it has been re-parented. One whose parent lives goes on until the parent
+    dies."""
+    import os
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "worker.pid"
+    worker = ("import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); "
+              "time.sleep(1.5); from loradeploy.fleet.unit import die_with_parent; "
+              "die_with_parent(int(sys.argv[2])); time.sleep(60)")
+    # the parent starts the worker and, unless it is to live, exits before the worker's call
+    parent = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2], "
+              "str(__import__('os').getpid())]); time.sleep(30 if sys.argv[3] == 'live' else 0.5)")
+    proc = subprocess.Popen([sys.executable, "-c", parent, worker, str(pid_file), "live" if parent_alive else "die"],
+                            cwd=os.getcwd())
+    try:
+        deadline = time.monotonic() + 10
+        while not pid_file.is_file() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "the worker started"
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
+        if parent_alive:
+            time.sleep(5)  # past the worker's call
+            assert _alive(pid)
+            proc.kill()  # now the parent dies: the signal asked for ends the worker
+        else:
+            assert proc.wait(10) == 0
+        deadline = time.monotonic() + 15
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid)
+    finally:
+        proc.kill()
+        proc.wait()
+        if pid_file.is_file() and pid_file.read_text():
+            try:
+                os.kill(int(pid_file.read_text()), 9)
+            except ProcessLookupError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
