@@ -39,3 +39,11 @@ def small_eval(folder: Path, lines: int = 64) -> Path:
     path = folder / "eval.jsonl"
     path.write_text("\n".join(DEFAULT_EVAL.read_text().splitlines()[:lines]) + "\n")
     return path
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False

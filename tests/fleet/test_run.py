@@ -15,7 +15,7 @@ import pytest
 
 from loradeploy.cli import main
 from tests.conftest import quick_profile
-from tests.fleet.helpers import copy_examples, small_eval, write_spec
+from tests.fleet.helpers import alive, copy_examples, small_eval, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -217,15 +217,6 @@ def _descendants(pid: int) -> set[int]:
     return set(process_tree(pid)) - {pid}
 
 
-def _alive(pid: int) -> bool:
-    from pathlib import Path
-
-    try:
-        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("after", [0.0, 3.0], ids=["while-workers-start", "while-they-export"])
 def test_pool_workers_end_with_a_killed_run(fleet, tmp_path, after):
     """A SIGKILLed fleet run leaves no pool worker (nor its latency process) holding a loaded base,
@@ -244,6 +235,6 @@ def test_pool_workers_end_with_a_killed_run(fleet, tmp_path, after):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 30
-    while any(_alive(p) for p in family) and time.monotonic() < deadline:
+    while any(alive(p) for p in family) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not [p for p in family if _alive(p)]
+    assert not [p for p in family if alive(p)]

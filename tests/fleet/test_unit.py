@@ -1,4 +1,4 @@
-"""What a fleet worker keeps between units: the machine-wide timing lock and the latency process."""
+"""What a fleet worker keeps between units (the machine-wide timing lock, the latency process) and how it ends with its run."""
 
 import threading
 import time
@@ -7,6 +7,7 @@ import pytest
 
 from loradeploy.errors import LoradeployError
 from loradeploy.fleet.unit import LatencyProcess, QuietMachine
+from tests.fleet.helpers import alive
 
 
 def _quiet(path):
@@ -102,14 +103,14 @@ def test_a_worker_whose_parent_died_while_it_started_ends(tmp_path, parent_alive
         pid = int(pid_file.read_text())
         if parent_alive:
             time.sleep(5)  # past the worker's call
-            assert _alive(pid)
+            assert alive(pid)
             proc.kill()  # now the parent dies: the signal asked for ends the worker
         else:
             assert proc.wait(10) == 0
         deadline = time.monotonic() + 15
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(pid)
+        assert not alive(pid)
     finally:
         proc.kill()
         proc.wait()
@@ -119,11 +120,3 @@ def test_a_worker_whose_parent_died_while_it_started_ends(tmp_path, parent_alive
             except ProcessLookupError:
                 pass
 
-
-def _alive(pid: int) -> bool:
-    from pathlib import Path
-
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
