@@ -1,4 +1,5 @@
-"""What a fleet worker keeps between units (the machine-wide timing lock, the latency process) and how it ends with its run."""
+"""What a fleet worker keeps between units (the machine-wide timing lock, the latency process),
+and how it ends with the run that started it."""
 
 import threading
 import time
