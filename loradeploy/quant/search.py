@@ -53,6 +53,12 @@ class Evaluator:
         #: or "plain" (SVD of ΔW, as PEFT's conversion does)
         self.truncation = truncation
         self._grams: dict[str, np.ndarray] = {}
+        # the blocks whose outputs are kept (:meth:`_cache_blocks`; none until the reference ran)
+        self._blocks: list = []
+        self._block_of: dict[str, int] = {}  # module → index of its block (0: before them, len: after)
+        self._block_out: dict[tuple[int, int], object] = {}  # (batch, block) → that block's output
+        self._valid = 0  # blocks [0, _valid) hold outputs valid for every calibration batch
+        self._batch = 0  # the calibration batch running now
         self.storage = registry.get(runtime).storage
         self.model = copy.deepcopy(base_model).eval()
         load_extras(self.model, adapters)
@@ -93,11 +99,6 @@ class Evaluator:
     # --- outputs of the model's blocks kept between plans -----------------------------------
     #: a plan that changes modules from block i on recomputes blocks i.. only: block j < i sees
     #: the same input and weights as when its outputs were kept (the embeddings are recomputed)
-    _blocks: list = []
-    _block_of: dict[str, int] = {}
-    _block_out: dict[tuple[int, int], object] = {}
-    _valid = 0  # blocks [0, _valid) hold outputs valid for every calibration batch
-    _batch = 0
 
     def _cache_blocks(self) -> None:
         lists = [m for m in self.model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
@@ -105,12 +106,11 @@ class Evaluator:
             return
         blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
         inside = {id(sub): i for i, block in enumerate(blocks) for sub in block.modules()}
-        self._blocks, self._block_out = list(blocks), {}
+        self._blocks = list(blocks)
         # a module outside the blocks is either before them (invalidates all) or after (none)
         after = len(blocks)
         order = {id(m): i for i, m in enumerate(self.model.modules())}
         first_block = order[id(blocks[0])]
-        self._block_of = {}
         for name in self.adapters.modules:
             mod = find_module(self.model, name)[1]
             self._block_of[name] = inside.get(id(mod), 0 if order[id(mod)] < first_block else after)
