@@ -39,6 +39,22 @@ def minilm_dir() -> Path:
     return resolve_base("minilm")
 
 
+@pytest.fixture(scope="session")
+def gemma_pair_art(tmp_path_factory) -> tuple[Path, dict]:
+    """Gemma 3 270M on llama.cpp (``gguf-cpu``, swappable) with the two shipped Gemma adapters,
+    ``sora`` and ``increlora``: exported once for the tests that check switching and serving
+    (each Gemma export takes about a minute here). Returns the artifact folder and its manifest."""
+    from loradeploy.job import AdapterSpec
+    from tests.exports import export_adapters
+
+    folder = tmp_path_factory.mktemp("gemma-pair")
+    specs = [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora-gemma"),
+             AdapterSpec("increlora", EXAMPLE_ADAPTERS / "increlora-gemma")]
+    profile = quick_profile(folder, "gguf-cpu", runs=2, shapes=[{"batch": 1, "seq": 32}])
+    record = export_adapters("gemma3-270m", specs, profile, folder / "art")
+    return folder / "art", record
+
+
 _PROGRESS_LINE = __import__("re").compile(r"^\[\d\d:\d\d:\d\d \+ *\d+\.\d+s\] ")
 
 

@@ -73,20 +73,18 @@ def test_llama_family_qk_permutation(tmp_path, tiny):
     assert bad["validation"]["metrics"]["qk"]["kl_mean"] > 100 * max(m["kl_mean"], 1e-6)
 
 
-def test_gemma_adapters_switch_on_one_model(tmp_path):
+def test_gemma_adapters_switch_on_one_model(gemma_pair_art):
     """Two Gemma adapters in one artifact, switched without reloading the model: each gives
     its own reference's logits (mean KL ≤ 0.02 at F16, KL no more than 0.005 above the base
     alone's, top-1 within 5 points of the base alone's: see targets/gguf-cpu.yaml)."""
-    specs = [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora-gemma"),
-             AdapterSpec("increlora", EXAMPLE_ADAPTERS / "increlora-gemma")]
-    record = export("gemma3-270m", specs, fast_profile(tmp_path, "gguf-cpu"), tmp_path / "art")
+    art, record = gemma_pair_art
     metrics = record["validation"]["metrics"]
     for name in ("sora", "increlora"):
         assert metrics[name]["kl_mean"] <= 0.02
         assert metrics[name]["top1_drop_vs_base"] <= 0.05 and metrics[name]["kl_excess_vs_base"] <= 0.005
     assert record["validation"]["passed"]
     # the adapters differ, so a mix-up would show
-    session = runtime.open(tmp_path / "art", workers=1)
+    session = runtime.open(art, workers=1)
     toks = session.tokenize(TEXTS[0])
     a, b = session.logits(toks, "sora"), session.logits(toks, "increlora")
     assert lm_fidelity([(a, b, toks)])["kl_mean"] > 10 * metrics["sora"]["kl_mean"]
