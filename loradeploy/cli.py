@@ -109,7 +109,8 @@ def plan_options(f):
     """Options choosing how adapter tensors are stored (export, quantize)."""
     f = click.option("--calibration", type=click.Path(dir_okay=False),
                      help="Calibration texts for a learned plan (JSON lines or .txt); default: the examples' "
-                          "training texts (never the eval set).")(f)
+                          "training texts (never the eval set). The first 64 (LM: 8) calibrate; the next 512 "
+                          "(LM: 8), where the file has them, are held out: the plan must hold on them too.")(f)
     f = click.option("--peft-anchor", is_flag=True,
                      help="Learned plan: also measure PEFT's convert_to_lora (per-layer rank by energy threshold, "
                           "fp16) at thresholds 0.5-0.99 on the same calibration inputs; the report's bytes-vs-"
@@ -192,7 +193,9 @@ def quantize_cmd(base, adapters, target, plan, budget, max_bytes, ranks, output_
 
     Measures each tensor's sensitivity on calibration inputs, lowers precisions greedily by
     error per byte saved, checks whole plans end to end and backs off to the largest saving
-    within the budget. A B-LoRA adapter's learned bit widths are measured as the starting plan.
+    within the budget; the plan is then measured on held-out texts, and backed off further if
+    it does not hold there (1.5 × the budget). A B-LoRA adapter's learned bit widths are
+    measured as the starting plan.
     Use the plan with `loradeploy export --plan FILE`."""
     from .quantize import QuantizeConfig, quantize
     from .render import print_plan, progress_steps

@@ -18,7 +18,8 @@ from .ir import Task
 from .job import AdapterEntry, AdapterInputs, ExportJob, load_base_for, load_entries
 from .quant.plan import (LearnedPlan, Plan, PlanChoice, PlanError, PlanFile, UniformPlan,
                          dense_fp16_bytes_at_max_rank, hinted_formats, quantize_adapter, uniform_formats)
-from .quant.search import DEFAULT_BUDGETS, MEASURES, Evaluator, calibration_batches, search
+from .quant.search import (DEFAULT_BUDGETS, HOLDOUT_DEFAULT, HOLDOUT_SLACK, HOLDOUT_TEXTS, MEASURES, Evaluator,
+                           calibration_batches, search)
 
 Progress = Callable[[str], None]
 CALIBRATION_TEXTS = {Task.CAUSAL_LM: 8}
@@ -144,22 +145,37 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
         return Plan(runtime, target, adapters, {}, f"uniform:{value}")
     budget, max_bytes, calibration = config.budget, config.max_bytes, config.calibration
     measure, limit = parse_budget(budget, task)
-    texts = load_calibration(calibration, CALIBRATION_TEXTS.get(task, CALIBRATION_DEFAULT), lm=task is Task.CAUSAL_LM)
-    batches = calibration_batches(load_tokenizer(base_dir), texts.texts, task, CALIBRATION_MAX_LENGTH.get(task, 128))
+    n_calibration = CALIBRATION_TEXTS.get(task, CALIBRATION_DEFAULT)
+    # the texts after the calibration ones, from the same source, are held out: the plan must hold on them too
+    texts = load_calibration(calibration, n_calibration + HOLDOUT_TEXTS.get(task, HOLDOUT_DEFAULT),
+                             lm=task is Task.CAUSAL_LM)
+    held_out = texts.texts[n_calibration:]
+    texts = dataclasses.replace(texts, texts=texts.texts[:n_calibration],
+                                labels=texts.labels[:n_calibration] if texts.labels else None)
+    tokenizer = load_tokenizer(base_dir)
+    max_length = CALIBRATION_MAX_LENGTH.get(task, 128)
+    batches = calibration_batches(tokenizer, texts.texts, task, max_length)
+    held_out_batches = calibration_batches(tokenizer, held_out, task, max_length) if held_out else None
     adapters, grams = {}, {}
     for e in entries:
         step(f"calibrating {e.name} on {len(texts.texts)} texts")
         ev = Evaluator(base_model, e.pruned, runtime, task, batches, rounding=config.output_aware,
                        truncation="output-aware" if config.output_aware else "plain")
+        holdout = None
+        if held_out_batches:
+            step(f"{e.name}: the fp32 adapter's outputs on {len(held_out)} held-out texts")
+            holdout = Evaluator(base_model, e.pruned, runtime, task, held_out_batches, codes_from=ev)
         result = search(ev, None if max_bytes else limit, max_bytes,
-                        hinted_formats(e.pruned, runtime, e.original), progress=step, ranks=config.ranks)
+                        hinted_formats(e.pruned, runtime, e.original), progress=step, ranks=config.ranks,
+                        holdout=holdout)
+        del holdout
         truncation_grams = {n: ev.gram(n) for n in (result.ranks or {})} if ev.truncation == "output-aware" else None
         record = _entry_record(e, runtime, result.formats, "learned", result.ranks, truncation_grams)
         record.update({"rounding": result.rounding, "chosen_from": result.chosen_from, "measured_pytorch": result.measured,
                        "predicted": {measure: result.predicted}, "evaluations": ev.evaluations,
                        "checked_plans": result.curve, "sensitivity": result.sensitivity,
                        "tensor_bytes": result.tensor_bytes, "start_plan": result.start,
-                       "uniform_plans": result.uniform, "continued": result.continued})
+                       "uniform_plans": result.uniform, "continued": result.continued, "held_out": result.held_out})
         if config.peft_anchor:
             from .quant.anchor import peft_points
 
@@ -174,6 +190,8 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
                      else {"max_bytes": max_bytes})
     budget_record["calibration"] = {"source": str(texts.path), "texts": len(texts.texts), "default": calibration is None,
                                     "sha256": _texts_digest(texts.texts)}
+    budget_record["held_out"] = {"texts": len(held_out), "sha256": _texts_digest(held_out) if held_out else None,
+                                 "slack": HOLDOUT_SLACK}
     return Plan(runtime, target, adapters, budget_record, "learned", grams)
 
 

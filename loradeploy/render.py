@@ -115,20 +115,32 @@ def print_plan(record: dict) -> None:
     if "measure" in budget:
         title += f", budget {budget['measure']} ≤ {budget['max']:g}"
     table = Table(title=title, show_edge=False)
-    for col in ("adapter", "plan", "bytes", "of dense fp16", "formats", "measured (PyTorch)"):
+    held_out = budget.get("held_out") or {}
+    for col in ("adapter", "plan", "bytes", "of dense fp16", "formats", "measured (PyTorch)", "held-out texts"):
         table.add_column(col, justify="left" if col in ("adapter", "plan", "formats") else "right")
+    notes = []
     for name, a in record["adapters"].items():
         measured = ", ".join(f"{k} {v:.4g}" for k, v in (a.get("measured_pytorch") or {}).items())
         formats = ", ".join(f"{k}×{v}" for k, v in a["format_counts"].items())
         share = f"{a['bytes'] / a['bytes_dense_fp16_max_rank']:.1%}"
+        h = a.get("held_out")
+        there = f"{budget['measure']} {h['measured'][budget['measure']]:.4g}" if h and "measure" in budget else ""
         table.add_row(escape(name), a.get("chosen_from", a["chosen_by"]), human_bytes(a["bytes"]), share,
-                      formats, measured)
+                      formats, measured, there)
+        if h and h.get("backed_off_from"):
+            notes.append(f"{name}: the search's plan of {h['backed_off_from']:,} bytes did not hold on the held-out "
+                         f"texts; backed off to {a['bytes']:,} bytes")
         start = a.get("start_plan")
         if start:
             m = ", ".join(f"{k} {v:.4g}" for k, v in start.items() if k not in ("formats", "bytes"))
             table.add_row(escape(name), "B-LoRA bit hints", human_bytes(start["bytes"]),
-                          f"{start['bytes'] / a['bytes_dense_fp16_max_rank']:.1%}", "", m)
+                          f"{start['bytes'] / a['bytes_dense_fp16_max_rank']:.1%}", "", m, "")
     console.print(table)
+    if held_out.get("texts") and "measure" in budget:
+        console.print(f"held-out texts: {held_out['texts']}, after the calibration texts; a plan must stay within "
+                      f"{held_out['slack']} × the budget there")
+    for note in notes:
+        console.print(escape(note))
     if "output" in record:
         console.print(f"wrote {record['output']}")
 

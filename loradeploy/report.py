@@ -198,6 +198,8 @@ def render(manifest: dict) -> str:
             parts.append(f"<p>precision plan ({html.escape(p['method'])}): {p['bytes']:,} bytes "
                          f"({p['bytes'] / p['bytes_dense_fp16_max_rank']:.1%} of the dense fp16 adapter at its "
                          f"trained rank), formats {html.escape(json.dumps(p['format_counts']))}</p>")
+            if p.get("held_out"):
+                parts.append(f"<p>{html.escape(held_out_sentence(p))}</p>")
             parts.append(plan_svg(a, v.get("metrics", {}).get(a["name"])))
     parts.append("<h2>Files</h2>")
     parts.append(_table(["file", "bytes", "sha256"], [[f["path"], f"{f['bytes']:,}", f["sha256"][:16] + "…"]
@@ -205,6 +207,23 @@ def render(manifest: dict) -> str:
     parts.append("<h2>Decisions (raw)</h2><pre>" + html.escape(json.dumps(manifest.get("decisions", {}), indent=1)) + "</pre>")
     parts.append("<h2>Environment</h2><pre>" + html.escape(json.dumps(manifest.get("environment", {}), indent=1)) + "</pre>")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>loradeploy report</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"
+
+
+def held_out_sentence(plan: dict) -> str:
+    """How the plan did on the held-out texts the search checks it on, in words."""
+    h, budget = plan["held_out"], plan.get("budget") or {}
+    measure = budget.get("measure")
+    got = h["measured"].get(measure) if measure else None
+    text = f"On {h['texts']} held-out texts (not among those the plan was fitted to)"
+    if got is None:
+        return text + " the plan was measured; see the raw decisions."
+    text += f" the plan measures {measure} {got:.4g}"
+    if budget.get("max") is not None:
+        text += f" (it must stay within {h['slack']} × the budget {budget['max']:g} there)"
+    if h.get("backed_off_from"):
+        text += (f"; the search's plan of {h['backed_off_from']:,} bytes did not hold there, so it backed off to "
+                 f"{plan['bytes']:,} bytes")
+    return text + "."
 
 
 def write_report(folder: Path, manifest: dict) -> Path:

@@ -29,11 +29,11 @@ def test_two_exports_are_byte_identical(tmp_path, target, examples):
     base = "gemma3-270m" if lm else "minilm"
     profile = str(quick_profile(tmp_path, target))
     calibration = None
-    if target.endswith("-learned"):  # the search on 16 calibration texts (default 64): the same steps, faster
+    if target.endswith("-learned"):  # 64 calibration texts and 64 held out (the default holds out 512)
         from loradeploy.evaldata import DEFAULT_CALIBRATION
 
         calibration = tmp_path / "calibration.jsonl"
-        calibration.write_text("\n".join(DEFAULT_CALIBRATION.read_text().splitlines()[:16]) + "\n")
+        calibration.write_text("\n".join(DEFAULT_CALIBRATION.read_text().splitlines()[:128]) + "\n")
     specs = [AdapterSpec(e, EXAMPLE_ADAPTERS / e) for e in examples]
     runs = [export(base, specs, profile, tmp_path / f"run{i}", eval_path=eval_file, calibration=calibration)
             for i in (1, 2)]
@@ -45,3 +45,5 @@ def test_two_exports_are_byte_identical(tmp_path, target, examples):
                    for p in (tmp_path / f"run{runs.index(r) + 1}").rglob("*") if p.is_file()}
         assert on_disk == set(files[0]) | {"manifest.json", "report.html"}
     assert reproducible(runs[0]) == reproducible(runs[1])
+    if calibration is not None:
+        assert runs[0]["adapters"][0]["plan"]["held_out"]["texts"] == 64

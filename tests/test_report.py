@@ -108,3 +108,18 @@ def test_the_plan_plot_shows_the_uniform_plans_beside_the_learned_one():
     plan.pop("peft_conversion")
     svg = plan_svg({"name": "sora", "plan": plan}, None)
     assert "uniform" not in svg and "PEFT" not in svg and ">chosen (PyTorch)<" in svg
+
+
+def test_the_held_out_check_is_said_in_words():
+    from loradeploy.report import held_out_sentence
+
+    plan = {"budget": {"measure": "mean_abs_logit", "max": 0.01}, "bytes": 40_248,
+            "held_out": {"texts": 512, "slack": 1.5, "measured": {"mean_abs_logit": 0.01155},
+                         "backed_off_from": 38_160}}
+    text = held_out_sentence(plan)
+    assert "On 512 held-out texts" in text and "mean_abs_logit 0.01155" in text and "1.5 × the budget 0.01" in text
+    assert "plan of 38,160 bytes did not hold there, so it backed off to 40,248 bytes" in text
+    plan["held_out"]["backed_off_from"] = None
+    assert "backed off" not in held_out_sentence(plan)
+    plan["budget"] = {"max_bytes": 50_000}  # a byte budget: measured, nothing to hold it to
+    assert held_out_sentence(plan).endswith("the plan was measured; see the raw decisions.")

@@ -123,6 +123,67 @@ def test_kept_block_outputs_change_nothing_and_skip_the_blocks_before_a_change(s
         assert fresh.error(p)["mean_abs_logit"] == pytest.approx(g["mean_abs_logit"], rel=1e-9, abs=1e-12)
 
 
+def _held_out_batches(n: int = 64) -> list[dict]:
+    """Training texts after those :func:`sora_setup` calibrates on."""
+    from loradeploy.base import load_tokenizer
+    from loradeploy.evaldata import load_calibration
+
+    texts = load_calibration(None, 32 + n).texts[32:]
+    return calibration_batches(load_tokenizer(resolve_base("minilm")), texts, Task.SEQUENCE_CLASSIFICATION, 128)
+
+
+def test_a_held_out_evaluator_measures_the_codes_chosen_on_the_calibration_texts(sora_setup):
+    """``codes_from``: output-aware int4 codes are chosen on the calibration inputs; an
+    evaluator on other texts measures those codes (what ships), not codes of its own."""
+    entry, model, batches = sora_setup
+    cls = Task.SEQUENCE_CLASSIFICATION
+    ev = Evaluator(model, entry.pruned, "onnxruntime", cls, batches)
+    int4 = uniform_formats(entry.pruned, "onnxruntime", "int4")
+    same_texts = Evaluator(model, entry.pruned, "onnxruntime", cls, batches, codes_from=ev)
+    assert same_texts.error(int4) == ev.error(int4)
+    other = _held_out_batches()
+    held_out = Evaluator(model, entry.pruned, "onnxruntime", cls, other, codes_from=ev)
+    own_codes = Evaluator(model, entry.pruned, "onnxruntime", cls, other)  # rounds against the held-out texts
+    shipped = quantize_adapter(entry.pruned, "onnxruntime", int4, grams={n: ev.gram(n) for n in entry.pruned.modules})
+    name = next(iter(entry.pruned.modules))
+    assert torch.equal(held_out._dequantized(name, "lora_A", "int4").float(), shipped.simulated.modules[name].lora_A.float())
+    assert held_out.error(int4)["mean_abs_logit"] != own_codes.error(int4)["mean_abs_logit"]
+    assert held_out.inputs == {}  # it captures no inputs of its own
+
+
+def test_search_backs_off_until_the_plan_holds_on_held_out_texts(sora_setup, monkeypatch):
+    """A plan must also hold on held-out texts (≤ HOLDOUT_SLACK × budget there). With the slack
+    set so low that the plan the search reaches fails it, the search backs off to a plan of
+    more bytes that holds there, re-measured on the calibration texts; plans that hold are kept."""
+    from loradeploy.quant import search as search_module
+
+    entry, model, batches = sora_setup
+    cls = Task.SEQUENCE_CLASSIFICATION
+    ev = Evaluator(model, entry.pruned, "onnxruntime", cls, batches, rounding=False)
+    held_out = Evaluator(model, entry.pruned, "onnxruntime", cls, _held_out_batches(), codes_from=ev)
+    free = search(ev, budget=BUDGET, ranks=True, holdout=held_out)  # the default slack
+    there = held_out.error(free.formats, free.ranks)["mean_abs_logit"]
+    assert free.held_out["measured"]["mean_abs_logit"] == pytest.approx(there)
+    assert free.held_out["texts"] == 64
+    if free.held_out["backed_off_from"] is None:
+        assert there <= search_module.HOLDOUT_SLACK * BUDGET
+    monkeypatch.setattr(search_module, "HOLDOUT_SLACK", 0.3 * there / BUDGET)  # the plan reached fails it now
+    strict = search(ev, budget=BUDGET, ranks=True, holdout=held_out)
+    limit = search_module.HOLDOUT_SLACK * BUDGET
+    # the same search up to the check, so it backs off from the plan the first one reached before it
+    assert strict.held_out["backed_off_from"] == (free.held_out["backed_off_from"] or free.nbytes)
+    assert strict.nbytes > free.nbytes
+    again = held_out.error(strict.formats, strict.ranks)
+    assert again["mean_abs_logit"] <= limit and again["label_agreement"] >= 0.995
+    assert ev.error(strict.formats, strict.ranks)["mean_abs_logit"] == pytest.approx(strict.measured["mean_abs_logit"])
+    assert strict.measured["mean_abs_logit"] <= BUDGET
+    checked = strict.held_out["checked"]
+    assert checked[0]["holds"] is False and checked[0]["bytes"] >= free.nbytes
+    # the plan kept is the smallest of those checked that hold
+    assert strict.nbytes == min(c["bytes"] for c in checked if c["holds"])
+    assert all(c["mean_abs_logit"] > limit or c["label_agreement"] < 0.995 for c in checked if not c["holds"])
+
+
 def test_search_under_a_byte_budget(sora_setup):
     entry, model, batches = sora_setup
     ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches)
