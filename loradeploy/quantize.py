@@ -156,15 +156,16 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
     max_length = CALIBRATION_MAX_LENGTH.get(task, 128)
     batches = calibration_batches(tokenizer, texts.texts, task, max_length)
     held_out_batches = calibration_batches(tokenizer, held_out, task, max_length) if held_out else None
+    step(f"tokenized {len(texts.texts)} calibration and {len(held_out)} held-out texts")
     adapters, grams = {}, {}
     for e in entries:
-        step(f"calibrating {e.name} on {len(texts.texts)} texts")
         ev = Evaluator(base_model, e.pruned, runtime, task, batches, rounding=config.output_aware,
                        truncation="output-aware" if config.output_aware else "plain")
+        step(f"calibrated {e.name}: the fp32 adapter's outputs and each module's inputs on {len(texts.texts)} texts")
         holdout = None
         if held_out_batches:
-            step(f"{e.name}: the fp32 adapter's outputs on {len(held_out)} held-out texts")
             holdout = Evaluator(base_model, e.pruned, runtime, task, held_out_batches, codes_from=ev)
+            step(f"{e.name}: the fp32 adapter's outputs on {len(held_out)} held-out texts")
         result = search(ev, None if max_bytes else limit, max_bytes,
                         hinted_formats(e.pruned, runtime, e.original), progress=step, ranks=config.ranks,
                         holdout=holdout)
