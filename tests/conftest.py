@@ -43,7 +43,9 @@ def minilm_dir() -> Path:
 def gemma_pair_art(tmp_path_factory) -> tuple[Path, dict]:
     """Gemma 3 270M on llama.cpp (``gguf-cpu``, swappable) with the two shipped Gemma adapters,
     ``sora`` and ``increlora``: exported once for the tests that check switching and serving
-    (each Gemma export takes about a minute here). Returns the artifact folder and its manifest."""
+    (each Gemma export takes minutes here), validated on the first 24 of the 64 shipped LM eval
+    texts (about 900 tokens). Returns the artifact folder and its manifest."""
+    from loradeploy.evaldata import DEFAULT_LM_EVAL
     from loradeploy.job import AdapterSpec
     from tests.exports import export_adapters
 
@@ -51,7 +53,9 @@ def gemma_pair_art(tmp_path_factory) -> tuple[Path, dict]:
     specs = [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora-gemma"),
              AdapterSpec("increlora", EXAMPLE_ADAPTERS / "increlora-gemma")]
     profile = quick_profile(folder, "gguf-cpu", runs=2, shapes=[{"batch": 1, "seq": 32}])
-    record = export_adapters("gemma3-270m", specs, profile, folder / "art")
+    eval_file = folder / "eval.txt"
+    eval_file.write_text("\n".join(DEFAULT_LM_EVAL.read_text().splitlines()[:24]) + "\n")
+    record = export_adapters("gemma3-270m", specs, profile, folder / "art", eval_path=eval_file)
     return folder / "art", record
 
 
