@@ -39,13 +39,22 @@ def minilm_dir() -> Path:
     return resolve_base("minilm")
 
 
+def lm_eval_head(folder: Path, n: int) -> Path:
+    """The first ``n`` of the shipped LM eval texts, as ``folder/eval.txt`` (Gemma validations
+    on fewer texts: each reference and runtime pass costs seconds per text here)."""
+    from loradeploy.evaldata import DEFAULT_LM_EVAL
+
+    path = Path(folder) / "eval.txt"
+    path.write_text("\n".join(DEFAULT_LM_EVAL.read_text().splitlines()[:n]) + "\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def gemma_pair_art(tmp_path_factory) -> tuple[Path, dict]:
     """Gemma 3 270M on llama.cpp (``gguf-cpu``, swappable) with the two shipped Gemma adapters,
     ``sora`` and ``increlora``: exported once for the tests that check switching and serving
     (each Gemma export takes minutes here), validated on the first 24 of the 64 shipped LM eval
     texts (about 900 tokens). Returns the artifact folder and its manifest."""
-    from loradeploy.evaldata import DEFAULT_LM_EVAL
     from loradeploy.job import AdapterSpec
     from tests.exports import export_adapters
 
@@ -53,9 +62,7 @@ def gemma_pair_art(tmp_path_factory) -> tuple[Path, dict]:
     specs = [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora-gemma"),
              AdapterSpec("increlora", EXAMPLE_ADAPTERS / "increlora-gemma")]
     profile = quick_profile(folder, "gguf-cpu", runs=2, shapes=[{"batch": 1, "seq": 32}])
-    eval_file = folder / "eval.txt"
-    eval_file.write_text("\n".join(DEFAULT_LM_EVAL.read_text().splitlines()[:24]) + "\n")
-    record = export_adapters("gemma3-270m", specs, profile, folder / "art", eval_path=eval_file)
+    record = export_adapters("gemma3-270m", specs, profile, folder / "art", eval_path=lm_eval_head(folder, 24))
     return folder / "art", record
 
 

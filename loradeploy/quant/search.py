@@ -507,9 +507,9 @@ def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = N
                                                                                 result.nbytes, result.measured)]
     if max_bytes is None and order is not None and n + 1 < len(plans):
         _continue_past(ev, order, plans, n, result, meets, measure, step, path)
-    holds = None
+    on_held_out = None
     if holdout is not None:
-        holds = _hold_out(ev, holdout, path, result, budget if max_bytes is None else None, floors, measure, step)
+        on_held_out = _hold_out(ev, holdout, path, result, budget if max_bytes is None else None, floors, measure, step)
     # whole plans outside the greedy order, measured the same way: B-LoRA's bit hints (the
     # starting plan) and each uniform level, with the evaluator's rounding and (when that is
     # output-aware) with nearest rounding too (the additive model can misjudge how errors of many
@@ -535,8 +535,8 @@ def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = N
         fits = meets(got) if max_bytes is None else size <= max_bytes
         better = (size, got[measure]) < (result.nbytes, result.measured[measure]) if max_bytes is None \
             else (got[measure], size) < (result.measured[measure], result.nbytes)
-        if fits and better and holds is not None:
-            on_holdout = holds(label, formats, None, size, rounded)
+        if fits and better and on_held_out is not None:
+            on_holdout = on_held_out(label, formats, None, size, rounded)
             fits = on_holdout["holds"]
             if fits:
                 result.held_out["measured"] = on_holdout

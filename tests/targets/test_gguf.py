@@ -11,7 +11,7 @@ from loradeploy import runtime
 from loradeploy.merge import merge_into
 from loradeploy.targets import gguf as gguf_target
 from loradeploy.validate import lm_fidelity
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+from tests.conftest import EXAMPLE_ADAPTERS, lm_eval_head, quick_profile
 from tests.targets import tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -94,12 +94,9 @@ def test_gemma_merged_gguf(tmp_path):
     """Merged: adapted tensors dequantized, ΔW added, requantized (Q4_K → Q5_0, Q5_0 and Q8_0 to
     themselves). Re-rounding the whole tensor costs fidelity that the swappable form does not
     (measured: KL 0.05 vs 0.004); the validation reports it (on 24 of the 64 LM eval texts)."""
-    from loradeploy.evaldata import DEFAULT_LM_EVAL
-
-    eval_file = tmp_path / "eval.txt"
-    eval_file.write_text("\n".join(DEFAULT_LM_EVAL.read_text().splitlines()[:24]) + "\n")
     record = export("gemma3-270m", [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora-gemma")],
-                    fast_profile(tmp_path, "gguf-cpu"), tmp_path / "merged", mode="merged", eval_path=eval_file)
+                    fast_profile(tmp_path, "gguf-cpu"), tmp_path / "merged", mode="merged",
+                    eval_path=lm_eval_head(tmp_path, 24))
     types = record["decisions"]["merged_tensor_types"]
     assert types and all("->" in v for v in types.values())
     assert "Q4_K -> Q5_0" in types.values() and "Q8_0 -> Q8_0" in types.values()
