@@ -225,6 +225,36 @@ def ggml_blocks(codes: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarray:
     return np.concatenate([d, body], axis=2).reshape(rows, -1)
 
 
+#: formats that quantize each stored row from that row alone (its scales, its codes; output-aware
+#: rounding of ``lora_A`` spreads a value's error along its own row only): the first k rows of a
+#: matrix come out the same quantized alone as with the rows after them. Not lut4, whose 16
+#: levels are fitted to the whole tensor
+ROW_WISE = ("fp32", "f32", "fp16", "f16", "bf16", "int8", "int4", *GGML_FORMATS)
+
+
+def stored_bytes(shape: tuple[int, int], fmt: str) -> int:
+    """The bytes :func:`quantize` stores for a [rows, n] matrix in ``fmt``, from the shape alone
+    (a plan search sizes many candidate tensors it never quantizes)."""
+    import gguf
+
+    rows, n = shape
+    if fmt in ("fp32", "f32"):
+        return rows * n * 4
+    if fmt in ("fp16", "f16", "bf16"):
+        return rows * n * 2
+    if fmt == "int8":  # codes + an fp32 scale per row
+        return rows * n + rows * 4
+    nb = -(-n // BLOCK)
+    if fmt in ("int4", "lut4"):  # two codes per byte over whole blocks, an fp32 scale per block (+ 16 fp32 levels)
+        return rows * nb * BLOCK // 2 + rows * nb * 4 + (LUT_LEVELS * 4 if fmt == "lut4" else 0)
+    if fmt in GGML_FORMATS:
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[GGML_FORMATS[fmt]]]
+        if n % block:
+            raise LoradeployError(f"{fmt} needs rows of whole {block}-blocks, got rows of {n}")
+        return rows * (n // block) * size
+    raise LoradeployError(f"unknown format {fmt!r}")
+
+
 def quantize(x: np.ndarray, fmt: str) -> Quantized:
     """``x`` (2-D, rows = the runtime's grouping) in format ``fmt``."""
     x = np.asarray(x)

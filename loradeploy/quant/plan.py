@@ -44,10 +44,15 @@ def stored_matrix(m: LoraModule, role: str, storage: LoraStorage) -> np.ndarray:
     return np.ascontiguousarray(b.T) if storage.b_rank_major else b
 
 
-def _row_length(m: LoraModule, role: str, storage: LoraStorage) -> int:
+def stored_shape(m: LoraModule, role: str, storage: LoraStorage) -> tuple[int, int]:
+    """The shape of :func:`stored_matrix` (rows, row length), without forming it."""
     if role == "lora_A":
-        return m.in_features
-    return m.out_features if storage.b_rank_major else m.rank
+        return m.rank, m.in_features
+    return (m.rank, m.out_features) if (storage.folds_scale and storage.b_rank_major) else (m.out_features, m.rank)
+
+
+def _row_length(m: LoraModule, role: str, storage: LoraStorage) -> int:
+    return stored_shape(m, role, storage)[1]
 
 
 def allowed_formats(m: LoraModule, role: str, storage: LoraStorage) -> tuple[str, ...]:

@@ -159,3 +159,30 @@ def test_activation_rounding_is_ggmls_q8_0_and_f16():
     assert np.array_equal(formats.round_activations(torch.from_numpy(x), "f16").numpy(), x.astype(np.float16).astype(np.float32))
     with pytest.raises(ValueError, match="whole 32-blocks"):
         formats.round_activations(torch.zeros(2, 40), "q8_0")
+
+
+ALL_FORMATS = ("fp32", "f32", "fp16", "f16", "bf16", "int8", "int4", "lut4", *formats.GGML_FORMATS)
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+@pytest.mark.parametrize("shape", [(1, 32), (3, 64), (8, 384), (5, 100), (16, 1536)])
+def test_stored_bytes_from_the_shape_are_what_quantize_stores(fmt, shape):
+    if not formats.ggml_fits(fmt, shape[1]):
+        with pytest.raises(formats.LoradeployError, match="whole 32-blocks"):
+            formats.stored_bytes(shape, fmt)
+        return
+    x = _matrix(*shape, seed=shape[1])
+    assert formats.stored_bytes(shape, fmt) == quantize(x, fmt).nbytes
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_row_wise_formats_quantize_the_first_rows_alone_as_with_the_rest(fmt):
+    """What lets the plan search quantize a module's truncated lora_A once for every rank: the
+    first k rows come out bit for bit the same. lut4 fits its levels to the whole tensor."""
+    x = _matrix(12, 384, seed=3)
+    whole = quantize(x, fmt).dequantized
+    first = quantize(x[:5], fmt).dequantized
+    if fmt in formats.ROW_WISE:
+        np.testing.assert_array_equal(first, whole[:5])
+    else:
+        assert not np.array_equal(first, whole[:5])

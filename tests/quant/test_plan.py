@@ -96,3 +96,14 @@ def test_plan_that_does_not_fit_the_adapter_is_refused(tmp_path):
     two = Plan("onnxruntime", "t", {"a": {"formats": FORMATS}, "b": {"formats": FORMATS}})
     with pytest.raises(LoradeployError, match="no plan for adapter 'c' \\(has: a, b\\)"):
         two.formats_for("c", _adapter())
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "llama.cpp", "bitsandbytes"])
+def test_stored_shape_is_the_shape_of_the_stored_matrix(runtime):
+    from loradeploy import registry
+    from loradeploy.quant.plan import ROLES, stored_matrix, stored_shape
+
+    storage = registry.get(runtime).storage
+    m = LoraModule("m", torch.randn(3, 40), torch.randn(24, 3), 2.0)
+    for role in ROLES:
+        assert stored_shape(m, role, storage) == stored_matrix(m, role, storage).shape

@@ -119,3 +119,20 @@ def test_quantize_adapter_llama_cpp_layout_rounds_both_tensors_along_their_input
     exact = adapters.modules["m"].delta_weight().numpy()
     err = lambda q: float(np.sum((x @ (delta(q) - exact).T) ** 2))  # noqa: E731
     assert err(got) < 0.8 * err(plain)
+
+
+@pytest.mark.parametrize("fmt", FORMATS + GGML)
+def test_output_aware_rounding_of_the_first_rows_alone_is_the_same_where_rows_are_quantized_alone(fmt):
+    """lora_A's rows (its ranks) are rounded each against the same gram, an error spread along
+    its own row: the search rounds a truncated A once for every rank and slices it."""
+    from loradeploy.quant.formats import ROW_WISE
+
+    rng = np.random.default_rng(7)
+    x = correlated_inputs(rng, 600, 256)
+    w = (0.05 * rng.standard_normal((10, 256))).astype(np.float32)
+    whole = round_along_columns(w, fmt, x.T @ x).dequantized
+    first = round_along_columns(w[:4], fmt, x.T @ x).dequantized
+    if fmt in ROW_WISE:
+        np.testing.assert_array_equal(first, whole[:4])
+    else:
+        assert not np.array_equal(first, whole[:4])

@@ -100,8 +100,10 @@ def test_the_plan_returned_is_within_a_looser_budget_too(sora_setup):
 
 
 def test_kept_block_outputs_change_nothing_and_skip_the_blocks_before_a_change(sora_setup):
-    """Plans that change modules in the last layer, then the first: the evaluator reuses the
-    blocks before the first changed one and gets what a fresh evaluator gets."""
+    """Plans that change modules in the last layer, then the first, then go back to the first
+    plan: the evaluator reuses the blocks before the first changed one, and blocks whose modules
+    hold what they held in a plan measured before (kept by state), and gets what a fresh
+    evaluator gets."""
     entry, model, batches = sora_setup
     ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches, rounding=False)
     first_sub = next(ev._blocks[0].children())
@@ -111,13 +113,14 @@ def test_kept_block_outputs_change_nothing_and_skip_the_blocks_before_a_change(s
     names = sorted(entry.pruned.modules)
     last = [k for k in int4 if k.startswith(max(names, key=lambda n: ev._block_of[n]))]
     first = [k for k in int4 if k.startswith(min(names, key=lambda n: ev._block_of[n]))]
-    plans = [int4, {**int4, **{k: "fp16" for k in last}}, {**int4, **{k: "fp16" for k in first}}]
+    plans = [int4, {**int4, **{k: "fp16" for k in last}}, {**int4, **{k: "fp16" for k in first}}, int4]
     got, block0_runs = [], []
     for p in plans:
         calls.clear()
         got.append(ev.error(p))
         block0_runs.append(len(calls))
-    assert block0_runs == [len(batches), 0, len(batches)]  # a change in the last block only reruns it
+    # a change in the last block only reruns it; back to the first plan, block 0 is kept from it
+    assert block0_runs == [len(batches), 0, len(batches), 0]
     for p, g in zip(plans, got):
         fresh = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches, rounding=False)
         assert fresh.error(p)["mean_abs_logit"] == pytest.approx(g["mean_abs_logit"], rel=1e-9, abs=1e-12)
