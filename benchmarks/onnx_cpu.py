@@ -98,7 +98,8 @@ def interleaved(runners: dict, ids, mask, rounds: int) -> dict[str, float]:
 
 
 def fidelity(fn, ref: np.ndarray, tokenizer, texts) -> dict:
-    from loradeploy.validate import batches, fidelity as fid, in_text_order, length_order
+    from loradeploy.evaldata import length_order
+    from loradeploy.validate import batches, fidelity as fid, in_text_order
     from loradeploy.ir import Task
 
     order = length_order(tokenizer, texts)

@@ -93,3 +93,14 @@ def shipped_set_note(eval_set: EvalSet, base_dir: Path) -> str | None:
                 "reference is measured, but accuracy on it says nothing about this base (pass --eval)")
     return ("the shipped Gemma text eval set was made for gemma3-270m: KL and top-1 against the fp32 reference are "
             "measured, perplexity on it is not a task measure for this base (pass --eval)")
+
+
+def length_order(tokenizer, texts: list[str], max_length: int = 128):
+    """The order of ``texts`` by token count (stable): batches of similar lengths pad less, and
+    every padded position costs a forward pass as much as a real token (the 500-text eval set:
+    10,724 positions padded in text order, 7,988 in this order, 7,709 real; the 64 calibration
+    texts: 1,408 and 1,248 for 984)."""
+    import numpy as np
+
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return np.argsort(np.array([len(x) for x in ids], dtype=np.int64), kind="stable")

@@ -11,7 +11,8 @@ from loradeploy.base import load_tokenizer, load_torch_model
 from loradeploy.evaldata import load_eval
 from loradeploy.ir import Task
 from loradeploy.merge import load_extras
-from loradeploy.validate import _BaseFeatures, batches, length_order, model_outputs
+from loradeploy.evaldata import length_order
+from loradeploy.validate import _BaseFeatures, batches, model_outputs
 from tests.conftest import EXAMPLE_ADAPTERS
 
 

@@ -361,15 +361,13 @@ class LmReference:
 
 
 def calibration_batches(tokenizer, texts: list[str], task: Task, max_length: int, batch_size: int = 32) -> list[dict]:
-    """The texts tokenized in batches of ``batch_size``, texts of similar length together (by
-    token count, stable): a batch is padded to its longest text, and every padded position costs
-    a plan check as much as a real one (MiniLM's 64 calibration texts: 1,408 positions for 984
-    tokens in the given order, 1,248 sorted). Outputs compared between plans come in this order
-    on both sides; the order the texts were given does not enter any measure."""
+    """The texts tokenized in batches of ``batch_size``, in :func:`~loradeploy.evaldata.length_order`
+    (outputs compared between plans come in this order on both sides; no measure depends on it)."""
+    from ..evaldata import length_order
+
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    order = length_order(tokenizer, texts, max_length)
     out = []
     for i in range(0, len(order), batch_size):
         enc = tokenizer([texts[j] for j in order[i:i + batch_size]], padding=True, truncation=True,
