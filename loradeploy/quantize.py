@@ -188,7 +188,7 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
     from .quant.search import DEFAULT_FLOORS
 
     budget_record = ({"measure": measure, "max": limit, "floors": DEFAULT_FLOORS.get(task, {})} if not max_bytes
-                     else {"max_bytes": max_bytes})
+                     else {"max_bytes": max_bytes, "measure": measure})
     budget_record["calibration"] = {"source": str(texts.path), "texts": len(texts.texts), "default": calibration is None,
                                     "sha256": _texts_digest(texts.texts)}
     budget_record["held_out"] = {"texts": len(held_out), "sha256": _texts_digest(held_out) if held_out else None,

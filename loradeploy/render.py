@@ -112,8 +112,10 @@ def print_plan(record: dict) -> None:
     """One row per adapter: bytes, formats, measured fidelity, and B-LoRA's starting plan."""
     budget = record.get("budget") or {}
     title = escape(f"precision plan ({record['method']}) for {record['target']} [{record['runtime']}]")
-    if "measure" in budget:
+    if "max" in budget:
         title += f", budget {budget['measure']} ≤ {budget['max']:g}"
+    elif "max_bytes" in budget:
+        title += f", at most {budget['max_bytes']:,} bytes"
     table = Table(title=title, show_edge=False)
     held_out = budget.get("held_out") or {}
     for col in ("adapter", "plan", "bytes", "of dense fp16", "formats", "measured (PyTorch)", "held-out texts"):
@@ -136,9 +138,12 @@ def print_plan(record: dict) -> None:
             table.add_row(escape(name), "B-LoRA bit hints", human_bytes(start["bytes"]),
                           f"{start['bytes'] / a['bytes_dense_fp16_max_rank']:.1%}", "", m, "")
     console.print(table)
-    if held_out.get("texts") and "measure" in budget:
+    if held_out.get("texts") and "max" in budget:
         console.print(f"held-out texts: {held_out['texts']}, after the calibration texts; a plan must stay within "
                       f"{held_out['slack']} × the budget there")
+    elif held_out.get("texts") and "measure" in budget:
+        console.print(f"held-out texts: {held_out['texts']}, after the calibration texts; of the plans within the "
+                      f"bytes, the one with the least {budget['measure']} there is kept")
     for note in notes:
         console.print(escape(note))
     if "output" in record:

@@ -220,6 +220,9 @@ def held_out_sentence(plan: dict) -> str:
     text += f" the plan measures {measure} {got:.4g}"
     if budget.get("max") is not None:
         text += f" (it must stay within {h['slack']} × the budget {budget['max']:g} there)"
+    elif budget.get("max_bytes") is not None:
+        text += (f"; of the plans within {budget['max_bytes']:,} bytes it has the least {measure} there (they were "
+                 "compared there, not on the calibration texts they were fitted to)")
     if h.get("backed_off_from"):
         text += (f"; the search's plan of {h['backed_off_from']:,} bytes did not hold there, so it backed off to "
                  f"{plan['bytes']:,} bytes")

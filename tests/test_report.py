@@ -121,5 +121,9 @@ def test_the_held_out_check_is_said_in_words():
     assert "plan of 38,160 bytes did not hold there, so it backed off to 40,248 bytes" in text
     plan["held_out"]["backed_off_from"] = None
     assert "backed off" not in held_out_sentence(plan)
-    plan["budget"] = {"max_bytes": 50_000}  # a byte budget: measured, nothing to hold it to
+    plan["budget"] = {"max_bytes": 50_000, "measure": "mean_abs_logit"}  # a byte budget: the plans compared there
+    text = held_out_sentence(plan)
+    assert "1.5 × the budget" not in text and "mean_abs_logit 0.01155" in text
+    assert "of the plans within 50,000 bytes it has the least mean_abs_logit there" in text
+    plan["budget"] = {"max_bytes": 50_000}  # written before a byte budget recorded its measure
     assert held_out_sentence(plan).endswith("the plan was measured; see the raw decisions.")

@@ -467,7 +467,9 @@ def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = N
     modules' ranks (SVD truncation, :mod:`loradeploy.quant.rank`), chosen jointly with the
     formats by the same measured error per byte saved. ``holdout``: an evaluator on texts the
     search does not see (``codes_from=ev``); with a budget, the plan must also hold on them
-    (:func:`_hold_out`), else the search backs off along the plans it accepted."""
+    (:func:`_hold_out`), else the search backs off along the plans it accepted; with
+    ``max_bytes``, the plans within the bytes (the search's and the whole-plan candidates) are
+    compared on them, and the one with the least error there is kept."""
     step = progress or (lambda _m: None)
     measure = MEASURES[ev.task]
     ladders = {tensor_key(n, r): allowed_formats(m, r, ev.storage) for n, m in ev.adapters.modules.items() for r in ROLES}
@@ -556,7 +558,14 @@ def search(ev: Evaluator, budget: float | None = None, max_bytes: int | None = N
         fits = meets(got) if max_bytes is None else size <= max_bytes
         better = (size, got[measure]) < (result.nbytes, result.measured[measure]) if max_bytes is None \
             else (got[measure], size) < (result.measured[measure], result.nbytes)
-        if fits and better and on_held_out is not None:
+        if fits and on_held_out is not None and max_bytes is not None:
+            # within the bytes, the plans are compared on the held-out texts: the calibration texts'
+            # error is what the search (and output-aware rounding) fitted, the held-out error is not
+            on_holdout = on_held_out(label, formats, None, size, rounded)
+            better = (on_holdout[measure], size) < (result.held_out["measured"][measure], result.nbytes)
+            if better:
+                result.held_out["measured"] = on_holdout
+        elif fits and better and on_held_out is not None:
             on_holdout = on_held_out(label, formats, None, size, rounded)
             fits = on_holdout["holds"]
             if fits:
@@ -621,8 +630,9 @@ def _hold_out(ev, holdout, path, result, budget, floors, measure, step):
     """Measure the plan the search reached on ``holdout``'s texts. With a ``budget``: when it
     does not hold there (:data:`HOLDOUT_SLACK`), back off along ``path`` (the plans accepted,
     highest precision first; binary search, as held-out error grows along it) to the last that
-    holds, and measure that one on the calibration texts again. Returns the check whole plans
-    outside ``path`` are held to as well: it measures one there (None without a budget)."""
+    holds, and measure that one on the calibration texts again. Returns the function that
+    measures a whole plan there, for the plans outside ``path``: with a budget they must hold
+    there too; without (a byte limit), the one with the least error there is kept."""
     checked = []
 
     def measure_on_holdout(label, formats, ranks, size, rounding=None) -> dict:
@@ -637,10 +647,11 @@ def _hold_out(ev, holdout, path, result, budget, floors, measure, step):
     last = len(path) - 1
     got = measure_on_holdout("search", path[last][0], path[last][1], path[last][2])
     record = {"texts": sum(len(b["input_ids"]) for b in holdout.batches), "slack": HOLDOUT_SLACK,
-              "measured": got, "checked": checked, "backed_off_from": None}
+              "measured": got, "checked": checked, "backed_off_from": None,
+              "role": "budget" if budget is not None else "selection"}
     result.held_out = record
     if budget is None:
-        return None
+        return measure_on_holdout
     if not got["holds"]:
         lo, hi, found = 0, last - 1, {}
         while lo < hi:

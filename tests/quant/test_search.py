@@ -197,6 +197,31 @@ def test_search_under_a_byte_budget(sora_setup):
     assert result.measured["mean_abs_logit"] <= ev.error(uniform8)["mean_abs_logit"]
 
 
+def test_under_a_byte_budget_the_plans_within_it_are_compared_on_held_out_texts(sora_setup):
+    """With ``max_bytes`` and held-out texts, the plan kept is the one of least error there among
+    the search's plan and every whole-plan candidate within the bytes (not the least on the
+    calibration texts, which output-aware codes were fitted to)."""
+    entry, model, batches = sora_setup
+    cls = Task.SEQUENCE_CLASSIFICATION
+    ev = Evaluator(model, entry.pruned, "onnxruntime", cls, batches)
+    held_out = Evaluator(model, entry.pruned, "onnxruntime", cls, _held_out_batches(), codes_from=ev)
+    uniform8 = uniform_formats(entry.pruned, "onnxruntime", "int8")
+    cap = quantize_adapter(entry.pruned, "onnxruntime", uniform8).nbytes
+    result = search(ev, max_bytes=cap, ranks=True, holdout=held_out)
+    checked = result.held_out["checked"]
+    assert result.held_out["role"] == "selection" and result.held_out["backed_off_from"] is None
+    assert len(checked) >= 3 and all(c["bytes"] <= cap for c in checked)  # the search's plan, uniform int8/lut4/int4
+    assert {c["plan"] for c in checked} >= {"search", "uniform int8", "uniform int4"}
+    least = min(checked, key=lambda c: (c["mean_abs_logit"], c["bytes"]))
+    assert result.held_out["measured"]["mean_abs_logit"] == least["mean_abs_logit"]
+    assert result.chosen_from == least["plan"] and result.nbytes == least["bytes"] <= cap
+    rounding = result.rounding == "output-aware"
+    assert held_out.error(result.formats, result.ranks, rounding)["mean_abs_logit"] == least["mean_abs_logit"]
+    # what it measures on the calibration texts is recorded for the plan kept
+    assert ev.error(result.formats, result.ranks, rounding)["mean_abs_logit"] == pytest.approx(
+        result.measured["mean_abs_logit"], rel=1e-9)
+
+
 def test_quantize_command_writes_plan_and_export_uses_it(tmp_path, capsys):
     """`quantize` → plan.json → `export --plan plan.json`: the runtime's outputs equal the
     plan's simulated adapter in PyTorch (so the graph rebuilds every stored format exactly)."""
