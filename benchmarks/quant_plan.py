@@ -148,13 +148,13 @@ def dequantized_base(model: Path, out: Path) -> Path:
     import gguf
     import numpy as np
 
-    from loradeploy.targets.gguf import _copy_fields
+    from loradeploy.targets.gguf import copy_fields
 
     if out.is_file():
         return out
     reader = gguf.GGUFReader(model)
     writer = gguf.GGUFWriter(out.with_suffix(".partial"), arch=reader.fields["general.architecture"].contents())
-    _copy_fields(reader, writer)
+    copy_fields(reader, writer)
     for t in reader.tensors:
         writer.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
     writer.write_header_to_file()

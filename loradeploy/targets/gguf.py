@@ -158,14 +158,19 @@ def write_adapter(path: Path, adapters: AdapterSet, info: dict, precision: str, 
     return types
 
 
-def _copy_fields(reader, writer) -> None:
+def copy_fields(reader, writer, array_limit: int | None = None) -> None:
+    """Every metadata field of ``reader`` (but the architecture, the writer's own) into ``writer``;
+    ``array_limit``: array fields cut to their first entries (small test files of a big vocabulary)."""
     gguf = _gguf()
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == gguf.Keys.General.ARCHITECTURE:
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
+        value = field.contents()
+        if sub is not None and array_limit is not None:
+            value = value[:array_limit]
+        writer.add_key_value(name, value, vtype, sub_type=sub)
 
 
 def travelling_tensors(reader, adapters: AdapterSet, info: dict, base_model) -> dict[str, np.ndarray]:
@@ -217,7 +222,7 @@ def write_merged(src: Path, dst: Path, adapters: AdapterSet, info: dict, base_mo
         deltas[g + ".weight"] = permute_rows(d, heads) if heads else d
     replaced = travelling_tensors(reader, adapters, info, base_model)
     writer = gguf.GGUFWriter(str(dst), info["arch"])
-    _copy_fields(reader, writer)
+    copy_fields(reader, writer)
     types = {}
     for t in reader.tensors:
         if t.name in replaced:

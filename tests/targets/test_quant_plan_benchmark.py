@@ -39,20 +39,15 @@ def test_dequantized_base_holds_the_dequantized_weights(tmp_path, tiny):  # noqa
     import gguf
     import numpy as np
 
+    from loradeploy.targets.gguf import copy_fields
+
     _, path, _ = tiny
     src = gguf.GGUFReader(path)
     quantized = tmp_path / "base-q8.gguf"
     w = gguf.GGUFWriter(quantized, arch=src.fields["general.architecture"].contents())
     # every field of the tiny base, its vocabulary arrays cut to 1,000 entries: GGUFReader parses
     # each of Gemma's 262,144 tokens one by one (~20 s per file read here), and no runtime loads this file
-    for name, field in src.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        vtype = field.types[0]
-        value = field.contents()
-        if vtype == gguf.GGUFValueType.ARRAY:
-            value = value[:1000]
-        w.add_key_value(name, value, vtype, sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    copy_fields(src, w, array_limit=1000)
     for t in src.tensors:
         data = np.array(t.data).reshape([int(d) for d in reversed(t.shape)])
         if data.ndim == 2 and data.shape[1] % 32 == 0:
