@@ -14,32 +14,15 @@ closed hard-concrete gates). Both are optional; a plain LoRA module has neither.
 
 from __future__ import annotations
 
-import re
-
-import enum
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import IRError
-
-
-class Method(str, enum.Enum):
-    """The training method an adapter came from (and so how its checkpoint is laid out)."""
-
-    SORA = "sora"
-    INCRELORA = "increlora"
-    BLORA = "blora"
-    PEFT_LORA = "peft-lora"
-    PEFT_ADALORA = "peft-adalora"
-
-
-class Task(str, enum.Enum):
-    SEQUENCE_CLASSIFICATION = "sequence-classification"
-    FEATURE_EXTRACTION = "feature-extraction"
-    CAUSAL_LM = "causal-lm"
+from .kinds import Method, Task  # noqa: F401  (the IR's names for them, as before)
 
 
 #: Roles of the tensors a module stores, as used in bit-width hints and quantization plans.
