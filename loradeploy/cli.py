@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
 
 from . import __version__
 from .errors import LoradeployError
-from .ir import Method
+from .kinds import Method
 
 _METHODS = click.Choice([m.value for m in Method])
 DEBUG_ENV = "LORADEPLOY_DEBUG"
@@ -326,20 +327,74 @@ def fleet_group():
 @click.option("--shard", metavar="I/N", help="Run only shard I of N (a fixed partition by unit id; merge the N "
                                              "outputs with `loradeploy fleet merge`).")
 @click.option("--force", is_flag=True, help="Run every unit, even those up to date.")
+@click.option("--in-process", is_flag=True,
+              help="Run here even when a resident worker (`loradeploy fleet serve`) answers on the socket.")
+@click.option("--socket", "socket_file", envvar="LORADEPLOY_FLEET_SOCKET", type=click.Path(dir_okay=False),
+              help="The resident worker's socket (default: loradeploy-UID/fleet.sock in the temporary folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the index as JSON.")
-def fleet_run_cmd(spec, out, executor, workers, shard, force, as_json):
+def fleet_run_cmd(spec, out, executor, workers, shard, force, in_process, socket_file, as_json):
     """Export every unit of SPEC into OUT and write its index.
 
-    Exit 0 when every unit passes, 1 when any is outside its budget or failed (the others still
-    run), 2 for a bad spec."""
+    With the local executor the run goes to the resident worker when one answers for this
+    toolchain (see `loradeploy fleet serve`): the same units, keys and files, without a new
+    process's imports and base load. Exit 0 when every unit passes, 1 when any is outside its
+    budget or failed (the others still run), 2 for a bad spec."""
     from .fleet import FleetConfig, run_fleet
     from .render import fleet_progress, print_fleet
 
+    config = FleetConfig(Path(spec), Path(out), executor, workers, shard, force)
     with fleet_progress() as progress:
-        index = run_fleet(FleetConfig(Path(spec), Path(out), executor, workers, shard, force), progress)
+        resident = None
+        if executor == "local" and not in_process:
+            from .fleet.server import Refused, run_resident
+
+            try:
+                resident = run_resident(config, progress, Path(socket_file) if socket_file else None)
+            except Refused as e:
+                progress("note", f"{e}; running in this process")
+        index = resident[0] if resident else run_fleet(config, progress)
+    if resident:
+        index["fleet"]["resident_worker"] = {"pid": resident[1]}
     index["fleet"]["out"] = str(Path(out).absolute())
     _emit(index, as_json, print_fleet)
     return 0 if index["passed"] else 1
+
+
+@fleet_group.command("serve")
+@click.option("--socket", "socket_file", envvar="LORADEPLOY_FLEET_SOCKET", type=click.Path(dir_okay=False),
+              help="Where to listen (default: loradeploy-UID/fleet.sock in the temporary folder).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=1800, show_default=True,
+              help="End after this many seconds without a run.")
+@click.option("--detach", is_flag=True, help="Start in the background and return once it answers.")
+def fleet_serve_cmd(socket_file, idle_timeout, detach):
+    """Keep a resident fleet worker: one process with PyTorch, transformers, PEFT and ONNX Runtime
+    imported, which later `fleet run`s of this toolchain hand their run to. It keeps the bases it
+    loaded and its pool processes between runs, so a re-run after one adapter changed costs about
+    that unit alone. One run at a time; others wait. Stop it with `loradeploy fleet stop`."""
+    from .fleet.server import ResidentWorker, socket_path, start_detached
+
+    path = Path(socket_file) if socket_file else socket_path()
+    if detach:
+        pid = start_detached(path, idle_timeout)
+        click.echo(f"resident fleet worker pid {pid} on {path} (log: {path}.log)")
+        return
+    ResidentWorker(path, idle_timeout, log=lambda m: click.echo(f"[{time.strftime('%H:%M:%S')}] {m}", err=True)).serve()
+
+
+@fleet_group.command("stop")
+@click.option("--socket", "socket_file", envvar="LORADEPLOY_FLEET_SOCKET", type=click.Path(dir_okay=False),
+              help="The resident worker's socket (default: loradeploy-UID/fleet.sock in the temporary folder).")
+def fleet_stop_cmd(socket_file):
+    """Stop the resident fleet worker (after the run it is busy with). Exit 1 when none answers."""
+    from .fleet.server import socket_path, stop
+
+    path = Path(socket_file) if socket_file else socket_path()
+    pid = stop(path)
+    if pid is None:
+        click.echo(f"no resident fleet worker answers on {path}", err=True)
+        return 1
+    click.echo(f"stopped the resident fleet worker pid {pid}")
+    return 0
 
 
 @fleet_group.command("merge")

@@ -292,7 +292,9 @@ def print_fleet(index: dict) -> None:
     console.print(f"{s['pass']} pass, {s['fail']} fail, {s['error']} error; {s['ran']} ran, {s['up_to_date']} up to "
                   f"date; {f['wall_seconds']} s ({f['executor']}"
                   + (f", {f['workers']} workers" if f.get("workers") else "")
-                  + (f", shard {f['shard']}" if f.get("shard") else "") + ")")
+                  + (f", shard {f['shard']}" if f.get("shard") else "")
+                  + (f", in the resident worker pid {f['resident_worker']['pid']}" if f.get("resident_worker") else "")
+                  + ")")
     if f.get("out"):
         console.print(f"wrote {f['out']}/index.json, index.html, junit.xml")
 
@@ -329,6 +331,8 @@ class fleet_progress:
                 self._task = self._bar.add_task("units", total=total)
             else:
                 self._line(f"{total} units: {todo} to run, {total - todo} up to date")
+        elif kind == "note":
+            self._line(escape(args[0]) if self._bar is not None else args[0])
         elif kind == "unit":
             uid, result = args
             status = result.get("status", "error")

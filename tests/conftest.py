@@ -1,10 +1,14 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# `fleet run` hands its run to a resident worker answering on this socket: tests never reach a
+# worker the developer started; those that want one start their own on it
+os.environ["LORADEPLOY_FLEET_SOCKET"] = os.path.join(tempfile.mkdtemp(prefix="ld-test-"), "fleet.sock")
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_ADAPTERS = REPO / "examples" / "adapters"

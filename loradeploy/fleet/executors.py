@@ -5,6 +5,7 @@ stops the others.
 - ``local`` (default): a process pool sized so the units' runtime threads fill the cores (one
   worker, in the calling process, when a profile lets the runtime take every core); each process
   keeps the base loaded between units, and units are queued grouped by target so they share it.
+  In a resident worker (:mod:`.server`) the pools outlive the run.
 - ``ray``: each unit a Ray task with the spec's per-unit ``resources``; ``ray.init()`` starts a
   local cluster, or attaches to the one ``RAY_ADDRESS`` names (the output folder must then be on
   a file system every node sees). Needs the ``[ray]`` extra.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +40,41 @@ def pool_size(unit_threads: int, cores: int | None = None) -> int:
     return max(1, cores // unit_threads) if unit_threads > 0 else 1
 
 
+class Pools:
+    """The local executor's process pools. A run makes its pool and ends it; a resident worker
+    (``keep``) keeps each pool for its next runs, its processes with their imports and bases."""
+
+    def __init__(self):
+        self.keep = False
+        self._pools: dict[tuple[int, int], ProcessPoolExecutor] = {}
+
+    def get(self, workers: int, threads: int) -> ProcessPoolExecutor:
+        key = (workers, threads)
+        pool = self._pools.pop(key, None) if self.keep else None
+        if pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
+                                       initargs=(threads, os.getpid()))
+        self._pools[key] = pool
+        return pool
+
+    def release(self, workers: int, threads: int, pending=(), broken: bool = False) -> None:
+        """After a run: cancel what it left queued; end the pool unless kept (and whole)."""
+        for fut in pending:
+            fut.cancel()
+        if broken or not self.keep:
+            pool = self._pools.pop((workers, threads), None)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        while self._pools:
+            self._pools.popitem()[1].shutdown(wait=True, cancel_futures=True)
+
+
+POOLS = Pools()
+
+
 class LocalExecutor:
     """A pool of ``workers`` processes (spawned: a forked PyTorch is not safe), each with
     ``cores // workers`` PyTorch threads; by default sized so the units' runtime threads fill
@@ -58,10 +95,11 @@ class LocalExecutor:
             for u in units:
                 on_done(u, run_unit(u.to_dict(), str(out)))
             return
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(self.workers, len(units)), mp_context=ctx, initializer=init_worker,
-                                 initargs=(threads, os.getpid())) as pool:
-            pending = {pool.submit(run_unit, u.to_dict(), str(out)): u for u in units}
+        size = self.workers if POOLS.keep else min(self.workers, len(units))
+        pool = POOLS.get(size, threads)
+        pending = {pool.submit(run_unit, u.to_dict(), str(out)): u for u in units}
+        broken = False
+        try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
@@ -69,8 +107,11 @@ class LocalExecutor:
                     try:
                         result = fut.result()
                     except Exception as e:  # the worker process died (killed, out of memory)  # noqa: BLE001
+                        broken = broken or isinstance(e, BrokenProcessPool)
                         result = _error(unit, f"worker process failed: {type(e).__name__}: {e}")
                     on_done(unit, result)
+        finally:
+            POOLS.release(size, threads, pending, broken)
 
 
 class RayExecutor:
