@@ -1,16 +1,21 @@
 """benchmarks/fleet.py, scaled down: the adapters it derives are distinct PEFT adapters whose
 ΔW is the example's scaled, and its RSS sampler counts a child process."""
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks import fleet as bench
 from loradeploy.adapters import ReadOptions, read_adapter
 from loradeploy.prune import prune
-from tests.conftest import EXAMPLE_ADAPTERS
+from tests.conftest import EXAMPLE_ADAPTERS, REPO
 
 
 def test_derived_adapters_scale_the_examples(tmp_path):
@@ -42,3 +47,25 @@ def test_process_start_imports_run():
     """The benchmark's process-start floor imports modules that exist (a renamed module fails it)."""
     done = subprocess.run([sys.executable, "-c", bench.START_IMPORTS], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-500:]
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_small():
+    """The whole benchmark on 2 adapters (no Ray): each re-run redoes only the adapter it changed,
+    the second one in the resident worker, which it stops at the end."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="ldb-"))  # short: the worker's socket path must stay under 108 bytes
+    try:
+        done = subprocess.run([sys.executable, "benchmarks/fleet.py", "--adapters", "2", "--separate", "1",
+                               "--no-ray", "--json"], capture_output=True, text=True, cwd=REPO, timeout=1200,
+                              env={**os.environ, "TMPDIR": str(tmp)})
+        assert done.returncode == 0, done.stderr[-800:]
+        rows = json.loads(done.stdout)
+        assert rows["re-run after one change, fresh process, s"]["note"] == "ran: onnx-cpu/sora-0"
+        assert rows["re-run after one change, resident worker, s"]["note"] == \
+               "ran: onnx-cpu/increlora-0, in the worker: yes"
+        work = next(tmp.glob("loradeploy-fleet-bench-*"))
+        assert not (work / "worker.sock").exists()  # stopped
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
