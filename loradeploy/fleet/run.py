@@ -218,6 +218,7 @@ def merge_shards(folders: list[Path], out: Path) -> dict:
                     (tmp / e["target"]).mkdir(parents=True, exist_ok=True)
                     shutil.copy2(state, tmp / f"{e['id']}{STATE_SUFFIX}")
                 entries.append(e)
+            _copy_shared(folder / SHARED_DIR, tmp / SHARED_DIR, seen)
         entries.sort(key=lambda e: e["id"])
         counts = {s: sum(e["status"] == s for e in entries) for s in ("pass", "fail", "error")}
         first = indexes[0][1]["fleet"]
@@ -235,6 +236,27 @@ def merge_shards(folders: list[Path], out: Path) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return index
+
+
+def _copy_shared(src: Path, dst: Path, seen: dict[str, Path]) -> None:
+    """The shards' shared base graphs (and their latency records), so that a later ``fleet run``
+    into the merged output reuses them: one folder per key (the same key is the same graph in
+    every shard; a latency record already copied from another shard is kept); a file some
+    artifact already holds becomes a hard link to it."""
+    for folder in sorted(p for p in src.glob("*/*") if p.is_dir()):
+        for f in sorted(folder.rglob("*")):
+            if not f.is_file() or f.name.startswith("."):
+                continue
+            target = dst / folder.relative_to(src) / f.relative_to(folder)
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            sha = file_sha256(f)
+            if sha in seen:
+                link_or_copy(seen[sha], target)
+            else:
+                shutil.copy2(f, target)
+                seen[sha] = target
 
 
 def _copy_artifact(src: Path, dst: Path, shas: dict[str, str], seen: dict[str, Path]) -> None:

@@ -193,6 +193,15 @@ def test_shards_merge_into_the_full_run(fleet, tmp_path):
     assert _files(merged) == _files(fleet["index"])
     for u in merged["units"]:
         assert main(["verify", str(tmp_path / "all" / u["id"]), "--no-load"]) == 0
+    # the shared graph came along, as one file with the artifacts', with every shard's timings
+    (graph,) = (tmp_path / "all" / "_shared").glob("onnx-cpu/*/model.onnx")
+    assert {os.stat(tmp_path / "all" / u["id"] / "model.onnx").st_ino for u in merged["units"]} == \
+           {os.stat(graph).st_ino}
+    assert len(list(graph.parent.glob("latency/*.json"))) == 3
+    # so a run into the merged output finds every unit up to date and keeps the graph
+    assert main(["fleet", "run", str(fleet["spec"]), "-o", str(tmp_path / "all"), "--json"]) == 0
+    again = json.loads((tmp_path / "all" / "index.json").read_text())
+    assert again["summary"]["up_to_date"] == 3 and graph.is_file()
 
 
 def test_the_same_fleet_on_a_local_ray_cluster(fleet, tmp_path):
