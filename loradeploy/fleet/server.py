@@ -1,7 +1,7 @@
 """A resident fleet worker: ``loradeploy fleet serve`` keeps one process with the toolchain
 imported, listening on a Unix socket, and ``fleet run`` hands its run to it when one answers for
 the same toolchain. A fresh process pays the interpreter, the imports of PyTorch, transformers,
-PEFT and ONNX Runtime (about 7 s on 2 cores) and the base load before its first unit; the resident
+PEFT and the runtime (7–8 s on 2 cores) and the base load before its first unit; the resident
 worker pays them once, keeps the bases it loaded and its pool processes, so a re-run after one
 adapter changed costs about that unit.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -38,9 +39,10 @@ from ..errors import LoradeployError
 
 SOCKET_ENV = "LORADEPLOY_FLEET_SOCKET"
 DEFAULT_IDLE_TIMEOUT = 1800.0
-#: what a worker imports before it answers: everything a unit of any target needs
-WARM_IMPORTS = ("loradeploy.export", "loradeploy.validate", "loradeploy.adapters.peft", "peft", "transformers",
-                "onnxruntime")
+BUSY_NOTE_AFTER = 2.0  # s without the worker's first answer before the client says it waits
+#: what a worker imports before it answers: the bulk of what a unit needs (a runtime's own package,
+#: imported by its plugin on first use, comes with the first run)
+WARM_IMPORTS = ("loradeploy.export", "loradeploy.validate", "loradeploy.adapters.peft", "peft", "transformers")
 
 
 def socket_path() -> Path:
@@ -84,8 +86,8 @@ class ResidentWorker:
     def _bind(self) -> socket.socket:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.path.exists() or self.path.is_symlink():
-            if ping(self.path) is not None:
-                raise LoradeployError(f"{self.path}: a resident fleet worker already answers there "
+            if listening(self.path):
+                raise LoradeployError(f"{self.path}: a resident fleet worker already listens there "
                                       "(stop it with `loradeploy fleet stop`)")
             self.path.unlink()  # left by a worker that was killed
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -168,9 +170,13 @@ class ResidentWorker:
     def _run(self, stream, request: dict) -> None:
         from .run import FleetConfig, run_fleet
 
-        if request.get("identity") != self.identity:
-            _send(stream, {"refused": "it runs another toolchain (Python, loradeploy code or LORADEPLOY_* settings)",
-                           "pid": os.getpid()})
+        theirs = request.get("identity") or {}
+        if theirs != self.identity:
+            what = {"python": "another Python", "loradeploy": "another loradeploy version",
+                    "source": "other loradeploy code", "settings": "other LORADEPLOY_* settings"}
+            differ = [what.get(k, k) for k in sorted(set(theirs) | set(self.identity))
+                      if theirs.get(k) != self.identity.get(k)]
+            _send(stream, {"refused": f"it runs {', '.join(differ)} than this command", "pid": os.getpid()})
             return
         _send(stream, {"started": os.getpid()})
         t0 = time.perf_counter()
@@ -204,6 +210,15 @@ def _connect(path: Path, timeout: float | None = 5.0) -> socket.socket | None:
         sock.close()
         return None
     return sock
+
+
+def listening(path: Path) -> bool:
+    """Whether a process listens on ``path`` (a worker, answering or busy with a run)."""
+    sock = _connect(Path(path))
+    if sock is None:
+        return False
+    sock.close()
+    return True
 
 
 def _ask(path: Path, request: dict, timeout: float | None = 5.0) -> dict | None:
@@ -249,22 +264,27 @@ def run_resident(config, progress: Callable, path: Path | None = None) -> tuple[
     with sock, sock.makefile("rwb") as stream:
         stream.write((json.dumps({"op": "run", "config": fields, "identity": identity()}) + "\n").encode())
         stream.flush()
-        for line in stream:
-            message = json.loads(line)
-            if "event" in message:
-                progress(*message["event"])
-            elif "started" in message:
-                pid = message["started"]
-            elif "index" in message:
-                return message["index"], pid
-            elif "refused" in message:
-                raise Refused(f"the resident fleet worker (pid {message['pid']}, {path}) did not take the run: "
-                              f"{message['refused']}")
-            elif "error" in message:
-                raise LoradeployError(message["error"])
-            elif "internal" in message:
-                raise RuntimeError(f"in the resident fleet worker (pid {pid}): {message['internal']}")
-    raise LoradeployError(f"the resident fleet worker (pid {pid}, {path}) ended during the run; "
+        if not select.select([sock], [], [], BUSY_NOTE_AFTER)[0]:
+            progress("note", f"the resident fleet worker on {path} is busy with another run: waiting for it")
+        try:
+            for line in stream:
+                message = json.loads(line)
+                if "event" in message:
+                    progress(*message["event"])
+                elif "started" in message:
+                    pid = message["started"]
+                elif "index" in message:
+                    return message["index"], pid
+                elif "refused" in message:
+                    raise Refused(f"the resident fleet worker (pid {message['pid']}, {path}) did not take the run: "
+                                  f"{message['refused']}")
+                elif "error" in message:
+                    raise LoradeployError(message["error"])
+                elif "internal" in message:
+                    raise RuntimeError(f"in the resident fleet worker (pid {pid}): {message['internal']}")
+        except (OSError, ValueError):  # reset, or a line cut off: the worker ended
+            pass
+    raise LoradeployError(f"the resident fleet worker ({f'pid {pid}, ' if pid else ''}{path}) ended during the run; "
                           "the units it finished are recorded: run again")
 
 
@@ -275,9 +295,8 @@ def start_detached(path: Path | None = None, idle_timeout: float = DEFAULT_IDLE_
     import subprocess
 
     path = Path(path or socket_path())
-    answer = ping(path)
-    if answer is not None:
-        raise LoradeployError(f"{path}: a resident fleet worker (pid {answer.get('pid')}) already answers there")
+    if listening(path):
+        raise LoradeployError(f"{path}: a resident fleet worker already listens there")
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     log = path.with_name(path.name + ".log")
     with open(log, "ab") as out:

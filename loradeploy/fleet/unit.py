@@ -25,7 +25,8 @@ from .spec import Unit, digest
 
 SHARED_DIR = "_shared"
 STATE_SUFFIX = ".unit.json"
-_BASES: dict[tuple, tuple] = {}
+_BASES: dict[tuple, tuple] = {}  # (base, task, labels) → loaded, least recently used first
+KEPT_BASES = 2
 
 
 class QuietMachine:
@@ -195,8 +196,11 @@ def _cached_base(base: str, entries: tuple):
     first = entries[0].original
     key = (base, first.task, first.num_labels)
     if key not in _BASES:
+        while len(_BASES) >= KEPT_BASES:  # a resident worker sees many specs: keep the latest
+            del _BASES[next(iter(_BASES))]
         _BASES[key] = load_base_for(base, entries)
         return _BASES[key]
+    _BASES[key] = _BASES.pop(key)  # most recently used last
     base_dir, _task, _labels, model = _BASES[key]
     for e in entries:
         try:

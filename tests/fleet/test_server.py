@@ -89,7 +89,8 @@ def test_runs_handed_to_the_resident_worker(tmp_path, capsys, monkeypatch):
         capsys.readouterr()
         assert main(["fleet", "run", str(spec), "-o", str(tmp_path / "there"), "--force", "--json"]) == 0
         err = capsys.readouterr().err
-        assert f"resident fleet worker (pid {pid}" in err and "another toolchain" in err
+        assert f"resident fleet worker (pid {pid}, {path}) did not take the run: it runs other LORADEPLOY_* " \
+               "settings than this command; running in this process" in " ".join(err.split())
         forced = json.loads((tmp_path / "there" / "index.json").read_text())
         assert set(_workers(tmp_path / "there", forced).values()) == {os.getpid()}
         monkeypatch.delenv("LORADEPLOY_TEST_SETTING")
@@ -155,7 +156,7 @@ def test_a_second_worker_on_one_socket_is_refused_and_an_idle_one_ends():
     pid = _start(path, "--idle-timeout", "3")
     proc = subprocess.run([sys.executable, "-m", "loradeploy.cli", "fleet", "serve", "--socket", str(path)],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "already answers" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "already listens" in proc.stderr
     for _ in range(300):  # 3 s without a run
         if not alive(pid):
             break
@@ -172,3 +173,37 @@ def test_a_stale_socket_file_is_no_worker(tmp_path):
     assert server.run_resident(FleetConfig(tmp_path / "fleet.yaml", tmp_path / "out"), print, path) is None
     pid = _start(path, "--idle-timeout", "60")
     _stop(path, pid)
+
+
+def test_a_client_says_when_the_worker_is_busy_and_fails_in_one_line_when_it_ends(tmp_path):
+    """A listener that does not accept (a worker busy with another run): the client says it
+    waits; when the listener goes, the run fails with one error naming the socket."""
+    import threading
+
+    from loradeploy.errors import LoradeployError
+
+    path = _socket()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+    notes, outcome = [], {}
+
+    def client():
+        try:
+            server.run_resident(FleetConfig(tmp_path / "fleet.yaml", tmp_path / "out"),
+                                lambda kind, *a: notes.append((kind, *a)), path)
+        except LoradeployError as e:
+            outcome["error"] = str(e)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    for _ in range(100):
+        if notes:
+            break
+        time.sleep(0.1)
+    assert notes == [("note", f"the resident fleet worker on {path} is busy with another run: waiting for it")]
+    assert thread.is_alive()  # still waiting
+    listener.close()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert outcome["error"].startswith(f"the resident fleet worker ({path}) ended during the run")
