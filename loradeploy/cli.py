@@ -370,7 +370,8 @@ def fleet_serve_cmd(socket_file, idle_timeout, detach):
     """Keep a resident fleet worker: one process with PyTorch, transformers and PEFT imported (a
     runtime's own package from its first run on), which later `fleet run`s of this toolchain hand
     their run to. It keeps the bases it loaded and its pool processes between runs, so a re-run
-    after one adapter changed costs about that unit alone. One run at a time; others wait. Stop it with `loradeploy fleet stop`."""
+    after one adapter changed costs about that unit alone. One run at a time; others wait. Stop
+    it with `loradeploy fleet stop`."""
     from .fleet.server import ResidentWorker, socket_path, start_detached
 
     path = Path(socket_file) if socket_file else socket_path()
