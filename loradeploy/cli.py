@@ -312,6 +312,13 @@ def fleet_group():
     slots, resources. See `loradeploy fleet run --help` and examples/fleet.yaml."""
 
 
+def socket_option(f):
+    """The resident fleet worker's socket, for the verbs that serve on it or talk to it."""
+    return click.option("--socket", "socket_file", envvar="LORADEPLOY_FLEET_SOCKET", type=click.Path(dir_okay=False),
+                        help="The resident worker's socket (default: $LORADEPLOY_FLEET_SOCKET, else "
+                             "loradeploy-UID/fleet.sock in the temporary folder).")(f)
+
+
 @fleet_group.command("run")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
@@ -329,8 +336,7 @@ def fleet_group():
 @click.option("--force", is_flag=True, help="Run every unit, even those up to date.")
 @click.option("--in-process", is_flag=True,
               help="Run here even when a resident worker (`loradeploy fleet serve`) answers on the socket.")
-@click.option("--socket", "socket_file", envvar="LORADEPLOY_FLEET_SOCKET", type=click.Path(dir_okay=False),
-              help="The resident worker's socket (default: loradeploy-UID/fleet.sock in the temporary folder).")
+@socket_option
 @click.option("--json", "as_json", is_flag=True, help="Print the index as JSON.")
 def fleet_run_cmd(spec, out, executor, workers, shard, force, in_process, socket_file, as_json):
     """Export every unit of SPEC into OUT and write its index.
@@ -361,8 +367,7 @@ def fleet_run_cmd(spec, out, executor, workers, shard, force, in_process, socket
 
 
 @fleet_group.command("serve")
-@click.option("--socket", "socket_file", envvar="LORADEPLOY_FLEET_SOCKET", type=click.Path(dir_okay=False),
-              help="Where to listen (default: loradeploy-UID/fleet.sock in the temporary folder).")
+@socket_option
 @click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=1800, show_default=True,
               help="End after this many seconds without a run.")
 @click.option("--detach", is_flag=True, help="Start in the background and return once it answers.")
@@ -383,8 +388,7 @@ def fleet_serve_cmd(socket_file, idle_timeout, detach):
 
 
 @fleet_group.command("stop")
-@click.option("--socket", "socket_file", envvar="LORADEPLOY_FLEET_SOCKET", type=click.Path(dir_okay=False),
-              help="The resident worker's socket (default: loradeploy-UID/fleet.sock in the temporary folder).")
+@socket_option
 def fleet_stop_cmd(socket_file):
     """Stop the resident fleet worker (after the run it is busy with). Exit 1 when none answers."""
     from .fleet.server import socket_path, stop
