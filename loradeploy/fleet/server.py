@@ -22,6 +22,7 @@ lines (the progress callback's arguments) and ends with ``{"index": ...}`` or ``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import select
@@ -65,10 +66,16 @@ class ClientGone(Exception):
     """The client that asked for a run closed its connection (killed or interrupted)."""
 
 
+def _request(stream, message: dict) -> None:
+    """One message: a JSON object on one line."""
+    stream.write((json.dumps(message, default=str) + "\n").encode())
+    stream.flush()
+
+
 def _send(stream, message: dict) -> None:
+    """One message from the worker to its client, who may have left."""
     try:
-        stream.write((json.dumps(message, default=str) + "\n").encode())
-        stream.flush()
+        _request(stream, message)
     except (BrokenPipeError, ConnectionResetError) as e:
         raise ClientGone() from e
 
@@ -227,8 +234,7 @@ def _ask(path: Path, request: dict, timeout: float | None = 5.0) -> dict | None:
         return None
     try:
         with sock, sock.makefile("rwb") as stream:
-            stream.write((json.dumps(request) + "\n").encode())
-            stream.flush()
+            _request(stream, request)
             line = stream.readline()
     except OSError:  # busy with a run longer than the timeout, or gone
         return None
@@ -258,12 +264,11 @@ def run_resident(config, progress: Callable, path: Path | None = None) -> tuple[
     sock = _connect(path, timeout=None)
     if sock is None:
         return None
-    fields = {"spec": str(Path(config.spec).absolute()), "out": str(Path(config.out).absolute()),
-              "executor": config.executor, "workers": config.workers, "shard": config.shard, "force": config.force}
+    fields = {**dataclasses.asdict(config), "spec": str(Path(config.spec).absolute()),
+              "out": str(Path(config.out).absolute())}
     pid = None
     with sock, sock.makefile("rwb") as stream:
-        stream.write((json.dumps({"op": "run", "config": fields, "identity": identity()}) + "\n").encode())
-        stream.flush()
+        _request(stream, {"op": "run", "config": fields, "identity": identity()})
         if not select.select([sock], [], [], BUSY_NOTE_AFTER)[0]:
             progress("note", f"the resident fleet worker on {path} is busy with another run: waiting for it")
         try:
