@@ -1,6 +1,8 @@
-# One venv (.venv), created/updated idempotently: torch==2.13.0 (CPU) is installed first, then
-# llama-cpp-python from a portable wheel built once per machine, then the package with every
-# extra (and Ray, for the fleet's Ray executor test) under constraints.txt, so nothing pulls a CUDA torch.
+# One venv (.venv), created/updated idempotently: pip at a pinned version, torch==2.13.0 (CPU)
+# first, then llama-cpp-python from a portable wheel built once per machine, then the package
+# with every extra (and Ray, for the fleet's Ray executor test) under constraints.txt — the lock:
+# every package, transitive ones included, at one exact version with its hashes, so two clones
+# of one commit install the same set and nothing pulls a CUDA torch. `make lock` regenerates it.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -15,8 +17,12 @@ WHEELS        ?= $(HOME)/.cache/loradeploy/wheels
 LLAMA_CMAKE   := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
                  -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 LLAMA_STAMP   := $(WHEELS)/.llama-cpp-python-$(LLAMA_VERSION)-portable
+PIP_VERSION   := 26.3
+UV_VERSION    := 0.13.9
+EXTRAS        := all,ray,dev
+comma         := ,
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast lock upgrade clean
 setup: $(STAMP)
 
 $(LLAMA_STAMP):
@@ -30,10 +36,12 @@ $(LLAMA_STAMP):
 
 $(STAMP): pyproject.toml constraints.txt $(LLAMA_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet pip==$(PIP_VERSION)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[all,ray,dev]"
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r constraints.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip check
 	touch $(STAMP)
 
 demo: setup
@@ -44,6 +52,22 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The lock: `uv pip compile` of pyproject.toml's extras with requirements/pins.in. `make lock`
+# keeps every pin that still fits (after an edit of pyproject.toml or pins.in); `make upgrade`
+# takes the newest versions of everything not pinned by hand. Commit constraints.txt after
+# `make test` passes on it.
+LOCK_ARGS := pyproject.toml $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) -c requirements/pins.in \
+             --python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links /opt/wheels \
+             --generate-hashes --quiet -o constraints.txt
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip compile $(LOCK_ARGS)
+upgrade:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip compile --upgrade $(LOCK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

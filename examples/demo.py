@@ -11,11 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from loradeploy.cli import _quiet_third_party_logs
-from loradeploy.errors import LoradeployError
+from loradeploy import LoradeployError, prune_adapter, quiet_third_party_logs
 from loradeploy.export import ExportConfig, export
 from loradeploy.job import AdapterInputs
-from loradeploy.pipeline import prune_adapter
 from loradeploy.render import console, print_export, print_summary_table, progress_steps
 
 HERE = Path(__file__).resolve().parent
@@ -25,7 +23,7 @@ OUT = HERE.parent / "out" / "demo"
 
 
 def main() -> int:
-    _quiet_third_party_logs()
+    quiet_third_party_logs()
     rows = []
     for name, path in ADAPTERS.items():
         try:

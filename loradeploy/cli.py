@@ -14,9 +14,9 @@ import click
 from . import __version__
 from .errors import LoradeployError
 from .kinds import Method
+from .logs import DEBUG_ENV, quiet_third_party_logs
 
 _METHODS = click.Choice([m.value for m in Method])
-DEBUG_ENV = "LORADEPLOY_DEBUG"
 
 
 def _read_options(lora_alpha, lora_r, head):
@@ -63,12 +63,15 @@ def _prune_config(tolerance):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="loradeploy")
-def cli():
+@click.option("-v", "--verbose", is_flag=True, help="Also show other libraries' warnings (they are kept at ERROR).")
+def cli(verbose):
     """Ship trained rank-adaptive LoRA adapters (SoRA, IncreLoRA, Bayesian-LoRA, PEFT) to edge
     runtimes: read, prune exactly, quantize, export, validate.
 
     Exit codes: 0 ok; 1 a measure outside its budget, a regression or a failing file; 2 bad
     input; 3 an internal error (a bug). Set LORADEPLOY_DEBUG=1 to see tracebacks."""
+    if verbose:
+        quiet_third_party_logs(verbose=True)
 
 
 @cli.command("inspect")
@@ -480,27 +483,6 @@ def main(argv: list[str] | None = None) -> int:
                    f"loradeploy, not a problem with the input ({DEBUG_HINT}; please report it)", err=True)
         return INTERNAL_ERROR
     return code if isinstance(code, int) else 0
-
-
-def quiet_third_party_logs() -> None:
-    """Keep stderr for our own messages: bitsandbytes warns on import about optional hub
-    kernels it cannot fetch, transformers about heads it initialises."""
-    import logging
-
-    from . import registry
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for spec in registry.specs():
-        for name in spec.quiet_loggers:
-            logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import warnings
-
-    # deprecations inside the libraries (e.g. transformers' is_gradient_checkpointing, hit by
-    # bitsandbytes loading) are theirs to fix; a loradeploy user cannot act on them
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(?!loradeploy\b)")
 
 
 if __name__ == "__main__":

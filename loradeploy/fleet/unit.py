@@ -182,7 +182,7 @@ def init_worker(threads: int, parent: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(max(1, threads))
-    from ..cli import quiet_third_party_logs
+    from ..logs import quiet_third_party_logs
 
     quiet_third_party_logs()
 

@@ -29,8 +29,7 @@ SPEC = RuntimeSpec(
     precisions=("nf4", "fp4", "int8"),
     storage=LoraStorage(ladder=("fp32", "fp16"), accepted=("fp32", "fp16", "bf16"), by_bits={32: "fp32", 16: "fp16"},
                         folds_scale=False, b_rank_major=False),
-    adapter_suffix="", target="loradeploy.targets.bnb:BnbTarget", session="loradeploy.runtime.bnb:BnbSession",
-    quiet_loggers=("bitsandbytes",))
+    adapter_suffix="", target="loradeploy.targets.bnb:BnbTarget", session="loradeploy.runtime.bnb:BnbSession")
 
 ADAPTER_DIR = "adapters"  # each adapter is a PEFT folder adapters/NAME
 
