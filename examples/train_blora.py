@@ -186,9 +186,7 @@ def set_quantize(mods, flag):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join(common.HERE, "adapters", "blora"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=3)
+    common.add_run_args(ap, "blora")
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16)
     ap.add_argument("--lr", type=float, default=2e-3, help="AdamW lr for lora_A/E/B and the head")
@@ -203,7 +201,7 @@ def main():
     ap.add_argument("--float-train", action="store_true", help="debug: train without quantizers")
     args = ap.parse_args()
 
-    timer, data, model = common.start_run(args.seed)
+    timer, data, model = common.start_run(args)
     paths = common.target_paths()
     torch.manual_seed(args.seed)
     inits = [args.gamma_init] * 4
@@ -306,7 +304,8 @@ def main():
         "data": "examples/data/sentiment",
         "hyper_parameters": {
             "seed": args.seed, "epochs": args.epochs, "batch_size": common.BATCH_SIZE,
-            "max_len": common.MAX_LEN, "r": args.r, "lora_alpha": args.lora_alpha,
+            "max_len": common.MAX_LEN, "train_texts": len(data["train"][2]),
+            "r": args.r, "lora_alpha": args.lora_alpha,
             "lr_adamw": args.lr, "grad_clip_norm": args.clip, "lr_schedule": f"linear warm-up {warm} steps, linear decay to 10%",
             "gates_optimizer": "Adam (AdamW, no decay), constant lr", "gates_lr": args.gates_lr,
             "hard_concrete": {"beta": HC_BETA, "gamma": HC_GAMMA, "zeta": HC_ZETA,

@@ -45,17 +45,15 @@ import methods  # noqa: E402  (IncreLoRA layer, importance and rank allocation)
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join(common.HERE, "adapters", "increlora"))
+    common.add_run_args(ap, "increlora")
     ap.add_argument("--full-model", action="store_true",
                     help="also save every base tensor (IncreLoRA's full-model checkpoint, ~90 MB)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=3)
     methods.add_increlora_args(ap, lr=5e-3, lr_help="AdamW lr for lora_A/lora_B/head", lr_e=5e-2,
                                budget=144, budget_help="total active ranks (36 modules x 4)",
                                delta_t=8, top_k=9)
     args = ap.parse_args()
 
-    timer, data, model = common.start_run(args.seed)
+    timer, data, model = common.start_run(args)
     paths = common.target_paths()
     torch.manual_seed(args.seed)
     mods = methods.add_svd_linears(model, paths, args.r0, args.lora_alpha, common.set_module)
@@ -106,7 +104,7 @@ def main():
         "data": "examples/data/sentiment",
         "hyper_parameters": {
             "seed": args.seed, "epochs": args.epochs, "batch_size": common.BATCH_SIZE,
-            "max_len": common.MAX_LEN, 
+            "max_len": common.MAX_LEN, "train_texts": len(data["train"][2]),
             **methods.increlora_hparams(args, warm), "full_model_saved": args.full_model,
             "target_modules": common.LINEAR_PATHS,
         },

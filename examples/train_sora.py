@@ -35,13 +35,11 @@ import methods  # noqa: E402  (SoRA layer, gate step, xi schedule)
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join(common.HERE, "adapters", "sora"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=3)
+    common.add_run_args(ap, "sora")
     methods.add_sora_args(ap, lr=2e-3, lr_help="AdamW lr for lora_A/lora_B/head", xi=0.008)
     args = ap.parse_args()
 
-    timer, data, model = common.start_run(args.seed)
+    timer, data, model = common.start_run(args)
     paths = methods.add_sora(model, common.target_paths(), args.r, args.lora_alpha)
     torch.manual_seed(args.seed)
     for path in paths:  # re-init A in a fixed order after the head, for reproducibility
@@ -91,7 +89,8 @@ def main():
         "data": "examples/data/sentiment",
         "hyper_parameters": {
             "seed": args.seed, "epochs": args.epochs, "batch_size": common.BATCH_SIZE,
-            "max_len": common.MAX_LEN, "lora_r": args.r, "lora_alpha": args.lora_alpha,
+            "max_len": common.MAX_LEN, "train_texts": len(data["train"][2]),
+            "lora_r": args.r, "lora_alpha": args.lora_alpha,
             "lr_adamw": args.lr, "lr_schedule": f"linear warm-up {warm} steps, linear decay to 10%",
             "gate_optimizer": "SGD step, then shift by -xi*sign(g) and set |g| < xi to 0.0",
             "gate_lr": args.gate_lr, "xi": args.xi,

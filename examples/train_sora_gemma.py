@@ -70,15 +70,19 @@ def gguf_path():
     return path
 
 
-def load_gemma():
-    """(tokenizer, model): Gemma3ForCausalLM dequantized to float32, every parameter frozen,
-    eval mode (Gemma has no dropout; gradients still flow to adapter parameters)."""
+def load_gemma(base=None):
+    """(tokenizer, model): Gemma3ForCausalLM dequantized to float32, or the causal LM in the
+    Hugging Face folder ``base``; every parameter frozen, eval mode (Gemma has no dropout;
+    gradients still flow to adapter parameters)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = gguf_path()
-    folder, name = os.path.split(path)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    if base:
+        tok = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    else:
+        folder, name = os.path.split(gguf_path())
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -89,8 +93,15 @@ def target_paths(layers, projs=PROJ):
     return [f"model.layers.{n}.self_attn.{p}" for n in layers for p in projs]
 
 
-def parse_layers(text):
-    return list(range(NUM_LAYERS)) if text == "all" else [int(x) for x in text.split(",")]
+def parse_layers(text, num_layers=NUM_LAYERS):
+    return list(range(num_layers)) if text == "all" else [int(x) for x in text.split(",")]
+
+
+def add_base_arg(ap):
+    """--base: a Hugging Face causal-LM folder instead of Gemma 3 270M (a quick run on a tiny model)."""
+    ap.add_argument("--base", metavar="DIR",
+                    help="train on the causal LM in this Hugging Face folder instead of Gemma 3 270M "
+                         "(its projections must be named as Gemma's; for quick runs on a tiny model)")
 
 
 def read_lines(path):
@@ -206,6 +217,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "adapters", "sora-gemma"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layers", default="all", help='"all" (0..17) or a comma list, e.g. 0,4,8,12,16')
+    add_base_arg(ap)
     ap.add_argument("--steps", type=int, default=200)
     methods.add_sora_args(ap, lr=1e-3, lr_help="AdamW lr for lora_A/lora_B", xi=0.0095)
     ap.add_argument("--log-every", type=int, default=10)
@@ -215,9 +227,9 @@ def main():
     common.setup(args.seed)
     torch.set_num_threads(args.threads)
     timer = common.Timer()
-    tok, model = load_gemma()
+    tok, model = load_gemma(args.base)
     t_load = timer()
-    print(f"loaded Gemma [{t_load} s]", flush=True)
+    print(f"loaded {args.base or 'Gemma'} [{t_load} s]", flush=True)
     train = encode(tok, read_lines(os.path.join(TEXT_DIR, "positive_train.txt")))
     ev_pos, ev_neg, _ = read_eval()
     ev_pos, ev_neg = encode(tok, ev_pos), encode(tok, ev_neg)
@@ -226,7 +238,7 @@ def main():
     print(f"base perplexity: positive eval {base_pos:.3f} ({n_pos} tokens), "
           f"negative eval {base_neg:.3f} ({n_neg} tokens) [{timer()} s]", flush=True)
 
-    layers = parse_layers(args.layers)
+    layers = parse_layers(args.layers, model.config.num_hidden_layers)
     paths = target_paths(layers)
     torch.manual_seed(args.seed)
     add_sora(model, paths, args.r, args.lora_alpha)
@@ -300,8 +312,8 @@ def main():
                   "out_features": model.get_submodule(p).out_features} for p in paths[:4]}
     common.write_json(os.path.join(args.out, "train_log.json"), {
         "method": "SoRA",
-        "base_model": BASE_MODEL_NAME,
-        "base_gguf": GGUF_NAME,
+        "base_model": args.base or BASE_MODEL_NAME,
+        "base_gguf": None if args.base else GGUF_NAME,
         "data": "examples/data/gemma_text/positive_train.txt",
         "task": "causal LM: the adapted model writes positive reviews",
         "hyper_parameters": {
