@@ -29,8 +29,8 @@ DEFAULT_TOLERANCE = {"fidelity": 0.01, "latency": 0.25, "size": 0.01}
 
 @dataclass
 class Row:
-    kind: str  # fidelity | size | latency
-    name: str  # e.g. "sora/label_agreement", "artifact_bytes", "latency[b1xs128]/reference"
+    kind: str  # fidelity | size | latency | file
+    name: str  # e.g. "sora/label_agreement", "artifact_bytes", "latency[b1xs128]/reference", "model.onnx"
     baseline: float | None
     now: float | None
     allowed: str
@@ -162,7 +162,9 @@ class CheckConfig:
 
 def check(config: CheckConfig, progress=None) -> dict:
     """Validate ``config.artifact`` again and compare with the baseline; ``passed`` is False on a
-    regression."""
+    regression, or (nothing measured) when a file of the artifact is not as exported: a row per
+    such file."""
+    from .errors import ArtifactChangedError
     from .validate import ValidateConfig, revalidate
 
     tol = parse_tolerance(config.tolerance)
@@ -171,9 +173,14 @@ def check(config: CheckConfig, progress=None) -> dict:
     if base.task != current.task:
         raise LoradeployError(f"{config.baseline}: the baseline is a {base.task} artifact, {config.artifact} a "
                               f"{current.task} one: nothing to compare")
-    result = revalidate(ValidateConfig(Path(config.artifact), config.eval_path), progress)
-    rows = compare(base.to_dict(), {"validation": result["validation"]}, tol, config.strict_latency)
-    if not any(r.kind == "fidelity" and r.status in ("PASS", "FAIL") for r in rows):
+    try:
+        result = revalidate(ValidateConfig(Path(config.artifact), config.eval_path), progress)
+    except ArtifactChangedError as e:
+        result = {"validation": None}
+        rows = [Row("file", p["file"], None, None, "as in the manifest", "FAIL", p["problem"]) for p in e.problems]
+    else:
+        rows = compare(base.to_dict(), {"validation": result["validation"]}, tol, config.strict_latency)
+    if result["validation"] and not any(r.kind == "fidelity" and r.status in ("PASS", "FAIL") for r in rows):
         raise LoradeployError(f"{config.baseline}: no fidelity measure in common with {config.artifact} "
                               "(different adapters?)")
     return {"artifact": str(Path(config.artifact).absolute()), "baseline": str(Path(config.baseline).absolute()),
@@ -192,7 +199,9 @@ def junit_xml(record: dict) -> str:
                            sum(r["status"] in ("NEW", "GONE", "INFO") for r in rows)))
     for r in rows:
         case = ET.SubElement(suite, "testcase", classname=f"{record['target']}.{r['kind']}", name=r["name"])
-        if r["status"] == "FAIL":
+        if r["status"] == "FAIL" and r["kind"] == "file":
+            ET.SubElement(case, "failure", message=f"{r['name']}: {r['note']}", type="changed file")
+        elif r["status"] == "FAIL":
             ET.SubElement(case, "failure", message=f"{r['name']} regressed: {r['now']:.6g} (baseline "
                           f"{r['baseline']:.6g}, allowed {r['allowed']})", type="regression")
         elif r["status"] in ("NEW", "GONE"):
@@ -217,5 +226,7 @@ def markdown(record: dict) -> str:
 
 
 def info_notes(record: dict) -> list[str]:
-    """Why rows were shown as INFO (each reason once), e.g. latency from another machine."""
-    return list(dict.fromkeys(f"INFO {r['kind']}: {r['note']}" for r in record["rows"] if r["status"] == "INFO"))
+    """Why rows were shown as INFO (each reason once), e.g. latency from another machine, and what
+    is wrong with each file of the artifact that is not as exported."""
+    return [f"FAIL {r['name']}: {r['note']}" for r in record["rows"] if r["kind"] == "file"] + list(
+        dict.fromkeys(f"INFO {r['kind']}: {r['note']}" for r in record["rows"] if r["status"] == "INFO"))

@@ -217,7 +217,7 @@ def quantize_cmd(base, adapters, target, plan, budget, max_bytes, ranks, output_
 @click.option("--eval", "eval_path", type=click.Path(dir_okay=False), help="JSON lines {text, label}; default: the shipped example set.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def validate_cmd(artifact, eval_path, as_json):
-    """Validate an exported artifact again against the fp32 reference (exit 1 on FAIL)."""
+    """Validate an exported artifact again against the fp32 reference (exit 1 on FAIL or a changed file)."""
     from .render import print_validation, progress_steps
     from .validate import ValidateConfig, revalidate
 
@@ -232,9 +232,9 @@ def validate_cmd(artifact, eval_path, as_json):
 @click.option("--no-load", is_flag=True, help="Check files only; do not load the artifact in its runtime.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify_cmd(artifact, no_load, as_json):
-    """Check an artifact against its manifest: every file's size and sha256, no missing or extra
-    files, each file sane for its format, and (unless --no-load) that it loads and runs in its
-    runtime. Exit 0 when all holds, 1 naming each file that fails, 2 when ARTIFACT is not one."""
+    """Check an artifact against its manifest: every file's size and sha256, none missing or extra, the
+    manifest's own sha256, each file sane for its format, and (unless --no-load) that it loads and
+    runs in its runtime. Exit 0 when all holds, 1 naming each file that fails, 2 when ARTIFACT is not one."""
     from .render import print_verify
     from .verify import verify
 
@@ -262,7 +262,7 @@ def check_cmd(artifact, baseline, tolerance, strict_latency, eval_path, junit, m
     """CI gate: validate ARTIFACT again and compare with a baseline. Fidelity may not get worse
     beyond the tolerance and its noise floor, size may not grow, and latency (relative to the
     runtime's reference unit) may not grow — compared only against a baseline measured on a
-    matching machine fingerprint, else shown as INFO. Exit 0 pass, 1 regression, 2 error."""
+    matching machine fingerprint, else shown as INFO. Exit 0 pass, 1 regression or a changed file, 2 error."""
     from .check import CheckConfig, check, junit_xml, markdown as to_markdown
     from .fsutil import write_text_atomic
     from .render import print_check, progress_steps

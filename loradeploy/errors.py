@@ -62,3 +62,19 @@ class ManifestError(LoradeployError):
 class SpecError(LoradeployError):
     """A fleet spec is unreadable or invalid (unknown keys, a glob matching nothing, two adapters
     with one name, an unknown target)."""
+
+
+class ArtifactChangedError(LoradeployError):
+    """An artifact's files are not those its manifest records (changed, missing, unlisted, or the
+    manifest itself edited): a failing artifact, not bad input, so it exits 1 as a failed
+    validation does. ``problems``: ``{"file", "problem"}`` per file, as ``verify`` lists them."""
+
+    exit_code = 1
+
+    def __init__(self, artifact, problems: list[dict]):
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more: `loradeploy verify` lists them)" if len(problems) > 1 else ""
+        super().__init__(f"{artifact}/{first['file']}: {first['problem']}; the artifact is not as exported, so "
+                         f"nothing was measured{more}")
+        self.artifact = artifact
+        self.problems = problems

@@ -7,6 +7,7 @@ measured) and ``environment`` (versions, machine, time), which comparisons ignor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -21,6 +22,9 @@ from .fsutil import file_sha256
 MANIFEST = "manifest.json"
 REPORT = "report.html"
 MANIFEST_VERSION = 1
+#: the sha256 of the manifest's own canonical body (every other key; see :func:`body_sha256`).
+#: Newer than version 1: a manifest without it reads, and ``verify`` notes that nothing protects it.
+SELF_SHA256 = "manifest_sha256"
 #: packages whose versions every manifest records (each runtime adds its own, see registry)
 CORE_PACKAGES = ("torch", "transformers", "peft", "safetensors", "numpy")
 
@@ -207,11 +211,35 @@ def profile_dict(profile) -> dict:
     return d
 
 
+def body_sha256(data: dict) -> str:
+    """sha256 of a manifest's JSON data without :data:`SELF_SHA256`, in canonical form (keys
+    sorted, no spaces, non-ASCII escaped): what the manifest records about itself, so that an
+    edited measure or file entry shows."""
+    body = {k: v for k, v in data.items() if k != SELF_SHA256}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sealed(data: dict) -> dict:
+    """``data`` as JSON reads it back (tuples as lists, keys as strings) with its
+    :data:`SELF_SHA256` set."""
+    data = json.loads(json.dumps({k: v for k, v in data.items() if k != SELF_SHA256}, default=str))
+    return {**data, SELF_SHA256: body_sha256(data)}
+
+
+def self_check(path: Path) -> bool | None:
+    """Whether the manifest file at ``path`` still has the body its :data:`SELF_SHA256` records;
+    None when it records none (written before the field existed)."""
+    data = json.loads(Path(path).read_text())
+    recorded = data.get(SELF_SHA256) if isinstance(data, dict) else None
+    return None if recorded is None else recorded == body_sha256(data)
+
+
 def write(folder: Path, manifest: Manifest) -> Path:
     path = Path(folder) / MANIFEST
     data = manifest.to_dict()
     data.pop("artifact", None)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    path.write_text(json.dumps(sealed(data), indent=2, sort_keys=False) + "\n")
     return path
 
 
@@ -236,7 +264,7 @@ def read_file(path: Path) -> Manifest:
 
 
 #: manifest parts that differ run to run (when and where it ran, what it measured in time)
-NOT_REPRODUCIBLE = ("environment", "artifact", "validation")
+NOT_REPRODUCIBLE = ("environment", "artifact", "validation", SELF_SHA256)
 
 
 def reproducible(manifest: Manifest | dict) -> dict:

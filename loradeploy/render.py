@@ -182,14 +182,18 @@ def print_check(record: dict) -> None:
                       f"[{colors[r['status']]}]{r['status']}[/]")
     console.print(table)
     for note in info_notes(record):
-        console.print(f"[yellow]{escape(note)}[/]")
+        console.print(f"[{'bold red' if note.startswith('FAIL') else 'yellow'}]{escape(note)}[/]")
+    changed = [r["name"] for r in record["rows"] if r["kind"] == "file"]
     console.print("[green]PASS[/]: no regression" if record["passed"] else
-                  f"[bold red]FAIL[/]: regressed {escape(', '.join(record['regressions']))}")
+                  f"[bold red]FAIL[/]: {'not as exported, nothing measured: ' if changed else 'regressed '}"
+                  f"{escape(', '.join(record['regressions']))}")
 
 
 def print_verify(record: dict) -> None:
     for p in record["problems"]:
         console.print(f"[bold red]FAIL[/] {escape(p['file'])}: {escape(p['problem'])}")
+    for note in record.get("notes", []):
+        console.print(f"[yellow]note[/]: {escape(note)}")
     if record["ok"]:
         loaded = f", loaded in {record['runtime']} and ran {', '.join(record['ran'])}" if record["loaded"] else ""
         console.print(f"[green]OK[/] {escape(record['artifact'])}: {record['files_checked']} files match the "

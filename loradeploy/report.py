@@ -155,10 +155,27 @@ def _decisions_prose(manifest: dict) -> str:
     if "lora_slots" in d:
         out.append(f"<p>LoRA slots: {d['lora_slots']} modules take LoRA inputs (<code>--slots "
                    f"{html.escape(str(d.get('lora_slots_spec', 'blocks')))}</code>); any adapter for this base whose "
-                   "modules are among them loads into this artifact.</p>")
+                   "modules are among them loads into this artifact.</p>" + _slot_table(d.get("lora_slot_modules")))
     if d.get("plan") or any(a.get("plan") for a in manifest["adapters"]):
         out.append("<p>A precision plan chose the storage format of each adapter tensor (see Adapters).</p>")
     return "".join(out)
+
+
+def _slot_table(slots: dict | None) -> str:
+    """The slot modules (in and out features), folded: a count until opened."""
+    if not slots:
+        return ""
+    rows = [[m, *shape] for m, shape in sorted(slots.items(), key=lambda kv: natural_key(kv[0]))]
+    return (f"<details><summary>the {len(rows)} slot modules (in, out features)</summary>"
+            f"{_table(['module', 'in', 'out'], rows)}</details>")
+
+
+def _raw_decisions(decisions: dict) -> str:
+    """Every decision as JSON, folded; the summary counts the keys and the entries of the long ones."""
+    long = [f"{k} {len(v)}" for k, v in decisions.items() if isinstance(v, (dict, list)) and len(v) > 8]
+    summary = f"{len(decisions)} keys as recorded in manifest.json" + (f" (entries: {', '.join(long)})" if long else "")
+    return (f"<details><summary>{html.escape(summary)}</summary><pre>{html.escape(json.dumps(decisions, indent=1))}"
+            "</pre></details>")
 
 
 def render(manifest: dict) -> str:
@@ -204,7 +221,7 @@ def render(manifest: dict) -> str:
     parts.append("<h2>Files</h2>")
     parts.append(_table(["file", "bytes", "sha256"], [[f["path"], f"{f['bytes']:,}", f["sha256"][:16] + "…"]
                                                       for f in manifest["files"]]))
-    parts.append("<h2>Decisions (raw)</h2><pre>" + html.escape(json.dumps(manifest.get("decisions", {}), indent=1)) + "</pre>")
+    parts.append("<h2>Decisions (raw)</h2>" + _raw_decisions(manifest.get("decisions", {})))
     parts.append("<h2>Environment</h2><pre>" + html.escape(json.dumps(manifest.get("environment", {}), indent=1)) + "</pre>")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>loradeploy report</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"
 

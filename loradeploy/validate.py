@@ -451,17 +451,17 @@ class ValidateConfig:
 
 
 def revalidate(config: ValidateConfig, progress=None) -> dict:
-    """Validate an existing artifact again, rebuilding the reference from the inputs recorded
-    in its manifest (their sha256 must still match). Writes nothing."""
-    from . import manifest as mf
+    """Validate an existing artifact again (a changed file of it fails first, exit 1), rebuilding the
+    reference from the inputs recorded in its manifest (their sha256 must still match). Writes nothing."""
     from .adapters import ReadOptions
     from .base import load_torch_model, resolve_base
     from .fsutil import sha256_file
     from .ir import Method
     from .job import AdapterInputs, AdapterSpec, ExportJob, load_entries
     from .targets.profile import parse_profile
+    from .verify import read_unchanged
 
-    manifest = mf.read(config.artifact)
+    manifest = read_unchanged(Path(config.artifact))
     data = {k: v for k, v in manifest.target.profile.items() if k != "source"}
     profile = parse_profile(Path(manifest.target.profile.get("source", "manifest.json")), data)
     opts = manifest.read_options

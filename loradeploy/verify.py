@@ -10,7 +10,7 @@ import numpy as np
 
 from . import manifest as mf
 from . import registry
-from .errors import LoradeployError
+from .errors import ArtifactChangedError, LoradeployError
 from .fsutil import sha256_file
 
 
@@ -64,9 +64,43 @@ def _smoke_run(artifact: Path, manifest: mf.Manifest) -> list[str]:
     return ran
 
 
+def changed_files(artifact: Path, manifest: mf.Manifest, sha256=sha256_file) -> list[dict]:
+    """Each way ``artifact`` differs from its manifest — a listed file missing, of another size
+    or sha256, a file not listed, the manifest's own body edited — as ``{"file", "problem"}``
+    (empty: the artifact is as exported). The check ``verify``, ``validate`` and ``check`` make
+    before anything else; ``sha256``: how a file is hashed (a caller may cache)."""
+    problems = []
+    present = _files(artifact)
+    for entry in manifest.files:
+        path = artifact / entry.path
+        if entry.path not in present:
+            problems.append({"file": entry.path, "problem": "missing (listed in the manifest)"})
+        elif path.stat().st_size != entry.bytes:
+            problems.append({"file": entry.path, "problem": f"{path.stat().st_size:,} bytes, the manifest says "
+                                                            f"{entry.bytes:,}"})
+        elif sha256(path) != entry.sha256:
+            problems.append({"file": entry.path, "problem": "sha256 differs from the manifest (the file was changed)"})
+    for rel in sorted(present - {f.path for f in manifest.files}):
+        problems.append({"file": rel, "problem": "not listed in the manifest"})
+    if mf.self_check(artifact / mf.MANIFEST) is False:
+        problems.append({"file": mf.MANIFEST, "problem": f"its body differs from its {mf.SELF_SHA256} (the manifest "
+                                                         "was edited after export)"})
+    return problems
+
+
+def read_unchanged(artifact: Path) -> mf.Manifest:
+    """The manifest of ``artifact`` once every file matches it (:func:`changed_files`); else
+    :class:`ArtifactChangedError` (exit 1) naming the first that does not."""
+    manifest = mf.read(artifact)
+    problems = changed_files(Path(artifact), manifest)
+    if problems:
+        raise ArtifactChangedError(Path(artifact), problems)
+    return manifest
+
+
 def verify(artifact: Path, load: bool = True) -> dict:
     """Check ``artifact`` against its manifest. Returns a record with ``problems`` (each naming
-    a file); raises :class:`LoradeployError` when it is not an artifact at all."""
+    a file) and ``notes``; raises :class:`LoradeployError` when it is not an artifact at all."""
     artifact = Path(artifact)
     if not artifact.is_dir():
         raise LoradeployError(f"{artifact}: no such artifact folder")
@@ -74,28 +108,17 @@ def verify(artifact: Path, load: bool = True) -> dict:
     registry.get(manifest.runtime)  # a runtime loradeploy knows, else one error line
     # every file of a known kind is checked, whichever runtime the artifact is for
     checks = {**COMMON_CHECKS, **{k: v for spec in registry.specs() for k, v in spec.session_class().FILE_CHECKS.items()}}
-    problems = []
-    present = _files(artifact)
+    problems = changed_files(artifact, manifest)
+    failed = {p["file"] for p in problems}
     for entry in manifest.files:
-        rel = entry.path
-        path = artifact / rel
-        if rel not in present:
-            problems.append({"file": rel, "problem": "missing (listed in the manifest)"})
-            continue
-        size = path.stat().st_size
-        if size != entry.bytes:
-            problems.append({"file": rel, "problem": f"{size:,} bytes, the manifest says {entry.bytes:,}"})
-            continue
-        if sha256_file(path) != entry.sha256:
-            problems.append({"file": rel, "problem": "sha256 differs from the manifest (the file was changed)"})
-            continue
-        bad = _format_problem(path, checks)
+        bad = None if entry.path in failed else _format_problem(artifact / entry.path, checks)
         if bad:
-            problems.append({"file": rel, "problem": bad})
-    for rel in sorted(present - {f.path for f in manifest.files}):
-        problems.append({"file": rel, "problem": "not listed in the manifest"})
+            problems.append({"file": entry.path, "problem": bad})
+    notes = [] if mf.self_check(artifact / mf.MANIFEST) is not None else [
+        f"{mf.MANIFEST} records no {mf.SELF_SHA256} (written before loradeploy recorded one): its own contents, "
+        "the measurements among them, are not checked; export again to protect them"]
     record = {"artifact": str(artifact.absolute()), "target": manifest.target.name, "runtime": manifest.runtime,
-              "files_checked": len(manifest.files), "problems": problems, "loaded": False, "ran": []}
+              "files_checked": len(manifest.files), "problems": problems, "notes": notes, "loaded": False, "ran": []}
     if load and not problems:
         try:
             record["ran"] = _smoke_run(artifact, manifest)

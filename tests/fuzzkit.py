@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from hypothesis import strategies as st
 
+from loradeploy import manifest as mf
 from loradeploy.cli import main
 from tests.conftest import error_text
 
@@ -221,7 +222,7 @@ def build_mini_artifact(folder: Path) -> Artifact:
     m["num_labels"] = 2
     m["files"] = [{"path": p.relative_to(folder).as_posix(), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
                    "bytes": p.stat().st_size} for p in sorted(folder.rglob("*")) if p.is_file()]
-    (folder / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+    (folder / "manifest.json").write_text(json.dumps(mf.sealed(m), indent=2) + "\n")
     return Artifact(folder, {"model.onnx": "model.onnx", "onnx_adapter": "adapters/sora.onnx_adapter",
                              "gguf": "adapters/extra.gguf", "safetensors": "adapters/peft/adapter_model.safetensors",
                              "adapter_config.json": "adapters/peft/adapter_config.json",

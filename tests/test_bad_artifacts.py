@@ -1,8 +1,9 @@
 """The bad-input corpus beyond adapter files: corrupt and edited artifacts, bad baselines, plans,
 profiles, eval sets and options, across verify, validate, check, export, quantize, targets and
 ab. Each case is built from one real exported artifact (MiniLM + the shipped SoRA adapter) by a
-named mutation; each must give its exit code (1: verify names a failing file; 2: one
-`error:` line), no traceback, and nothing (half-)written."""
+named mutation; each must give its exit code (1: verify names a failing file, and check and
+validate fail a changed file the same way before measuring; 2: one `error:` line), no traceback,
+and nothing (half-)written."""
 
 import json
 import shutil
@@ -12,7 +13,9 @@ import pytest
 import yaml
 
 from loradeploy.cli import main
+from loradeploy import manifest as mf
 from tests.conftest import EXAMPLE_ADAPTERS, quick_profile, error_text
+from tests.tamper import assert_every_verb_fails, copy_with_flipped_byte
 
 pytestmark = pytest.mark.slow
 ADAPTER = EXAMPLE_ADAPTERS / "sora"
@@ -44,7 +47,9 @@ def _manifest(art: Path) -> dict:
 
 
 def _save_manifest(art: Path, m: dict) -> None:
-    (art / "manifest.json").write_text(json.dumps(m))
+    """Write an edited manifest with its own sha256 set again (a consistent forgery: the cases
+    below test what lies beyond that check)."""
+    (art / "manifest.json").write_text(json.dumps(mf.sealed(m)))
 
 
 def _relist(art: Path, rel: str) -> None:
@@ -132,6 +137,14 @@ def m_truncated_gguf(art):
     return "adapters/extra.gguf", "not a valid gguf file"
 
 
+def m_edited_measurement(art):
+    """A measurement edited in the manifest (its own sha256 not set again)."""
+    m = _manifest(art)
+    m["validation"]["metrics"]["sora"]["label_agreement"] = 0.5
+    (art / "manifest.json").write_text(json.dumps(m, indent=2))
+    return "manifest.json", "the manifest was edited"
+
+
 def m_bad_gguf_magic(art):
     path = art / "adapters" / "other.gguf"
     path.write_bytes(b"GGML" + b"\x00" * 64)
@@ -143,7 +156,7 @@ def m_bad_gguf_magic(art):
 
 
 VERIFY_FAIL = [m_flip_adapter, m_truncate_onnx, m_extra_file, m_missing_file, m_flip_vocab, m_forged_onnx,
-               m_forged_adapter, m_forged_json, m_truncated_gguf, m_bad_gguf_magic]
+               m_forged_adapter, m_forged_json, m_truncated_gguf, m_bad_gguf_magic, m_edited_measurement]
 
 
 @pytest.mark.parametrize("mutate", VERIFY_FAIL, ids=[f.__name__ for f in VERIFY_FAIL])
@@ -157,6 +170,39 @@ def test_verify_names_the_failing_file(good, tmp_path, capsys, mutate):
     assert any(p["file"] == rel and problem in p["problem"] for p in record["problems"]), record["problems"]
     main(["verify", str(art)])
     assert rel in capsys.readouterr().out  # the human form names it too
+
+
+@pytest.mark.parametrize("rel", ["model.onnx", "adapters/sora.onnx_adapter", "vocab.txt", "tokenizer.json"])
+def test_a_flipped_byte_fails_verify_check_and_validate(good, tmp_path, capsys, rel):
+    """One byte flipped at a third of the file: exit 1 naming it in all three verbs (check and
+    validate used to pass a changed graph with 0, and a changed adapter file was exit 2)."""
+    art = copy_with_flipped_byte(good["art"], rel, tmp_path)
+    assert_every_verb_fails(art, rel, good["art"], capsys)
+
+
+def test_an_edited_measurement_fails_verify_check_and_validate(good, tmp_path, capsys):
+    art = _copy(good, tmp_path)
+    rel, problem = m_edited_measurement(art)
+    assert_every_verb_fails(art, rel, good["art"], capsys, problem)
+
+
+def test_a_manifest_from_before_its_own_sha256_verifies_with_a_note(good, tmp_path, capsys):
+    """Older manifests record no sha256 of themselves: read, verified, and the note says their
+    contents are unprotected; with the field the note is gone."""
+    art = _copy(good, tmp_path)
+    assert main(["verify", str(art), "--no-load", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == []
+    m = _manifest(art)
+    del m["manifest_sha256"]
+    (art / "manifest.json").write_text(json.dumps(m, indent=2))
+    assert main(["verify", str(art), "--no-load", "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert len(notes) == 1 and "records no manifest_sha256" in notes[0] and "not checked" in notes[0]
+    assert main(["verify", str(art), "--no-load"]) == 0
+    assert "note: manifest.json records no manifest_sha256" in " ".join(capsys.readouterr().out.split())
+    m["validation"]["metrics"]["sora"]["label_agreement"] = 0.5  # unprotected: still exit 0
+    (art / "manifest.json").write_text(json.dumps(m, indent=2))
+    assert main(["verify", str(art), "--no-load"]) == 0
 
 
 # --- one `error:` line and exit 2 ---------------------------------------------------------------

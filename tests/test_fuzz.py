@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from loradeploy import manifest as mf
 from tests import fuzzkit as fk
 
 READER_KINDS = [
@@ -160,7 +161,8 @@ def _copy_artifact(src: Path, dst: Path) -> None:
 
 
 def _relist(art: Path, rel: str) -> None:
-    """A consistent forgery: the manifest's sha256 and size of ``rel`` as the file is now."""
+    """A consistent forgery: the manifest's sha256 and size of ``rel`` as the file is now (and the
+    manifest's own sha256 set again)."""
     import hashlib
 
     def sha256_file(p):
@@ -171,7 +173,7 @@ def _relist(art: Path, rel: str) -> None:
         if f["path"] == rel:
             f["sha256"], f["bytes"] = sha256_file(art / rel), (art / rel).stat().st_size
     (art / "manifest.json").unlink()
-    (art / "manifest.json").write_text(json.dumps(m))
+    (art / "manifest.json").write_text(json.dumps(mf.sealed(m)))
 
 
 def verify_case(source: fk.Artifact | Path, kind, rel, data, tier, root, load: bool, prefix: str = ""):

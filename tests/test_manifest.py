@@ -34,7 +34,7 @@ def test_round_trip_through_the_file(tmp_path):
     assert back == m
     assert list(json.loads((tmp_path / "manifest.json").read_text())) == [
         "manifest_version", "tool", "target", "mode", "task", "num_labels", "base", "read_options", "adapters",
-        "decisions", "files", "validation", "environment"]
+        "decisions", "files", "validation", "environment", "manifest_sha256"]
 
 
 def test_properties_and_reproducible_part():
@@ -69,3 +69,30 @@ def test_not_json_and_missing(tmp_path):
         mf.read(tmp_path)
     with pytest.raises(ManifestError, match="no manifest.json"):
         mf.read(tmp_path / "nowhere")
+
+
+def test_the_manifest_records_the_sha256_of_its_own_body(tmp_path):
+    """An edited measure, file entry or key order: only the first two change the body, so only they
+    fail the manifest's own sha256; a manifest written before the field reads and checks as None."""
+    m = sample(validation=mf.Validation("eval.jsonl", 48, {"sora": {"label_agreement": 1.0, "kl": float("nan")}},
+                                        {"shapes": {}}, 123, [], True),
+               decisions={"lora_slot_modules": {"layers.10.q": (8, 8), "layers.9.q": (8, 8)}, "bits": {4: 2, 16: 1},
+                          "note": "naïve – ünïcode"})
+    path = mf.write(tmp_path, m)
+    data = json.loads(path.read_text())
+    assert data["manifest_sha256"] == mf.body_sha256(data) and mf.self_check(path) is True
+    path.write_text(json.dumps(dict(reversed(list(data.items()))), indent=4))  # another layout, same body
+    assert mf.self_check(path) is True
+    for edit in (lambda d: d["validation"]["metrics"]["sora"].update(label_agreement=0.5),
+                 lambda d: d["files"][0].update(sha256="00" * 32),
+                 lambda d: d.update(manifest_sha256="00" * 32)):
+        changed = json.loads(json.dumps(data))
+        edit(changed)
+        path.write_text(json.dumps(changed))
+        assert mf.self_check(path) is False
+    old = {k: v for k, v in data.items() if k != "manifest_sha256"}
+    path.write_text(json.dumps(old))
+    assert mf.self_check(path) is None and mf.read(tmp_path).validation.metrics["sora"]["label_agreement"] == 1.0
+    assert "manifest_sha256" not in mf.reproducible(data)
+    path.write_text('{"manifest_sha256": "00", "tool": "\\ud800"}')  # a lone surrogate: no encoding error
+    assert mf.self_check(path) is False

@@ -127,3 +127,23 @@ def test_the_held_out_check_is_said_in_words():
     assert "of the plans within 50,000 bytes it has the least mean_abs_logit there" in text
     plan["budget"] = {"max_bytes": 50_000}  # written before a byte budget recorded its measure
     assert held_out_sentence(plan).endswith("the plan was measured; see the raw decisions.")
+
+
+def test_the_slot_decisions_are_folded_under_a_count(manifest):
+    """A Gemma-sized slot list (126 modules) and the raw decisions stay folded, so the page one
+    sees is the validation table and how the artifact was made."""
+    gemma = copy.deepcopy(manifest)
+    slots = {f"model.layers.{i}.{m}": [640, 1024] for i in range(18) for m in
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+              "mlp.up_proj", "mlp.down_proj")}
+    gemma["decisions"].update(lora_slots=len(slots), lora_slot_modules=slots)
+    page = render(gemma)
+    seen = re.sub(r"<details>.*?</details>", "", page, flags=re.S)  # what shows until a fold is opened
+    assert "model.layers.17.mlp.down_proj" in page and "model.layers.17.mlp.down_proj" not in seen
+    assert "<summary>the 126 slot modules (in, out features)</summary>" in page
+    assert re.search(r"<summary>\d+ keys as recorded in manifest.json \(entries: [^)]*lora_slot_modules 126", page)
+    assert "<h2>Validation</h2>" in seen and "<h2>How this artifact was made</h2>" in seen
+    assert "label_agreement" in seen and "126 modules take LoRA inputs" in seen
+    assert len(seen) < len(page) / 2
+    order = [page.index(f"<td>model.layers.{i}.self_attn.q_proj</td>") for i in (1, 2, 10)]
+    assert order == sorted(order)  # the slot table in layer order

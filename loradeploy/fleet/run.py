@@ -23,6 +23,7 @@ from .. import __version__
 from .. import manifest as mf
 from ..errors import ManifestError, OutputError, SpecError
 from ..fsutil import file_sha256, link_or_copy, write_text_atomic
+from ..verify import changed_files
 from . import index as index_files
 from .executors import make as make_executor
 from .spec import FleetSpec, Unit, load_spec, parse_shard, shard
@@ -60,22 +61,15 @@ def _state(out: Path, unit: Unit) -> dict | None:
 
 
 def artifact_files(folder: Path) -> dict[str, str] | None:
-    """The artifact's files and sha256 when every file matches its manifest (none missing, none
-    extra), else None."""
+    """The artifact's files and sha256 when it is as exported (``verify``'s file check: every
+    file as its manifest lists it, none extra, the manifest's own body unedited), else None."""
     try:
         manifest = mf.read(folder)
     except ManifestError:
         return None
-    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
-               if p.is_file() and p.name not in (mf.MANIFEST, mf.REPORT)}
-    listed = {f.path: f for f in manifest.files}
-    if on_disk != set(listed):
+    if changed_files(folder, manifest, sha256=file_sha256):
         return None
-    for path, f in listed.items():
-        p = folder / path
-        if p.stat().st_size != f.bytes or file_sha256(p) != f.sha256:
-            return None
-    return {path: f.sha256 for path, f in sorted(listed.items())}
+    return {f.path: f.sha256 for f in sorted(manifest.files, key=lambda f: f.path)}
 
 
 def up_to_date(out: Path, unit: Unit) -> dict | None:

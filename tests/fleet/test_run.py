@@ -123,11 +123,15 @@ def test_rerun_skips_up_to_date_units_and_redoes_a_changed_one(fleet, tmp_path):
     assert latency["timing"]["measured_by"] == "onnx-cpu/blora" and latency["timing"]["reused_by"] == "onnx-cpu/blora"
     assert latency["shapes"] == first["shapes"]
     assert _files(index)["onnx-cpu/sora"] == _files(fleet["index"])["onnx-cpu/sora"]
-    # an artifact changed on disk is not up to date any more
+    # an artifact changed on disk is not up to date any more, nor one whose manifest was edited
     (out / "onnx-cpu" / "sora" / "adapters" / "sora.onnx_adapter").write_bytes(b"tampered")
+    edited = out / "onnx-cpu" / "increlora" / "manifest.json"
+    text = edited.read_text()
+    assert '"label_agreement": 1.0' in text
+    edited.write_text(text.replace('"label_agreement": 1.0', '"label_agreement": 0.5', 1))
     assert main(["fleet", "run", str(spec), "-o", str(out), "--json"]) == 0
     index = json.loads((out / "index.json").read_text())
-    assert {u["id"] for u in index["units"] if u["ran"]} == {"onnx-cpu/sora"}
+    assert {u["id"] for u in index["units"] if u["ran"]} == {"onnx-cpu/sora", "onnx-cpu/increlora"}
 
 
 def test_a_failing_unit_does_not_stop_the_others(fleet, tmp_path, capsys):

@@ -184,3 +184,18 @@ def test_layernorm_weights_travel_as_modules_to_save(tmp_path, eval_small):
     with runtime.open(art) as s:
         out = {n: s.run(s.encode(texts), n).outputs for n in ("ln", "plain", None)}
     assert np.abs(out["ln"] - out["plain"]).max() > 0.05  # same LoRA: the norms take effect
+
+
+def test_a_changed_safetensors_fails_verify_check_and_validate(tmp_path, eval_small, capsys):
+    """The quantized base's and the PEFT adapter's safetensors: one byte flipped in a copy fails
+    all three verbs with exit 1, naming the file."""
+    from tests.tamper import assert_every_verb_fails, copy_with_flipped_byte
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("\n".join(eval_small.read_text().splitlines()[:8]) + "\n")
+    export("minilm", [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")], str(quick_profile(tmp_path, "bnb-int8")),
+           tmp_path / "art", mode="swappable", eval_path=eval_file)
+    for i, rel in enumerate(["model.safetensors", "adapters/sora/adapter_model.safetensors"]):
+        (tmp_path / str(i)).mkdir()
+        assert_every_verb_fails(copy_with_flipped_byte(tmp_path / "art", rel, tmp_path / str(i)), rel,
+                                tmp_path / "art", capsys)

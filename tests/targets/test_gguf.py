@@ -227,3 +227,22 @@ def test_auto_mode_picks_merged_when_llama_cpp_cannot_carry_a_tensor(tmp_path, t
     assert selection["candidates"]["swappable"]["exportable"] is False
     assert "lora_a/lora_b" in selection["candidates"]["swappable"]["reason"]
     assert record["validation"]["metrics"]["merged"]["kl_mean"] < 1e-3
+
+
+def test_a_changed_gguf_fails_verify_check_and_validate(tmp_path, tiny, capsys):
+    """The base GGUF (hard-linked from where the base lives) and the adapter GGUF: one byte
+    flipped in a copy fails all three verbs with exit 1, naming the file."""
+    from loradeploy.fsutil import sha256_file
+    from tests.tamper import assert_every_verb_fails, copy_with_flipped_byte
+
+    _, path, adapter = tiny
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text("\n".join(TEXTS) + "\n")
+    export(str(path), [AdapterSpec("qk", adapter)], str(quick_profile(tmp_path, "gguf-cpu")), tmp_path / "art",
+           mode="swappable", eval_path=eval_file)
+    base_sha = sha256_file(path)
+    for i, rel in enumerate(["model.gguf", "adapters/qk.gguf"]):
+        (tmp_path / str(i)).mkdir()
+        assert_every_verb_fails(copy_with_flipped_byte(tmp_path / "art", rel, tmp_path / str(i)), rel,
+                                tmp_path / "art", capsys)
+    assert sha256_file(path) == base_sha  # the base itself untouched

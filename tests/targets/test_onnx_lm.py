@@ -389,3 +389,13 @@ def test_verify_checks_a_decoder_artifact(llama_art, tmp_path, capsys):
     data.write_bytes(bytes(raw))
     assert main(["verify", str(copy)]) == 1
     assert "model.onnx.data: sha256 differs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rel", ["genai_config.json", "model.onnx.data", "adapters/a.onnx_adapter", "tokenizer.json"])
+def test_a_changed_decoder_file_fails_verify_check_and_validate(llama_art, tmp_path, capsys, rel):
+    """onnxruntime-genai's config, the decoder's weights, an adapter, the tokenizer: one byte
+    flipped fails all three verbs with exit 1, naming the file."""
+    from tests.tamper import assert_every_verb_fails, copy_with_flipped_byte
+
+    _, _, _, art, _ = llama_art
+    assert_every_verb_fails(copy_with_flipped_byte(art, rel, tmp_path), rel, art, capsys)
