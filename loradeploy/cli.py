@@ -281,27 +281,28 @@ def check_cmd(artifact, baseline, tolerance, strict_latency, eval_path, junit, m
 
 @cli.command("ab")
 @click.argument("artifact", type=click.Path(file_okay=False))
-@click.option("--arm", "arms", required=True, multiple=True, metavar="NAME=PATH",
-              help="An arm and its adapter (a swappable artifact's adapters/FILE, an adapter name of "
-                   "ARTIFACT, or - for the base alone); repeat per arm.")
+@click.option("--arm", "arms", required=True, multiple=True, metavar="NAME=PATH", help="An arm and its adapter (a "
+              "swappable artifact's adapters/FILE, an adapter name of ARTIFACT, or - for the base alone); repeat per arm.")
 @click.option("--weights", help="Traffic share per arm, in --arm order (e.g. 50,50); default: equal.")
 @click.option("--inputs", "inputs", required=True, type=click.Path(dir_okay=False),
               help="Requests: JSON lines {text} or a .txt file, one per line.")
-@click.option("--keys", type=click.Path(dir_okay=False),
-              help="One user key per line (per request); an arm is chosen by sha256 of the key. "
-                   "Default: the line number.")
+@click.option("--keys", type=click.Path(dir_okay=False), help="One user key per line (per request); an arm is "
+              "chosen by sha256 of the key. Default: the line number.")
+@click.option("--labels", help="Class names in label-id order (e.g. neg,pos); default: the adapter config's id2label "
+              "(kept in the manifest), else the label ids.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=16, help="LMs: greedy tokens per request (16).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def ab_cmd(artifact, arms, weights, inputs, keys, as_json):
+def ab_cmd(artifact, arms, weights, inputs, keys, labels, max_new_tokens, as_json):
     """Serve requests through an A/B test of adapters on one loaded base.
 
-    Prints per-arm request counts, latency p50/p95 and how often the arms' outputs agree."""
+    Prints each request's arm and answer (class name or generated text), then a summary per arm."""
     from .render import print_ab, progress_steps
-    from .runtime.ab import ab_test, parse_arms, parse_weights
+    from .runtime.ab import ab_test, parse_arms, parse_labels, parse_weights
 
     arm_map = parse_arms(list(arms))
     with progress_steps() as step:
         record = ab_test(Path(artifact), arm_map, parse_weights(weights, len(arm_map)), Path(inputs),
-                         Path(keys) if keys else None, step)
+                         Path(keys) if keys else None, step, parse_labels(labels), max_new_tokens)
     _emit(record, as_json, print_ab)
 
 

@@ -172,7 +172,8 @@ def _add_other_mode(validation: mf.Validation, selection: dict, chosen: str) -> 
                                       "budget": c["budget"], "status": "INFO"})
 
 
-def _adapter_record(e: AdapterEntry, mode: str, suffix: str, plan=None) -> mf.AdapterRecord:
+def _adapter_record(e: AdapterEntry, mode: str, suffix: str, plan=None, base_labels=None) -> mf.AdapterRecord:
+    labels = e.original.label_names or base_labels
     return mf.AdapterRecord(
         name=e.name, method=e.original.method.value, sources=[s.__dict__ for s in e.original.sources],
         file=f"adapters/{e.name}{suffix}" if mode == "swappable" else None,
@@ -180,7 +181,17 @@ def _adapter_record(e: AdapterEntry, mode: str, suffix: str, plan=None) -> mf.Ad
         rank_total=[e.prune_report.rank_before, e.prune_report.rank_after],
         lora_bytes=[e.prune_report.bytes_before, e.prune_report.bytes_after],
         bit_hints={n: m.bits for n, m in e.original.modules.items() if m.bits}, notes=e.original.notes,
-        plan={"method": plan.method, "budget": plan.budget, **plan.adapters[e.name]} if plan is not None else None)
+        plan={"method": plan.method, "budget": plan.budget, **plan.adapters[e.name]} if plan is not None else None,
+        labels=list(labels) if labels else None)
+
+
+def _base_labels(job: ExportJob) -> tuple[str, ...] | None:
+    """Class names the base's own config gives its head (a classifier base), if any."""
+    from .adapters.common import names_from_id2label
+
+    if job.num_labels is None:
+        return None
+    return names_from_id2label(getattr(job.base_model.config, "id2label", None), job.num_labels)[0]
 
 
 def _base_record(spec: str, base_dir: Path) -> mf.BaseRecord:
@@ -199,6 +210,6 @@ def _manifest(job: ExportJob, decisions: dict, folder: Path, inputs: AdapterInpu
         mode=job.mode, task=job.task.value, num_labels=job.num_labels, base=_base_record(job.base_spec, job.base_dir),
         read_options={"format": inputs.method.value if inputs.method else None, "lora_alpha": opts.lora_alpha,
                       "lora_r": opts.lora_r, "head": str(opts.head) if opts.head else None},
-        adapters=[_adapter_record(e, job.mode, suffix, job.plan) for e in job.adapters],
+        adapters=[_adapter_record(e, job.mode, suffix, job.plan, _base_labels(job)) for e in job.adapters],
         decisions=decisions, files=mf.file_entries(folder))
 

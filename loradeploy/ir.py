@@ -152,6 +152,7 @@ class AdapterSet:
     sources: list[SourceFile] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     declared_task: Task | None = None  # what the adapter's own config says (PEFT task_type, architectures)
+    label_names: tuple[str, ...] | None = None  # class names by label id (a config's ``id2label``)
 
     def __post_init__(self) -> None:
         if not self.modules:

@@ -68,6 +68,7 @@ class AdapterRecord:
     bit_hints: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     plan: dict | None = None
+    labels: list | None = None  # class names by label id (classifiers whose config names them)
 
 
 @dataclass
@@ -123,7 +124,7 @@ class Manifest:
         out = {"manifest_version": self.manifest_version, "tool": self.tool, "target": asdict(self.target),
                "mode": self.mode, "task": self.task, "num_labels": self.num_labels, "base": asdict(self.base),
                "read_options": self.read_options,
-               "adapters": [{k: v for k, v in asdict(a).items() if k != "plan" or v is not None}
+               "adapters": [{k: v for k, v in asdict(a).items() if k not in ("plan", "labels") or v is not None}
                             for a in self.adapters],
                "decisions": self.decisions, "files": [asdict(f) for f in self.files]}
         if self.validation is not None:

@@ -150,19 +150,39 @@ def print_plan(record: dict) -> None:
         console.print(f"wrote {record['output']}")
 
 
+def _ab_answer(answer: dict) -> str:
+    if "name" in answer:
+        return f"{answer['name']} ({answer['score']:.2f})"
+    if "text" in answer:
+        text = answer["text"].replace("\n", "\\n")
+        return repr(text if len(text) <= 60 else text[:59] + "…")
+    return f"{answer['dim']}-d embedding, norm {answer['norm']:.3g}"
+
+
 def print_ab(record: dict) -> None:
-    """One row per arm of an A/B run: adapter, requests, latency (histogram estimates)."""
+    """Every request's arm and answer, then one row per arm of an A/B run: adapter, requests,
+    answers per class, latency (mean; p50/p95 histogram estimates)."""
+    served = Table(title=escape(f"{record['requests']} requests served"), show_edge=False)
+    for col in ("#", "key", "arm", "answer", "ms", "arms agree"):
+        served.add_column(col, justify="left" if col in ("key", "arm", "answer") else "right")
+    for r in record["served"]:
+        served.add_row(str(r["request"]), escape(r["key"]), escape(r["arm"]), escape(_ab_answer(r["answer"])),
+                       f"{r['latency_ms']:.3g}", "yes" if r["agrees"] else "[yellow]no[/]")
+    console.print(served)
     router = record["router"]
     table = Table(title=escape(f"A/B on {record['artifact']} [{record['runtime']}], {record['requests']} requests"),
                   show_edge=False)
-    for col in ("arm", "adapter", "weight", "requests", "share", "p50 ms", "p95 ms", "errors"):
-        table.add_column(col, justify="left" if col in ("arm", "adapter") else "right")
+    for col in ("arm", "adapter", "weight", "requests", "share", "answers", "mean ms", "p50 ms", "p95 ms", "errors"):
+        table.add_column(col, justify="left" if col in ("arm", "adapter", "answers") else "right")
     total = max(router["requests"], 1)
+    ms = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
     for name, a in router["arms"].items():
-        lat = a["latency_ms"]
-        ms = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
+        lat, summary = a["latency_ms"], record["arms"][name]
+        answers = ", ".join(f"{k} {n}" for k, n in summary.get("labels", {}).items()) or \
+            (f"{summary['new_tokens_mean']:.3g} tokens each" if summary.get("new_tokens_mean") is not None else "")
         table.add_row(escape(name), escape(a["adapter"] or "(base)"), f"{a['weight']:.0%}", str(a["requests"]),
-                      f"{a['requests'] / total:.1%}", ms(lat["p50"]), ms(lat["p95"]), str(a["errors"]))
+                      f"{a['requests'] / total:.1%}", escape(answers), ms(summary["latency_ms_mean"]),
+                      ms(lat["p50"]), ms(lat["p95"]), str(a["errors"]))
     console.print(table)
     if record["agreement"] is not None:
         console.print(f"arms agree ({record['agreement_measure']}) on {record['agreement']:.1%} of "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..ir import AdapterSet, Method
+from ..ir import AdapterSet, Method, Task
 from . import blora, increlora, peft, sora
 from .checkpoint import Checkpoint, ReadOptions, open_checkpoint
 from .detect import detect
@@ -35,4 +35,11 @@ def read_adapter(path: Path | str, method: Method | None = None,
         from ..errors import AdapterFormatError
 
         raise AdapterFormatError(ckpt.weights, f"{method.value} adapters need adapter_config.json beside them")
-    return READERS[method](ckpt, options or ReadOptions())
+    adapter = READERS[method](ckpt, options or ReadOptions())
+    if adapter.task is Task.SEQUENCE_CLASSIFICATION:
+        from .common import label_names
+
+        adapter.label_names, note = label_names(ckpt, adapter.num_labels)
+        if note:
+            adapter.notes.append(note)
+    return adapter

@@ -87,3 +87,38 @@ def positive_integer(path: Path, name: str, value) -> int:
     if isinstance(value, bool) or value is None or positive_number(path, name, value) % 1:
         raise AdapterFormatError(path, f"{name} must be a positive integer, got {value!r}")
     return int(float(value))
+
+
+
+#: configs beside a checkpoint that may name its classes (``id2label``), in order of preference
+LABEL_CONFIGS = ("adapter_config.json", "config.json", "lora_config.json", "config/lora_config.json")
+_DEFAULT_LABEL = re.compile(r"LABEL_(\d+)")
+
+
+def names_from_id2label(id2label, num_labels: int | None) -> tuple[tuple[str, ...] | None, str | None]:
+    """Class names by label id from a config's ``id2label`` naming ids 0…n-1, or None with the
+    reason (None too for transformers' placeholder names ``LABEL_i``, which name nothing)."""
+    if not isinstance(id2label, dict) or not id2label:
+        return None, None
+    try:
+        by_id = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        return None, f"id2label keys are not label ids ({next(iter(id2label))!r})"
+    names = tuple(by_id.get(i, "") for i in range(len(by_id)))
+    if all((m := _DEFAULT_LABEL.fullmatch(n)) and int(m[1]) == i for i, n in enumerate(names)):
+        return None, None
+    if "" in names or (num_labels is not None and len(names) != num_labels):
+        return None, f"id2label names {len(by_id)} classes (ids {sorted(by_id)}), the head has {num_labels}"
+    return names, None
+
+
+def label_names(ckpt: Checkpoint, num_labels: int | None) -> tuple[tuple[str, ...] | None, str | None]:
+    """The class names of a classifier checkpoint from the first config beside it whose
+    ``id2label`` names them, and a note when a config's names do not fit the head."""
+    for name in LABEL_CONFIGS:
+        names, problem = names_from_id2label((ckpt.config(name) or {}).get("id2label"), num_labels)
+        if problem:
+            return None, f"{name}: {problem}; class names not kept"
+        if names:
+            return names, None
+    return None, None

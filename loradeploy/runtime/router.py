@@ -15,12 +15,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import LoradeployError
-from .session import Result, Session
+from .session import Generation, Result, Session
 
 #: latency histogram bucket edges (ms): 20 per decade from 10 µs to 100 s (±6% resolution)
 HIST_EDGES_MS = tuple(0.01 * 10 ** (i / 20) for i in range(141))
@@ -73,7 +73,7 @@ class _Stats:
 class Routed:
     arm: str
     generation: int  # which of the arm's adapters (0: the first, +1 per replace_arm)
-    result: Result
+    result: Result | Generation  # a Generation from :meth:`ABRouter.generate`
     latency_ms: float
 
     @property
@@ -147,6 +147,14 @@ class ABRouter:
 
     def run(self, key: str, inputs: Mapping[str, np.ndarray]) -> Routed:
         """Serve one request for ``key`` with its arm's current adapter."""
+        return self._serve(key, lambda adapter: self.session.run(inputs, adapter))
+
+    def generate(self, key: str, prompt: str, max_new_tokens: int = 16) -> Routed:
+        """Serve one text-generation request for ``key`` (language models): the greedy
+        continuation of ``prompt`` with its arm's current adapter."""
+        return self._serve(key, lambda adapter: self.session.generate(prompt, adapter, max_new_tokens))
+
+    def _serve(self, key: str, call: Callable[[str | None], Result | Generation]) -> Routed:
         name = self.assign(key)
         with self._lock:
             arm = self._arms[name]
@@ -154,7 +162,7 @@ class ABRouter:
         t0 = time.perf_counter()
         result = None
         try:
-            result = self.session.run(inputs, arm.adapter)
+            result = call(arm.adapter)
         finally:
             ms = (time.perf_counter() - t0) * 1e3
             with self._lock:

@@ -286,6 +286,7 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
     from ..fsutil import cache_dir
     from ..merge import merge_into
     from ..runtime.onnx import ADAPTER_DIR, MODEL_FILE
+    from .genai_tokenizer import write_special_tokens
     from .onnx import lora_inputs, lora_slot_decisions, slot_formats, write_adapter_file
     from .onnx_graph import lora_factors
     from .onnx_lora import default_arrays, lower_inputs
@@ -324,6 +325,7 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
             begin(step, "transcoding the GGUF's blocks into MatMulNBits")
             transcoded = _transcode_build(Path(tmp) / "build", out, job.base_dir)
             step("transcoded the GGUF's blocks")
+    special_tokens = write_special_tokens(out, load_tokenizer(job.base_dir))  # for onnxruntime-genai's tokenizer
     path = out / MODEL_FILE
     model = onnx.load(str(path), load_external_data=False)
     sites = lora_sites(model)
@@ -331,7 +333,7 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
                  "kv_cache": "inputs past_key_values.N.key/value, outputs present.N.key/value",
                  "packed_qkv": any(n.endswith("/qkv_proj/MatMul") or "/qkv_proj/MatMul_Q" in n for n in sites),
                  "base_precision": precision,
-                 "builder_options": builder_options(precision),
+                 "builder_options": builder_options(precision), "tokenizer_special_tokens": special_tokens,
                  "quantized_ops": sorted({n.op_type for n in model.graph.node if n.op_type in ("MatMulNBits",
                                                                                                "GatherBlockQuantized")})}
     if from_gguf:

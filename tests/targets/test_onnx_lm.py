@@ -179,13 +179,18 @@ def test_ab_command_on_an_lm_artifact(llama_art, tmp_path, capsys):
     _, _, _, art, _ = llama_art
     inputs = tmp_path / "inputs.txt"
     inputs.write_text("\n".join(TEXTS) + "\n")
-    code = main(["ab", str(art), "--arm", "x=a", "--arm", "y=-", "--inputs", str(inputs), "--json"])
+    code = main(["ab", str(art), "--arm", "x=a", "--arm", "y=-", "--inputs", str(inputs), "--max-new-tokens", "6",
+                 "--json"])
     record = json.loads(capsys.readouterr().out)
     assert code == 0 and record["requests"] == len(TEXTS)
-    with runtime.open(art) as session:
-        same = [int(session.run(session.encode([t]), "a").outputs.argmax()) ==
-                int(session.run(session.encode([t])).outputs.argmax()) for t in TEXTS]
-    assert record["agreement"] == pytest.approx(sum(same) / len(TEXTS))
+    with runtime.open(art) as session:  # each request's answer: its arm's greedy continuation
+        want = {arm: [session.generate(t, adapter, 6) for t in TEXTS] for arm, adapter in (("x", "a"), ("y", None))}
+    served = record["served"]
+    assert [(r["answer"]["tokens"], r["answer"]["text"]) for r in served] == [
+        (want[r["arm"]][i].tokens, want[r["arm"]][i].text) for i, r in enumerate(served)]
+    same = [want["x"][i].tokens == want["y"][i].tokens for i in range(len(TEXTS))]
+    assert record["agreement"] == pytest.approx(sum(same) / len(TEXTS)) and not all(same)
+    assert {a: s["requests"] for a, s in record["arms"].items()} == {a: sum(r["arm"] == a for r in served) for a in "xy"}
 
 
 def test_merged_and_int4_decoders(tmp_path, capfd):
