@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     except LoradeployError as e:
         if os.environ.get(DEBUG_ENV):
             raise
-        click.echo(f"error: {e} ({DEBUG_HINT})", err=True)
+        click.echo(f"error: {e}", err=True)  # the input's fault: a traceback would not help, so no hint
         return e.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

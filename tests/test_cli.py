@@ -78,12 +78,16 @@ def test_an_internal_error_is_exit_3_with_one_line_naming_the_command(monkeypatc
         main(["verify", str(tmp_path)])
 
 
-def test_a_known_error_line_hints_at_the_traceback(capsys, tmp_path):
+def test_a_usage_error_is_one_line_without_the_debug_hint(capsys, tmp_path, monkeypatch):
+    """Exit 2 is the input's fault: a traceback would not help, so only exit 3 (a bug) hints at
+    LORADEPLOY_DEBUG=1."""
     from loradeploy.cli import main
 
+    monkeypatch.delenv("LORADEPLOY_DEBUG", raising=False)
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     err = error_text(capsys.readouterr().err)
-    assert err.startswith("error: ") and err.endswith("(LORADEPLOY_DEBUG=1 shows the traceback)")
+    assert err.startswith("error: ") and str(tmp_path / "missing") in err and len(err.splitlines()) == 1
+    assert "LORADEPLOY_DEBUG" not in err
 
 
 def test_progress_shows_as_it_happens_in_a_pipe(tmp_path):
