@@ -140,7 +140,7 @@ def plan_options(f):
 @click.option("--adapter", "adapters", required=True, multiple=True, metavar="[NAME=]PATH",
               help="Adapter checkpoint (file or folder); repeat for several adapters in one swappable artifact.")
 @click.option("--target", required=True, help="Target profile name (see `loradeploy targets`) or a .yaml path.")
-@click.option("--mode", type=click.Choice(["merged", "swappable", "auto"]),
+@click.option("--mode", metavar="[merged|swappable|auto]",
               help="Default: the profile's. auto: merged if that passes the fidelity budget, else swappable (both shown).")
 @click.option("--eval", "eval_path", type=click.Path(dir_okay=False), help="JSON lines {text, label}; default: the shipped example set.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")

@@ -62,3 +62,13 @@ class ManifestError(LoradeployError):
 class SpecError(LoradeployError):
     """A fleet spec is unreadable or invalid (unknown keys, a glob matching nothing, two adapters
     with one name, an unknown target)."""
+
+
+def did_you_mean(value, choices) -> str:
+    """``"; did you mean 'X'?"`` naming the one of ``choices`` closest to ``value`` (difflib), or
+    ``""`` when none is close (case aside): the tail of a message about an unknown name."""
+    import difflib
+
+    by_lower = {str(c).lower(): str(c) for c in choices}
+    close = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
