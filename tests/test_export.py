@@ -1,5 +1,6 @@
 """Mistakes in an ``export`` command line: one ``error:`` line, exit 2, nothing left behind —
-with the closest name suggested, found before the adapters are read."""
+with the closest name suggested, found before the adapters are read, and no folder made for
+``-o`` kept when the export fails."""
 
 import pytest
 
@@ -24,7 +25,13 @@ def mode_typo(tmp):
         "error: mode 'swapable' is not one of merged, swappable, auto; did you mean 'swappable'?"
 
 
-CASES = [base_alias_typo, base_before_adapters, mode_typo]
+def failure_after_the_output_folder(tmp):
+    """The eval set fails once the base is loaded, after the folders for -o were made."""
+    (tmp / "eval.jsonl").write_text('{"text": "ok", "label": 1}\n{"text": 3}\n')
+    return ["--base", "minilm", "--adapter", str(ADAPTER), "--eval", str(tmp / "eval.jsonl")], "eval.jsonl:2"
+
+
+CASES = [base_alias_typo, base_before_adapters, mode_typo, failure_after_the_output_folder]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])

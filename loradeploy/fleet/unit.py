@@ -263,6 +263,9 @@ def run_unit(unit_data: dict, out: str) -> dict:
                               Path(unit.eval) if unit.eval else None, PlanConfig.parse(unit.plan), overwrite=True,
                               slots=unit.slots)
         state_path(out_dir, unit).unlink(missing_ok=True)  # the old state no longer describes the folder
+        # made here, not by the export (which removes parents it made when it fails): the units of a
+        # target share it, and each writes its state there, failed or not
+        state_path(out_dir, unit).parent.mkdir(parents=True, exist_ok=True)
         from .. import validate
 
         used: list[Path] = []
