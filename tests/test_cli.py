@@ -90,6 +90,20 @@ def test_a_usage_error_is_one_line_without_the_debug_hint(capsys, tmp_path, monk
     assert "LORADEPLOY_DEBUG" not in err
 
 
+def test_inspect_lists_modules_in_layer_order(capsys):
+    """layers.2 before layers.10 (the Gemma example adapts all 18 layers)."""
+    import re
+
+    from tests.conftest import EXAMPLE_ADAPTERS
+
+    assert main(["inspect", str(EXAMPLE_ADAPTERS / "sora-gemma"), "--json"]) == 0
+    names = [m["name"] for m in json.loads(capsys.readouterr().out)["modules"]]
+    layers = [int(re.search(r"layers\.(\d+)\.", n).group(1)) for n in names]
+    assert layers == sorted(layers) and layers[0] == 0 and layers[-1] == 17
+    assert names[:4] == ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.o_proj",
+                         "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+
+
 def test_progress_shows_as_it_happens_in_a_pipe(tmp_path):
     """With stderr piped (a CI log), each stage is a timestamped line printed when it begins or
     ends, not at the end; stdout (here --json) stays the result alone."""
