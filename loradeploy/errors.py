@@ -78,3 +78,13 @@ class ArtifactChangedError(LoradeployError):
                          f"nothing was measured{more}")
         self.artifact = artifact
         self.problems = problems
+
+
+def did_you_mean(value, choices) -> str:
+    """``"; did you mean 'X'?"`` naming the one of ``choices`` closest to ``value`` (difflib), or
+    ``""`` when none is close (case aside): the tail of a message about an unknown name."""
+    import difflib
+
+    by_lower = {str(c).lower(): str(c) for c in choices}
+    close = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""

@@ -12,7 +12,8 @@ from typing import Callable
 
 from . import manifest as mf
 from . import registry
-from .errors import LoradeployError
+from .base import resolve_base
+from .errors import LoradeployError, did_you_mean
 from .evaldata import EvalSet, load_eval
 from .fsutil import atomic_output_dir, file_sha256
 from .ir import Task
@@ -49,7 +50,7 @@ class ExportConfig:
 
     def __post_init__(self):
         if self.mode is not None and self.mode not in MODES:
-            raise LoradeployError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+            raise LoradeployError(f"mode {self.mode!r} is not one of {', '.join(MODES)}{did_you_mean(self.mode, MODES)}")
 
 
 def export(config: ExportConfig, progress: Progress | None = None, load_base: BaseLoader = load_base_for,
@@ -59,6 +60,7 @@ def export(config: ExportConfig, progress: Progress | None = None, load_base: Ba
     many artifacts (``loradeploy.fleet``) keep the base loaded and its graph built once."""
     step = progress or (lambda _msg: None)
     profile = load_profile(config.target)
+    resolve_base(config.base)  # a mistyped base fails now, before the adapters are read
     n = len(config.adapters.specs)
     mode = config.mode or profile.mode
     if mode == "merged" and n != 1:

@@ -70,16 +70,37 @@ def remove_stale_partials(out: Path) -> list[Path]:
     return removed
 
 
+def _missing_parents(path: Path) -> list[Path]:
+    """The folders above ``path`` that do not exist yet, deepest first."""
+    missing, p = [], path.parent
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: what a failed write created."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:  # gone, or something else was written there meanwhile: keep it
+            return
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path | str, overwrite: bool = False):
-    """Yield a temporary folder; on success it replaces ``out``, on error it is removed."""
+    """Yield a temporary folder; on success it replaces ``out``, on error it is removed, with
+    the parent folders made for it (a failed write leaves no empty folders behind)."""
     out = Path(out).absolute()
     _check_destination(out, overwrite)
+    created = _missing_parents(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     except OSError as e:
+        _remove_if_empty(created)
         raise OutputError(f"{out}: cannot write here ({e.strerror or e})") from e
     try:
         yield tmp
@@ -93,6 +114,7 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False):
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_if_empty(created)
         raise
 
 

@@ -112,9 +112,24 @@ def load_base_for(base: str, entries: tuple[AdapterEntry, ...]):
     task = base_task(base_dir) or entries[0].original.task
     num_labels = entries[0].original.num_labels if task is Task.SEQUENCE_CLASSIFICATION else None
     base_model = load_torch_model(base_dir, task, num_labels)
+    check_adapters_fit(base, base_model, entries)
+    return base_dir, task, num_labels, base_model
+
+
+_TASK_WORDS = {Task.CAUSAL_LM: "a causal LM", Task.SEQUENCE_CLASSIFICATION: "a classifier",
+               Task.FEATURE_EXTRACTION: "an encoder"}
+
+
+def check_adapters_fit(base: str, model: "torch.nn.Module", entries: tuple[AdapterEntry, ...]) -> None:
+    """Every adapter fits ``model`` (the base given as ``base``); else an error naming both in
+    words: the adapter's method and the base it was trained on (or its task), the base as given
+    and its model type — not where an alias is installed, nor a head class."""
     for e in entries:
         try:
-            check_fits(base_model, e.original)
+            check_fits(model, e.original)
         except BaseModelError as err:
-            raise BaseModelError(f"{e.source}: does not fit base {base_dir}: {err}") from err
-    return base_dir, task, num_labels, base_model
+            a = e.original
+            trained = a.base_model_hint or _TASK_WORDS[a.task]
+            family = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+            raise BaseModelError(f"{e.source}: a {a.method.value} adapter for {trained} does not fit base {base} "
+                                 f"(a {family} model): {err}") from err

@@ -19,7 +19,7 @@ def find_module(model: torch.nn.Module, name: str) -> tuple[str, torch.nn.Module
     for c in candidates:
         if c in modules:
             return c, modules[c]
-    raise BaseModelError(f"module {name} of the adapter is not in the base model ({type(model).__name__})")
+    raise BaseModelError(f"module {name} of the adapter is not in the base model")
 
 
 def _check_linear(name: str, module: torch.nn.Module, out_f: int, in_f: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import registry
-from .base import load_tokenizer
+from .base import load_tokenizer, resolve_base
 from .errors import LoradeployError, OutputError
 from .evaldata import load_calibration
 from .ir import Task
@@ -262,6 +262,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> dict:
     if not out.parent.is_dir():
         raise OutputError(f"{out.parent}: no such folder for the plan file")
     profile = load_profile(config.target)
+    resolve_base(config.base)  # a mistyped base fails now, before the adapters are read
     entries = load_entries(config.adapters)
     step("read and pruned adapters")
     base_dir, task, num_labels, base_model = load_base_for(config.base, entries)

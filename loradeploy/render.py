@@ -315,7 +315,7 @@ def print_fleet(index: dict) -> None:
     s, f = index["summary"], index["fleet"]
     console.print(f"{s['pass']} pass, {s['fail']} fail, {s['error']} error; {s['ran']} ran, {s['up_to_date']} up to "
                   f"date; {f['wall_seconds']} s ({f['executor']}"
-                  + (f", {f['workers']} workers" if f.get("workers") else "")
+                  + (f", {f['workers']} worker{'s' if f['workers'] != 1 else ''}" if f.get("workers") else "")
                   + (f", shard {f['shard']}" if f.get("shard") else "")
                   + (f", in the resident worker pid {f['resident_worker']['pid']}" if f.get("resident_worker") else "")
                   + ")")

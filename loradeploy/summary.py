@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import re
+
 from .ir import AdapterSet
 from .prune import PruneReport
 
 
+def layer_order(name: str) -> list:
+    """Sort key putting ``layers.2`` before ``layers.10``: digit runs compare as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
 def summarize(adapters: AdapterSet, report: PruneReport) -> dict:
-    """A JSON-ready description of ``adapters`` and what pruning it does."""
+    """A JSON-ready description of ``adapters`` and what pruning it does; modules in layer order."""
     after = {m.name: m for m in report.modules}
     modules = []
-    for name, m in adapters.modules.items():
+    for name, m in sorted(adapters.modules.items(), key=lambda item: layer_order(item[0])):
         modules.append({
             "name": name,
             "shape": [m.out_features, m.in_features],

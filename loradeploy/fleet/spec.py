@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from .. import __version__
-from ..errors import LoradeployError, SpecError
+from ..errors import LoradeployError, SpecError, did_you_mean
 from ..fsutil import file_sha256
 
 SPEC_VERSION = 1
@@ -167,6 +167,12 @@ def _adapters(root: Path, where: str, items) -> list[dict]:
     return out
 
 
+def _mode(where: str, mode):
+    if mode is not None and mode not in MODES:
+        raise SpecError(f"{where}: mode {mode!r} is not one of {', '.join(MODES)}{did_you_mean(mode, MODES)}")
+    return mode
+
+
 def _targets(root: Path, where: str, items, defaults: dict) -> list[dict]:
     from ..targets.profile import load_profile
 
@@ -192,9 +198,7 @@ def _targets(root: Path, where: str, items, defaults: dict) -> list[dict]:
                     uniform_format(profile.runtime, choice.bits)
             except LoradeployError as e:
                 raise SpecError(f"{at}: {e}") from e
-        mode = item.get("mode", defaults.get("mode"))
-        if mode is not None and mode not in MODES:
-            raise SpecError(f"{at}: mode {mode!r} is not one of {', '.join(MODES)}")
+        mode = _mode(at, item["mode"]) if "mode" in item else defaults.get("mode")
         out.append({"target_name": _name_ok(at, str(item.get("name") or profile.name)), "target": target,
                     "mode": mode, "plan": plan,
                     "slots": item.get("slots", defaults.get("slots"))})
@@ -220,6 +224,7 @@ def load_spec(path: Path) -> FleetSpec:
     for key in ("base", "adapters", "targets"):
         if key not in data:
             raise SpecError(f"{path}: `{key}` is missing")
+    _mode(str(path), data.get("mode"))  # here, not at the first target that takes it
     root = path.parent.absolute()
     base = _text(str(path), data["base"], "base")
     if Path(base).suffix or "/" in base:

@@ -189,9 +189,7 @@ def init_worker(threads: int, parent: int | None = None) -> None:
 
 def _cached_base(base: str, entries: tuple):
     """The one base loader, kept loaded for the worker's next units of the same base."""
-    from ..errors import BaseModelError
-    from ..job import load_base_for
-    from ..merge import check_fits
+    from ..job import check_adapters_fit, load_base_for
 
     first = entries[0].original
     key = (base, first.task, first.num_labels)
@@ -201,12 +199,7 @@ def _cached_base(base: str, entries: tuple):
         _BASES[key] = load_base_for(base, entries)
         return _BASES[key]
     _BASES[key] = _BASES.pop(key)  # most recently used last
-    base_dir, _task, _labels, model = _BASES[key]
-    for e in entries:
-        try:
-            check_fits(model, e.original)
-        except BaseModelError as err:
-            raise BaseModelError(f"{e.source}: does not fit base {base_dir}: {err}") from err
+    check_adapters_fit(base, _BASES[key][3], entries)
     return _BASES[key]
 
 
@@ -263,6 +256,9 @@ def run_unit(unit_data: dict, out: str) -> dict:
                               Path(unit.eval) if unit.eval else None, PlanConfig.parse(unit.plan), overwrite=True,
                               slots=unit.slots)
         state_path(out_dir, unit).unlink(missing_ok=True)  # the old state no longer describes the folder
+        # made here, not by the export (which removes parents it made when it fails): the units of a
+        # target share it, and each writes its state there, failed or not
+        state_path(out_dir, unit).parent.mkdir(parents=True, exist_ok=True)
         from .. import validate
 
         used: list[Path] = []

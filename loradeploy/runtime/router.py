@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import LoradeployError
+from ..errors import LoradeployError, did_you_mean
 from .session import Generation, Result, Session
 
 #: latency histogram bucket edges (ms): 20 per decade from 10 µs to 100 s (±6% resolution)
@@ -132,6 +132,11 @@ class ABRouter:
             return _Arm(arm, None, None, generation, owned=False)
         if isinstance(adapter, str) and adapter in self.session.adapters:
             return _Arm(arm, adapter, self.session.info(adapter).fingerprint, generation, owned=False)
+        if not Path(adapter).exists():
+            have = self.session.adapters
+            raise LoradeployError(f"arm {arm!r}: {str(adapter)!r} is no adapter of this artifact (it has "
+                                  f"{', '.join(have) if have else 'none'}) and no adapter file or folder"
+                                  + did_you_mean(adapter, have))
         name = f"ab.{arm}.{generation}"
         info = self.session.load_adapter(name, Path(adapter))
         return _Arm(arm, name, info.fingerprint, generation, owned=True)

@@ -56,6 +56,19 @@ def test_a_bad_spec_exits_2_with_one_line_and_writes_nothing(tmp_path, examples,
     assert not out.exists()
 
 
+def test_a_mistyped_top_level_mode_is_reported_where_it_is_written(tmp_path, examples, capsys):
+    """Not at the first target that takes it as its default (``targets[1]``), and with the
+    mode meant; a target's own mode is reported at that target."""
+    spec = write_spec(tmp_path, [examples["blora"]], ["onnx-cpu", "onnx-cpu-int8"], mode="swapable")
+    assert main(["fleet", "run", str(spec), "-o", str(tmp_path / "out")]) == 2
+    err = error_text(capsys.readouterr().err).strip()
+    assert err == (f"error: {spec}: mode 'swapable' is not one of merged, swappable, auto; "
+                   "did you mean 'swappable'?")
+    spec = write_spec(tmp_path, [examples["blora"]], ["onnx-cpu", {"target": "onnx-cpu-int8", "mode": "merge"}])
+    with pytest.raises(SpecError, match=r"targets\[2\]: mode 'merge' .* did you mean 'merged'\?"):
+        load_spec(spec)
+
+
 def test_bad_yaml_and_bad_shard(tmp_path, examples, capsys):
     spec = tmp_path / "broken.yaml"
     spec.write_text("base: minilm\nadapters: [\n")

@@ -106,3 +106,18 @@ def test_an_arm_without_requests_reports_no_latency(session):
     assert snap["a"]["requests"] == 20 and snap["b"]["requests"] == 0
     assert snap["b"]["latency_ms"] == {"p50": None, "p95": None, "mean": None, "max": None, "histogram": []}
     assert snap["a"]["latency_ms"]["p50"] == pytest.approx(3.0, rel=RESOLUTION)
+
+
+def test_an_arm_naming_no_adapter_lists_those_there_are(session, tmp_path, monkeypatch):
+    """`ab --arm b=sorra`: neither an adapter of the artifact nor a file; the error says which
+    adapters the artifact has (and the closest one)."""
+    from loradeploy.errors import LoradeployError
+
+    session.adapters = ("sora", "blora")
+    session.info = lambda name: SimpleNamespace(fingerprint=f"fp-{name}")
+    monkeypatch.chdir(tmp_path)  # no file named sorra here either
+    with pytest.raises(LoradeployError) as e:
+        ABRouter(session, {"a": "sora", "b": "sorra"})
+    assert str(e.value) == ("arm 'b': 'sorra' is no adapter of this artifact (it has sora, blora) and no adapter file "
+                            "or folder; did you mean 'sora'?")
+    assert ABRouter(session, {"a": "sora", "b": None}).adapter("a") == "sora"  # a name it has is served as is
