@@ -158,14 +158,16 @@ class CheckConfig:
     tolerance: str | None = None  # fidelity=F,latency=L,size=S (relative); None: DEFAULT_TOLERANCE
     eval_path: Path | None = None
     strict_latency: bool = False  # compare latency across machine fingerprints too
+    allow_ungated: bool = False  # a validation no budget applies to may pass (loradeploy.verdict)
 
 
 def check(config: CheckConfig, progress=None) -> dict:
     """Validate ``config.artifact`` again and compare with the baseline; ``passed`` is False on a
-    regression, or (nothing measured) when a file of the artifact is not as exported: a row per
-    such file."""
+    regression, when no budget applies to the validation (unless allowed), or (nothing measured)
+    when a file of the artifact is not as exported: a row per such file."""
     from .errors import ArtifactChangedError
     from .validate import ValidateConfig, revalidate
+    from .verdict import is_ungated
 
     tol = parse_tolerance(config.tolerance)
     base = read_baseline(config.baseline)
@@ -174,7 +176,7 @@ def check(config: CheckConfig, progress=None) -> dict:
         raise LoradeployError(f"{config.baseline}: the baseline is a {base.task} artifact, {config.artifact} a "
                               f"{current.task} one: nothing to compare")
     try:
-        result = revalidate(ValidateConfig(Path(config.artifact), config.eval_path), progress)
+        result = revalidate(ValidateConfig(Path(config.artifact), config.eval_path, config.allow_ungated), progress)
     except ArtifactChangedError as e:
         result = {"validation": None}
         rows = [Row("file", p["file"], None, None, "as in the manifest", "FAIL", p["problem"]) for p in e.problems]
@@ -188,7 +190,10 @@ def check(config: CheckConfig, progress=None) -> dict:
             "tolerance": tol, "strict_latency": config.strict_latency,
             "rows": [{**asdict(r), "change": r.change} for r in rows],
             "regressions": [r.name for r in rows if r.status == "FAIL"],
-            "passed": all(r.status != "FAIL" for r in rows), "validation": result["validation"]}
+            "ungated": bool(result["validation"]) and is_ungated(result["validation"]),
+            "validation": result["validation"],
+            "passed": all(r.status != "FAIL" for r in rows) and not (result["validation"] and
+                                                                     is_ungated(result["validation"]))}
 
 
 def junit_xml(record: dict) -> str:
@@ -212,8 +217,9 @@ def junit_xml(record: dict) -> str:
 
 
 def markdown(record: dict) -> str:
-    head = (f"### loradeploy check: {record['target']} — "
-            f"{'✅ no regression' if record['passed'] else '❌ regression: ' + ', '.join(record['regressions'])}\n\n"
+    verdict = (["❌ nothing gated"] if record.get("ungated") else []) + \
+        (["❌ regression: " + ", ".join(record["regressions"])] if record["regressions"] else [])
+    head = (f"### loradeploy check: {record['target']} — {'; '.join(verdict) or '✅ no regression'}\n\n"
             "| measure | baseline | now | change | allowed | status |\n|---|---|---|---|---|---|\n")
 
     def fmt(v):

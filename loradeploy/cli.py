@@ -52,6 +52,12 @@ def adapter_options(f):
     return f
 
 
+def allow_ungated_option(f):
+    """For the verbs that validate: a run no budget of the profile applies to passes (else exit 1)."""
+    return click.option("--allow-ungated", is_flag=True, help="Pass even when no budget of the profile applies to "
+                        "the validation (by default such a run exits 1: nothing gated).")(f)
+
+
 def _prune_config(tolerance):
     from .prune import PruneConfig
 
@@ -68,8 +74,9 @@ def cli(verbose):
     """Ship trained rank-adaptive LoRA adapters (SoRA, IncreLoRA, Bayesian-LoRA, PEFT) to edge
     runtimes: read, prune exactly, quantize, export, validate.
 
-    Exit codes: 0 ok; 1 a measure outside its budget, a regression or a failing file; 2 bad
-    input; 3 an internal error (a bug). Set LORADEPLOY_DEBUG=1 to see tracebacks."""
+    Exit codes: 0 ok; 1 a measure outside its budget, no budget applying (nothing gated), a
+    regression or a failing file; 2 bad input; 3 an internal error (a bug). Set LORADEPLOY_DEBUG=1
+    to see tracebacks."""
     if verbose:
         quiet_third_party_logs(verbose=True)
 
@@ -160,19 +167,20 @@ def plan_options(f):
                    "(`query`, `bert.pooler.dense`). The given adapters' modules always get slots. "
                    "Default: the profile's (blocks).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@allow_ungated_option
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_cmd(base, adapters, target, mode, eval_path, out, method, lora_alpha, lora_r, head, plan, budget,
-               max_bytes, ranks, output_aware, peft_anchor, calibration, slots, overwrite, as_json):
+               max_bytes, ranks, output_aware, peft_anchor, calibration, slots, overwrite, allow_ungated, as_json):
     """Export adapters on a base for a target, validate there, write manifest + report.
 
-    Exits 1 when a validation measure is outside the profile's budget."""
+    Exits 1 when a validation measure is outside the profile's budget, or no budget applies."""
     from .export import ExportConfig, export
     from .render import print_export, progress_steps
 
     config = ExportConfig(base, _adapter_inputs(adapters, method, lora_alpha, lora_r, head), target, Path(out), mode,
                           Path(eval_path) if eval_path else None,
                           _plan_config(plan, budget, max_bytes, calibration, ranks, peft_anchor, output_aware),
-                          overwrite, slots)
+                          overwrite, slots, allow_ungated)
     with progress_steps() as step:
         record = export(config, step)
     _emit(record, as_json, print_export)
@@ -215,14 +223,16 @@ def quantize_cmd(base, adapters, target, plan, budget, max_bytes, ranks, output_
 @cli.command("validate")
 @click.argument("artifact", type=click.Path(file_okay=False))
 @click.option("--eval", "eval_path", type=click.Path(dir_okay=False), help="JSON lines {text, label}; default: the shipped example set.")
+@allow_ungated_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def validate_cmd(artifact, eval_path, as_json):
-    """Validate an exported artifact again against the fp32 reference (exit 1 on FAIL or a changed file)."""
+def validate_cmd(artifact, eval_path, allow_ungated, as_json):
+    """Validate an exported artifact again against the fp32 reference (exit 1 on FAIL, nothing gated or a changed file)."""
     from .render import print_validation, progress_steps
     from .validate import ValidateConfig, revalidate
 
     with progress_steps() as step:
-        record = revalidate(ValidateConfig(Path(artifact), Path(eval_path) if eval_path else None), step)
+        record = revalidate(ValidateConfig(Path(artifact), Path(eval_path) if eval_path else None, allow_ungated),
+                            step)
     _emit(record, as_json, print_validation)
     return 0 if record["validation"]["passed"] else 1
 
@@ -257,18 +267,19 @@ def verify_cmd(artifact, no_load, as_json):
 @click.option("--eval", "eval_path", type=click.Path(dir_okay=False), help="Eval set (default: the shipped one).")
 @click.option("--junit", type=click.Path(dir_okay=False), help="Write JUnit XML: one test case per measure.")
 @click.option("--markdown", type=click.Path(dir_okay=False), help="Write a Markdown table for a pull-request comment.")
+@allow_ungated_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def check_cmd(artifact, baseline, tolerance, strict_latency, eval_path, junit, markdown, as_json):
+def check_cmd(artifact, baseline, tolerance, strict_latency, eval_path, junit, markdown, allow_ungated, as_json):
     """CI gate: validate ARTIFACT again and compare with a baseline. Fidelity may not get worse
     beyond the tolerance and its noise floor, size may not grow, and latency (relative to the
     runtime's reference unit) may not grow — compared only against a baseline measured on a
-    matching machine fingerprint, else shown as INFO. Exit 0 pass, 1 regression or a changed file, 2 error."""
+    matching machine fingerprint, else shown as INFO. Exit 0 pass, 1 regression, nothing gated or a changed file, 2 error."""
     from .check import CheckConfig, check, junit_xml, markdown as to_markdown
     from .fsutil import write_text_atomic
     from .render import print_check, progress_steps
 
     config = CheckConfig(Path(artifact), Path(baseline), tolerance, Path(eval_path) if eval_path else None,
-                         strict_latency)
+                         strict_latency, allow_ungated)
     with progress_steps() as step:
         record = check(config, step)
     if junit:

@@ -47,6 +47,7 @@ class ExportConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     overwrite: bool = False
     slots: str | None = field(default=None, metadata={"help": "swappable: modules given LoRA inputs (loradeploy.slots); None: the profile's"})
+    allow_ungated: bool = field(default=False, metadata={"help": "a validation no budget applies to may pass (loradeploy.verdict)"})
 
     def __post_init__(self):
         if self.mode is not None and self.mode not in MODES:
@@ -96,13 +97,13 @@ def _export_into(tmp: Path, config: ExportConfig, profile: TargetProfile, mode: 
         step(f"applied precision plan ({plan.method})")
     selection = None
     if mode == "auto":
-        chosen, selection = _choose_mode(tmp, job, config.adapters, eval_set, step)
+        chosen, selection = _choose_mode(tmp, job, config.adapters, eval_set, step, config.allow_ungated)
         job = dataclasses.replace(job, mode=chosen)
     begin(step, f"exporting the {job.mode} artifact for {profile.name} ({profile.runtime})")
     manifest = _write(tmp, job, config.adapters, {"mode_selection": selection} if selection else {}, step,
                       shared(job) if shared else None)
     step(f"exported {job.mode} artifact")
-    validation = validate_artifact(tmp, job, eval_set, step)
+    validation = validate_artifact(tmp, job, eval_set, step, allow_ungated=config.allow_ungated)
     if selection:
         _add_other_mode(validation, selection, job.mode)
     step("validated")
@@ -130,7 +131,7 @@ def _write(folder: Path, job: ExportJob, inputs: AdapterInputs, more_decisions: 
 
 
 def _choose_mode(tmp: Path, job: ExportJob, inputs: AdapterInputs, eval_set: EvalSet,
-                 step: Progress) -> tuple[str, dict]:
+                 step: Progress, allow_ungated: bool = False) -> tuple[str, dict]:
     """``auto`` mode: export and validate (fidelity only) each mode in a scratch folder; merged
     when it passes the profile's fidelity budget (one file, no adapter path at run time), else
     swappable. Both results go into the manifest; the validation table shows both."""
@@ -148,7 +149,7 @@ def _choose_mode(tmp: Path, job: ExportJob, inputs: AdapterInputs, eval_set: Eva
             selection[cand] = {"passed": False, "exportable": False, "reason": str(e), "checks": []}
             step(f"tried {cand}: not possible ({e})")
             continue
-        result = validate_artifact(scratch, trial, eval_set, step, timing=False)
+        result = validate_artifact(scratch, trial, eval_set, step, timing=False, allow_ungated=allow_ungated)
         shutil.rmtree(scratch)
         selection[cand] = {"passed": result.passed, "exportable": True, "metrics": result.metrics,
                            "checks": result.checks, "artifact_bytes": result.artifact_bytes}

@@ -88,6 +88,7 @@ class Validation:
     checks: list[dict]
     passed: bool
     eval_note: str | None = None  # what the eval set can and cannot tell about this base
+    verdict: str | None = None  # one line: PASS, FAIL: …, UNGATED: … (loradeploy.verdict)
 
 
 @dataclass
@@ -162,9 +163,10 @@ class Manifest:
             keys = {f.name for f in fields(Validation) if f.default is MISSING}  # eval_note: newer, optional
             if not keys <= set(validation) or not isinstance(validation.get("metrics"), dict):
                 raise ManifestError(f"{where}: the validation record is malformed (needs {', '.join(sorted(keys))})")
-            note = validation.get("eval_note")
+            note, verdict = validation.get("eval_note"), validation.get("verdict")
             validation = Validation(**{k: validation[k] for k in keys},
-                                    eval_note=note if isinstance(note, str) else None)
+                                    eval_note=note if isinstance(note, str) else None,
+                                    verdict=verdict if isinstance(verdict, str) else None)
         return cls(
             target=TargetRecord(_need(where, target, "name", str), _need(where, target, "runtime", str),
                                 _need(where, target, "profile", dict)),

@@ -12,7 +12,8 @@ measure's *noise floor* (:func:`noise_floor`), which is tied to the measure's ow
   |Δlogit| budget), else 0.1% of the spread (standard deviation) of the fp32 reference outputs
   on the eval set;
 * ``kl`` measures: 2% of the measure's budget, else of the profile's ``kl_mean_max``;
-* ``cosine`` measures: 2% of the budget's distance from 1 (``1 − cosine_min``).
+* ``cosine`` measures: 2% of the budget's distance from 1 (``1 − cosine_min``);
+* ``ratio`` measures (perplexity ratio): 2% of the budget's distance from 1.
 
 Without a scale (an old manifest without the spread) the floor is :data:`MIN_FLOOR`.
 """
@@ -35,9 +36,10 @@ class Measure:
     name: str
     higher_is_better: bool
     budget: str | None  # the Budgets field that bounds it (None: reported, not budgeted)
-    unit: str  # fraction | logit | kl | cosine | info
+    unit: str  # fraction | logit | kl | cosine | ratio | info
     tasks: tuple[str, ...]
     help: str
+    when: str | None = None  # None: every validation of its tasks reports it; else when it is reported
 
     @property
     def direction(self) -> str:
@@ -52,11 +54,14 @@ MEASURES: dict[str, Measure] = {m.name: m for m in (
             "largest |artifact logit − reference logit| over the eval set"),
     Measure("mean_abs_logit", False, "mean_abs_logit_max", "logit", (CLASSIFIER,),
             "mean |artifact logit − reference logit|"),
-    Measure("accuracy", True, None, "fraction", (CLASSIFIER,), "task accuracy of the artifact on the eval labels"),
+    Measure("accuracy", True, None, "fraction", (CLASSIFIER,), "task accuracy of the artifact on the eval labels",
+            "the eval set has labels"),
     Measure("accuracy_drop", False, "accuracy_drop_max", "fraction", (CLASSIFIER,),
-            "reference accuracy minus the artifact's"),
-    Measure("adapter_effect_kept", True, None, "fraction", (CLASSIFIER,),
-            "1 − ‖artifact − reference‖ / ‖reference − base alone‖: how much of the adapter's effect survives"),
+            "reference accuracy minus the artifact's", "the eval set has labels"),
+    Measure("adapter_effect_kept", True, "adapter_effect_kept_min", "fraction", (CLASSIFIER, LM),
+            "1 − ‖artifact − reference‖ / ‖reference − base alone‖ (LMs: 1 − KL(reference ‖ artifact) / "
+            "KL(reference ‖ base alone), per token), the base alone in fp32: how much of the adapter's effect "
+            "survives; above 0 the artifact is closer to the adapter's reference than the base alone is"),
     Measure("cosine_min", True, "cosine_min", "cosine", (EMBEDDINGS,),
             "smallest cosine similarity between artifact and reference embeddings"),
     Measure("cosine_mean", True, None, "cosine", (EMBEDDINGS,), "mean cosine similarity to the reference"),
@@ -67,13 +72,18 @@ MEASURES: dict[str, Measure] = {m.name: m for m in (
     Measure("top1_agreement", True, "top1_agreement_min", "fraction", (LM,),
             "share of tokens where the artifact's most likely next token is the reference's"),
     Measure("kl_excess_vs_base", False, "kl_excess_vs_base_max", "kl", (LM,),
-            "the adapter's mean KL minus the base alone's in the same runtime (the adapter's own share)"),
+            "the adapter's mean KL minus the base alone's in the same runtime (the adapter's own share)",
+            "the runtime runs the base alone (swappable, or a GGUF base)"),
     Measure("top1_drop_vs_base", False, "top1_drop_vs_base_max", "fraction", (LM,),
-            "the base alone's top-1 agreement minus the adapter's"),
+            "the base alone's top-1 agreement minus the adapter's",
+            "the runtime runs the base alone (swappable, or a GGUF base)"),
     Measure("greedy_match", True, "greedy_match_min", "fraction", (LM,),
-            "share of eval prompts whose first 32 greedy tokens equal the fp32 reference's (runtimes that generate)"),
+            "share of eval prompts whose first 32 greedy tokens equal the fp32 reference's (runtimes that generate)",
+            "its budget is set (the runtime must generate)"),
     Measure("ppl_reference", False, None, "info", (LM,), "perplexity of the fp32 reference on the eval text"),
     Measure("ppl_artifact", False, None, "info", (LM,), "perplexity of the artifact on the eval text"),
+    Measure("ppl_ratio", False, "ppl_ratio_max", "ratio", (LM,),
+            "perplexity of the artifact over the fp32 reference's on the eval text"),
 )}
 
 #: measures a baseline comparison holds to a direction (``info`` ones are only shown)
@@ -106,8 +116,8 @@ def noise_floor(name: str, budgets: dict, resolution: int | None = None, spread:
     if m.unit == "kl":
         scale = own if own is not None else budgets.get("kl_mean_max")
         return max(BUDGET_SHARE * scale, MIN_FLOOR) if scale is not None else MIN_FLOOR
-    if m.unit == "cosine":
-        return max(BUDGET_SHARE * (1.0 - own), MIN_FLOOR) if own is not None else MIN_FLOOR
+    if m.unit in ("cosine", "ratio"):
+        return max(BUDGET_SHARE * abs(1.0 - own), MIN_FLOOR) if own is not None else MIN_FLOOR
     return 0.0
 
 

@@ -60,6 +60,9 @@ class RuntimeSpec:
     adapter_suffix: str = field(metadata={"help": "file ending of one adapter in adapters/ ('' for a folder)"})
     target: str = field(metadata={"help": "'module:Class' of its Target (writes artifacts)"})
     session: str = field(metadata={"help": "'module:Class' of its Session (the one loader)"})
+    tasks: dict[str, tuple[str, ...]] = field(metadata={
+        "help": "base precision → the tasks (kinds.Task values) its profiles export; a profile must budget each "
+                "(loradeploy.verdict)"})
 
     def _load(self, ref: str):
         module, cls = ref.split(":")

@@ -96,7 +96,13 @@ def print_validation(record: dict) -> None:
     console.print(f"eval set: {escape(str(v['eval_file']))} ({v['eval_inputs']} inputs)")
     if v.get("eval_note"):
         console.print(f"note: {escape(v['eval_note'])}")
-    console.print("[green]PASS[/]" if v["passed"] else "[bold red]FAIL[/]: a measure is outside its budget")
+    _print_verdict(v.get("verdict") or ("PASS" if v["passed"] else "FAIL: a measure is outside its budget"), v["passed"])
+
+
+def _print_verdict(verdict: str, passed: bool) -> None:
+    """A validation's verdict line (loradeploy.verdict), its first word coloured."""
+    head, sep, rest = verdict.partition(" ") if verdict.startswith("PASS") else verdict.partition(":")
+    console.print(f"[{'green' if passed else 'bold red'}]{head}[/]{escape(sep + rest)}")
 
 
 def print_export(record: dict) -> None:
@@ -203,10 +209,13 @@ def print_check(record: dict) -> None:
     console.print(table)
     for note in info_notes(record):
         console.print(f"[{'bold red' if note.startswith('FAIL') else 'yellow'}]{escape(note)}[/]")
+    if record.get("ungated"):
+        _print_verdict(record["validation"]["verdict"], False)
     changed = [r["name"] for r in record["rows"] if r["kind"] == "file"]
-    console.print("[green]PASS[/]: no regression" if record["passed"] else
-                  f"[bold red]FAIL[/]: {'not as exported, nothing measured: ' if changed else 'regressed '}"
-                  f"{escape(', '.join(record['regressions']))}")
+    if record["passed"] or record["regressions"]:
+        console.print("[green]PASS[/]: no regression" if record["passed"] else
+                      f"[bold red]FAIL[/]: {'not as exported, nothing measured: ' if changed else 'regressed '}"
+                      f"{escape(', '.join(record['regressions']))}")
 
 
 def print_verify(record: dict) -> None:

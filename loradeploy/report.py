@@ -184,7 +184,7 @@ def render(manifest: dict) -> str:
              f"<p>base <code>{html.escape(manifest['base']['spec'])}</code>, task {manifest['task']}, "
              f"{len(manifest['adapters'])} adapter(s), eval set <code>{html.escape(str(v.get('eval_file')))}</code> "
              f"({v.get('eval_inputs')} inputs). Result: <b class=\"{'PASS' if v.get('passed') else 'FAIL'}\">"
-             f"{'PASS' if v.get('passed') else 'FAIL'}</b></p>", "<h2>Validation</h2>"]
+             f"{html.escape(v.get('verdict') or ('PASS' if v.get('passed') else 'FAIL'))}</b></p>", "<h2>Validation</h2>"]
     if v.get("eval_note"):
         parts.insert(2, f"<p><b>Note:</b> {html.escape(v['eval_note'])}.</p>")
     parts.append("<p>Each row compares the artifact, run in its runtime, with the fp32 PyTorch reference (the base "

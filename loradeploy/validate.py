@@ -24,6 +24,7 @@ from . import measures
 from .errors import LoradeployError
 from .evaldata import EvalSet, length_order, load_eval
 from .ir import AdapterSet, Task
+from .lm_measures import GREEDY_PROMPTS, GREEDY_TOKENS, greedy_match, lm_fidelity, lm_reference
 from .manifest import Validation
 from .merge import merge_into
 from .targets.profile import Budgets, TargetProfile
@@ -284,6 +285,8 @@ def _result(artifact: Path, eval_set: EvalSet, metrics: dict, checks: list[Check
     latency = measure_latency(artifact, first, profile) if timing else {"shapes": {}}
     if timing:
         checks += latency_checks(first or "merged", latency, profile.budgets)
+        if progress:
+            progress(f"measured latency ({', '.join(latency['shapes'])}) and peak RSS")
     for key, value in latency.get("generation", {}).items():
         checks.append(Check(first or "merged", key, value, None, "<="))
     size = artifact_bytes(artifact)
@@ -310,82 +313,43 @@ def validate_encoder(artifact: Path, session, profile: TargetProfile, task: Task
     return _result(artifact, eval_set, metrics, checks, profile, next(iter(references)), timing, progress)
 
 
-# --- causal language models (llama.cpp target) ---------------------------------------------
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
-def lm_fidelity(pairs: list[tuple[np.ndarray, np.ndarray, list[int]]]) -> dict:
-    """Per-token KL(reference ‖ artifact) and top-1 agreement over every position, and the
-    perplexity of each on the next tokens (as ``llama-perplexity --kl-divergence`` reports)."""
-    kls, top1, nll_ref, nll_art = [], [], [], []
-    for ref, art, tokens in pairs:
-        p, q = _log_softmax(ref), _log_softmax(art)
-        kls.append((np.exp(p) * (p - q)).sum(-1))
-        top1.append(ref.argmax(-1) == art.argmax(-1))
-        nxt = np.asarray(tokens[1:])
-        nll_ref.append(-p[np.arange(len(nxt)), nxt])
-        nll_art.append(-q[np.arange(len(nxt)), nxt])
-    kl = np.concatenate(kls)
-    return {"kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
-            "top1_agreement": float(np.concatenate(top1).mean()),
-            "ppl_reference": float(np.exp(np.concatenate(nll_ref).mean())),
-            "ppl_artifact": float(np.exp(np.concatenate(nll_art).mean())), "tokens": int(kl.size)}
-
-
-GREEDY_TOKENS, GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS = 32, 4, 16
-
-
-@torch.no_grad()
-def torch_greedy(model, tokens: list[int], n: int) -> list[int]:
-    """``n`` greedy tokens after ``tokens`` from the PyTorch model, through its KV cache (no stop)."""
-    import inspect
-
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5 / 4
-    out = model(torch.tensor([tokens]), use_cache=True)
-    got = [int(out.logits[0, -1].argmax())]
-    while len(got) < n:
-        out = model(torch.tensor([got[-1:]]), use_cache=True, **{key: getattr(out, key)})
-        got.append(int(out.logits[0, -1].argmax()))
-    return got
-
-
-def greedy_match(session, adapter: str | None, reference_model, token_lists: list[list[int]]) -> float:
-    """Share of the first eval prompts (their first 16 tokens) whose first 32 greedy tokens in
-    the runtime equal the fp32 reference's."""
-    prompts = [t[:GREEDY_PROMPT_TOKENS] for t in token_lists[:GREEDY_PROMPTS]]
-    same = [session.greedy(p, adapter, GREEDY_TOKENS) == torch_greedy(reference_model, p, GREEDY_TOKENS)
-            for p in prompts]
-    return sum(same) / len(same)
-
-
-@torch.no_grad()
-def lm_reference(model, token_lists: list[list[int]]) -> list[np.ndarray]:
-    return [model(torch.tensor([t])).logits[0].float().numpy() for t in token_lists]
-
+# --- causal language models (every runtime that runs them) ----------------------------------
 
 def validate_lm(artifact: Path, session, profile: TargetProfile, base_model, adapters: dict[str | None, AdapterSet],
                 eval_set: EvalSet, base_session=None, progress=None, timing: bool = True) -> Validation:
-    """LM validation: every adapter (``None``: merged artifact) against its PyTorch reference;
-    the base alone measured the same way (``base_session`` with no adapter vs the PyTorch base)
-    tells how much of the gap is the quantized base's; then throughput and switch times."""
+    """LM validation: every adapter (``None``: merged artifact) against its PyTorch reference,
+    and how much of its effect on the fp32 base alone it keeps; the base alone in the runtime
+    (``base_session`` with no adapter vs the PyTorch base) tells how much of the gap is the
+    quantized base's; then throughput and switch times. Each stage names itself to ``progress``."""
+    from .render import begin
+
+    step = progress or (lambda _m: None)
     tokens = [session.tokenize(t) for t in eval_set.texts]
+    texts = f"{len(tokens)} eval texts ({sum(map(len, tokens))} tokens)"
+    begin(step, f"computing the fp32 PyTorch reference of the base alone on {texts}")
+    base_ref = lm_reference(base_model, tokens)
+    step("computed the base alone's fp32 reference")
     metrics = {}
     for adapter, original in adapters.items():
+        label = adapter or "merged"
+        begin(step, f"computing the fp32 PyTorch reference of {label} on {texts}")
         merged = merge_into(copy.deepcopy(base_model), original)
         ref = lm_reference(merged, tokens)
-        metrics[adapter or "merged"] = lm_fidelity([(r, session.logits(t, adapter), t) for r, t in zip(ref, tokens)])
+        step(f"computed the fp32 reference of {label}")
+        begin(step, f"fidelity {label}: the artifact in {session.runtime} on {texts}")
+        metrics[label] = lm_fidelity(((r, session.logits(t, adapter), t) for r, t in zip(ref, tokens)), base_ref)
+        del ref
         if profile.budgets.greedy_match_min is not None:
-            metrics[adapter or "merged"]["greedy_match"] = greedy_match(session, adapter, merged, tokens)
-        if progress:
-            progress(f"fidelity {adapter or 'merged'}")
+            begin(step, f"greedy match {label}: {GREEDY_TOKENS} tokens after {GREEDY_PROMPTS} prompts, in "
+                        f"{session.runtime} and in PyTorch")
+            metrics[label]["greedy_match"] = greedy_match(session, adapter, merged, tokens)
+        step(f"fidelity {label}")
     checks = [c for label, m in metrics.items() for c in measure_checks(label, m, profile.budgets, Task.CAUSAL_LM)]
     if base_session is not None:
-        ref = lm_reference(base_model, tokens)
-        base = metrics["base alone"] = lm_fidelity([(r, base_session.logits(t, None), t) for r, t in zip(ref, tokens)])
+        begin(step, f"fidelity base alone: the artifact with no adapter in {session.runtime} on {texts}")
+        base = metrics["base alone"] = lm_fidelity((r, base_session.logits(t, None), t)
+                                                   for r, t in zip(base_ref, tokens))
+        step("fidelity base alone")
         checks += measure_checks("base alone", base, Budgets(), Task.CAUSAL_LM)
         for adapter in adapters:
             m = metrics[adapter or "merged"]
@@ -398,15 +362,23 @@ def validate_lm(artifact: Path, session, profile: TargetProfile, base_model, ada
 
 # --- the artifact of a job, and the `validate` verb ------------------------------------------
 
-def validate_artifact(artifact: Path, job, eval_set: EvalSet, progress=None, timing: bool = True) -> Validation:
+def validate_artifact(artifact: Path, job, eval_set: EvalSet, progress=None, timing: bool = True,
+                      allow_ungated: bool = False) -> Validation:
     """Validate ``artifact`` (written for ``job``) against the fp32 references of the job's
-    adapters as trained, in the artifact's runtime (its session: the one loader)."""
+    adapters as trained, in the artifact's runtime (its session: the one loader), and judge it
+    (:mod:`loradeploy.verdict`; ``allow_ungated``: a run no budget applies to may pass)."""
     import dataclasses
 
     from .evaldata import shipped_set_note
+    from .verdict import judge
 
     result = _validate_artifact(artifact, job, eval_set, progress, timing)
-    return dataclasses.replace(result, eval_note=shipped_set_note(eval_set, job.base_dir))
+    allowed_by = "the profile (allow_ungated: true)" if job.profile.allow_ungated else \
+        "--allow-ungated" if allow_ungated else None
+    labels = [e.name if job.mode == "swappable" else "merged" for e in job.adapters]
+    passed, verdict = judge(result.checks, labels, job.task.value, allowed_by)
+    return dataclasses.replace(result, passed=passed, verdict=verdict,
+                               eval_note=shipped_set_note(eval_set, job.base_dir))
 
 
 def _validate_artifact(artifact: Path, job, eval_set: EvalSet, progress, timing: bool) -> Validation:
@@ -448,6 +420,7 @@ class ValidateConfig:
 
     artifact: Path
     eval_path: Path | None = None  # None: the shipped eval set of the task
+    allow_ungated: bool = False  # a run no budget applies to may pass (loradeploy.verdict)
 
 
 def revalidate(config: ValidateConfig, progress=None) -> dict:
@@ -482,6 +455,6 @@ def revalidate(config: ValidateConfig, progress=None) -> dict:
     job = ExportJob(manifest.base.spec, base_dir, task, manifest.num_labels, entries, profile, manifest.mode,
                     base_model)
     eval_set = load_eval(config.eval_path, lm=task is Task.CAUSAL_LM)
-    result = validate_artifact(Path(config.artifact), job, eval_set, progress)
+    result = validate_artifact(Path(config.artifact), job, eval_set, progress, allow_ungated=config.allow_ungated)
     return {"artifact": str(Path(config.artifact).absolute()), "target": profile.name, "mode": manifest.mode,
             "validation": asdict(result)}

@@ -96,7 +96,8 @@ def unit_entry(out: Path, unit: Unit, result: dict) -> dict:
                      shared_base=bool(manifest.decisions.get("shared_base_graph")),
                      measures=index_files.key_measures(v), failed=[f"{c['adapter']}: {c['measure']}"
                                                                    for c in (v.checks if v else [])
-                                                                   if c["status"] == "FAIL"],
+                                                                   if c["status"] == "FAIL"]
+                     or ([v.verdict] if v and not v.passed and v.verdict else []),  # nothing gated
                      files={f.path: f.sha256 for f in manifest.files})
     return entry
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BaseModelError
+from ..kinds import Task
 from ..registry import LoraStorage, RuntimeSpec
 from .session import HfTokenizer, Session, refuse
 
@@ -29,7 +30,8 @@ SPEC = RuntimeSpec(
     precisions=("nf4", "fp4", "int8"),
     storage=LoraStorage(ladder=("fp32", "fp16"), accepted=("fp32", "fp16", "bf16"), by_bits={32: "fp32", 16: "fp16"},
                         folds_scale=False, b_rank_major=False),
-    adapter_suffix="", target="loradeploy.targets.bnb:BnbTarget", session="loradeploy.runtime.bnb:BnbSession")
+    adapter_suffix="", target="loradeploy.targets.bnb:BnbTarget", session="loradeploy.runtime.bnb:BnbSession",
+    tasks={p: tuple(t.value for t in Task) for p in ("nf4", "fp4", "int8")})
 
 ADAPTER_DIR = "adapters"  # each adapter is a PEFT folder adapters/NAME
 

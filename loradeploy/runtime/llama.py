@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import BaseModelError, LoradeployError
 from ..ggufheader import read_header
+from ..kinds import Task
 from ..manifest import BaseRecord, Manifest, TargetRecord
 from ..registry import LoraStorage, RuntimeSpec
 from .session import Generation, Loaded, Session, refuse
@@ -35,7 +36,8 @@ SPEC = RuntimeSpec(
                         activations={"f16": "f16", "q8_0": "q8_0", "q5_0": "q8_0", "q4_0": "q8_0",
                                      "q5_1": "q8_0", "q4_1": "q8_0"}),
     adapter_suffix=".gguf", target="loradeploy.targets.gguf:GgufTarget",
-    session="loradeploy.runtime.llama:LlamaSession")
+    session="loradeploy.runtime.llama:LlamaSession",
+    tasks={p: (Task.CAUSAL_LM.value,) for p in ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")})  # a GGUF base
 
 MODEL_FILE = "model.gguf"
 ADAPTER_DIR = "adapters"

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BaseModelError, LoradeployError
+from ..kinds import Task
 from ..registry import LoraStorage, RuntimeSpec
 from .session import Generation, HfTokenizer, Session, refuse
 
@@ -21,7 +22,11 @@ SPEC = RuntimeSpec(
     storage=LoraStorage(ladder=("fp32", "fp16", "int8", "lut4", "int4"), accepted=("fp32", "fp16", "int8", "lut4", "int4"),
                         by_bits={32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}, folds_scale=True, b_rank_major=True),
     adapter_suffix=".onnx_adapter", target="loradeploy.targets.onnx:OnnxTarget",
-    session="loradeploy.runtime.onnx:OrtSession")
+    session="loradeploy.runtime.onnx:OrtSession",
+    # causal LMs: the genai builder's decoder in fp32 / int4, or on a GGUF base's own blocks (targets/onnx_lm.py)
+    tasks={"fp32": tuple(t.value for t in Task), "int8-dynamic": (Task.SEQUENCE_CLASSIFICATION.value,
+                                                                  Task.FEATURE_EXTRACTION.value),
+           "int4": tuple(t.value for t in Task), "gguf": (Task.CAUSAL_LM.value,)})
 
 MODEL_FILE = "model.onnx"
 ADAPTER_DIR = "adapters"

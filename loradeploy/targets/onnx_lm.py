@@ -313,10 +313,13 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
         if job.mode == "merged":
             (entry,) = job.adapters
             check_slots(job, _expected_slots(job.base_model))
+            begin(step, "folding the adapter into the base, written as a Hugging Face folder for the builder")
             src = Path(tmp) / "hf"
             merge_into(copy.deepcopy(job.base_model), entry.pruned).save_pretrained(str(src))
             load_tokenizer(job.base_dir).save_pretrained(str(src))
         else:
+            if not Path(job.base_dir).is_dir():
+                begin(step, "the GGUF base as a Hugging Face folder for the builder (converted once, then cached)")
             src = hf_folder(job.base_dir, job.base_model)
         begin(step, f"building the {PRECISIONS[precision]} decoder (onnxruntime-genai model builder)")
         build_decoder(src, Path(tmp) / "build" if from_gguf else out, precision, cache)

@@ -43,6 +43,8 @@ class Budgets:
     kl_excess_vs_base_max: float | None = field(default=None, metadata={"help": "LM: adapter's mean KL minus the base alone's (the adapter's own share)"})
     top1_drop_vs_base_max: float | None = field(default=None, metadata={"help": "LM: base alone's top-1 agreement minus the adapter's"})
     greedy_match_min: float | None = field(default=None, metadata={"help": "LM: share of eval prompts whose first 32 greedy tokens equal the reference's"})
+    ppl_ratio_max: float | None = field(default=None, metadata={"help": "LM: the artifact's perplexity over the reference's"})
+    adapter_effect_kept_min: float | None = field(default=None, metadata={"help": "classifier, LM: 1 − the artifact's error over the adapter's effect (> 0: closer to the adapter's reference than the base alone)"})
     latency_p95_ms: dict[str, float] = field(default_factory=dict, metadata={"help": "shape label → p95 ms"})
     artifact_mb_max: float | None = field(default=None, metadata={"help": "size of the artifact folder"})
 
@@ -64,6 +66,7 @@ class TargetProfile:
     warmup: int = 3
     runs: int = 20
     budgets: Budgets = Budgets()
+    allow_ungated: bool = False  # a validation no budget applies to may pass (else it fails: nothing gated)
     source: str = ""
     version: int = PROFILE_VERSION
 
@@ -136,8 +139,9 @@ def parse_profile(path: Path, data) -> TargetProfile:
             slot_tokens(data["slots"])
         except LoradeployError as e:
             _fail(path, str(e))
-    if "double_quant" in data and not isinstance(data["double_quant"], bool):
-        _fail(path, "double_quant must be true or false")
+    for key in ("double_quant", "allow_ungated"):
+        if key in data and not isinstance(data[key], bool):
+            _fail(path, f"{key} must be true or false")
     for key in ("opset", "threads", "warmup", "runs"):
         if key in data and (not isinstance(data[key], int) or data[key] < 0):
             _fail(path, f"{key} must be a non-negative integer")
