@@ -1,7 +1,7 @@
 """onnxruntime-genai reproduces loradeploy's tokens on a Gemma 3 270M artifact (slow: one real
 export, shared by the module): og's tokenizer gives the ids loradeploy's tokenizer gives on the
 eval prompts (BOS included), og's greedy loop generates the tokens of ``runtime.open(...).greedy``
-with and without the adapter, and the README's onnxruntime-genai program runs as written."""
+with and without the adapter, and docs/onnxruntime.md's onnxruntime-genai program runs as written."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ pytestmark = pytest.mark.slow
 
 N_GREEDY = 16  # tokens compared per prompt
 GREEDY_PROMPTS = 3  # the first eval prompts, each with and without the adapter
-#: the README's onnxruntime-genai program: the ```python block after this marker
-README_MARKER = "<!-- tested: tests/targets/test_onnx_lm_genai.py -->"
+#: docs/onnxruntime.md's onnxruntime-genai program: the ```python block after this marker
+DOC_MARKER = "<!-- tested: tests/targets/test_onnx_lm_genai.py -->"
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +91,11 @@ def test_og_greedy_generation_equals_loradeploys_with_and_without_the_adapter(ar
 
 
 def test_the_readmes_onnxruntime_genai_program_runs_and_prints_loradeploys_text(art):
-    """The README's program, extracted as written, run on the exported artifact: it prints the
+    """The docs' program, extracted as written, run on the exported artifact: it prints the
     prompt's continuation, which is loradeploy's greedy generation with the adapter."""
-    text = (REPO / "README.md").read_text()
-    assert README_MARKER in text
-    program = re.search(r"```python\n(.*?)```", text[text.index(README_MARKER):], re.S)[1]
+    text = (REPO / "docs" / "onnxruntime.md").read_text()
+    assert DOC_MARKER in text
+    program = re.search(r"```python\n(.*?)```", text[text.index(DOC_MARKER):], re.S)[1]
     run = subprocess.run([sys.executable, "-c", program, str(art)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     prompt = re.search(r'PROMPT = "([^"]+)"', program)[1]
