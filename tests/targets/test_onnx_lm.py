@@ -15,6 +15,7 @@ import torch
 from loradeploy import runtime
 from loradeploy.cli import main
 from loradeploy.job import AdapterSpec
+from tests.targets.og_greedy import og_greedy
 from tests.conftest import EXAMPLE_ADAPTERS, quick_profile, error_text
 from tests.exports import export_adapters
 from tests.serving import serve_with_arm_swaps
@@ -325,17 +326,7 @@ def test_onnxruntime_genai_generates_with_the_adapter(tmp_path, profile):
     prompt = "The hotel room was"
 
     def og_generate(adapter: str | None, ids: list[int], n: int) -> list[int]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + n, do_sample=False)
-        generator = og.Generator(model, params)
-        if adapter:
-            generator.set_active_adapter(adapters, adapter)
-        generator.append_tokens(ids)
-        got = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            got.append(int(generator.get_next_tokens()[0]))
-        return got
+        return og_greedy(model, adapters, ids, adapter, n)
 
     with runtime.open(out) as session:
         ids = session.tokenize(prompt)

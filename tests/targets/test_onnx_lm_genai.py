@@ -15,6 +15,7 @@ import pytest
 from loradeploy import runtime
 from loradeploy.evaldata import DEFAULT_LM_EVAL
 from loradeploy.job import AdapterSpec
+from tests.targets.og_greedy import og_greedy
 from tests.conftest import EXAMPLE_ADAPTERS, REPO, lm_eval_head, quick_profile
 from tests.exports import export_adapters
 
@@ -46,22 +47,6 @@ def _og_tokenizer(model):
     return tokenizer
 
 
-def _og_greedy(model, adapters, ids: list[int], adapter: str | None, n: int) -> list[int]:
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + n, do_sample=False)
-    generator = og.Generator(model, params)
-    if adapter:
-        generator.set_active_adapter(adapters, adapter)
-    generator.append_tokens(ids)
-    got = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        got.append(int(generator.get_next_tokens()[0]))
-    return got
-
-
 def test_og_tokenizer_gives_loradeploys_ids_on_the_eval_prompts(art):
     import onnxruntime_genai as og
 
@@ -87,7 +72,7 @@ def test_og_greedy_generation_equals_loradeploys_with_and_without_the_adapter(ar
             ours = {a: session.greedy(ids, a, N_GREEDY) for a in ("sora-gemma", None)}
             assert ours["sora-gemma"] != ours[None]  # the adapter changes the answer: both paths are checked
             for adapter, tokens in ours.items():
-                assert _og_greedy(model, adapters, ids, adapter, N_GREEDY) == tokens, (prompt, adapter)
+                assert og_greedy(model, adapters, ids, adapter, N_GREEDY) == tokens, (prompt, adapter)
 
 
 def test_the_readmes_onnxruntime_genai_program_runs_and_prints_loradeploys_text(art):
