@@ -132,9 +132,9 @@ class ABRouter:
             return _Arm(arm, None, None, generation, owned=False)
         if isinstance(adapter, str) and adapter in self.session.adapters:
             return _Arm(arm, adapter, self.session.info(adapter).fingerprint, generation, owned=False)
-        if not Path(adapter).exists():
+        if isinstance(adapter, str) and "/" not in adapter and not Path(adapter).exists():  # meant as a name
             have = self.session.adapters
-            raise LoradeployError(f"arm {arm!r}: {str(adapter)!r} is no adapter of this artifact (it has "
+            raise LoradeployError(f"arm {arm!r}: {adapter!r} is no adapter of this artifact (it has "
                                   f"{', '.join(have) if have else 'none'}) and no adapter file or folder"
                                   + did_you_mean(adapter, have))
         name = f"ab.{arm}.{generation}"
