@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,8 +95,11 @@ def fleet_unit(target: str, work: Path, eval_path: Path | None) -> float:
 
 def measure(runs: int, target: str, eval_path: Path | None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="loradeploy-export-time-"))
-    exports = [run_export(target, work / "out", eval_path) for _ in range(runs)]
-    unit = fleet_unit(target, work, eval_path)
+    try:
+        exports = [run_export(target, work / "out", eval_path) for _ in range(runs)]
+        unit = fleet_unit(target, work, eval_path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # ~180 MB of artifacts
     median = {k: statistics.median(e[k] for e in exports) for k in ("wall_s", "cpu_s")}
     stages = {s: statistics.median(e["stages_s"].get(s, 0.0) for e in exports) for s in exports[0]["stages_s"]}
     return {"target": target, "runs": runs, "cores": os.cpu_count(), "export_s": median["wall_s"],
