@@ -197,11 +197,15 @@ def check(config: CheckConfig, progress=None) -> dict:
 
 
 def junit_xml(record: dict) -> str:
-    """One testcase per measure; a regression is a failure naming the measure and its numbers."""
-    rows = record["rows"]
-    suite = ET.Element("testsuite", name="loradeploy.check", tests=str(len(rows)),
-                       failures=str(sum(r["status"] == "FAIL" for r in rows)), skipped=str(
+    """One testcase per measure; a regression is a failure naming the measure and its numbers;
+    a validation no budget applies to is one more failure (``budgets``)."""
+    rows, ungated = record["rows"], bool(record.get("ungated"))
+    suite = ET.Element("testsuite", name="loradeploy.check", tests=str(len(rows) + ungated),
+                       failures=str(sum(r["status"] == "FAIL" for r in rows) + ungated), skipped=str(
                            sum(r["status"] in ("NEW", "GONE", "INFO") for r in rows)))
+    if ungated:
+        case = ET.SubElement(suite, "testcase", classname=f"{record['target']}.gate", name="budgets")
+        ET.SubElement(case, "failure", message=record["validation"]["verdict"], type="ungated")
     for r in rows:
         case = ET.SubElement(suite, "testcase", classname=f"{record['target']}.{r['kind']}", name=r["name"])
         if r["status"] == "FAIL" and r["kind"] == "file":

@@ -14,6 +14,7 @@ from dataclasses import asdict
 import pytest
 
 from loradeploy import registry
+from loradeploy.check import junit_xml, markdown
 from loradeploy.cli import main
 from loradeploy.kinds import Task
 from loradeploy.targets.profile import load_profile, profile_paths
@@ -139,6 +140,10 @@ def test_an_ungated_lm_export_validate_and_check_exit_1_unless_allowed(tiny, tmp
     assert main(check) == 1
     out = capsys.readouterr().out
     assert "UNGATED: " + NOTHING_GATED in out and "regressed" not in out, out
+    assert main([*check, "--json"]) == 1
+    record = json.loads(capsys.readouterr().out)
+    assert record["ungated"] and not record["passed"] and not record["regressions"]
+    assert 'type="ungated"' in junit_xml(record) and "❌ nothing gated" in markdown(record)
     assert main(["validate", str(art), *again, "--allow-ungated"]) == 0
     code = main([*check, "--allow-ungated"])
     assert code == 0, capsys.readouterr().out
