@@ -275,13 +275,15 @@ def artifact_bytes(artifact: Path) -> int:
 
 
 def _result(artifact: Path, eval_set: EvalSet, metrics: dict, checks: list[Check], profile: TargetProfile,
-            first: str | None, timing: bool, progress=None) -> Validation:
-    """Latency (with ``first`` active), size, and the verdict."""
+            first: str | None, timing: bool, progress=None, lm: bool = False) -> Validation:
+    """Latency (with ``first`` active), size, and the verdict; an LM is timed per prompt length
+    (``pp<seq>``) and per generated token (``tg``)."""
     if timing:
         from .render import begin
 
-        begin(progress, f"measuring latency ({', '.join(sh.label for sh in profile.shapes)}) "
-                        "and peak RSS in a fresh process")
+        shapes = ([f"pp{seq}" for seq in dict.fromkeys(sh.seq for sh in profile.shapes)] + ["tg"] if lm
+                  else [sh.label for sh in profile.shapes])
+        begin(progress, f"measuring latency ({', '.join(shapes)}) and peak RSS in a fresh process")
     latency = measure_latency(artifact, first, profile) if timing else {"shapes": {}}
     if timing:
         checks += latency_checks(first or "merged", latency, profile.budgets)
@@ -357,7 +359,7 @@ def validate_lm(artifact: Path, session, profile: TargetProfile, base_model, ada
                      "top1_drop_vs_base": base["top1_agreement"] - m["top1_agreement"]}
             m.update(share)
             checks += measure_checks(adapter or "merged", share, profile.budgets, Task.CAUSAL_LM)
-    return _result(artifact, eval_set, metrics, checks, profile, next(iter(adapters)), timing, progress)
+    return _result(artifact, eval_set, metrics, checks, profile, next(iter(adapters)), timing, progress, lm=True)
 
 
 # --- the artifact of a job, and the `validate` verb ------------------------------------------

@@ -170,7 +170,7 @@ def test_an_lm_export_outside_a_budget_exits_1_and_names_each_stage(tiny, tmp_pa
     stages = ["computing the fp32 PyTorch reference of the base alone on 2 eval texts",
               "computing the fp32 PyTorch reference of a on 2 eval texts", "fidelity a: the artifact in onnxruntime",
               "greedy match a: 32 tokens after 4 prompts", "done: fidelity a ", "fidelity base alone: the artifact",
-              "measuring latency", "done: measured latency (pp16, tg) and peak RSS"]
+              "measuring latency (pp16, tg) and peak RSS", "done: measured latency (pp16, tg) and peak RSS"]
     lines = proc.stderr.splitlines()
     at = [next((i for i, line in enumerate(lines) if stage in line), None) for stage in stages]
     assert None not in at and at == sorted(at), proc.stderr
