@@ -82,7 +82,7 @@ def _checked_load_ms(art: Path, file: str, n: int) -> float:
 def bench_onnx(art: Path, runs: int) -> dict:
     import onnxruntime as ort
 
-    from loradeploy.runtime.onnx import session_options
+    from loradeploy.plugins.onnxruntime.session import session_options
 
     ort.set_default_logger_severity(3)
     model = str(art / "model.onnx")

@@ -72,7 +72,7 @@ class OrtFile:
     def __init__(self, path: Path):
         import onnxruntime as ort
 
-        from loradeploy.runtime.onnx import session_options
+        from loradeploy.plugins.onnxruntime.session import session_options
 
         self.session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
         self.names = {i.name for i in self.session.get_inputs()}
@@ -125,7 +125,7 @@ def main() -> int:
     from loradeploy import runtime
     from loradeploy.merge import merge_into
     from loradeploy.prune import prune
-    from loradeploy.runtime.onnx import ADAPTER_DIR, MODEL_FILE, session_options
+    from loradeploy.plugins.onnxruntime.session import ADAPTER_DIR, MODEL_FILE, session_options
     from loradeploy.validate import reference_outputs
 
     work = Path(tempfile.mkdtemp(prefix="bench-onnx-"))

@@ -62,7 +62,7 @@ def _quick(work: Path, name: str) -> Path:
 def build(work: Path) -> dict:
     """The artifacts (reused when present) and the timed exports' wall times."""
     from loradeploy.base import hf_folder, resolve_base
-    from loradeploy.targets import onnx_lm
+    from loradeploy.plugins.onnxruntime import lm_exporter as onnx_lm
 
     work.mkdir(parents=True, exist_ok=True)
     times = work / "export_s.json"

@@ -148,7 +148,7 @@ def dequantized_base(model: Path, out: Path) -> Path:
     import gguf
     import numpy as np
 
-    from loradeploy.targets.gguf import copy_fields
+    from loradeploy.plugins.llama_cpp.exporter import copy_fields
 
     if out.is_file():
         return out
@@ -186,7 +186,7 @@ def lm_errors_vs_fp16(rows: list[dict], name: str, fp16_artifact: str, texts: li
     measure 3e-6 and 5e-7 and what remains is the adapter's storage error."""
     from loradeploy.evaldata import load_eval
     from loradeploy.manifest import read as read_manifest
-    from loradeploy.runtime.llama import LlamaSession
+    from loradeploy.plugins.llama_cpp.session import LlamaSession
     from loradeploy.validate import lm_fidelity
 
     texts = load_eval(lm=True).texts if texts is None else texts

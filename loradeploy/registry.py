@@ -1,29 +1,30 @@
-"""The one table of runtimes. Each runtime is one plugin: ``loradeploy/runtime/<rt>.py`` (the
-only code that loads an artifact in that runtime, and where the runtime's :class:`RuntimeSpec`
-is declared as ``SPEC``) and ``loradeploy/targets/<rt>.py`` (writes its artifacts). Nothing else
-names a runtime or branches on one: it asks the spec.
+"""The table of runtimes, as data. Each runtime is one plugin folder, ``loradeploy/plugins/<rt>/``
+(its exporter, its session, its LoRA storage formats, its options), whose ``__init__`` declares
+its :class:`RuntimeSpec` as ``SPEC`` and imports nothing but this module and ``kinds``. Nothing
+else names a runtime or branches on one: it asks the spec, and the spec names the plugin's
+modules as strings that are imported only when used.
 
-Adding a runtime: write those two files, add one line to :data:`PLUGINS`, add a profile YAML.
+Built-in runtimes are listed in :data:`PLUGINS`; a runtime from another distribution registers
+through the entry-point group ``loradeploy.plugins`` (name = runtime name, value = the module whose
+``SPEC`` it is, or ``module:attribute``) — see docs/architecture.md, "Adding a runtime".
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 from .errors import LoradeployError
 
-if TYPE_CHECKING:
-    from .runtime.session import Session
-    from .targets.common import Target
 
-#: runtime name (as profiles and manifests write it) → the module declaring its ``SPEC``
+#: built-in runtimes: name (as profiles and manifests write it) → the module declaring its ``SPEC``
 PLUGINS: dict[str, str] = {
-    "onnxruntime": "loradeploy.runtime.onnx",
-    "llama.cpp": "loradeploy.runtime.llama",
-    "bitsandbytes": "loradeploy.runtime.bnb",
+    "onnxruntime": "loradeploy.plugins.onnxruntime",
+    "llama.cpp": "loradeploy.plugins.llama_cpp",
+    "bitsandbytes": "loradeploy.plugins.bitsandbytes",
 }
+#: the entry-point group through which other distributions add runtimes
+ENTRY_POINT_GROUP = "loradeploy.plugins"
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class RuntimeSpec:
     tasks: dict[str, tuple[str, ...]] = field(metadata={
         "help": "base precision → the tasks (kinds.Task values) its profiles export; a profile must budget each "
                 "(loradeploy.verdict)"})
+    formats: str = field(default="", metadata={
+        "help": "module whose FORMATS adds this runtime's own storage formats (quant.formats.StorageFormat)"})
 
     def _load(self, ref: str):
         module, cls = ref.split(":")
@@ -71,28 +74,55 @@ class RuntimeSpec:
         except ImportError as e:
             raise LoradeployError(f"runtime {self.name} needs {e.name}: pip install 'loradeploy[all]'") from e
 
-    def target_plugin(self) -> "Target":
-        """The runtime's export plugin."""
+    def target_plugin(self):
+        """The runtime's exporter (a :class:`loradeploy.targets.common.Target`)."""
         return self._load(self.target)()
 
-    def session_class(self) -> "type[Session]":
-        """The runtime's session class (the one loader)."""
+    def session_class(self) -> type:
+        """The runtime's session class (a :class:`loradeploy.runtime.session.Session`: the one loader)."""
         return self._load(self.session)
+
+
+@functools.cache
+def _table() -> dict[str, str]:
+    """Built-in runtimes, then those registered through :data:`ENTRY_POINT_GROUP` (a built-in
+    name cannot be taken over)."""
+    from importlib.metadata import entry_points
+
+    table = dict(PLUGINS)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        table.setdefault(ep.name, ep.value)
+    return table
 
 
 def get(runtime: str) -> RuntimeSpec:
     """The spec of ``runtime``; a :class:`LoradeployError` names the known ones."""
-    if runtime not in PLUGINS:
-        raise LoradeployError(f"runtime {runtime!r} is not supported (available: {', '.join(PLUGINS)})")
-    spec = importlib.import_module(PLUGINS[runtime]).SPEC
-    if spec.name != runtime:
-        raise RuntimeError(f"{PLUGINS[runtime]}.SPEC is named {spec.name!r}, registered as {runtime!r}")
+    table = _table()
+    if runtime not in table:
+        raise LoradeployError(f"runtime {runtime!r} is not supported (available: {', '.join(table)})")
+    module, _, attr = table[runtime].partition(":")
+    try:
+        spec = getattr(importlib.import_module(module), attr or "SPEC")
+    except (ImportError, AttributeError) as e:
+        raise LoradeployError(f"runtime {runtime!r}: its plugin {table[runtime]!r} cannot be loaded ({e})") from e
+    if not isinstance(spec, RuntimeSpec) or spec.name != runtime:
+        raise LoradeployError(f"runtime {runtime!r}: {table[runtime]} is not a RuntimeSpec named {runtime!r}")
     return spec
 
 
+@functools.cache
+def storage_formats() -> dict:
+    """Every storage format the runtimes' plugins add (their ``formats`` modules' ``FORMATS``)."""
+    table = {}
+    for spec in specs():
+        if spec.formats:
+            table.update(importlib.import_module(spec.formats).FORMATS)
+    return table
+
+
 def names() -> tuple[str, ...]:
-    return tuple(PLUGINS)
+    return tuple(_table())
 
 
 def specs() -> list[RuntimeSpec]:
-    return [get(name) for name in PLUGINS]
+    return [get(name) for name in _table()]

@@ -199,7 +199,7 @@ def build_mini_artifact(folder: Path) -> Artifact:
     """A small onnxruntime artifact that ``verify`` accepts and loads in milliseconds: the tiny
     graph, its .onnx_adapter, a GGUF adapter, a PEFT folder (safetensors + JSON) and tokenizer
     JSON, listed in a manifest modelled on examples/ci/baseline/manifest.json."""
-    from loradeploy.targets.onnx import write_adapter_file
+    from loradeploy.plugins.onnxruntime.adapter_tensors import write_adapter_file
 
     from tests.conftest import REPO
 

@@ -7,7 +7,7 @@ import pytest
 
 from loradeploy.base import resolve_base
 from loradeploy.errors import BaseModelError
-from loradeploy.ggufheader import read_header
+from loradeploy.plugins.llama_cpp.header import read_header
 
 
 def _reader_view(path):

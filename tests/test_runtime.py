@@ -273,7 +273,7 @@ def test_mismatched_adapters_refused_while_arms_serve(onnx_art, tmp_path):
     other = _artifact_copy(onnx_art, tmp_path / "other-base", other_base)
 
     def bogus(m, d):  # right provenance, tensors that fit nothing in the graph
-        from loradeploy.targets.onnx import write_adapter_file
+        from loradeploy.plugins.onnxruntime.adapter_tensors import write_adapter_file
 
         write_adapter_file({"bert.encoder.layer.0.attention.self.query.lora_A": np.zeros((512, 4), np.float32),
                             "no.such.input": np.zeros((2, 2), np.float32)}, d / "adapters" / "bogus.onnx_adapter")
@@ -420,7 +420,7 @@ def test_bnb_arms_equal_validated_runner_and_reference(tmp_path, texts):
     router = runtime.ABRouter(session, {"a": "sora", "b": "increlora"})
     got = _serve_texts(session, router, texts[1], validated, names)
     _reference(got, texts[1], 0.98, None)  # the bnb-nf4 budget
-    # loading after serving rebuilds the model (see runtime/bnb.py): every output unchanged
+    # loading after serving rebuilds the model (see plugins/bitsandbytes/session.py): every output unchanged
     request = session.encode([texts[1][0]])
     router.replace_arm("a", art / "adapters" / "increlora")
     key_a = next(k for k in (f"k{i}" for i in range(100)) if router.assign(k) == "a")

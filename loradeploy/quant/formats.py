@@ -1,6 +1,8 @@
 """Quantizers for the number formats each runtime can store a LoRA tensor in.
 
-Every quantizer works on a 2-D float32 matrix whose *rows* are the unit the runtime groups
+Built in: the float formats and the integer formats ONNX Runtime's graph rebuilds (int8 per row,
+int4 and lut4 blocks of 32); a runtime's plugin adds its own (:class:`StorageFormat`, e.g. the
+GGML block types of llama.cpp). Every quantizer works on a 2-D float32 matrix whose *rows* are the unit the runtime groups
 values by (a per-row scale for int8, blocks of 32 along the row for int4 and the GGML block
 types), returns what the runtime stores (``payload``), the values the runtime will compute
 with (``dequantized``) and the exact bytes stored. Integer formats choose their scales by an
@@ -11,6 +13,7 @@ on a grid is tried and the one with the least squared error kept — not plain m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -142,101 +145,63 @@ def _lut4_blocks(x: np.ndarray) -> Quantized:
                                            "columns": np.asarray(n)})
 
 
-# --- GGML block types (llama.cpp), through the gguf package's own quantizer -------------------
+# --- formats a runtime's plugin adds (registry: RuntimeSpec.formats) --------------------------
 
-GGML_FORMATS = {"q8_0": "Q8_0", "q5_0": "Q5_0", "q5_1": "Q5_1", "q4_0": "Q4_0", "q4_1": "Q4_1"}
+@dataclass(frozen=True)
+class StorageFormat:
+    """A number format a runtime's plugin adds (its :attr:`RuntimeSpec.formats` module's
+    ``FORMATS``): how a [rows, n] matrix is quantized and sized, and, when output-aware rounding
+    may choose its codes, the integer codes it stores with one scale per ``BLOCK`` values."""
 
-
-def ggml_fits(fmt: str, row_length: int) -> bool:
-    """GGML block types quantize along a row in blocks of 32: the row must be whole blocks."""
-    return fmt not in GGML_FORMATS or row_length % BLOCK == 0
-
-
-def _ggml(x: np.ndarray, fmt: str) -> Quantized:
-    import gguf
-
-    qtype = gguf.GGMLQuantizationType[GGML_FORMATS[fmt]]
-    if not ggml_fits(fmt, x.shape[1]):
-        raise LoradeployError(f"{fmt} needs rows of whole {BLOCK}-blocks, got rows of {x.shape[1]}")
-    x = x.astype(np.float32)
-    rows, n = x.shape
-    blocks = x.reshape(rows, n // BLOCK, BLOCK)
-    amax = np.abs(blocks).max(axis=2, keepdims=True)
-    best_err = np.full(amax.shape, np.inf)
-    best = blocks
-    best_clip = np.ones(amax.shape)
-    for c in CLIP_GRID:
-        clipped = np.clip(blocks, -c * amax, c * amax).astype(np.float32)
-        deq = gguf.quants.dequantize(gguf.quants.quantize(clipped.reshape(rows, n), qtype), qtype)
-        err = ((deq.reshape(blocks.shape).astype(np.float64) - blocks) ** 2).sum(axis=2, keepdims=True)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best = np.where(better, clipped, best)
-        best_clip = np.where(better, c, best_clip)
-    clipped = best.reshape(rows, n).astype(np.float32)
-    data = gguf.quants.quantize(clipped, qtype)
-    deq = gguf.quants.dequantize(data, qtype).reshape(rows, n).astype(np.float32)
-    return Quantized(fmt, deq, int(data.nbytes), {"clipped": clipped}, best_clip.reshape(rows, -1))
+    quantize: Callable[[np.ndarray], Quantized] = field(metadata={"help": "[rows, n] float32 → Quantized"})
+    stored_bytes: Callable[[int, int], int] = field(metadata={"help": "(rows, n) → bytes stored"})
+    row_block: int = field(default=1, metadata={"help": "a stored row must be whole blocks of this many values"})
+    row_wise: bool = field(default=True, metadata={"help": "each row quantized from that row alone (ROW_WISE)"})
+    codes: tuple[int, int] | None = field(default=None, metadata={
+        "help": "(lowest, highest) code, one scale per BLOCK values: output-aware rounding may choose the codes"})
+    block_scales: Callable[[np.ndarray], np.ndarray] | None = field(default=None, metadata={
+        "help": "[groups, BLOCK] → one scale per group, as the runtime stores it"})
+    write_blocks: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = field(default=None, metadata={
+        "help": "(codes [rows, n], scales [rows, n / BLOCK]) → the bytes the runtime reads"})
 
 
-#: the GGML types whose block is one f16 scale ``d`` and 32 integer codes (value = code · d), with
-#: the codes' range; :func:`ggml_blocks` writes them from chosen codes (output-aware rounding)
-GGML_CODES = {"q8_0": (-127, 127), "q5_0": (-16, 15), "q4_0": (-8, 7)}
+def plugin_formats() -> dict[str, StorageFormat]:
+    """Every format the registered runtimes' plugins add, by name."""
+    from .. import registry
+
+    return registry.storage_formats()
 
 
-def ggml_scales(blocks: np.ndarray, fmt: str) -> np.ndarray:
-    """Per block of ``blocks`` [groups, 32], the f16-representable scale ``d`` with the least
-    squared round-trip error among clip ratios on CLIP_GRID, both for the largest value on the
-    longer (negative-code) side, as ggml's own quantizer does, and on the positive side."""
-    qmin, qmax = GGML_CODES[fmt]
-    amax = np.abs(blocks).max(axis=1)
-    signed = blocks[np.arange(len(blocks)), np.abs(blocks).argmax(axis=1)]
-    candidates = np.concatenate([CLIP_GRID[None, :] * signed[:, None] / qmin,
-                                 CLIP_GRID[None, :] * amax[:, None] / qmax], axis=1)  # [groups, K]
-    d = candidates.astype(np.float16).astype(np.float64)
-    safe = np.where(d != 0, d, 1.0)
-    q = np.clip(np.rint(blocks[:, None, :] / safe[..., None]), qmin, qmax)
-    err = ((q * d[..., None] - blocks[:, None, :]) ** 2).sum(axis=2)
-    return d[np.arange(len(d)), err.argmin(axis=1)]
+def fits(fmt: str, row_length: int) -> bool:
+    """A plugin's block format quantizes along a row in whole blocks: the row must be whole blocks."""
+    spec = plugin_formats().get(fmt)
+    return spec is None or row_length % spec.row_block == 0
 
 
-def ggml_blocks(codes: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarray:
-    """The bytes llama.cpp stores for GGML type ``fmt`` (block layouts of ggml-common.h) holding
-    ``codes`` [rows, n] (ints within ``GGML_CODES[fmt]``) with one scale per block of 32,
-    ``scales`` [rows, n / 32] (stored as f16): uint8 [rows, bytes per row], the form gguf's
-    writer takes for a quantized tensor. The ``gguf`` package only quantizes from floats, choosing
-    its own codes; this writes codes chosen elsewhere."""
-    rows, n = codes.shape
-    c = codes.reshape(rows, n // BLOCK, BLOCK).astype(np.int32)
-    d = np.ascontiguousarray(scales, dtype="<f2").reshape(rows, -1, 1).view(np.uint8)
-    if fmt == "q8_0":
-        body = c.astype(np.int8).view(np.uint8)
-    elif fmt == "q4_0":  # element j in the low nibble of byte j, element j + 16 in its high nibble
-        u = (c + 8).astype(np.uint8)
-        body = u[..., :16] | (u[..., 16:] << 4)
-    elif fmt == "q5_0":  # the low nibbles as q4_0, then the fifth bit of element j in bit j of a u32
-        u = (c + 16).astype(np.uint32)
-        high = (((u >> 4) & 1) << np.arange(BLOCK, dtype=np.uint32)).sum(axis=2, dtype=np.uint32)
-        low = (u & 0xF).astype(np.uint8)
-        body = np.concatenate([high.astype("<u4")[..., None].view(np.uint8), low[..., :16] | (low[..., 16:] << 4)],
-                              axis=2)
-    else:
-        raise LoradeployError(f"no block layout for {fmt!r} (block types with chosen codes: {', '.join(GGML_CODES)})")
-    return np.concatenate([d, body], axis=2).reshape(rows, -1)
+class _Formats:
+    """The formats, built-in and added by plugins, for which ``where`` holds (``fmt in ...``)."""
+
+    def __init__(self, builtin: tuple[str, ...], where: Callable[[StorageFormat], bool]):
+        self.builtin, self.where = builtin, where
+
+    def __contains__(self, fmt: str) -> bool:
+        spec = plugin_formats().get(fmt)
+        return fmt in self.builtin if spec is None else self.where(spec)
+
+    def __iter__(self):
+        return iter((*self.builtin, *(n for n, spec in plugin_formats().items() if self.where(spec))))
 
 
 #: formats that quantize each stored row from that row alone (its scales, its codes; output-aware
 #: rounding of ``lora_A`` spreads a value's error along its own row only): the first k rows of a
 #: matrix come out the same quantized alone as with the rows after them. Not lut4, whose 16
 #: levels are fitted to the whole tensor
-ROW_WISE = ("fp32", "f32", "fp16", "f16", "bf16", "int8", "int4", *GGML_FORMATS)
+ROW_WISE = _Formats(("fp32", "f32", "fp16", "f16", "bf16", "int8", "int4"), lambda spec: spec.row_wise)
 
 
 def stored_bytes(shape: tuple[int, int], fmt: str) -> int:
     """The bytes :func:`quantize` stores for a [rows, n] matrix in ``fmt``, from the shape alone
     (a plan search sizes many candidate tensors it never quantizes)."""
-    import gguf
-
     rows, n = shape
     if fmt in ("fp32", "f32"):
         return rows * n * 4
@@ -247,12 +212,12 @@ def stored_bytes(shape: tuple[int, int], fmt: str) -> int:
     nb = -(-n // BLOCK)
     if fmt in ("int4", "lut4"):  # two codes per byte over whole blocks, an fp32 scale per block (+ 16 fp32 levels)
         return rows * nb * BLOCK // 2 + rows * nb * 4 + (LUT_LEVELS * 4 if fmt == "lut4" else 0)
-    if fmt in GGML_FORMATS:
-        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[GGML_FORMATS[fmt]]]
-        if n % block:
-            raise LoradeployError(f"{fmt} needs rows of whole {block}-blocks, got rows of {n}")
-        return rows * (n // block) * size
-    raise LoradeployError(f"unknown format {fmt!r}")
+    spec = plugin_formats().get(fmt)
+    if spec is None:
+        raise LoradeployError(f"unknown format {fmt!r}")
+    if n % spec.row_block:
+        raise LoradeployError(f"{fmt} needs rows of whole {spec.row_block}-blocks, got rows of {n}")
+    return spec.stored_bytes(rows, n)
 
 
 def quantize(x: np.ndarray, fmt: str) -> Quantized:
@@ -268,9 +233,12 @@ def quantize(x: np.ndarray, fmt: str) -> Quantized:
         return _int4_blocks(x)
     if fmt == "lut4":
         return _lut4_blocks(x)
-    if fmt in GGML_FORMATS:
-        return _ggml(x, fmt)
-    raise LoradeployError(f"unknown quantization format {fmt!r}")
+    spec = plugin_formats().get(fmt)
+    if spec is None:
+        raise LoradeployError(f"unknown quantization format {fmt!r}")
+    if x.shape[1] % spec.row_block:
+        raise LoradeployError(f"{fmt} needs rows of whole {spec.row_block}-blocks, got rows of {x.shape[1]}")
+    return spec.quantize(x)
 
 
 def format_for_bits(by_bits: dict[int, str], bits: int) -> str:

@@ -24,7 +24,7 @@ from .. import registry
 from ..errors import PlanError
 from ..ir import AdapterSet, LoraModule
 from ..registry import LoraStorage
-from .formats import Quantized, format_for_bits, ggml_fits, quantize
+from .formats import Quantized, fits, format_for_bits, quantize
 
 PLAN_VERSION = 1
 ROLES = ("lora_A", "lora_B")
@@ -58,7 +58,7 @@ def _row_length(m: LoraModule, role: str, storage: LoraStorage) -> int:
 def allowed_formats(m: LoraModule, role: str, storage: LoraStorage) -> tuple[str, ...]:
     """The runtime's ladder, minus formats this tensor's rows cannot take (block types)."""
     row = _row_length(m, role, storage)
-    return tuple(f for f in storage.ladder if ggml_fits(f, row))
+    return tuple(f for f in storage.ladder if fits(f, row))
 
 
 def _from_stored(values: np.ndarray, m: LoraModule, role: str, storage: LoraStorage) -> torch.Tensor:
@@ -118,7 +118,7 @@ def quantize_adapter(adapters: AdapterSet, runtime: str, formats: dict[str, str]
                 raise PlanError(f"tensor {key}: format {fmt!r} is not one {runtime} stores "
                                 f"({', '.join(storage.accepted)})")
             matrix = stored_matrix(m, role, storage)
-            if fmt.startswith("q") and not ggml_fits(fmt, matrix.shape[1]):
+            if not fits(fmt, matrix.shape[1]):
                 raise PlanError(f"tensor {key}: {fmt} needs rows of whole 32-blocks, this one has rows of "
                                 f"{matrix.shape[1]}")
             stored[key] = _stored(matrix, fmt, m, role, storage, (grams or {}).get(name))

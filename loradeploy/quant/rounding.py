@@ -28,10 +28,10 @@ from typing import Callable
 
 import numpy as np
 
-from .formats import BLOCK, GGML_CODES, Quantized, _best_clip, _blocks, ggml_blocks, ggml_scales, quantize
+from .formats import BLOCK, Quantized, StorageFormat, _best_clip, _blocks, _Formats, plugin_formats, quantize
 
-#: formats whose stored codes output-aware rounding chooses
-ROUNDED_FORMATS = ("int8", "int4", "lut4", *GGML_CODES)
+#: formats whose stored codes output-aware rounding chooses (a plugin's: those with ``codes``)
+ROUNDED_FORMATS = _Formats(("int8", "int4", "lut4"), lambda spec: spec.codes is not None)
 #: damping of the gram's diagonal, relative to its mean: 0.1 rather than GPTQ's 0.01, since a
 #: LoRA plan calibrates on few texts (64: ~1,000 token rows for 384-wide inputs). Measured on the
 #: MiniLM examples' eval texts (stop 25): uniform int8 with 0.1 had less model error than with
@@ -97,8 +97,9 @@ def round_along_columns(x: np.ndarray, fmt: str, gram: np.ndarray) -> Quantized:
         q = np.rint(deq / s[:, None]).astype(np.int8)
         return Quantized("int8", (q.astype(np.float32) * scale[:, None]).astype(np.float32), nearest.nbytes,
                          {"q": q, "scale": scale})
-    if fmt in GGML_CODES:
-        return _ggml_along_columns(x64, fmt, gram, nearest)
+    spec = plugin_formats().get(fmt)
+    if spec is not None and spec.codes is not None:
+        return _block_codes_along_columns(x64, spec, gram, nearest)
     if fmt not in ("int4", "lut4"):
         raise ValueError(f"output-aware rounding does not take {fmt!r}")
     nb = -(-n // BLOCK)
@@ -129,28 +130,28 @@ def round_along_columns(x: np.ndarray, fmt: str, gram: np.ndarray) -> Quantized:
     return Quantized(fmt, deq.astype(np.float32), nearest.nbytes, payload)
 
 
-def _ggml_along_columns(x64: np.ndarray, fmt: str, gram: np.ndarray, nearest: Quantized) -> Quantized:
-    """A GGML block type (rows of whole 32-blocks): a block's f16 scale chosen when the solve
-    reaches it, from its values as updated so far (:func:`.formats.ggml_scales`); stored as the
-    block bytes llama.cpp reads."""
+def _block_codes_along_columns(x64: np.ndarray, spec: StorageFormat, gram: np.ndarray, nearest: Quantized) -> Quantized:
+    """A plugin's block format with codes (e.g. a GGML type; rows of whole 32-blocks): a block's
+    scale chosen when the solve reaches it, from its values as updated so far (the format's
+    ``block_scales``, which returns scales as stored); stored as the bytes the runtime reads."""
     rows, n = x64.shape
-    qmin, qmax = GGML_CODES[fmt]
+    qmin, qmax = spec.codes
     scales = np.zeros((rows, n // BLOCK))
     codes = np.zeros((rows, n), np.int8)
 
     def round_column(j, w):
         b = j // BLOCK
         if j % BLOCK == 0:
-            scales[:, b] = ggml_scales(w[:, j:j + BLOCK], fmt)
+            scales[:, b] = spec.block_scales(w[:, j:j + BLOCK])
         s = scales[:, b]
         codes[:, j] = np.clip(np.rint(w[:, j] / np.where(s != 0, s, 1.0)), qmin, qmax)
         return codes[:, j] * s
 
     _solve(x64, gram, round_column)
-    blocks = ggml_blocks(codes, scales, fmt)
-    deq = codes.astype(np.float32) * np.repeat(scales.astype(np.float16).astype(np.float32), BLOCK, axis=1)
+    blocks = spec.write_blocks(codes, scales)
+    deq = codes.astype(np.float32) * np.repeat(scales.astype(np.float32), BLOCK, axis=1)
     assert blocks.nbytes == nearest.nbytes
-    return Quantized(fmt, deq, int(blocks.nbytes), {"blocks": blocks})
+    return Quantized(nearest.format, deq, int(blocks.nbytes), {"blocks": blocks})
 
 
 def _rows_with_levels(x: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

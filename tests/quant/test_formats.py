@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from loradeploy.plugins.llama_cpp import formats as ggml
 from loradeploy.quant import formats
 from loradeploy.quant.formats import BLOCK, quantize
 
@@ -65,7 +66,7 @@ def test_ggml_types_round_trip_through_gguf(fmt, rel_max):
 
     x = _matrix(cols=256)
     q = quantize(x, fmt)
-    qtype = gguf.GGMLQuantizationType[formats.GGML_FORMATS[fmt]]
+    qtype = gguf.GGMLQuantizationType[ggml.GGML_FORMATS[fmt]]
     # the stored form, quantized by the gguf package, gives exactly the values the plan measured
     data = gguf.quants.quantize(q.payload["clipped"], qtype)
     assert np.array_equal(gguf.quants.dequantize(data, qtype).reshape(x.shape), q.dequantized)
@@ -109,36 +110,36 @@ def test_lut4_levels_never_worse_than_int4(cols):
     assert np.array_equal(rebuilt.astype(np.float32), b.dequantized)
 
 
-@pytest.mark.parametrize("fmt", sorted(formats.GGML_CODES))
+@pytest.mark.parametrize("fmt", sorted(ggml.GGML_CODES))
 def test_ggml_blocks_are_what_gguf_reads(fmt):
     """Blocks written from chosen codes and scales dequantize, by the gguf package's own reader
     of llama.cpp's layouts, to code × f16(scale) exactly, including both ends of the code range."""
     import gguf
 
-    lo, hi = formats.GGML_CODES[fmt]
+    lo, hi = ggml.GGML_CODES[fmt]
     rng = np.random.default_rng(5)
     codes = rng.integers(lo, hi + 1, size=(5, 96))
     codes[0, :2] = lo, hi
     scales = rng.standard_normal((5, 3)).astype(np.float16)
-    blocks = formats.ggml_blocks(codes, scales, fmt)
-    qtype = gguf.GGMLQuantizationType[formats.GGML_FORMATS[fmt]]
+    blocks = ggml.ggml_blocks(codes, scales, fmt)
+    qtype = gguf.GGMLQuantizationType[ggml.GGML_FORMATS[fmt]]
     assert blocks.dtype == np.uint8 and blocks.nbytes == gguf.quants.quantize(np.zeros((5, 96), np.float32), qtype).nbytes
     expect = codes.astype(np.float32) * np.repeat(scales.astype(np.float32), 32, axis=1)
     assert np.array_equal(gguf.quants.dequantize(blocks, qtype), expect)
 
 
-@pytest.mark.parametrize("fmt", sorted(formats.GGML_CODES))
+@pytest.mark.parametrize("fmt", sorted(ggml.GGML_CODES))
 def test_ggml_scales_never_worse_than_ggml_own(fmt):
     """The chosen f16 scale per block (clip search, both signs) has no more round-trip error
     than the gguf package's quantizer on the same block, and less on some."""
     import gguf
 
-    lo, hi = formats.GGML_CODES[fmt]
+    lo, hi = ggml.GGML_CODES[fmt]
     rng = np.random.default_rng(6)
     x = rng.standard_t(3, size=(64, 32))
-    d = formats.ggml_scales(x, fmt)
+    d = ggml.ggml_scales(x, fmt)
     ours = ((np.clip(np.rint(x / d[:, None]), lo, hi) * d[:, None] - x) ** 2).sum(1)
-    qtype = gguf.GGMLQuantizationType[formats.GGML_FORMATS[fmt]]
+    qtype = gguf.GGMLQuantizationType[ggml.GGML_FORMATS[fmt]]
     theirs = ((gguf.quants.dequantize(gguf.quants.quantize(x.astype(np.float32), qtype), qtype) - x) ** 2).sum(1)
     assert np.all(ours <= theirs * (1 + 1e-6)) and np.any(ours < theirs * (1 - 1e-3))
 
@@ -161,13 +162,13 @@ def test_activation_rounding_is_ggmls_q8_0_and_f16():
         formats.round_activations(torch.zeros(2, 40), "q8_0")
 
 
-ALL_FORMATS = ("fp32", "f32", "fp16", "f16", "bf16", "int8", "int4", "lut4", *formats.GGML_FORMATS)
+ALL_FORMATS = ("fp32", "f32", "fp16", "f16", "bf16", "int8", "int4", "lut4", *ggml.GGML_FORMATS)
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
 @pytest.mark.parametrize("shape", [(1, 32), (3, 64), (8, 384), (5, 100), (16, 1536)])
 def test_stored_bytes_from_the_shape_are_what_quantize_stores(fmt, shape):
-    if not formats.ggml_fits(fmt, shape[1]):
+    if not formats.fits(fmt, shape[1]):
         with pytest.raises(formats.LoradeployError, match="whole 32-blocks"):
             formats.stored_bytes(shape, fmt)
         return

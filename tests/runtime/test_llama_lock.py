@@ -12,7 +12,7 @@ import pytest
 from loradeploy import runtime
 from loradeploy.base import resolve_base
 from loradeploy.job import AdapterSpec
-from loradeploy.runtime.llama import ModelLock
+from loradeploy.plugins.llama_cpp.session import ModelLock
 from tests.conftest import quick_profile
 from tests.exports import export_adapters
 from tests.targets import tiny_llama

@@ -1,4 +1,4 @@
-"""onnxruntime-genai's tokenizer on an exported decoder (loradeploy.targets.genai_tokenizer), on a
+"""onnxruntime-genai's tokenizer on an exported decoder (loradeploy.plugins.onnxruntime.genai_tokenizer), on a
 tiny Llama whose tokenizer adds ``<bos>``: the artifact states the special tokens its tokenizer
 adds in ``tokenizer_module.json`` (listed with its sha256 in the manifest); og's tokenizer, with
 its special tokens on, then gives loradeploy's ids, also for a tokenizer whose pair template holds
@@ -16,7 +16,7 @@ import pytest
 from loradeploy import runtime
 from loradeploy.fsutil import file_sha256
 from loradeploy.job import AdapterSpec
-from loradeploy.targets.genai_tokenizer import MODULE_FILE, special_token_flags, write_special_tokens
+from loradeploy.plugins.onnxruntime.genai_tokenizer import MODULE_FILE, special_token_flags, write_special_tokens
 from tests.conftest import quick_profile
 from tests.exports import export_adapters
 from tests.targets import tiny_lm

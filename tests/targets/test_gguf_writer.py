@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from loradeploy.ir import AdapterSet, LoraModule, Method
-from loradeploy.targets import gguf as target
+from loradeploy.plugins.llama_cpp import exporter as target
 
 INFO = {"arch": "gemma3", "blocks": 2, "heads": 4, "heads_kv": 1}
 

@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 
-from loradeploy.targets.onnx_gguf import Blocks, _unpack, joined, packed
+from loradeploy.plugins.onnxruntime.gguf_decoder import Blocks, _unpack, joined, packed
 
 ROWS, COLS = 8, 512
 

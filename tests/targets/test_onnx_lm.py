@@ -226,7 +226,7 @@ def test_merged_and_int4_decoders(tmp_path, capfd):
 def test_chunked_k_quant_gives_onnxruntimes_arrays_bit_for_bit():
     from onnxruntime.quantization.neural_compressor import weight_only
 
-    from loradeploy.targets.onnx_lm import K_QUANT_CHUNK, chunked_k_quant
+    from loradeploy.plugins.onnxruntime.lm_exporter import K_QUANT_CHUNK, chunked_k_quant
 
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((96, K_QUANT_CHUNK * 5 // 6 + 7)) * 0.02).astype(np.float32)  # 3 chunks, the last short

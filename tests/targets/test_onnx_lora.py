@@ -1,10 +1,10 @@
-"""int4 LoRA inputs of the swappable ONNX graph (loradeploy.targets.onnx_lora): the exact
+"""int4 LoRA inputs of the swappable ONNX graph (loradeploy.plugins.onnxruntime.lora_inputs): the exact
 byte layout of pack_int4 and its round trip through the unpacking nodes the graph runs."""
 
 import numpy as np
 import pytest
 
-from loradeploy.targets.onnx_lora import BLOCK, pack_int4
+from loradeploy.plugins.onnxruntime.lora_inputs import BLOCK, pack_int4
 
 
 def _unpack(packed: np.ndarray) -> np.ndarray:
@@ -49,7 +49,7 @@ def test_graph_unpacks_what_pack_int4_wrote(role, n):
     q · scale per 32-block from pack_int4's bytes (padded rows cut back to n)."""
     import onnxruntime as ort
 
-    from loradeploy.targets.onnx_lora import lower_inputs
+    from loradeploy.plugins.onnxruntime.lora_inputs import lower_inputs
 
     r = 3
     model = _identity_graph(role, n)
@@ -70,7 +70,7 @@ def test_graph_rebuilds_lut4_from_its_levels(role, n):
     import onnxruntime as ort
 
     from loradeploy.quant.formats import quantize
-    from loradeploy.targets.onnx_lora import input_arrays, lower_inputs
+    from loradeploy.plugins.onnxruntime.lora_inputs import input_arrays, lower_inputs
 
     r = 3
     model = _identity_graph(role, n)

@@ -39,7 +39,7 @@ def test_dequantized_base_holds_the_dequantized_weights(tmp_path, tiny):  # noqa
     import gguf
     import numpy as np
 
-    from loradeploy.targets.gguf import copy_fields
+    from loradeploy.plugins.llama_cpp.exporter import copy_fields
 
     _, path, _ = tiny
     src = gguf.GGUFReader(path)

@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import BaseModelError, LoradeployError
-from ..fsutil import link_or_copy
-from ..runtime.llama import ADAPTER_DIR, MODEL_FILE
-from .common import Target
+from ...errors import BaseModelError, LoradeployError
+from ...fsutil import link_or_copy
+from .session import ADAPTER_DIR, MODEL_FILE
+from ...targets.common import Target
 
 if TYPE_CHECKING:
-    from ..ir import AdapterSet
-    from ..job import ExportJob
+    from ...ir import AdapterSet
+    from ...job import ExportJob
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _gguf():
 
 def base_info(path: Path) -> dict:
     """Architecture, block count and head counts of a GGUF base."""
-    from ..ggufheader import read_header
+    from .header import read_header
 
     field = read_header(path).metadata.get  # not gguf.GGUFReader: it decodes the whole vocabulary
     arch = field("general.architecture")
@@ -246,7 +246,7 @@ def write_merged(src: Path, dst: Path, adapters: AdapterSet, info: dict, base_mo
 
 
 class GgufTarget(Target):
-    """Writes adapter GGUFs beside the base, or a merged GGUF (loaded by :mod:`loradeploy.runtime.llama`)."""
+    """Writes adapter GGUFs beside the base, or a merged GGUF (loaded by :mod:`loradeploy.plugins.llama_cpp.session`)."""
 
     def export(self, job: ExportJob, out: Path, progress=None) -> dict:
         base = Path(job.base_dir)

@@ -1,58 +1,22 @@
 """ONNX Runtime plugin, runtime side: the one loader of onnxruntime artifacts. One
 ``InferenceSession`` (``run`` is thread-safe); each call builds its own ``RunOptions`` with its
 adapter (a ``LoraAdapter``) active, so calls share no adapter state. The artifact's writer is
-``loradeploy.targets.onnx``."""
+``loradeploy.plugins.onnxruntime.exporter``."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import BaseModelError, LoradeployError
-from ..kinds import Task
-from ..registry import LoraStorage, RuntimeSpec
-from .session import Generation, HfTokenizer, Session, refuse
+from ...errors import BaseModelError, LoradeployError
+from . import MODEL_FILE, SPEC
+from .decoder import Decoder, measure_decoder
+from .ort import inference_session, session_options
+from ...runtime.session import Generation, HfTokenizer, Session, refuse
 
-SPEC = RuntimeSpec(
-    name="onnxruntime", distribution="onnxruntime", packages=("onnxruntime", "onnx"),
-    precisions=("fp32", "int8-dynamic", "int4", "gguf"),
-    storage=LoraStorage(ladder=("fp32", "fp16", "int8", "lut4", "int4"), accepted=("fp32", "fp16", "int8", "lut4", "int4"),
-                        by_bits={32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}, folds_scale=True, b_rank_major=True),
-    adapter_suffix=".onnx_adapter", target="loradeploy.targets.onnx:OnnxTarget",
-    session="loradeploy.runtime.onnx:OrtSession",
-    # causal LMs: the genai builder's decoder in fp32 / int4, or on a GGUF base's own blocks (targets/onnx_lm.py)
-    tasks={"fp32": tuple(t.value for t in Task), "int8-dynamic": (Task.SEQUENCE_CLASSIFICATION.value,
-                                                                  Task.FEATURE_EXTRACTION.value),
-           "int4": tuple(t.value for t in Task), "gguf": (Task.CAUSAL_LM.value,)})
-
-MODEL_FILE = "model.onnx"
 ADAPTER_DIR = "adapters"
-GENAI_CONFIG = "genai_config.json"  # causal LMs: onnxruntime-genai's description of the decoder
-
-
-def session_options(threads: int = 0):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3  # overridable initializers would each print a warning
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
-    return so
-
-
-def inference_session(path: Path, threads: int = 0, provider: str = "CPUExecutionProvider"):
-    """An ``InferenceSession`` on ``path`` with loradeploy's session options."""
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)
-    if provider not in ort.get_available_providers():
-        raise LoradeployError(f"execution provider {provider} is not available in this onnxruntime "
-                              f"(available: {', '.join(ort.get_available_providers())})")
-    return ort.InferenceSession(str(path), session_options(threads), providers=[provider])
 
 
 def _check_onnx(path: Path) -> None:
@@ -77,47 +41,6 @@ def _check_adapter(path: Path) -> None:
     import onnxruntime as ort
 
     ort.LoraAdapter().Load(str(path))
-
-
-class Decoder:
-    """The KV-cache decoder of a causal-LM artifact, as its ``genai_config.json`` describes it:
-    ``forward`` runs tokens after a cache (None: an empty one), greedy decoding reuses it."""
-
-    def __init__(self, session, artifact: Path):
-        try:
-            config = json.loads((artifact / GENAI_CONFIG).read_text())["model"]
-            dec = config["decoder"]
-            names = dec["inputs"]["past_key_names"], dec["inputs"]["past_value_names"]
-            out_names = dec["outputs"]["present_key_names"], dec["outputs"]["present_value_names"]
-            layers, kv, head = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise BaseModelError(f"{artifact / GENAI_CONFIG}: missing or not a decoder description ({e})") from e
-        self.session = session
-        self.past = [n % i for i in range(layers) for n in names]
-        self.outputs = [dec["outputs"]["logits"]] + [n % i for i in range(layers) for n in out_names]
-        self.empty = np.zeros((1, kv, 0, head), np.float32)
-        self.vocab = int(config["vocab_size"])
-        eos = config.get("eos_token_id")
-        self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-
-    def forward(self, tokens: list[int], past: list[np.ndarray] | None, options):
-        """Logits ``[len(tokens), vocab]`` after ``past`` and the cache with the tokens added."""
-        past = past or [self.empty] * len(self.past)
-        total = past[0].shape[2] + len(tokens)
-        feeds = {"input_ids": np.asarray([tokens], np.int64), "attention_mask": np.ones((1, total), np.int64)}
-        feeds.update(zip(self.past, past))
-        out = self.session.run(self.outputs, feeds, options)
-        return out[0][0], out[1:]
-
-    def greedy(self, tokens: list[int], n: int, options, stop_at_eos: bool = True) -> list[int]:
-        logits, past = self.forward(tokens, None, options)
-        out: list[int] = []
-        while len(out) < n:
-            out.append(int(np.argmax(logits[-1])))
-            if (stop_at_eos and out[-1] in self.eos) or len(out) == n:
-                break
-            logits, past = self.forward(out[-1:], past, options)
-        return out
 
 
 class OrtSession(HfTokenizer, Session):
@@ -164,14 +87,15 @@ class OrtSession(HfTokenizer, Session):
     def _free(self, rec):
         rec.handle = None  # calls hold their own RunOptions referencing it
 
-    def _options(self, rec):
+    def run_options(self, rec):
+        """``RunOptions`` with ``rec``'s adapter active (None: the base alone)."""
         options = self._ort.RunOptions()
         if rec is not None:
             options.add_active_adapter(rec.handle)
         return options
 
     def _run(self, inputs, rec):
-        options = self._options(rec)
+        options = self.run_options(rec)
         if self._decoder is not None:  # last-position logits of each row's tokens
             return np.stack([self._decoder.forward([int(t) for t, m in zip(ids, mask) if m], None, options)[0][-1]
                              for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])])
@@ -179,23 +103,24 @@ class OrtSession(HfTokenizer, Session):
         return self.session.run(None, feeds, options)[0]
 
     # -- causal LMs: the KV-cache decoder -----------------------------------------------------
-    def _lm(self) -> "Decoder":
+    def decoder(self) -> Decoder:
+        """The KV-cache decoder of a causal-LM artifact (an error for an encoder's)."""
         if self._decoder is None:
             raise LoradeployError(f"{self.artifact}: a {self.task} artifact, not a language model")
         return self._decoder
 
     def logits(self, tokens, adapter=None):
         with self.holding(adapter) as rec:
-            return self._lm().forward(list(tokens), None, self._options(rec))[0]
+            return self.decoder().forward(list(tokens), None, self.run_options(rec))[0]
 
     def greedy(self, tokens, adapter=None, n=32):
         with self.holding(adapter) as rec:
-            return self._lm().greedy(list(tokens), n, self._options(rec), stop_at_eos=False)
+            return self.decoder().greedy(list(tokens), n, self.run_options(rec), stop_at_eos=False)
 
     def generate(self, prompt, adapter=None, max_new_tokens=32):
         tokens = self.tokenize(prompt)
         with self.holding(adapter) as rec:
-            out = self._lm().greedy(tokens, max_new_tokens, self._options(rec))
+            out = self.decoder().greedy(tokens, max_new_tokens, self.run_options(rec))
             fingerprint = rec.info.fingerprint if rec else None
         with self._tokenizer_lock:
             text = self._hf_tokenizer().decode(out, skip_special_tokens=True)
@@ -204,8 +129,6 @@ class OrtSession(HfTokenizer, Session):
     def measure(self, adapter, shapes, warmup, runs, reference) -> dict:
         if self._decoder is None:
             return super().measure(adapter, shapes, warmup, runs, reference)
-        from .onnx_lm import measure_decoder
-
         with self.holding(adapter) as rec:
             return measure_decoder(self, rec, shapes, warmup, runs, reference)
 

@@ -1,6 +1,6 @@
 """bitsandbytes plugin, runtime side: the one loader of bitsandbytes artifacts (transformers holding
 the quantized base once, PEFT adapters beside it). The artifact's writer is
-``loradeploy.targets.bnb``.
+``loradeploy.plugins.bitsandbytes.exporter``.
 
 PEFT's ``set_adapter`` mutates the model, so calls are serialized by one lock; PyTorch's
 intra-op threads still use every core within a call. bitsandbytes 0.50 repacks 4-bit weights
@@ -20,18 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BaseModelError
-from ..kinds import Task
-from ..registry import LoraStorage, RuntimeSpec
-from .session import HfTokenizer, Session, refuse
-
-SPEC = RuntimeSpec(
-    name="bitsandbytes", distribution="bitsandbytes", packages=("bitsandbytes",),
-    precisions=("nf4", "fp4", "int8"),
-    storage=LoraStorage(ladder=("fp32", "fp16"), accepted=("fp32", "fp16", "bf16"), by_bits={32: "fp32", 16: "fp16"},
-                        folds_scale=False, b_rank_major=False),
-    adapter_suffix="", target="loradeploy.targets.bnb:BnbTarget", session="loradeploy.runtime.bnb:BnbSession",
-    tasks={p: tuple(t.value for t in Task) for p in ("nf4", "fp4", "int8")})
+from ...errors import BaseModelError
+from ...kinds import Task
+from . import SPEC
+from ...runtime.session import HfTokenizer, Session, refuse
 
 ADAPTER_DIR = "adapters"  # each adapter is a PEFT folder adapters/NAME
 
@@ -43,8 +35,8 @@ class _Model:
         import torch
         import transformers
 
-        from ..base import auto_class
-        from ..ir import Task
+        from ...base import auto_class
+        from ...ir import Task
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
@@ -76,7 +68,7 @@ class _Model:
     def run(self, input_ids, attention_mask, adapter=None) -> np.ndarray:
         import torch
 
-        from ..ir import Task
+        from ...ir import Task
 
         ids, mask = torch.from_numpy(np.asarray(input_ids)), torch.from_numpy(np.asarray(attention_mask))
         out = self.forward(adapter, input_ids=ids, attention_mask=mask)

@@ -22,13 +22,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import LoradeployError
-from ..fsutil import link_or_copy
-from ..runtime.onnx import ADAPTER_DIR, MODEL_FILE, SPEC
-from .common import Target
+from ...errors import LoradeployError
+from ...fsutil import link_or_copy
+from . import MODEL_FILE
+from .adapter_tensors import lora_inputs, lora_slot_decisions, slot_formats, write_adapter_file
+from .session import ADAPTER_DIR
+from ...targets.common import Target
 
 if TYPE_CHECKING:
-    from ..job import ExportJob
+    from ...job import ExportJob
 
 log = logging.getLogger(__name__)
 
@@ -123,18 +125,6 @@ def quantize(src: Path, dst: Path, precision: str, exclude: list[str]) -> None:
         raise LoradeployError(f"precision {precision!r} is not supported by the ONNX target")
 
 
-def write_adapter_file(tensors: dict[str, np.ndarray], path: Path) -> None:
-    import onnxruntime as ort
-
-    # OrtValue.ortvalue_from_numpy does not copy: `tensors` must stay alive until exported
-    values = {name: ort.OrtValue.ortvalue_from_numpy(arr) for name, arr in tensors.items()}
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(1)
-    fmt.set_model_version(1)
-    fmt.set_parameters(values)
-    fmt.export_adapter(str(path))
-
-
 def _eager_attention(model):
     """Trace attention as explicit MatMul/Softmax, the pattern onnxruntime fuses into its
     Attention kernel (the SDPA form exports as ops it does not fuse)."""
@@ -143,13 +133,13 @@ def _eager_attention(model):
 
 
 class OnnxTarget(Target):
-    """Writes merged or swappable ONNX artifacts (loaded by :mod:`loradeploy.runtime.onnx`)."""
+    """Writes merged or swappable ONNX artifacts (loaded by :mod:`loradeploy.plugins.onnxruntime.session`)."""
 
     def export(self, job: ExportJob, out: Path, progress=None) -> dict:
-        from ..ir import Task
+        from ...ir import Task
 
         if job.task is Task.CAUSAL_LM:
-            from .onnx_lm import export_lm
+            from .lm_exporter import export_lm
 
             return export_lm(job, out, progress)
         if job.profile.precision == "gguf":
@@ -198,8 +188,8 @@ class OnnxTarget(Target):
         slots and the names and shapes of the tensors that travel with the adapter — or None
         when the graph depends on the adapter's values (a precision plan stores its slots in
         the plan's formats; causal LMs go through the decoder builder)."""
-        from ..ir import Task
-        from ..slots import choose as choose_slots
+        from ...ir import Task
+        from ...slots import choose as choose_slots
 
         if job.mode != "swappable" or job.task is Task.CAUSAL_LM or job.profile.precision == "gguf" \
                 or any(e.quantized is not None for e in job.adapters):
@@ -216,8 +206,8 @@ class OnnxTarget(Target):
         must not depend on which adapter came first)."""
         import copy
 
-        from ..merge import is_head_tensor
-        from .onnx_graph import GraphModule, export_graph
+        from ...merge import is_head_tensor
+        from .graph import GraphModule, export_graph
 
         params = dict(job.base_model.named_parameters())
         slot_shapes = {m: tuple(s) for m, s in signature["slots"].items()}
@@ -230,7 +220,7 @@ class OnnxTarget(Target):
         formats = {f"{q}.{role}": ("fp32", role, n) for q, (i, o) in slot_shapes.items()
                    for role, n in (("lora_A", i), ("lora_B", o))}
         defaults = dict(extras)
-        from .onnx_lora import default_arrays
+        from .lora_inputs import default_arrays
 
         for name, (fmt, role, n) in formats.items():
             defaults.update(default_arrays(name, role, fmt, n))
@@ -244,8 +234,8 @@ class OnnxTarget(Target):
         """A swappable artifact whose graph is the shared one at ``shared`` (hard-linked, so
         every artifact of the fleet holds the same file once on disk) and whose adapter files
         are the job's own."""
-        from ..merge import find_module
-        from .onnx_graph import extra_inputs, lora_factors
+        from ...merge import find_module
+        from .graph import extra_inputs, lora_factors
 
         link_or_copy(shared / MODEL_FILE, out / MODEL_FILE)
         qualified = {name: find_module(job.base_model, name)[0] for e in job.adapters for name in e.pruned.modules}
@@ -259,8 +249,8 @@ class OnnxTarget(Target):
     def _export_merged(self, job: ExportJob, path: Path) -> set[str]:
         import copy
 
-        from ..merge import merge_into
-        from .onnx_graph import GraphModule, export_graph
+        from ...merge import merge_into
+        from .graph import GraphModule, export_graph
 
         (entry,) = job.adapters
         model = merge_into(_eager_attention(copy.deepcopy(job.base_model)), entry.pruned)
@@ -275,10 +265,10 @@ class OnnxTarget(Target):
 
         import onnx
 
-        from ..merge import find_module
-        from ..slots import choose as choose_slots
-        from .onnx_graph import GraphModule, export_graph, extra_inputs, lora_factors
-        from .onnx_lora import default_arrays, lower_inputs
+        from ...merge import find_module
+        from ...slots import choose as choose_slots
+        from .graph import GraphModule, export_graph, extra_inputs, lora_factors
+        from .lora_inputs import default_arrays, lower_inputs
 
         qualified = {name: find_module(job.base_model, name)[0] for e in job.adapters for name in e.pruned.modules}
         slot_shapes = choose_slots(job.base_model, [e.pruned for e in job.adapters], job.slots)
@@ -327,9 +317,9 @@ def travelling_defaults(job: ExportJob) -> dict[str, np.ndarray]:
     their defaults (what runs when an adapter does not carry one, or none is active): the base's
     own value, except for the task head, which the base does not have trained — the first
     adapter's head is the default there."""
-    from .onnx_graph import extra_inputs
+    from .graph import extra_inputs
 
-    from ..merge import is_head_tensor
+    from ...merge import is_head_tensor
 
     model = job.base_model
     params = dict(model.named_parameters())
@@ -340,44 +330,3 @@ def travelling_defaults(job: ExportJob) -> dict[str, np.ndarray]:
                 continue
             out[name] = arr if is_head_tensor(model, name) else np.ascontiguousarray(params[name].detach().float().numpy())
     return dict(sorted(out.items()))
-
-
-def lora_slot_decisions(spec: str, slot_shapes: dict[str, tuple[int, int]]) -> dict:
-    """What the manifest records about a swappable graph's LoRA slots."""
-    return {"lora_slots_spec": spec, "lora_slots": len(slot_shapes),
-            "lora_slot_modules": {m: list(shape) for m, shape in slot_shapes.items()}}
-
-
-def slot_formats(job: ExportJob, qualified: dict[str, str],
-                 slot_shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[str, str, int]]:
-    """Graph input → (format, role, row length): the plan's format for that tensor, the
-    highest precision any adapter of the artifact needs (they share one graph)."""
-    ladder = SPEC.storage.ladder
-    out = {}
-    for q, (in_f, out_f) in slot_shapes.items():
-        for role, n in (("lora_A", in_f), ("lora_B", out_f)):
-            wanted = [e.quantized.formats[f"{name}.{role}"] for e in job.adapters if e.quantized is not None
-                      for name, qn in qualified.items() if qn == q and name in e.pruned.modules]
-            if any(e.quantized is None for e in job.adapters):
-                wanted.append("fp32")
-            out[f"{q}.{role}"] = (min(wanted, key=ladder.index) if wanted else "fp32", role, n)
-    return out
-
-
-def lora_inputs(entry, qualified: dict[str, str], formats: dict[str, tuple[str, str, int]]) -> dict[str, np.ndarray]:
-    """An adapter's LoRA tensors in the graph's stored forms; a tensor whose planned format is
-    lower than the graph's (another adapter needs more) is stored in the graph's format."""
-    from ..quant.formats import quantize
-    from ..quant.plan import stored_matrix
-    from .onnx_lora import input_arrays
-
-    tensors = {}
-    for name, m in entry.pruned.modules.items():
-        for role in ("lora_A", "lora_B"):
-            graph_name = f"{qualified[name]}.{role}"
-            fmt = formats[graph_name][0]
-            stored = entry.quantized.stored[f"{name}.{role}"]
-            if stored.format != fmt:
-                stored = quantize(stored_matrix(m, role, SPEC.storage), fmt)
-            tensors.update(input_arrays(graph_name, role, fmt, stored))
-    return tensors

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import LoradeployError
-from ..ir import AdapterSet, Task
+from ...errors import LoradeployError
+from ...ir import AdapterSet, Task
 
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = {Task.SEQUENCE_CLASSIFICATION: "logits", Task.FEATURE_EXTRACTION: "sentence_embedding"}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LoradeployError
+from ...errors import LoradeployError
 
 EXACT = ("Q4_K", "Q5_0", "Q6_K", "Q8_0")
 UNPERMUTED = ("gemma3", "qwen2", "qwen3")  # GGUF architectures whose q/k rows keep the HF order

@@ -18,11 +18,11 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..runtime.bnb import ADAPTER_DIR
-from .common import Target
+from .session import ADAPTER_DIR
+from ...targets.common import Target
 
 if TYPE_CHECKING:
-    from ..job import ExportJob
+    from ...job import ExportJob
 
 FP32_TMP = ".fp32-staging"
 
@@ -65,12 +65,12 @@ def _planned(entry) -> dict | None:
 
 class BnbTarget(Target):
     """Writes a bitsandbytes-quantized transformers folder (+ PEFT adapter folders), loaded by
-    :mod:`loradeploy.runtime.bnb` (or plain transformers + peft)."""
+    :mod:`loradeploy.plugins.bitsandbytes.session` (or plain transformers + peft)."""
 
     def export(self, job: ExportJob, out: Path, progress=None) -> dict:
-        from ..adapters import peft as peft_format
-        from ..base import auto_class, load_tokenizer
-        from ..merge import load_extras, merge_into
+        from ...adapters import peft as peft_format
+        from ...base import auto_class, load_tokenizer
+        from ...merge import load_extras, merge_into
 
         staging = out / FP32_TMP
         model = copy.deepcopy(job.base_model)

@@ -73,7 +73,7 @@ def _write_reference_model(path: Path) -> None:
 
 def reference_model() -> Path:
     """The reference unit's GGUF in the cache folder (written once, then reused)."""
-    from ..fsutil import cache_dir
+    from ...fsutil import cache_dir
 
     path = cache_dir() / f"reference-unit-v{REFERENCE_MODEL['version']}.gguf"
     if not path.is_file():

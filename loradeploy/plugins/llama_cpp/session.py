@@ -3,7 +3,7 @@ llama-cpp-python). One ``llama_model``, adapters loaded once on it and activated
 context is not shareable across threads, so the session keeps a pool of ``workers`` contexts; a
 call borrows one. Adapters on a context only change while the pool's lock is held, and a freed
 adapter is first cleared from the idle contexts (busy ones hold the adapter of their own call).
-The artifact's writer is ``loradeploy.targets.gguf``."""
+The artifact's writer is ``loradeploy.plugins.llama_cpp.exporter``."""
 
 from __future__ import annotations
 
@@ -16,28 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BaseModelError, LoradeployError
-from ..ggufheader import read_header
-from ..kinds import Task
-from ..manifest import BaseRecord, Manifest, TargetRecord
-from ..registry import LoraStorage, RuntimeSpec
-from .session import Generation, Loaded, Session, refuse
-
-SPEC = RuntimeSpec(
-    name="llama.cpp", distribution="llama-cpp-python", packages=("llama-cpp-python", "gguf"),
-    precisions=("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"),
-    storage=LoraStorage(ladder=("f32", "f16", "q8_0", "q5_0", "q4_0"),
-                        accepted=("f32", "f16", "q8_0", "q5_0", "q4_0", "q5_1", "q4_1"),
-                        by_bits={32: "f32", 16: "f16", 8: "q8_0", 5: "q5_0", 4: "q4_0"},
-                        folds_scale=True, b_rank_major=False,
-                        # ggml-cpu's vec_dot_type: an F16 weight multiplies the input rounded to
-                        # f16, every block type the input quantized to 8-bit blocks of 32 (Q8_0;
-                        # Q8_1 for q5_1/q4_1 holds the same codes and scale)
-                        activations={"f16": "f16", "q8_0": "q8_0", "q5_0": "q8_0", "q4_0": "q8_0",
-                                     "q5_1": "q8_0", "q4_1": "q8_0"}),
-    adapter_suffix=".gguf", target="loradeploy.targets.gguf:GgufTarget",
-    session="loradeploy.runtime.llama:LlamaSession",
-    tasks={p: (Task.CAUSAL_LM.value,) for p in ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")})  # a GGUF base
+from ...errors import BaseModelError, LoradeployError
+from .header import read_header
+from ...manifest import BaseRecord, Manifest, TargetRecord
+from . import SPEC
+from ...runtime.session import Generation, Loaded, Session, refuse
 
 MODEL_FILE = "model.gguf"
 ADAPTER_DIR = "adapters"
@@ -348,7 +331,7 @@ class LlamaSession(Session):
 
     # -- latency, measured by the latency worker in a fresh process ---------------------------
     def measure(self, adapter, shapes, warmup, runs, reference) -> dict:
-        from .llama_measure import measure_llama
+        from .measure import measure_llama
 
         return measure_llama(self, adapter, shapes, warmup, runs, reference)
 
@@ -361,7 +344,7 @@ class LlamaSession(Session):
         import llama_cpp
 
         route_llama_log(llama_cpp)
-        from .llama_reference import REFERENCE_MODEL, reference_model
+        from .reference import REFERENCE_MODEL, reference_model
 
         llm = llama_cpp.Llama(model_path=str(reference_model()), n_ctx=4 * REFERENCE_MODEL["tokens"],
                               n_batch=REFERENCE_MODEL["tokens"], verbose=False, n_threads=threads or os.cpu_count())

@@ -1,5 +1,5 @@
 """ONNX target for causal LMs: a KV-cache decoder built by onnxruntime-genai's model builder, with
-LoRA slots added as graph inputs (runtime side: ``loradeploy.runtime.onnx``).
+LoRA slots added as graph inputs (runtime side: ``loradeploy.plugins.onnxruntime.session``).
 
 Why the builder and not our own trace: the builder emits the decoder onnxruntime-genai runs —
 GroupQueryAttention with the KV cache as inputs/outputs, packed Q/K/V MatMul, rotary caches,
@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import BaseModelError, LoradeployError
-from ..slots import natural_key
+from ...errors import BaseModelError, LoradeployError
+from ...slots import natural_key
 
 if TYPE_CHECKING:
-    from ..job import ExportJob
+    from ...job import ExportJob
 
 #: Hugging Face architectures this path exports (the builder supports more; these are tested).
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM")
@@ -235,8 +235,8 @@ def _transcode_build(build: Path, out: Path, gguf_path: Path) -> dict[str, str]:
 
     import onnx
 
-    from ..runtime.onnx import MODEL_FILE
-    from .onnx_gguf import transcode_gguf
+    from . import MODEL_FILE
+    from .gguf_decoder import transcode_gguf
 
     model = onnx.load(str(build / MODEL_FILE))
     done = transcode_gguf(model, gguf_path, lora_sites(model))
@@ -251,7 +251,7 @@ def _transcode_build(build: Path, out: Path, gguf_path: Path) -> dict[str, str]:
 def _chosen(job: ExportJob, shapes: dict[str, tuple[int, int]], sites: dict[str, tuple[str, ...]]) -> dict:
     """The projections ``job.slots`` asks for (:mod:`loradeploy.slots`); a packed MatMul's
     modules take slots together."""
-    from ..slots import choose
+    from ...slots import choose
 
     wanted = choose(job.base_model, [e.pruned for e in job.adapters], job.slots)
     outside = [m for m in wanted if m not in shapes]
@@ -282,16 +282,17 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
 
     import onnx
 
-    from ..base import hf_folder, load_tokenizer
-    from ..fsutil import cache_dir
-    from ..merge import merge_into
-    from ..runtime.onnx import ADAPTER_DIR, MODEL_FILE
+    from ...base import hf_folder, load_tokenizer
+    from ...fsutil import cache_dir
+    from ...merge import merge_into
+    from . import MODEL_FILE
+    from .session import ADAPTER_DIR
     from .genai_tokenizer import write_special_tokens
-    from .onnx import lora_inputs, lora_slot_decisions, slot_formats, write_adapter_file
-    from .onnx_graph import lora_factors
-    from .onnx_lora import default_arrays, lower_inputs
+    from .adapter_tensors import lora_inputs, lora_slot_decisions, slot_formats, write_adapter_file
+    from .graph import lora_factors
+    from .lora_inputs import default_arrays, lower_inputs
 
-    from ..render import begin
+    from ...render import begin
 
     step = progress or (lambda _m: None)
     arch = check_architecture(job.base_model)
