@@ -21,12 +21,11 @@ from .job import AdapterEntry, AdapterInputs, ExportJob, load_base_for, load_ent
 from .quant.plan import parse_plan_choice
 from .quantize import PlanConfig, apply_plan, plan_for
 from .report import write_report
+from .progress import Progress, begin, steps
 from .targets.common import copy_tokenizer
 from .targets.profile import TargetProfile, load_profile
-from .render import begin
 from .validate import validate_artifact
 
-Progress = Callable[[str], None]
 #: (base spec, adapter entries) → (base folder/file, task, label count, fp32 model): the one base loader
 BaseLoader = Callable[[str, tuple], tuple]
 #: an export job → (folder holding a graph shared by many artifacts, its decisions), or None
@@ -59,7 +58,7 @@ def export(config: ExportConfig, progress: Progress | None = None, load_base: Ba
     """Export ``config.adapters`` on ``config.base`` for ``config.target`` into ``config.out``;
     returns the manifest (as JSON data). ``load_base`` and ``shared`` let a caller exporting
     many artifacts (``loradeploy.fleet``) keep the base loaded and its graph built once."""
-    step = progress or (lambda _msg: None)
+    step = steps(progress)
     profile = load_profile(config.target)
     resolve_base(config.base)  # a mistyped base fails now, before the adapters are read
     n = len(config.adapters.specs)

@@ -279,7 +279,7 @@ def _result(artifact: Path, eval_set: EvalSet, metrics: dict, checks: list[Check
     """Latency (with ``first`` active), size, and the verdict; an LM is timed per prompt length
     (``pp<seq>``) and per generated token (``tg``)."""
     if timing:
-        from .render import begin
+        from .progress import begin
 
         shapes = ([f"pp{seq}" for seq in dict.fromkeys(sh.seq for sh in profile.shapes)] + ["tg"] if lm
                   else [sh.label for sh in profile.shapes])
@@ -323,7 +323,7 @@ def validate_lm(artifact: Path, session, profile: TargetProfile, base_model, ada
     and how much of its effect on the fp32 base alone it keeps; the base alone in the runtime
     (``base_session`` with no adapter vs the PyTorch base) tells how much of the gap is the
     quantized base's; then throughput and switch times. Each stage names itself to ``progress``."""
-    from .render import begin
+    from .progress import begin
 
     step = progress or (lambda _m: None)
     tokens = [session.tokenize(t) for t in eval_set.texts]
@@ -386,7 +386,7 @@ def validate_artifact(artifact: Path, job, eval_set: EvalSet, progress=None, tim
 def _validate_artifact(artifact: Path, job, eval_set: EvalSet, progress, timing: bool) -> Validation:
     from . import registry, runtime
     from .base import load_tokenizer
-    from .render import begin
+    from .progress import begin
 
     step = progress or (lambda _m: None)
     profile, task = job.profile, job.task

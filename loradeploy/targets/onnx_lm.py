@@ -291,7 +291,7 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
     from .onnx_graph import lora_factors
     from .onnx_lora import default_arrays, lower_inputs
 
-    from ..render import begin
+    from ..progress import begin
 
     step = progress or (lambda _m: None)
     arch = check_architecture(job.base_model)
