@@ -236,14 +236,14 @@ def measure_checks(label: str, metrics: dict, budgets: Budgets, task: Task) -> l
 #: waits until no other unit on this machine is computing, so that timings are not another unit's
 #: noise.
 latency_guard: Callable[[], ContextManager] = contextlib.nullcontext
-#: Runs ``loradeploy.latency`` with these arguments and returns its record; None: a fresh process
-#: per measurement. ``loradeploy.fleet`` keeps one latency process per worker instead.
+#: Runs ``loradeploy.runtime.latency_worker`` with these arguments and returns its record; None: a
+#: fresh process per measurement. ``loradeploy.fleet`` keeps one latency process per worker instead.
 latency_runner: Callable[[list[str]], dict] | None = None
 
 
 def measure_latency(artifact: Path, adapter: str | None, profile: TargetProfile) -> dict:
-    """Latency per shape and peak RSS, measured by ``loradeploy.latency`` in a process holding
-    only the runtime (a fresh one, unless :data:`latency_runner` says otherwise)."""
+    """Latency per shape and peak RSS, measured by ``loradeploy.runtime.latency_worker`` in a process
+    holding only the runtime (a fresh one, unless :data:`latency_runner` says otherwise)."""
     args = [str(artifact), "--warmup", str(profile.warmup), "--runs", str(profile.runs),
             "--threads", str(profile.threads)]
     args += [a for s in profile.shapes for a in ("--shape", f"{s.batch}x{s.seq}")]
@@ -252,7 +252,8 @@ def measure_latency(artifact: Path, adapter: str | None, profile: TargetProfile)
     with latency_guard():
         if latency_runner is not None:
             return latency_runner(args)
-        proc = subprocess.run([sys.executable, "-m", "loradeploy.latency", *args], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "loradeploy.runtime.latency_worker", *args],
+                              capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise LoradeployError(f"{artifact}: the latency run failed ({tail})")

@@ -65,7 +65,7 @@ QUIET = QuietMachine()
 
 
 class LatencyProcess:
-    """One ``python -m loradeploy.latency --serve`` per worker, measuring each unit's artifact
+    """One ``python -m loradeploy.runtime.latency_worker --serve`` per worker, measuring each unit's artifact
     in turn (started on first use, again if it died)."""
 
     def __init__(self):
@@ -77,8 +77,9 @@ class LatencyProcess:
         import sys
 
         if self._proc is None or self._proc.poll() is not None:
-            self._proc = subprocess.Popen([sys.executable, "-m", "loradeploy.latency", "--serve"], text=True,
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            self._proc = subprocess.Popen([sys.executable, "-m", "loradeploy.runtime.latency_worker", "--serve"],
+                                          text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL)
             atexit.register(self.close)
 
     def __call__(self, args: list[str]) -> dict:

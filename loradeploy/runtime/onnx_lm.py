@@ -12,8 +12,8 @@ import numpy as np
 def measure_decoder(session, rec, shapes, warmup: int, runs: int, reference) -> dict:
     """``pp{seq}``: one prompt of ``seq`` tokens; ``tg``: per generated token (32 after a 4-token
     prompt). ``generation`` holds tokens/s with and without the adapter and the switch costs."""
-    from ..latency import ScaledReference, ratio_stats, stats
-    from ..latency import time_calls as _time
+    from ..timing import ScaledReference, ratio_stats, stats
+    from ..timing import time_calls as _time
 
     decoder = session._lm()
     with_options, base_options = session._options(rec), session._options(None)
