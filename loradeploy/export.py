@@ -23,7 +23,7 @@ from .quantize import PlanConfig, apply_plan, plan_for
 from .report import write_report
 from .progress import Progress, begin, steps
 from .targets.common import copy_tokenizer
-from .targets.profile import TargetProfile, load_profile
+from .profile import TargetProfile, load_profile
 from .validate import validate_artifact
 
 #: (base spec, adapter entries) → (base folder/file, task, label count, fp32 model): the one base loader

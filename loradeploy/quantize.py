@@ -251,7 +251,7 @@ class QuantizeConfig:
 def quantize(config: QuantizeConfig, progress: Progress | None = None) -> dict:
     """Compute a precision plan for the adapters on a base for a target and write it to
     ``config.out`` (JSON; written whole, then renamed into place)."""
-    from .targets.profile import load_profile
+    from .profile import load_profile
 
     step = steps(progress)
     out = Path(config.out)

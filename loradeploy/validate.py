@@ -27,7 +27,7 @@ from .ir import AdapterSet, Task
 from .lm_measures import GREEDY_PROMPTS, GREEDY_TOKENS, greedy_match, lm_fidelity, lm_reference
 from .manifest import Validation
 from .merge import merge_into
-from .targets.profile import Budgets, TargetProfile
+from .profile import Budgets, TargetProfile
 
 BATCH = 32
 MAX_LENGTH = 128
@@ -434,7 +434,7 @@ def revalidate(config: ValidateConfig, progress=None) -> dict:
     from .fsutil import sha256_file
     from .ir import Method
     from .job import AdapterInputs, AdapterSpec, ExportJob, load_entries
-    from .targets.profile import parse_profile
+    from .profile import parse_profile
     from .verify import read_unchanged
 
     manifest = read_unchanged(Path(config.artifact))

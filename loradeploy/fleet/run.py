@@ -47,7 +47,7 @@ class FleetConfig:
 
 def unit_threads(units) -> int:
     """The most runtime threads a unit runs with (0, every core, when any profile says so)."""
-    from ..targets.profile import load_profile
+    from ..profile import load_profile
 
     threads = [load_profile(t).threads for t in {u.target for u in units}]
     return 0 if not threads or 0 in threads else max(threads)

@@ -125,7 +125,7 @@ class SharedTiming:
             return self._timed(args)
         from .. import registry
         from ..machine import fingerprint
-        from ..targets.profile import load_profile
+        from ..profile import load_profile
 
         spec = registry.get(load_profile(self.unit.target).runtime)
         adapter = args[args.index("--adapter") + 1]
