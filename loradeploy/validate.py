@@ -8,14 +8,13 @@ loader every caller uses. Also the ``validate`` verb: an existing artifact valid
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable
 
 import numpy as np
 import torch
@@ -232,28 +231,23 @@ def measure_checks(label: str, metrics: dict, budgets: Budgets, task: Task) -> l
             for m in measures.MEASURES.values() if task.value in m.tasks and m.name in metrics]
 
 
-#: Held around every latency run: a context manager factory. ``loradeploy.fleet`` sets one that
-#: waits until no other unit on this machine is computing, so that timings are not another unit's
-#: noise.
-latency_guard: Callable[[], ContextManager] = contextlib.nullcontext
-#: Runs ``loradeploy.runtime.latency_worker`` with these arguments and returns its record; None: a
-#: fresh process per measurement. ``loradeploy.fleet`` keeps one latency process per worker instead.
-latency_runner: Callable[[list[str]], dict] | None = None
+#: Runs ``loradeploy.runtime.latency_worker`` with these arguments, returns its record (None: a fresh
+#: process per measurement; ``loradeploy.fleet`` passes one process per worker, timing while no unit computes)
+LatencyRunner = Callable[[list[str]], dict]
 
 
-def measure_latency(artifact: Path, adapter: str | None, profile: TargetProfile) -> dict:
+def measure_latency(artifact: Path, adapter: str | None, profile: TargetProfile,
+                    runner: LatencyRunner | None = None) -> dict:
     """Latency per shape and peak RSS, measured by ``loradeploy.runtime.latency_worker`` in a process
-    holding only the runtime (a fresh one, unless :data:`latency_runner` says otherwise)."""
+    holding only the runtime (a fresh one, unless ``runner`` runs it)."""
     args = [str(artifact), "--warmup", str(profile.warmup), "--runs", str(profile.runs),
             "--threads", str(profile.threads)]
     args += [a for s in profile.shapes for a in ("--shape", f"{s.batch}x{s.seq}")]
     if adapter:
         args += ["--adapter", adapter]
-    with latency_guard():
-        if latency_runner is not None:
-            return latency_runner(args)
-        proc = subprocess.run([sys.executable, "-m", "loradeploy.runtime.latency_worker", *args],
-                              capture_output=True, text=True)
+    if runner is not None:
+        return runner(args)
+    proc = subprocess.run([sys.executable, "-m", "loradeploy.runtime.latency_worker", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise LoradeployError(f"{artifact}: the latency run failed ({tail})")
@@ -276,7 +270,8 @@ def artifact_bytes(artifact: Path) -> int:
 
 
 def _result(artifact: Path, eval_set: EvalSet, metrics: dict, checks: list[Check], profile: TargetProfile,
-            first: str | None, timing: bool, progress=None, lm: bool = False) -> Validation:
+            first: str | None, timing: bool, progress=None, lm: bool = False,
+            latency_runner: LatencyRunner | None = None) -> Validation:
     """Latency (with ``first`` active), size, and the verdict; an LM is timed per prompt length
     (``pp<seq>``) and per generated token (``tg``)."""
     if timing:
@@ -285,7 +280,7 @@ def _result(artifact: Path, eval_set: EvalSet, metrics: dict, checks: list[Check
         shapes = ([f"pp{seq}" for seq in dict.fromkeys(sh.seq for sh in profile.shapes)] + ["tg"] if lm
                   else [sh.label for sh in profile.shapes])
         begin(progress, f"measuring latency ({', '.join(shapes)}) and peak RSS in a fresh process")
-    latency = measure_latency(artifact, first, profile) if timing else {"shapes": {}}
+    latency = measure_latency(artifact, first, profile, latency_runner) if timing else {"shapes": {}}
     if timing:
         checks += latency_checks(first or "merged", latency, profile.budgets)
         if progress:
@@ -300,7 +295,8 @@ def _result(artifact: Path, eval_set: EvalSet, metrics: dict, checks: list[Check
 
 def validate_encoder(artifact: Path, session, profile: TargetProfile, task: Task, tokenizer, eval_set: EvalSet,
                      references: dict[str | None, np.ndarray], progress=None, timing: bool = True,
-                     base_outputs: dict[str | None, np.ndarray] | None = None) -> Validation:
+                     base_outputs: dict[str | None, np.ndarray] | None = None,
+                     latency_runner: LatencyRunner | None = None) -> Validation:
     """Run every adapter (``None`` for a merged artifact) on the eval set, compare with its
     reference, measure latency with the first adapter active, and judge against budgets."""
     checks, metrics = [], {}
@@ -313,13 +309,15 @@ def validate_encoder(artifact: Path, session, profile: TargetProfile, task: Task
         checks += measure_checks(label, metrics[label], profile.budgets, task)
         if progress:
             progress(f"fidelity {label}")
-    return _result(artifact, eval_set, metrics, checks, profile, next(iter(references)), timing, progress)
+    return _result(artifact, eval_set, metrics, checks, profile, next(iter(references)), timing, progress,
+                   latency_runner=latency_runner)
 
 
 # --- causal language models (every runtime that runs them) ----------------------------------
 
 def validate_lm(artifact: Path, session, profile: TargetProfile, base_model, adapters: dict[str | None, AdapterSet],
-                eval_set: EvalSet, base_session=None, progress=None, timing: bool = True) -> Validation:
+                eval_set: EvalSet, base_session=None, progress=None, timing: bool = True,
+                latency_runner: LatencyRunner | None = None) -> Validation:
     """LM validation: every adapter (``None``: merged artifact) against its PyTorch reference,
     and how much of its effect on the fp32 base alone it keeps; the base alone in the runtime
     (``base_session`` with no adapter vs the PyTorch base) tells how much of the gap is the
@@ -360,13 +358,14 @@ def validate_lm(artifact: Path, session, profile: TargetProfile, base_model, ada
                      "top1_drop_vs_base": base["top1_agreement"] - m["top1_agreement"]}
             m.update(share)
             checks += measure_checks(adapter or "merged", share, profile.budgets, Task.CAUSAL_LM)
-    return _result(artifact, eval_set, metrics, checks, profile, next(iter(adapters)), timing, progress, lm=True)
+    return _result(artifact, eval_set, metrics, checks, profile, next(iter(adapters)), timing, progress, lm=True,
+                   latency_runner=latency_runner)
 
 
 # --- the artifact of a job, and the `validate` verb ------------------------------------------
 
 def validate_artifact(artifact: Path, job, eval_set: EvalSet, progress=None, timing: bool = True,
-                      allow_ungated: bool = False) -> Validation:
+                      allow_ungated: bool = False, latency_runner: LatencyRunner | None = None) -> Validation:
     """Validate ``artifact`` (written for ``job``) against the fp32 references of the job's
     adapters as trained, in the artifact's runtime (its session: the one loader), and judge it
     (:mod:`loradeploy.verdict`; ``allow_ungated``: a run no budget applies to may pass)."""
@@ -375,7 +374,7 @@ def validate_artifact(artifact: Path, job, eval_set: EvalSet, progress=None, tim
     from .evaldata import shipped_set_note
     from .verdict import judge
 
-    result = _validate_artifact(artifact, job, eval_set, progress, timing)
+    result = _validate_artifact(artifact, job, eval_set, progress, timing, latency_runner)
     allowed_by = "the profile (allow_ungated: true)" if job.profile.allow_ungated else \
         "--allow-ungated" if allow_ungated else None
     labels = [e.name if job.mode == "swappable" else "merged" for e in job.adapters]
@@ -384,7 +383,8 @@ def validate_artifact(artifact: Path, job, eval_set: EvalSet, progress=None, tim
                                eval_note=shipped_set_note(eval_set, job.base_dir))
 
 
-def _validate_artifact(artifact: Path, job, eval_set: EvalSet, progress, timing: bool) -> Validation:
+def _validate_artifact(artifact: Path, job, eval_set: EvalSet, progress, timing: bool,
+                       latency_runner: LatencyRunner | None = None) -> Validation:
     from . import registry, runtime
     from .base import load_tokenizer
     from .progress import begin
@@ -400,7 +400,7 @@ def _validate_artifact(artifact: Path, job, eval_set: EvalSet, progress, timing:
                 registry.get(profile.runtime).session_class().open_base(job.base_dir, profile.threads)
             try:
                 return validate_lm(artifact, session, profile, job.base_model, originals, eval_set, base_session,
-                                   step, timing)
+                                   step, timing, latency_runner)
             finally:
                 if base_session is not None and base_session is not session:
                     base_session.close()
@@ -412,7 +412,7 @@ def _validate_artifact(artifact: Path, job, eval_set: EvalSet, progress, timing:
                         for k, a in originals.items()}
         step("computed fp32 reference")
         return validate_encoder(artifact, session, profile, task, tokenizer, eval_set, references, step, timing,
-                                base_outputs)
+                                base_outputs, latency_runner)
     finally:
         session.close()
 

@@ -260,13 +260,10 @@ def run_unit(unit_data: dict, out: str) -> dict:
         # made here, not by the export (which removes parents it made when it fails): the units of a
         # target share it, and each writes its state there, failed or not
         state_path(out_dir, unit).parent.mkdir(parents=True, exist_ok=True)
-        from .. import validate
-
         used: list[Path] = []
-        validate.latency_guard = contextlib.nullcontext  # SharedTiming holds QUIET.timing() while it times
-        validate.latency_runner = SharedTiming(unit, used, LATENCY, QUIET.timing)
+        timing = SharedTiming(unit, used, LATENCY, QUIET.timing)  # holds QUIET.timing() while it times
         with QUIET.computing():
-            manifest = export(config, None, _cached_base, _shared_base(out_dir, used))
+            manifest = export(config, None, _cached_base, _shared_base(out_dir, used), timing)
         result.update(status="pass" if manifest["validation"]["passed"] else "fail", mode=manifest["mode"],
                       shared=used[-1].relative_to(out_dir).as_posix() if used else None)
     except LoradeployError as e:
