@@ -53,7 +53,7 @@ def _export(base: str, adapters: dict[str, Path], profile: str, out: Path) -> Pa
 
     from loradeploy.export import ExportConfig, export
     from loradeploy.job import AdapterInputs
-    from loradeploy.targets.profile import BUILTIN_DIR
+    from loradeploy.profile import BUILTIN_DIR
 
     data = yaml.safe_load((BUILTIN_DIR / f"{profile}.yaml").read_text())
     data.update({"warmup": 0, "runs": 1, "shapes": [{"batch": 1, "seq": 16}]})

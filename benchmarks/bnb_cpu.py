@@ -39,7 +39,7 @@ def fp32_baseline(folder: Path) -> None:
 
 
 def worker(art: Path, adapter: str | None, runs: int) -> dict:
-    cmd = [sys.executable, "-m", "loradeploy.latency", str(art), "--shape", "1x128",
+    cmd = [sys.executable, "-m", "loradeploy.runtime.latency_worker", str(art), "--shape", "1x128",
            "--shape", "8x128", "--warmup", "2", "--runs", str(runs)] + (["--adapter", adapter] if adapter else [])
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 

@@ -28,7 +28,7 @@ def main() -> int:
     art = work / "art"
     subprocess.run([sys.executable, "-m", "loradeploy.cli", "export", "--base", "gemma3-270m", "--adapter",
                     f"a={args.adapter}", "--target", "gguf-cpu", "-o", str(art)], check=True, capture_output=True)
-    out = subprocess.run([sys.executable, "-m", "loradeploy.latency", str(art),
+    out = subprocess.run([sys.executable, "-m", "loradeploy.runtime.latency_worker", str(art),
                           "--adapter", "a", "--shape", "1x128", "--warmup", "1", "--runs", str(args.runs)],
                          check=True, capture_output=True, text=True).stdout
     r = json.loads(out)["generation"]

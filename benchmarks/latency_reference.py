@@ -47,7 +47,7 @@ def _burn(stop):
 
 
 def worker(artifact: Path, threads: int, runs: int, shape: str) -> dict:
-    cmd = [sys.executable, "-m", "loradeploy.latency", str(artifact), "--shape", shape,
+    cmd = [sys.executable, "-m", "loradeploy.runtime.latency_worker", str(artifact), "--shape", shape,
            "--warmup", "3", "--runs", str(runs), "--threads", str(threads)]
     manifest = json.loads((artifact / "manifest.json").read_text())
     adapters = [a["name"] for a in manifest["adapters"] if a.get("file")]

@@ -33,7 +33,7 @@ def _load_base(base: str, entries: tuple):
 
 def _lm_profiles() -> list[str]:
     from loradeploy import registry
-    from loradeploy.targets.profile import load_profile, profile_paths
+    from loradeploy.profile import load_profile, profile_paths
 
     return [name for name in sorted(profile_paths()) if "causal-lm" in
             registry.get((p := load_profile(name)).runtime).tasks.get(p.precision, ())]

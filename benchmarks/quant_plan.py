@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from loradeploy.export import ExportConfig, export  # noqa: E402
 from loradeploy.job import AdapterInputs  # noqa: E402
 from loradeploy.quantize import PlanConfig  # noqa: E402
-from loradeploy.targets.profile import BUILTIN_DIR  # noqa: E402
+from loradeploy.profile import BUILTIN_DIR  # noqa: E402
 
 
 def fast_profile(folder: Path, name: str, **changes) -> str:

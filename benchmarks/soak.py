@@ -131,7 +131,7 @@ def fast_profile(target: str, folder: Path) -> Path:
     is what matters here) and no latency budget."""
     import yaml
 
-    from loradeploy.targets.profile import BUILTIN_DIR
+    from loradeploy.profile import BUILTIN_DIR
 
     data = yaml.safe_load((BUILTIN_DIR / f"{target}.yaml").read_text())
     data.update({"warmup": 0, "runs": 1, "shapes": [{"batch": 1, "seq": 16}]})

@@ -439,7 +439,7 @@ def targets_cmd(as_json):
     """List the target profiles (built-in and from LORADEPLOY_TARGETS folders)."""
     from .manifest import profile_dict
     from .render import print_targets
-    from .targets.profile import load_profile, profile_paths
+    from .profile import load_profile, profile_paths
 
     profiles = [profile_dict(load_profile(str(p))) for p in profile_paths().values()]
     if as_json:

@@ -21,12 +21,11 @@ from .job import AdapterEntry, AdapterInputs, ExportJob, load_base_for, load_ent
 from .quant.plan import parse_plan_choice
 from .quantize import PlanConfig, apply_plan, plan_for
 from .report import write_report
+from .progress import Progress, begin, steps
 from .targets.common import copy_tokenizer
-from .targets.profile import TargetProfile, load_profile
-from .render import begin
-from .validate import validate_artifact
+from .profile import TargetProfile, load_profile
+from .validate import LatencyRunner, validate_artifact
 
-Progress = Callable[[str], None]
 #: (base spec, adapter entries) → (base folder/file, task, label count, fp32 model): the one base loader
 BaseLoader = Callable[[str, tuple], tuple]
 #: an export job → (folder holding a graph shared by many artifacts, its decisions), or None
@@ -55,11 +54,12 @@ class ExportConfig:
 
 
 def export(config: ExportConfig, progress: Progress | None = None, load_base: BaseLoader = load_base_for,
-           shared: SharedBase | None = None) -> dict:
+           shared: SharedBase | None = None, latency_runner: LatencyRunner | None = None) -> dict:
     """Export ``config.adapters`` on ``config.base`` for ``config.target`` into ``config.out``;
-    returns the manifest (as JSON data). ``load_base`` and ``shared`` let a caller exporting
-    many artifacts (``loradeploy.fleet``) keep the base loaded and its graph built once."""
-    step = progress or (lambda _msg: None)
+    returns the manifest (as JSON data). ``load_base``, ``shared`` and ``latency_runner`` let a
+    caller exporting many artifacts (``loradeploy.fleet``) keep the base loaded, its graph built
+    once, and one latency process timing while no other export computes."""
+    step = steps(progress)
     profile = load_profile(config.target)
     resolve_base(config.base)  # a mistyped base fails now, before the adapters are read
     n = len(config.adapters.specs)
@@ -72,13 +72,14 @@ def export(config: ExportConfig, progress: Progress | None = None, load_base: Ba
         raise LoradeployError("--plan applies to adapters kept beside the base (swappable mode); a merged "
                               "adapter is folded into the base's weights")
     with atomic_output_dir(config.out, overwrite=config.overwrite) as tmp:
-        manifest = _export_into(tmp, config, profile, mode, step, load_base, shared)
+        manifest = _export_into(tmp, config, profile, mode, step, load_base, shared, latency_runner)
     manifest.artifact = str(Path(config.out).absolute())
     return manifest.to_dict()
 
 
 def _export_into(tmp: Path, config: ExportConfig, profile: TargetProfile, mode: str, step: Progress,
-                 load_base: BaseLoader = load_base_for, shared: SharedBase | None = None) -> mf.Manifest:
+                 load_base: BaseLoader = load_base_for, shared: SharedBase | None = None,
+                 latency_runner: LatencyRunner | None = None) -> mf.Manifest:
     begin(step, f"reading and pruning {len(config.adapters.specs)} adapter(s)")
     entries = load_entries(config.adapters)
     step("read and pruned adapters")
@@ -103,7 +104,8 @@ def _export_into(tmp: Path, config: ExportConfig, profile: TargetProfile, mode: 
     manifest = _write(tmp, job, config.adapters, {"mode_selection": selection} if selection else {}, step,
                       shared(job) if shared else None)
     step(f"exported {job.mode} artifact")
-    validation = validate_artifact(tmp, job, eval_set, step, allow_ungated=config.allow_ungated)
+    validation = validate_artifact(tmp, job, eval_set, step, allow_ungated=config.allow_ungated,
+                                   latency_runner=latency_runner)
     if selection:
         _add_other_mode(validation, selection, job.mode)
     step("validated")

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .ir import AdapterSet
     from .prune import PruneReport
     from .quant.plan import Plan, QuantizedAdapter
-    from .targets.profile import TargetProfile
+    from .profile import TargetProfile
 
 
 @dataclass(frozen=True)

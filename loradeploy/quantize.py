@@ -8,20 +8,18 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 from . import registry
 from .base import load_tokenizer, resolve_base
 from .errors import LoradeployError, OutputError
 from .evaldata import load_calibration
 from .ir import Task
 from .job import AdapterEntry, AdapterInputs, ExportJob, load_base_for, load_entries
+from .progress import Progress, steps
 from .quant.plan import (LearnedPlan, Plan, PlanChoice, PlanError, PlanFile, UniformPlan,
                          dense_fp16_bytes_at_max_rank, hinted_formats, quantize_adapter, uniform_formats)
 from .quant.search import (DEFAULT_BUDGETS, HOLDOUT_DEFAULT, HOLDOUT_SLACK, HOLDOUT_TEXTS, MEASURES, Evaluator,
                            calibration_batches, search)
 
-Progress = Callable[[str], None]
 CALIBRATION_TEXTS = {Task.CAUSAL_LM: 8}
 CALIBRATION_DEFAULT = 64
 CALIBRATION_MAX_LENGTH = {Task.CAUSAL_LM: 48}
@@ -107,7 +105,7 @@ def uniform_format(runtime: str, bits: int) -> str:
 def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = None) -> Plan:
     """A plan for every adapter of ``job`` on its base and target, as ``config.choice`` says
     (learned when None)."""
-    step = progress or (lambda _m: None)
+    step = steps(progress)
     entries, runtime, target = job.adapters, job.profile.runtime, job.profile.name
     base_model, base_dir, task = job.base_model, job.base_dir, job.task
     choice = config.choice or LearnedPlan()
@@ -253,9 +251,9 @@ class QuantizeConfig:
 def quantize(config: QuantizeConfig, progress: Progress | None = None) -> dict:
     """Compute a precision plan for the adapters on a base for a target and write it to
     ``config.out`` (JSON; written whole, then renamed into place)."""
-    from .targets.profile import load_profile
+    from .profile import load_profile
 
-    step = progress or (lambda _m: None)
+    step = steps(progress)
     out = Path(config.out)
     if out.exists() and not config.overwrite:
         raise OutputError(f"{out}: exists (use --overwrite to replace it)")

@@ -241,7 +241,7 @@ def print_targets(profiles: list[dict]) -> None:
 class progress_steps:
     """Progress of a long command, on stderr so that stdout stays the result.
 
-    The callable protocol (``Progress`` in export.py): ``step(message)`` reports a finished stage;
+    The callable protocol (``loradeploy.progress``): ``step(message)`` reports a finished stage;
     ``step.begin(message)`` names the stage that starts now. In a terminal a spinner names the
     running stage with its elapsed seconds and each finished stage is printed once; when stderr
     is not a terminal (CI logs, pipes) each begin and end is one plain timestamped line, printed
@@ -284,13 +284,6 @@ class progress_steps:
     def __exit__(self, *exc):
         if self._status is not None:
             self._status.__exit__(*exc)
-
-
-def begin(step, message: str) -> None:
-    """Name the stage that starts now, if ``step`` can show it (see :class:`progress_steps`)."""
-    announce = getattr(step, "begin", None)
-    if announce is not None:
-        announce(message)
 
 
 def print_fleet(index: dict) -> None:

@@ -8,14 +8,13 @@ loader every caller uses. Also the ``validate`` verb: an existing artifact valid
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from .ir import AdapterSet, Task
 from .lm_measures import GREEDY_PROMPTS, GREEDY_TOKENS, greedy_match, lm_fidelity, lm_reference
 from .manifest import Validation
 from .merge import merge_into
-from .targets.profile import Budgets, TargetProfile
+from .profile import Budgets, TargetProfile
 
 BATCH = 32
 MAX_LENGTH = 128
@@ -232,27 +231,23 @@ def measure_checks(label: str, metrics: dict, budgets: Budgets, task: Task) -> l
             for m in measures.MEASURES.values() if task.value in m.tasks and m.name in metrics]
 
 
-#: Held around every latency run: a context manager factory. ``loradeploy.fleet`` sets one that
-#: waits until no other unit on this machine is computing, so that timings are not another unit's
-#: noise.
-latency_guard: Callable[[], ContextManager] = contextlib.nullcontext
-#: Runs ``loradeploy.latency`` with these arguments and returns its record; None: a fresh process
-#: per measurement. ``loradeploy.fleet`` keeps one latency process per worker instead.
-latency_runner: Callable[[list[str]], dict] | None = None
+#: Runs ``loradeploy.runtime.latency_worker`` with these arguments, returns its record (None: a fresh
+#: process per measurement; ``loradeploy.fleet`` passes one process per worker, timing while no unit computes)
+LatencyRunner = Callable[[list[str]], dict]
 
 
-def measure_latency(artifact: Path, adapter: str | None, profile: TargetProfile) -> dict:
-    """Latency per shape and peak RSS, measured by ``loradeploy.latency`` in a process holding
-    only the runtime (a fresh one, unless :data:`latency_runner` says otherwise)."""
+def measure_latency(artifact: Path, adapter: str | None, profile: TargetProfile,
+                    runner: LatencyRunner | None = None) -> dict:
+    """Latency per shape and peak RSS, measured by ``loradeploy.runtime.latency_worker`` in a process
+    holding only the runtime (a fresh one, unless ``runner`` runs it)."""
     args = [str(artifact), "--warmup", str(profile.warmup), "--runs", str(profile.runs),
             "--threads", str(profile.threads)]
     args += [a for s in profile.shapes for a in ("--shape", f"{s.batch}x{s.seq}")]
     if adapter:
         args += ["--adapter", adapter]
-    with latency_guard():
-        if latency_runner is not None:
-            return latency_runner(args)
-        proc = subprocess.run([sys.executable, "-m", "loradeploy.latency", *args], capture_output=True, text=True)
+    if runner is not None:
+        return runner(args)
+    proc = subprocess.run([sys.executable, "-m", "loradeploy.runtime.latency_worker", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise LoradeployError(f"{artifact}: the latency run failed ({tail})")
@@ -275,16 +270,17 @@ def artifact_bytes(artifact: Path) -> int:
 
 
 def _result(artifact: Path, eval_set: EvalSet, metrics: dict, checks: list[Check], profile: TargetProfile,
-            first: str | None, timing: bool, progress=None, lm: bool = False) -> Validation:
+            first: str | None, timing: bool, progress=None, lm: bool = False,
+            latency_runner: LatencyRunner | None = None) -> Validation:
     """Latency (with ``first`` active), size, and the verdict; an LM is timed per prompt length
     (``pp<seq>``) and per generated token (``tg``)."""
     if timing:
-        from .render import begin
+        from .progress import begin
 
         shapes = ([f"pp{seq}" for seq in dict.fromkeys(sh.seq for sh in profile.shapes)] + ["tg"] if lm
                   else [sh.label for sh in profile.shapes])
         begin(progress, f"measuring latency ({', '.join(shapes)}) and peak RSS in a fresh process")
-    latency = measure_latency(artifact, first, profile) if timing else {"shapes": {}}
+    latency = measure_latency(artifact, first, profile, latency_runner) if timing else {"shapes": {}}
     if timing:
         checks += latency_checks(first or "merged", latency, profile.budgets)
         if progress:
@@ -299,7 +295,8 @@ def _result(artifact: Path, eval_set: EvalSet, metrics: dict, checks: list[Check
 
 def validate_encoder(artifact: Path, session, profile: TargetProfile, task: Task, tokenizer, eval_set: EvalSet,
                      references: dict[str | None, np.ndarray], progress=None, timing: bool = True,
-                     base_outputs: dict[str | None, np.ndarray] | None = None) -> Validation:
+                     base_outputs: dict[str | None, np.ndarray] | None = None,
+                     latency_runner: LatencyRunner | None = None) -> Validation:
     """Run every adapter (``None`` for a merged artifact) on the eval set, compare with its
     reference, measure latency with the first adapter active, and judge against budgets."""
     checks, metrics = [], {}
@@ -312,18 +309,20 @@ def validate_encoder(artifact: Path, session, profile: TargetProfile, task: Task
         checks += measure_checks(label, metrics[label], profile.budgets, task)
         if progress:
             progress(f"fidelity {label}")
-    return _result(artifact, eval_set, metrics, checks, profile, next(iter(references)), timing, progress)
+    return _result(artifact, eval_set, metrics, checks, profile, next(iter(references)), timing, progress,
+                   latency_runner=latency_runner)
 
 
 # --- causal language models (every runtime that runs them) ----------------------------------
 
 def validate_lm(artifact: Path, session, profile: TargetProfile, base_model, adapters: dict[str | None, AdapterSet],
-                eval_set: EvalSet, base_session=None, progress=None, timing: bool = True) -> Validation:
+                eval_set: EvalSet, base_session=None, progress=None, timing: bool = True,
+                latency_runner: LatencyRunner | None = None) -> Validation:
     """LM validation: every adapter (``None``: merged artifact) against its PyTorch reference,
     and how much of its effect on the fp32 base alone it keeps; the base alone in the runtime
     (``base_session`` with no adapter vs the PyTorch base) tells how much of the gap is the
     quantized base's; then throughput and switch times. Each stage names itself to ``progress``."""
-    from .render import begin
+    from .progress import begin
 
     step = progress or (lambda _m: None)
     tokens = [session.tokenize(t) for t in eval_set.texts]
@@ -359,13 +358,14 @@ def validate_lm(artifact: Path, session, profile: TargetProfile, base_model, ada
                      "top1_drop_vs_base": base["top1_agreement"] - m["top1_agreement"]}
             m.update(share)
             checks += measure_checks(adapter or "merged", share, profile.budgets, Task.CAUSAL_LM)
-    return _result(artifact, eval_set, metrics, checks, profile, next(iter(adapters)), timing, progress, lm=True)
+    return _result(artifact, eval_set, metrics, checks, profile, next(iter(adapters)), timing, progress, lm=True,
+                   latency_runner=latency_runner)
 
 
 # --- the artifact of a job, and the `validate` verb ------------------------------------------
 
 def validate_artifact(artifact: Path, job, eval_set: EvalSet, progress=None, timing: bool = True,
-                      allow_ungated: bool = False) -> Validation:
+                      allow_ungated: bool = False, latency_runner: LatencyRunner | None = None) -> Validation:
     """Validate ``artifact`` (written for ``job``) against the fp32 references of the job's
     adapters as trained, in the artifact's runtime (its session: the one loader), and judge it
     (:mod:`loradeploy.verdict`; ``allow_ungated``: a run no budget applies to may pass)."""
@@ -374,7 +374,7 @@ def validate_artifact(artifact: Path, job, eval_set: EvalSet, progress=None, tim
     from .evaldata import shipped_set_note
     from .verdict import judge
 
-    result = _validate_artifact(artifact, job, eval_set, progress, timing)
+    result = _validate_artifact(artifact, job, eval_set, progress, timing, latency_runner)
     allowed_by = "the profile (allow_ungated: true)" if job.profile.allow_ungated else \
         "--allow-ungated" if allow_ungated else None
     labels = [e.name if job.mode == "swappable" else "merged" for e in job.adapters]
@@ -383,10 +383,11 @@ def validate_artifact(artifact: Path, job, eval_set: EvalSet, progress=None, tim
                                eval_note=shipped_set_note(eval_set, job.base_dir))
 
 
-def _validate_artifact(artifact: Path, job, eval_set: EvalSet, progress, timing: bool) -> Validation:
+def _validate_artifact(artifact: Path, job, eval_set: EvalSet, progress, timing: bool,
+                       latency_runner: LatencyRunner | None = None) -> Validation:
     from . import registry, runtime
     from .base import load_tokenizer
-    from .render import begin
+    from .progress import begin
 
     step = progress or (lambda _m: None)
     profile, task = job.profile, job.task
@@ -399,7 +400,7 @@ def _validate_artifact(artifact: Path, job, eval_set: EvalSet, progress, timing:
                 registry.get(profile.runtime).session_class().open_base(job.base_dir, profile.threads)
             try:
                 return validate_lm(artifact, session, profile, job.base_model, originals, eval_set, base_session,
-                                   step, timing)
+                                   step, timing, latency_runner)
             finally:
                 if base_session is not None and base_session is not session:
                     base_session.close()
@@ -411,7 +412,7 @@ def _validate_artifact(artifact: Path, job, eval_set: EvalSet, progress, timing:
                         for k, a in originals.items()}
         step("computed fp32 reference")
         return validate_encoder(artifact, session, profile, task, tokenizer, eval_set, references, step, timing,
-                                base_outputs)
+                                base_outputs, latency_runner)
     finally:
         session.close()
 
@@ -433,7 +434,7 @@ def revalidate(config: ValidateConfig, progress=None) -> dict:
     from .fsutil import sha256_file
     from .ir import Method
     from .job import AdapterInputs, AdapterSpec, ExportJob, load_entries
-    from .targets.profile import parse_profile
+    from .profile import parse_profile
     from .verify import read_unchanged
 
     manifest = read_unchanged(Path(config.artifact))

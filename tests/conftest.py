@@ -25,7 +25,7 @@ def quick_profile(folder: Path, name: str, *, latency_budget: bool = False, file
     ``latency_p95_ms`` budget unless ``latency_budget``."""
     import yaml
 
-    from loradeploy.targets.profile import BUILTIN_DIR
+    from loradeploy.profile import BUILTIN_DIR
 
     data = yaml.safe_load((BUILTIN_DIR / f"{name}.yaml").read_text())
     data.update({k: v for k, v in {**QUICK_TIMING, **overrides}.items() if v is not None})

@@ -248,7 +248,7 @@ def real(root):
     import yaml
 
     from loradeploy.evaldata import DEFAULT_EVAL
-    from loradeploy.targets.profile import BUILTIN_DIR
+    from loradeploy.profile import BUILTIN_DIR
     from tests.conftest import EXAMPLE_ADAPTERS
 
     t = time.perf_counter()

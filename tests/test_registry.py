@@ -10,7 +10,7 @@ import pytest
 
 from loradeploy import measures, registry
 from loradeploy.errors import LoradeployError
-from loradeploy.targets.profile import Budgets
+from loradeploy.profile import Budgets
 
 PACKAGE = Path(__file__).resolve().parents[1] / "loradeploy"
 #: a runtime named as a string, or its Python module imported

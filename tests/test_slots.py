@@ -61,7 +61,7 @@ def test_cli_refuses_a_bad_slot_spec_in_one_line(tmp_path, capsys):
 
 def test_profile_slots_key_is_checked(tmp_path):
     from loradeploy.errors import ProfileError
-    from loradeploy.targets.profile import load_profile
+    from loradeploy.profile import load_profile
 
     path = tmp_path / "p.yaml"
     path.write_text("name: p\nruntime: onnxruntime\nprecision: fp32\nslots: [query]\n")

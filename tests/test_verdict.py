@@ -17,7 +17,7 @@ from loradeploy import registry
 from loradeploy.check import junit_xml, markdown
 from loradeploy.cli import main
 from loradeploy.kinds import Task
-from loradeploy.targets.profile import load_profile, profile_paths
+from loradeploy.profile import load_profile, profile_paths
 from loradeploy.verdict import NOTHING_GATED, gated_measures, is_ungated, judge
 from tests.conftest import REPO, error_text, quick_profile
 from tests.targets import tiny_lm

@@ -24,7 +24,7 @@ from .. import manifest as mf
 from ..errors import ManifestError, OutputError, SpecError
 from ..fsutil import file_sha256, link_or_copy, write_text_atomic
 from ..verify import changed_files
-from . import index as index_files
+from .index import html as index_html, junit as index_junit, key_measures
 from .executors import make as make_executor
 from .spec import FleetSpec, Unit, load_spec, parse_shard, shard
 from .unit import SHARED_DIR, STATE_SUFFIX, state_path
@@ -47,7 +47,7 @@ class FleetConfig:
 
 def unit_threads(units) -> int:
     """The most runtime threads a unit runs with (0, every core, when any profile says so)."""
-    from ..targets.profile import load_profile
+    from ..profile import load_profile
 
     threads = [load_profile(t).threads for t in {u.target for u in units}]
     return 0 if not threads or 0 in threads else max(threads)
@@ -94,7 +94,7 @@ def unit_entry(out: Path, unit: Unit, result: dict) -> dict:
         entry.update(artifact=unit.id, report=f"{unit.id}/{mf.REPORT}", mode=manifest.mode,
                      bytes=v.artifact_bytes if v else None,
                      shared_base=bool(manifest.decisions.get("shared_base_graph")),
-                     measures=index_files.key_measures(v), failed=[f"{c['adapter']}: {c['measure']}"
+                     measures=key_measures(v), failed=[f"{c['adapter']}: {c['measure']}"
                                                                    for c in (v.checks if v else [])
                                                                    if c["status"] == "FAIL"]
                      or ([v.verdict] if v and not v.passed and v.verdict else []),  # nothing gated
@@ -170,8 +170,8 @@ def build_index(out: Path, spec: FleetSpec, units, results: dict, run: dict) -> 
 
 
 def write_index(out: Path, index: dict) -> None:
-    write_text_atomic(out / "junit.xml", index_files.junit(index))
-    write_text_atomic(out / "index.html", index_files.html(index))
+    write_text_atomic(out / "junit.xml", index_junit(index))
+    write_text_atomic(out / "index.html", index_html(index))
     write_text_atomic(out / INDEX, json.dumps(index, indent=2, default=str) + "\n")
 
 

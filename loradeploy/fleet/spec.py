@@ -174,7 +174,7 @@ def _mode(where: str, mode):
 
 
 def _targets(root: Path, where: str, items, defaults: dict) -> list[dict]:
-    from ..targets.profile import load_profile
+    from ..profile import load_profile
 
     out = []
     for at, item in _entries(where, items, "targets", "target", TARGET_KEYS):
@@ -298,7 +298,7 @@ def key_inputs(unit: Unit) -> dict:
     target profile, mode, plan, slots, eval set, and the toolchain's versions."""
     from ..evaldata import DEFAULT_EVAL, DEFAULT_LM_EVAL
     from ..manifest import profile_dict
-    from ..targets.profile import load_profile
+    from ..profile import load_profile
 
     plan = unit.plan
     if plan and Path(plan).is_file():

@@ -65,7 +65,7 @@ QUIET = QuietMachine()
 
 
 class LatencyProcess:
-    """One ``python -m loradeploy.latency --serve`` per worker, measuring each unit's artifact
+    """One ``python -m loradeploy.runtime.latency_worker --serve`` per worker, measuring each unit's artifact
     in turn (started on first use, again if it died)."""
 
     def __init__(self):
@@ -77,8 +77,9 @@ class LatencyProcess:
         import sys
 
         if self._proc is None or self._proc.poll() is not None:
-            self._proc = subprocess.Popen([sys.executable, "-m", "loradeploy.latency", "--serve"], text=True,
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            self._proc = subprocess.Popen([sys.executable, "-m", "loradeploy.runtime.latency_worker", "--serve"],
+                                          text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL)
             atexit.register(self.close)
 
     def __call__(self, args: list[str]) -> dict:
@@ -124,7 +125,7 @@ class SharedTiming:
             return self._timed(args)
         from .. import registry
         from ..machine import fingerprint
-        from ..targets.profile import load_profile
+        from ..profile import load_profile
 
         spec = registry.get(load_profile(self.unit.target).runtime)
         adapter = args[args.index("--adapter") + 1]
@@ -259,13 +260,10 @@ def run_unit(unit_data: dict, out: str) -> dict:
         # made here, not by the export (which removes parents it made when it fails): the units of a
         # target share it, and each writes its state there, failed or not
         state_path(out_dir, unit).parent.mkdir(parents=True, exist_ok=True)
-        from .. import validate
-
         used: list[Path] = []
-        validate.latency_guard = contextlib.nullcontext  # SharedTiming holds QUIET.timing() while it times
-        validate.latency_runner = SharedTiming(unit, used, LATENCY, QUIET.timing)
+        timing = SharedTiming(unit, used, LATENCY, QUIET.timing)  # holds QUIET.timing() while it times
         with QUIET.computing():
-            manifest = export(config, None, _cached_base, _shared_base(out_dir, used))
+            manifest = export(config, None, _cached_base, _shared_base(out_dir, used), timing)
         result.update(status="pass" if manifest["validation"]["passed"] else "fail", mode=manifest["mode"],
                       shared=used[-1].relative_to(out_dir).as_posix() if used else None)
     except LoradeployError as e:

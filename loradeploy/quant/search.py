@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import heapq
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from .. import measures, registry
 from ..errors import LoradeployError
 from ..ir import AdapterSet, LoraModule, Task
 from ..merge import find_module, load_extras
+from ..progress import Progress
 from .plan import ROLES, allowed_formats, quantize_adapter, stored_shape, tensor_key
 from .rank import decompose, truncate
 from .formats import ROW_WISE, round_activations, stored_bytes
@@ -36,7 +36,6 @@ DEFAULT_BUDGETS = {"mean_abs_logit": 0.01, "cosine_distance": 1e-4, "kl_mean": 0
 #: model's top-1 token may flip at near-ties even when KL is tiny, and the targets budget top-1
 DEFAULT_FLOORS = {Task.CAUSAL_LM: {"top1_agreement": 0.98}, Task.SEQUENCE_CLASSIFICATION: {"label_agreement": 0.995}}
 
-Progress = Callable[[str], None]
 #: outputs kept per block and batch (:meth:`Evaluator._kept`): the plans along a search differ in a
 #: module or two from the last accepted one, whose outputs are among the last few used (one for a
 #: held-out evaluator, whose few plans differ in many modules, on many more texts)

@@ -5,11 +5,10 @@ often the arms' outputs agree."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 
 from ..errors import LoradeployError
+from ..progress import Progress, steps
 from . import open as open_session
 from .router import ABRouter
 
@@ -118,7 +117,7 @@ def _summary(served: list[dict], arms: dict[str, list[str]], task: str) -> dict:
 
 
 def ab_test(artifact: Path, arms: dict[str, str | None], weights: list[float] | None, inputs: Path,
-            keys: Path | None = None, progress: Callable[[str], None] | None = None,
+            keys: Path | None = None, progress: Progress | None = None,
             labels: list[str] | None = None, max_new_tokens: int = 16) -> dict:
     """Serve every line of ``inputs`` (JSON lines ``{text}`` or .txt) as one request for its key,
     routed to an arm; also run the other arms on it (not counted) to measure agreement. Every
@@ -127,7 +126,7 @@ def ab_test(artifact: Path, arms: dict[str, str | None], weights: list[float] | 
     the greedy continuation of ``max_new_tokens`` tokens (then the arms agree on the same tokens)."""
     from ..evaldata import load_eval
 
-    step = progress or (lambda _msg: None)
+    step = steps(progress)
     session = open_session(artifact)
     try:
         lm = session.task == "causal-lm"

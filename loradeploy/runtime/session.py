@@ -231,8 +231,8 @@ class Session(ABC):
 
     def measure(self, adapter: str | None, shapes: list[tuple[int, int]], warmup: int, runs: int,
                 reference: Callable[[], float]) -> dict:
-        """Latency per ``(batch, seq)`` shape, interleaved with ``reference`` (see latency.py)."""
-        from ..latency import time_session
+        """Latency per ``(batch, seq)`` shape, interleaved with ``reference`` (see loradeploy.timing)."""
+        from ..timing import time_session
 
         return {"shapes": {f"b{b}xs{s}": time_session(self, adapter, b, s, warmup, runs, reference)
                            for b, s in shapes}}

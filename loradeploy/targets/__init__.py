@@ -1,1 +1,2 @@
-"""Target plugins, one per runtime (see ``common.TARGETS``), and target profiles."""
+"""Target plugins, one per runtime (see ``loradeploy.registry``), and the built-in profile YAMLs
+(``profiles/``, read by :mod:`loradeploy.profile`)."""

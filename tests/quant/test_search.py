@@ -267,7 +267,7 @@ def test_quantize_command_writes_plan_and_export_uses_it(tmp_path, capsys):
     from loradeploy.base import load_tokenizer
     from loradeploy.job import ExportJob
     from loradeploy.quantize import PlanConfig, apply_plan, plan_for
-    from loradeploy.targets.profile import load_profile
+    from loradeploy.profile import load_profile
     from loradeploy.validate import reference_outputs
 
     # the plan file applied as export applies it: its codes rounded against the calibration

@@ -13,8 +13,8 @@ def measure_llama(session, adapter, shapes, warmup, runs, reference) -> dict:
     """Prompt processing per shape (one sequence of ``seq`` tokens) and generation speed, with
     ``adapter`` and with the base alone, interleaved with ``reference`` (the runtime's fixed
     unit, scaled to the call's length); adapter load/switch time vs a model reload."""
-    from ...latency import ScaledReference, ratio_stats, stats
-    from ...latency import time_calls as _time
+    from ...timing import ScaledReference, ratio_stats, stats
+    from ...timing import time_calls as _time
 
     rec = session._rec(adapter)
     worker = session._acquire(rec)

@@ -61,8 +61,8 @@ class Decoder:
 def measure_decoder(session, rec, shapes, warmup: int, runs: int, reference) -> dict:
     """``pp{seq}``: one prompt of ``seq`` tokens; ``tg``: per generated token (32 after a 4-token
     prompt). ``generation`` holds tokens/s with and without the adapter and the switch costs."""
-    from ...latency import ScaledReference, ratio_stats, stats
-    from ...latency import time_calls as _time
+    from ...timing import ScaledReference, ratio_stats, stats
+    from ...timing import time_calls as _time
 
     decoder = session.decoder()
     with_options, base_options = session.run_options(rec), session.run_options(None)

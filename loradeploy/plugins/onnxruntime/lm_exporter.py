@@ -292,7 +292,7 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
     from .graph import lora_factors
     from .lora_inputs import default_arrays, lower_inputs
 
-    from ...render import begin
+    from ...progress import begin
 
     step = progress or (lambda _m: None)
     arch = check_architecture(job.base_model)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import yaml
 
-from .. import registry
-from ..errors import LoradeployError, ProfileError
-from ..slots import parse as slot_tokens
+from . import registry
+from .errors import LoradeployError, ProfileError
+from .slots import parse as slot_tokens
 
 PROFILE_VERSION = 1
-BUILTIN_DIR = Path(__file__).resolve().parent / "profiles"
+BUILTIN_DIR = Path(__file__).resolve().parent / "targets" / "profiles"
 MODES = ("merged", "swappable", "auto")  # auto: merged if it passes the fidelity budget, else swappable
 
 

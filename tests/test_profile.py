@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from loradeploy.targets.profile import ProfileError, load_profile, profile_paths
+from loradeploy.profile import ProfileError, load_profile, profile_paths
 
 BASE = {"version": 1, "name": "t", "runtime": "onnxruntime", "precision": "fp32"}
 
