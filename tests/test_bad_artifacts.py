@@ -14,8 +14,10 @@ import yaml
 
 from loradeploy.cli import main
 from loradeploy import manifest as mf
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile, error_text
-from tests.tamper import assert_every_verb_fails, copy_with_flipped_byte
+from tests.support.cli import error_text
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import quick_profile
+from tests.support.tamper import assert_every_verb_fails, copy_with_flipped_byte
 
 pytestmark = pytest.mark.slow
 ADAPTER = EXAMPLE_ADAPTERS / "sora"

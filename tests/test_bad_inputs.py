@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from loradeploy.cli import main
-from tests.conftest import error_text
+from tests.support.cli import error_text
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = json.loads((CORPUS / "cases.json").read_text())
@@ -60,7 +60,7 @@ def test_bad_input_end_to_end_subprocess(name, tmp_path):
 
 
 def _good_adapter(tmp_path):
-    from tests.synthetic import make_sora
+    from tests.support.synthetic import make_sora
 
     return make_sora(tmp_path / "good").path
 

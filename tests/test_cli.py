@@ -3,8 +3,8 @@ import json
 import pytest
 
 from loradeploy.cli import main
-from tests.synthetic import make_blora, make_sora
-from tests.conftest import error_text
+from tests.support.synthetic import make_blora, make_sora
+from tests.support.cli import error_text
 
 
 def test_help_lists_commands(capsys):
@@ -94,7 +94,7 @@ def test_inspect_lists_modules_in_layer_order(capsys):
     """layers.2 before layers.10 (the Gemma example adapts all 18 layers)."""
     import re
 
-    from tests.conftest import EXAMPLE_ADAPTERS
+    from tests.support.paths import EXAMPLE_ADAPTERS
 
     assert main(["inspect", str(EXAMPLE_ADAPTERS / "sora-gemma"), "--json"]) == 0
     names = [m["name"] for m in json.loads(capsys.readouterr().out)["modules"]]
@@ -106,7 +106,7 @@ def test_inspect_lists_modules_in_layer_order(capsys):
 
 def test_an_adapter_on_the_wrong_base_names_both_in_words(tmp_path, capsys):
     """Not the folder an alias is installed in, nor the head class the base was loaded with."""
-    from tests.conftest import EXAMPLE_ADAPTERS
+    from tests.support.paths import EXAMPLE_ADAPTERS
 
     adapter = EXAMPLE_ADAPTERS / "sora-gemma"
     code = main(["export", "--base", "minilm", "--adapter", str(adapter), "--target", "onnx-cpu",
@@ -128,7 +128,8 @@ def test_progress_shows_as_it_happens_in_a_pipe(tmp_path):
     import sys
     import time
 
-    from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+    from tests.support.paths import EXAMPLE_ADAPTERS
+    from tests.support.profiles import quick_profile
 
     from loradeploy.evaldata import DEFAULT_EVAL
 
@@ -169,7 +170,7 @@ def test_task_is_read_from_the_adapter_and_kept_by_prune(tmp_path, capsys):
     import os
 
     from loradeploy.cli import main
-    from tests.conftest import EXAMPLE_ADAPTERS
+    from tests.support.paths import EXAMPLE_ADAPTERS
 
     def inspect(path):
         assert main(["inspect", str(path), "--json"]) == 0
@@ -213,7 +214,8 @@ def test_bnb_export_prints_no_library_warnings(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+    from tests.support.paths import EXAMPLE_ADAPTERS
+    from tests.support.profiles import quick_profile
 
     from loradeploy.evaldata import DEFAULT_EVAL
 

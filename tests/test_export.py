@@ -5,7 +5,8 @@ with the closest name suggested, found before the adapters are read, and no fold
 import pytest
 
 from loradeploy.cli import main
-from tests.conftest import EXAMPLE_ADAPTERS, error_text
+from tests.support.cli import error_text
+from tests.support.paths import EXAMPLE_ADAPTERS
 
 ADAPTER = EXAMPLE_ADAPTERS / "sora"
 

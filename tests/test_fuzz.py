@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loradeploy import manifest as mf
-from tests import fuzzkit as fk
+from tests.support import fuzzkit as fk
 
 READER_KINDS = [
     "sora model.safetensors", "sora head.safetensors", "sora lora_config.json", "sora pytorch_model.bin (zip)",
@@ -249,7 +249,7 @@ def real(root):
 
     from loradeploy.evaldata import DEFAULT_EVAL
     from loradeploy.targets.profile import BUILTIN_DIR
-    from tests.conftest import EXAMPLE_ADAPTERS
+    from tests.support.paths import EXAMPLE_ADAPTERS
 
     t = time.perf_counter()
     work = root / "real"

@@ -7,7 +7,7 @@ from loradeploy.adapters import read_adapter
 from loradeploy.errors import LoradeployError
 from loradeploy.ir import AdapterSet, LoraModule, Method
 from loradeploy.prune import EXACT_RTOL, PruneConfig, prune
-from tests.synthetic import DEAD_MODULE, make_blora, make_increlora, make_sora
+from tests.support.synthetic import DEAD_MODULE, make_blora, make_increlora, make_sora
 
 BUILDERS = {"sora": make_sora, "increlora": make_increlora, "blora": make_blora}
 

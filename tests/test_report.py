@@ -9,8 +9,9 @@ import pytest
 
 from loradeploy.measures import describe
 from loradeploy.report import render
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
-from tests.exports import export_adapters
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import quick_profile
+from tests.support.exports import export_adapters
 from loradeploy.job import AdapterSpec
 
 

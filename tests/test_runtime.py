@@ -19,9 +19,10 @@ from loradeploy import runtime
 from loradeploy.cli import main
 from loradeploy.errors import BaseModelError, LoradeployError
 from loradeploy.job import AdapterSpec
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
-from tests.exports import export_adapters as export
-from tests.serving import serve_with_arm_swaps
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import quick_profile
+from tests.support.exports import export_adapters as export
+from tests.support.serving import serve_with_arm_swaps
 
 SAME_ATOL = 1e-5  # one runtime, same inputs: the served session and one opened as validation opens it
 N_TEXTS = 32

@@ -6,7 +6,8 @@ from loradeploy import slots
 from loradeploy.adapters import read_adapter
 from loradeploy.errors import LoradeployError
 from loradeploy.prune import prune
-from tests.conftest import EXAMPLE_ADAPTERS, error_text
+from tests.support.cli import error_text
+from tests.support.paths import EXAMPLE_ADAPTERS
 
 
 @pytest.fixture(scope="module")

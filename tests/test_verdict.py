@@ -19,8 +19,10 @@ from loradeploy.cli import main
 from loradeploy.kinds import Task
 from loradeploy.targets.profile import load_profile, profile_paths
 from loradeploy.verdict import NOTHING_GATED, gated_measures, is_ungated, judge
-from tests.conftest import REPO, error_text, quick_profile
-from tests.targets import tiny_lm
+from tests.support.cli import error_text
+from tests.support.paths import REPO
+from tests.support.profiles import quick_profile
+from tests.support import tiny_lm
 
 LM = Task.CAUSAL_LM.value
 
@@ -84,7 +86,7 @@ def test_every_runtime_declares_the_tasks_of_each_precision():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny Llama with a PEFT adapter, a SoRA adapter with and without its head for MiniLM."""
-    from tests.synthetic import make_sora
+    from tests.support.synthetic import make_sora
 
     root = tmp_path_factory.mktemp("verdict")
     base = tiny_lm.build(root / "hf", "llama")

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from loradeploy.cli import main
-from tests.conftest import quick_profile
-from tests.fleet.helpers import alive, copy_examples, small_eval, write_spec
+from tests.support.profiles import quick_profile
+from tests.support.fleet import alive, copy_examples, small_eval, write_spec
 
 pytestmark = pytest.mark.slow
 

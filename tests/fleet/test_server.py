@@ -16,8 +16,8 @@ import pytest
 
 from loradeploy.cli import main
 from loradeploy.fleet import FleetConfig, server
-from tests.conftest import quick_profile
-from tests.fleet.helpers import alive, copy_examples, small_eval, write_spec
+from tests.support.profiles import quick_profile
+from tests.support.fleet import alive, copy_examples, small_eval, write_spec
 
 pytestmark = pytest.mark.slow  # each test starts a worker: ~8 s of imports
 

@@ -9,8 +9,8 @@ from loradeploy.cli import main
 from loradeploy.errors import SpecError
 from loradeploy.fleet.index import html, junit
 from loradeploy.fleet.spec import load_spec, parse_shard, shard
-from tests.conftest import error_text
-from tests.fleet.helpers import copy_examples, write_spec
+from tests.support.cli import error_text
+from tests.support.fleet import copy_examples, write_spec
 
 
 @pytest.fixture()
@@ -93,7 +93,7 @@ def test_a_key_changes_with_exactly_its_inputs(tmp_path, examples):
     second = {u.id: u.key for u in load_spec(spec).units}
     assert {i for i in first if first[i] != second[i]} == {"onnx-cpu/blora", "onnx-cpu-int8/blora"}
     # a different eval set is a different input of every unit
-    from tests.fleet.helpers import small_eval
+    from tests.support.fleet import small_eval
 
     spec = write_spec(tmp_path, list(examples.values()), ["onnx-cpu", "onnx-cpu-int8"],
                       eval=str(small_eval(tmp_path)))

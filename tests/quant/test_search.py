@@ -14,7 +14,8 @@ from loradeploy.job import AdapterInputs, AdapterSpec, load_entries
 from loradeploy.ir import Task
 from loradeploy.quant.plan import Plan, quantize_adapter, uniform_formats
 from loradeploy.quant.search import Evaluator, calibration_batches, search
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import quick_profile
 
 pytestmark = pytest.mark.slow
 BUDGET = 0.01

@@ -14,8 +14,9 @@ from loradeploy.cli import main
 from loradeploy.job import AdapterSpec
 from loradeploy.manifest import read as read_manifest
 from loradeploy.runtime.router import _cuts, assign
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
-from tests.exports import export_adapters
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import quick_profile
+from tests.support.exports import export_adapters
 
 N_TEXTS = 12
 INCRELORA_NAMES = ["negative", "positive"]  # examples/adapters/increlora/config.json id2label

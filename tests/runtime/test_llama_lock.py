@@ -13,9 +13,9 @@ from loradeploy import runtime
 from loradeploy.base import resolve_base
 from loradeploy.job import AdapterSpec
 from loradeploy.runtime.llama import ModelLock
-from tests.conftest import quick_profile
-from tests.exports import export_adapters
-from tests.targets import tiny_llama
+from tests.support.profiles import quick_profile
+from tests.support.exports import export_adapters
+from tests.support import tiny_llama
 
 
 def _started(fn) -> tuple[threading.Thread, threading.Event]:

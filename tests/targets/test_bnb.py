@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from loradeploy.job import AdapterSpec
-from tests.exports import export_adapters as export
+from tests.support.exports import export_adapters as export
 from loradeploy.manifest import read as read_manifest
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import quick_profile
 
 pytestmark = pytest.mark.slow
 N_EVAL = 48
@@ -152,7 +153,7 @@ def test_layernorm_weights_travel_as_modules_to_save(tmp_path, eval_small):
     from loradeploy.base import load_torch_model, resolve_base
     from loradeploy.evaldata import load_eval
     from loradeploy.ir import Task
-    from tests.synthetic import with_layernorms
+    from tests.support.synthetic import with_layernorms
 
     norms = ["bert.encoder.layer.0.attention.output.LayerNorm", "bert.encoder.layer.5.output.LayerNorm"]
     base = load_torch_model(resolve_base("minilm"), Task.SEQUENCE_CLASSIFICATION, 2)
@@ -189,7 +190,7 @@ def test_layernorm_weights_travel_as_modules_to_save(tmp_path, eval_small):
 def test_a_changed_safetensors_fails_verify_check_and_validate(tmp_path, eval_small, capsys):
     """The quantized base's and the PEFT adapter's safetensors: one byte flipped in a copy fails
     all three verbs with exit 1, naming the file."""
-    from tests.tamper import assert_every_verb_fails, copy_with_flipped_byte
+    from tests.support.tamper import assert_every_verb_fails, copy_with_flipped_byte
 
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("\n".join(eval_small.read_text().splitlines()[:8]) + "\n")

@@ -8,10 +8,12 @@ import torch
 
 from loradeploy.cli import main
 from loradeploy.job import AdapterSpec
-from tests.exports import export_adapters as export
+from tests.support.exports import export_adapters as export
 from loradeploy.manifest import read as read_manifest
 from loradeploy.fsutil import sha256_file
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile, error_text
+from tests.support.cli import error_text
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import quick_profile
 
 pytestmark = pytest.mark.slow
 AGREE_ATOL = 1e-4  # max |Δlogit| between two fp32 paths (ORT swappable, ORT merged, PyTorch)
@@ -277,7 +279,7 @@ def test_layernorm_weights_travel_as_graph_inputs(tmp_path, eval_small):
     from loradeploy.base import load_torch_model, resolve_base
     from loradeploy.evaldata import load_eval
     from loradeploy.ir import Task
-    from tests.synthetic import with_layernorms
+    from tests.support.synthetic import with_layernorms
 
     norms = ["bert.encoder.layer.0.attention.output.LayerNorm", "bert.encoder.layer.5.output.LayerNorm"]
     base = load_torch_model(resolve_base("minilm"), Task.SEQUENCE_CLASSIFICATION, 2)

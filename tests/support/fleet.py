@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import EXAMPLE_ADAPTERS
+from tests.support.paths import EXAMPLE_ADAPTERS
 
 #: the MiniLM examples; sora's head is a separate file (real SoRA checkpoints hold none)
 EXAMPLES = ("sora", "increlora", "blora")

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from loradeploy import manifest as mf
 from loradeploy.cli import main
-from tests.conftest import error_text
+from tests.support.cli import error_text
 
 CASE_SECONDS = 10.0
 #: cases run, by tier → file kind → outcome; written to COUNTS_FILE at the end of the module
@@ -60,7 +60,7 @@ def _peft_adalora(folder: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from tests.synthetic import MODULES
+    from tests.support.synthetic import MODULES
 
     folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(5)
@@ -129,7 +129,7 @@ def build_reader_seeds(root: Path) -> dict[str, ReaderSeed]:
     """One valid checkpoint per layout and file kind the readers take."""
     from unittest import mock
 
-    from tests import synthetic
+    from tests.support import synthetic
 
     assert synthetic.DEAD_MODULE in SMALL_MODULES
     with mock.patch.dict(synthetic.MODULES, SMALL_MODULES, clear=True):
@@ -139,7 +139,7 @@ def build_reader_seeds(root: Path) -> dict[str, ReaderSeed]:
 def _build_reader_seeds(root: Path) -> dict[str, ReaderSeed]:
     import torch
 
-    from tests.synthetic import make_blora, make_increlora, make_sora
+    from tests.support.synthetic import make_blora, make_increlora, make_sora
 
     seeds: dict[str, ReaderSeed] = {}
     make_sora(root / "sora-st", fmt="safetensors")
@@ -201,7 +201,7 @@ def build_mini_artifact(folder: Path) -> Artifact:
     JSON, listed in a manifest modelled on examples/ci/baseline/manifest.json."""
     from loradeploy.targets.onnx import write_adapter_file
 
-    from tests.conftest import REPO
+    from tests.support.paths import REPO
 
     (folder / "adapters" / "peft").mkdir(parents=True)
     write_tiny_onnx(folder / "model.onnx")
@@ -642,7 +642,7 @@ def run_cli(argv: list[str], cwd: Path, limit: float | None = CASE_SECONDS) -> R
     warned = [f"{w.category.__name__}: {w.message}" for w in caught]
     err_lines = (err.getvalue().splitlines() + native_err[0].decode(errors="replace").splitlines()
                  + logged + warned)
-    # timestamped progress lines (stderr is not a terminal here) are not errors: see tests.conftest.error_text
+    # timestamped progress lines (stderr is not a terminal here) are not errors: see tests.support.cli.error_text
     return Result(code, out.getvalue() + native_out[0].decode(errors="replace"),
                   [ln for ln in error_text("\n".join(err_lines)).splitlines() if ln.strip()], seconds, exc)
 
