@@ -31,11 +31,10 @@ from loradeploy.cli import main
 from tests.support.cli import error_text
 
 CASE_SECONDS = 10.0
-#: cases run, by tier → file kind → outcome; written to COUNTS_FILE at the end of the module
+#: cases run, by tier → file kind → outcome (printed at the end of tests/test_fuzz.py)
 COUNTS: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
 TIMES: dict[str, float] = {}
 CASE_TIMES: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))  # seconds inside main()
-COUNTS_FILE = Path("/tmp/fuzz_counts.json")
 
 
 # --- seeds -----------------------------------------------------------------------------------
@@ -665,24 +664,6 @@ def check_result(res: Result, kind: str, tier: str, allowed=(0, 2), describe: st
     else:
         assert res.err_lines == [], f"{where}: exit {res.code} but stderr has {res.err_lines}"
     return outcome
-
-
-def write_counts() -> None:
-    """Merge this run's counts into COUNTS_FILE (tiers run in separate pytest runs add up)."""
-    try:
-        old = json.loads(COUNTS_FILE.read_text())
-    except (OSError, ValueError):
-        old = {}
-    counts = old.get("counts", {})
-    for tier, kinds in COUNTS.items():
-        counts[tier] = {k: dict(sorted(v.items())) for k, v in sorted(kinds.items())}
-    times = {**old.get("seconds", {}), **{k: round(v, 1) for k, v in TIMES.items()}}
-    totals = {tier: sum(sum(v.values()) for v in kinds.values()) for tier, kinds in counts.items()}
-    in_main = old.get("seconds_in_main", {})
-    for tier, kinds in CASE_TIMES.items():
-        in_main[tier] = {k: round(v, 2) for k, v in sorted(kinds.items())}
-    COUNTS_FILE.write_text(json.dumps({"counts": counts, "cases": totals, "seconds": times,
-                                       "seconds_in_main": in_main}, indent=1) + "\n")
 
 
 def table(tier: str) -> str:
