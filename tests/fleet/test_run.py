@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from loradeploy.cli import main
+from tests.support.cli import main_bad_input
 from tests.support.profiles import quick_profile
 from tests.support.fleet import alive, copy_examples, small_eval, write_spec
 
@@ -184,14 +185,14 @@ def test_a_killed_run_resumes_where_it_stopped(fleet, tmp_path):
     del root
 
 
-def test_shards_merge_into_the_full_run(fleet, tmp_path):
+def test_shards_merge_into_the_full_run(fleet, tmp_path, capsys):
     outs = []
     for i in range(2):
         outs.append(tmp_path / f"shard{i}")
         assert main(["fleet", "run", str(fleet["spec"]), "-o", str(outs[-1]), "--shard", f"{i}/2", "--workers", "1"]) == 0
     sizes = [json.loads((o / "index.json").read_text())["summary"]["units"] for o in outs]
     assert sum(sizes) == 3 and min(sizes) >= 1
-    assert main(["fleet", "merge", str(outs[1]), "-o", str(tmp_path / "half")]) == 2  # a shard is missing
+    main_bad_input(capsys, ["fleet", "merge", str(outs[1]), "-o", str(tmp_path / "half")], "shard")  # one is missing
     assert main(["fleet", "merge", *map(str, outs), "-o", str(tmp_path / "all")]) == 0
     merged = json.loads((tmp_path / "all" / "index.json").read_text())
     assert _files(merged) == _files(fleet["index"])

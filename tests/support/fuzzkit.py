@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from loradeploy import manifest as mf
 from loradeploy.cli import main
-from tests.support.cli import error_text
+from tests.support.cli import assert_bad_input, error_text
 
 CASE_SECONDS = 10.0
 #: cases run, by tier → file kind → outcome (printed at the end of tests/test_fuzz.py)
@@ -659,8 +659,10 @@ def check_result(res: Result, kind: str, tier: str, allowed=(0, 2), describe: st
     text = "\n".join(res.err_lines) + res.out
     assert "Traceback" not in text, f"{where}: a traceback was printed:\n{text[:2000]}"
     if res.code == 2:
-        assert len(res.err_lines) == 1 and res.err_lines[0].startswith("error: "), \
-            f"{where}: expected one `error:` line on stderr, got {res.err_lines}"
+        try:
+            assert_bad_input(res.code, "\n".join(res.err_lines), out=res.out)
+        except AssertionError as e:
+            raise AssertionError(f"{where}: {e}") from None
     else:
         assert res.err_lines == [], f"{where}: exit {res.code} but stderr has {res.err_lines}"
     return outcome

@@ -11,7 +11,7 @@ from loradeploy.job import AdapterSpec
 from tests.support.exports import export_adapters as export
 from loradeploy.manifest import read as read_manifest
 from loradeploy.fsutil import sha256_file
-from tests.support.cli import error_text
+from tests.support.cli import main_bad_input
 from tests.support.paths import EXAMPLE_ADAPTERS
 from tests.support.profiles import quick_profile
 
@@ -167,31 +167,24 @@ def _sora_for(tmp_path, modules: dict[str, tuple[int, int]]):
 def test_adapter_base_mismatch(tmp_path, capsys, modules, message):
     adapter = _sora_for(tmp_path, modules)
     out = tmp_path / "out"
-    code = main(["export", "--base", "minilm", "--adapter", str(adapter), "--target", "onnx-cpu", "-o", str(out)])
-    err = error_text(capsys.readouterr().err).splitlines()
-    assert code == 2 and len(err) == 1 and message in err[0] and "bad-adapter" in err[0]
+    main_bad_input(capsys, ["export", "--base", "minilm", "--adapter", str(adapter), "--target", "onnx-cpu", "-o",
+                            str(out)], message, "bad-adapter")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
 def test_unknown_target_and_unwritable_output(tmp_path, capsys):
     adapter = str(EXAMPLE_ADAPTERS / "sora")
-    assert main(["export", "--base", "minilm", "--adapter", adapter, "--target", "tpu", "-o", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert "unknown target 'tpu'" in err and "did you mean" not in err
-    assert main(["export", "--base", "minilm", "--adapter", adapter, "--target", "onnx-cpu-itn4", "-o",
-                 str(tmp_path / "o")]) == 2
-    assert "unknown target 'onnx-cpu-itn4': did you mean 'onnx-cpu-int4'?" in capsys.readouterr().err
+    def export(base, target, out, *needles):
+        return main_bad_input(capsys, ["export", "--base", base, "--adapter", adapter, "--target", target, "-o",
+                                       str(out)], *needles)
+
+    assert "did you mean" not in export("minilm", "tpu", tmp_path / "o", "unknown target 'tpu'")
+    export("minilm", "onnx-cpu-itn4", tmp_path / "o", "unknown target 'onnx-cpu-itn4': did you mean 'onnx-cpu-int4'?")
     # a Hugging Face folder for the llama.cpp target: how to make a GGUF
-    assert main(["export", "--base", "minilm", "--adapter", adapter, "--target", "gguf-cpu", "-o",
-                 str(tmp_path / "o")]) == 2
-    assert "convert_hf_to_gguf.py" in capsys.readouterr().err
+    export("minilm", "gguf-cpu", tmp_path / "o", "convert_hf_to_gguf.py")
     (tmp_path / "file").write_text("")
-    assert main(["export", "--base", "minilm", "--adapter", adapter, "--target", "onnx-cpu",
-                 "-o", str(tmp_path / "file" / "o")]) == 2
-    assert "cannot write here" in capsys.readouterr().err
-    assert main(["export", "--base", "/nonexistent", "--adapter", adapter, "--target", "onnx-cpu",
-                 "-o", str(tmp_path / "o")]) == 2
-    assert "not a model folder or a built-in base" in capsys.readouterr().err
+    export("minilm", "onnx-cpu", tmp_path / "file" / "o", "cannot write here")
+    export("/nonexistent", "onnx-cpu", tmp_path / "o", "not a model folder or a built-in base")
     assert not (tmp_path / "o").exists()
 
 

@@ -16,7 +16,7 @@ from loradeploy import runtime
 from loradeploy.cli import main
 from loradeploy.job import AdapterSpec
 from tests.support.og_greedy import og_greedy
-from tests.support.cli import error_text
+from tests.support.cli import main_bad_input
 from tests.support.paths import EXAMPLE_ADAPTERS
 from tests.support.profiles import quick_profile
 from tests.support.exports import export_adapters
@@ -245,10 +245,7 @@ def test_chunked_k_quant_gives_onnxruntimes_arrays_bit_for_bit():
 # -- bad input: one line, exit 2, nothing written ------------------------------------------
 
 def _cli_refuses(capsys, out: Path, argv: list[str], *needles: str) -> None:
-    code = main(argv)
-    err = error_text(capsys.readouterr().err)
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("error:") and all(n in err for n in needles), err
+    main_bad_input(capsys, argv, *needles)
     assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
 
 
