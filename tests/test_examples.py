@@ -16,7 +16,7 @@ from loradeploy.ir import Method, Task
 from loradeploy.prune import prune
 from loradeploy.validate import reference_outputs
 from tests.support.paths import EXAMPLE_ADAPTERS
-from tests.test_prune import assert_exact
+from tests.support.exactness import assert_exact
 
 EXAMPLES = {"sora": Method.SORA, "increlora": Method.INCRELORA, "blora": Method.BLORA}
 MAX_BYTES = 5 * 2**20

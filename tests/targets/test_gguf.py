@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from loradeploy.adapters import read_adapter
-from loradeploy.base import resolve_base
 from loradeploy.job import AdapterSpec
 from tests.support.exports import export_adapters as export
 from loradeploy import runtime
@@ -13,27 +12,9 @@ from loradeploy.targets import gguf as gguf_target
 from loradeploy.validate import lm_fidelity
 from tests.support.paths import EXAMPLE_ADAPTERS
 from tests.support.profiles import lm_eval_head, quick_profile
-from tests.support import tiny_llama
+from tests.support.tiny_llama_fixtures import TEXTS, fast_profile, gemma, tiny  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
-TEXTS = ["The soup was not good, but the staff were lovely.", "I would buy this camera again.",
-         "Hardly worth the price, sadly."]
-
-
-def fast_profile(tmp_path, name: str, **changes) -> str:
-    return str(quick_profile(tmp_path, name, runs=2, shapes=[{"batch": 1, "seq": 32}], **changes))
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    return resolve_base("gemma3-270m")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, gemma):
-    folder = tmp_path_factory.mktemp("tiny")
-    hf, path = tiny_llama.build(folder, gemma)
-    return hf, path, tiny_llama.sora_adapter(folder / "adapter")
 
 
 def _runner_logits(artifact, adapter, token_lists):

@@ -12,6 +12,7 @@ from tests.support.exports import export_adapters as export
 from loradeploy.manifest import read as read_manifest
 from loradeploy.fsutil import sha256_file
 from tests.support.cli import main_bad_input
+from tests.support.outputs import artifact_outputs
 from tests.support.paths import EXAMPLE_ADAPTERS
 from tests.support.profiles import quick_profile
 
@@ -33,15 +34,6 @@ def eval_small(tmp_path_factory):
     return path
 
 
-def _outputs(artifact, adapter, texts):
-    from loradeploy import runtime
-    from loradeploy.base import load_tokenizer
-    from loradeploy.validate import session_outputs
-
-    with runtime.open(artifact) as session:
-        return session_outputs(session, adapter, load_tokenizer(artifact), texts)
-
-
 def test_two_adapters_on_one_session_match_merged_and_reference(tmp_path, eval_small):
     """Activating adapter X on the swappable artifact gives the merged artifact of X and the
     fp32 reference of X (max |Δlogit| < 1e-4), for two adapters with different ranks and heads."""
@@ -53,17 +45,17 @@ def test_two_adapters_on_one_session_match_merged_and_reference(tmp_path, eval_s
     swap = export("minilm", specs, profile, tmp_path / "swap", mode="swappable", eval_path=eval_small)
     assert swap["validation"]["passed"]
     texts = load_eval(eval_small).texts
-    outs = {n: _outputs(tmp_path / "swap", n, texts) for n in names}
+    outs = {n: artifact_outputs(tmp_path / "swap", n, texts) for n in names}
     for spec in specs:
         merged = export("minilm", [spec], profile, tmp_path / f"merged-{spec.name}", mode="merged", eval_path=eval_small)
-        merged_out = _outputs(tmp_path / f"merged-{spec.name}", None, texts)
+        merged_out = artifact_outputs(tmp_path / f"merged-{spec.name}", None, texts)
         assert np.abs(outs[spec.name] - merged_out).max() < AGREE_ATOL
         assert swap["validation"]["metrics"][spec.name]["max_abs_logit"] < AGREE_ATOL
         assert merged["validation"]["metrics"]["merged"]["max_abs_logit"] < AGREE_ATOL
     # the two adapters really differ, so a mix-up would be caught
     assert np.abs(outs["sora"] - outs["increlora"]).max() > 100 * AGREE_ATOL
     # no adapter active: the base (rank-0 defaults) with the default head, different again
-    base = _outputs(tmp_path / "swap", None, texts)
+    base = artifact_outputs(tmp_path / "swap", None, texts)
     assert np.abs(base - outs["sora"]).max() > 100 * AGREE_ATOL
 
 
@@ -202,7 +194,7 @@ def test_feature_extraction_without_head(tmp_path, eval_small, mode):
     assert record["task"] == "feature-extraction"
     m = record["validation"]["metrics"]["emb" if mode == "swappable" else "merged"]
     assert m["cosine_min"] > 0.99999 and record["validation"]["passed"]
-    out = _outputs(tmp_path / "o", "emb" if mode == "swappable" else None, ["a short sentence"])
+    out = artifact_outputs(tmp_path / "o", "emb" if mode == "swappable" else None, ["a short sentence"])
     assert out.shape == (1, 384)
 
 
@@ -286,10 +278,10 @@ def test_layernorm_weights_travel_as_graph_inputs(tmp_path, eval_small):
         <= set(swap["decisions"]["graph_inputs_overridable"])
     assert lora_bias in swap["decisions"]["lora_slot_modules"]
     texts = load_eval(eval_small).texts
-    outs = {n: _outputs(tmp_path / "swap", n, texts) for n in ("ln", "increlora")}
+    outs = {n: artifact_outputs(tmp_path / "swap", n, texts) for n in ("ln", "increlora")}
     for spec in specs:
         export("minilm", [spec], profile, tmp_path / f"merged-{spec.name}", mode="merged", eval_path=eval_small)
-        merged = _outputs(tmp_path / f"merged-{spec.name}", None, texts)
+        merged = artifact_outputs(tmp_path / f"merged-{spec.name}", None, texts)
         assert np.abs(outs[spec.name] - merged).max() < AGREE_ATOL, spec.name
         assert swap["validation"]["metrics"][spec.name]["max_abs_logit"] < AGREE_ATOL
     assert np.abs(outs["ln"] - outs["increlora"]).max() > 100 * AGREE_ATOL  # the norms take effect
