@@ -610,6 +610,8 @@ def run_cli(argv: list[str], cwd: Path, limit: float | None = CASE_SECONDS) -> R
     def _alarm(signum, frame):
         raise CaseTimeout(f"over {limit:g} s")
 
+    # pytest-timeout's per-test alarm (timeout method: signal) is paused here and re-armed after
+    pending, _ = signal.getitimer(signal.ITIMER_REAL)
     previous = signal.signal(signal.SIGALRM, _alarm)
     code, exc = None, None
     start = time.perf_counter()
@@ -635,6 +637,8 @@ def run_cli(argv: list[str], cwd: Path, limit: float | None = CASE_SECONDS) -> R
             sys.stdout.flush()
     finally:
         signal.signal(signal.SIGALRM, previous)
+        if pending:
+            signal.setitimer(signal.ITIMER_REAL, max(pending - (time.perf_counter() - start), 1e-3))
         os.chdir(old_cwd)
         root.removeHandler(handler)
     seconds = time.perf_counter() - start
