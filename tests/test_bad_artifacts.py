@@ -14,8 +14,10 @@ import yaml
 
 from loradeploy.cli import main
 from loradeploy import manifest as mf
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile, error_text
-from tests.tamper import assert_every_verb_fails, copy_with_flipped_byte
+from tests.support.cli import main_bad_input
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import quick_profile
+from tests.support.tamper import assert_every_verb_fails, copy_with_flipped_byte
 
 pytestmark = pytest.mark.slow
 ADAPTER = EXAMPLE_ADAPTERS / "sora"
@@ -425,13 +427,7 @@ def test_error_is_one_line_exit_2_nothing_written(good, tmp_path, capsys, monkey
     for key, value in (env[0] if env else {}).items():
         monkeypatch.setenv(key, value)
     before = sorted(p.name for p in work.iterdir())
-    code = main(argv)
-    out = capsys.readouterr()
-    lines = error_text(out.err).splitlines()
-    assert code == 2, out
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
-    assert expect in lines[0], lines[0]
-    assert "Traceback" not in out.err + out.out
+    main_bad_input(capsys, argv, expect)
     assert sorted(p.name for p in work.iterdir()) == before  # nothing written, no partial files
     assert not any(p.name.startswith(".") and "partial" in p.name for p in tmp_path.rglob("*"))
 

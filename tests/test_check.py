@@ -8,7 +8,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from loradeploy.cli import main
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import quick_profile
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +95,7 @@ def test_examples_ci_script_passes_against_the_committed_baseline(tmp_path):
     import sys
     from pathlib import Path
 
-    from tests.conftest import REPO
+    from tests.support.paths import REPO
 
     env = {**os.environ, "LORADEPLOY": str(Path(sys.executable).parent / "loradeploy"),
            "OUT": str(tmp_path / "art"), "REPORTS": str(tmp_path / "reports")}

@@ -11,7 +11,7 @@ from loradeploy import measures
 from loradeploy.check import compare, info_notes, junit_xml, markdown, parse_tolerance
 from loradeploy.errors import LoradeployError
 from loradeploy.machine import isa_level, mismatch
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 HERE = {"cpu_model": "AMD EPYC", "isa": "x86-64-v4+avx512_vnni", "cpu_count": 2, "runtime": "onnxruntime",
         "runtime_version": "1.32.0", "threads": 2, "reference": "unit-block-v2"}

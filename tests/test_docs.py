@@ -8,7 +8,7 @@ import click
 import pytest
 
 from loradeploy.cli import cli
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 

@@ -15,8 +15,8 @@ from loradeploy.evaldata import load_eval
 from loradeploy.ir import Method, Task
 from loradeploy.prune import prune
 from loradeploy.validate import reference_outputs
-from tests.conftest import EXAMPLE_ADAPTERS
-from tests.test_prune import assert_exact
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.exactness import assert_exact
 
 EXAMPLES = {"sora": Method.SORA, "increlora": Method.INCRELORA, "blora": Method.BLORA}
 MAX_BYTES = 5 * 2**20

@@ -4,8 +4,8 @@ with the closest name suggested, found before the adapters are read, and no fold
 
 import pytest
 
-from loradeploy.cli import main
-from tests.conftest import EXAMPLE_ADAPTERS, error_text
+from tests.support.cli import main_bad_input
+from tests.support.paths import EXAMPLE_ADAPTERS
 
 ADAPTER = EXAMPLE_ADAPTERS / "sora"
 
@@ -40,19 +40,14 @@ def test_a_mistake_is_one_line_and_leaves_nothing(case, tmp_path, capsys, monkey
     args, expected = case(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
     out = tmp_path / "new" / "parents" / "out"
-    code = main(["export", *args, "--target", "onnx-cpu", "-o", str(out)])
-    captured = capsys.readouterr()
-    lines = error_text(captured.err).splitlines()
-    assert code == 2 and len(lines) == 1, captured.err
-    assert lines[0].startswith(expected) if expected.startswith("error: ") else expected in lines[0], lines[0]
-    assert "Traceback" not in captured.err + captured.out
+    line = main_bad_input(capsys, ["export", *args, "--target", "onnx-cpu", "-o", str(out)])
+    assert line.startswith(expected) if expected.startswith("error: ") else expected in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # not even an empty parent of -o
 
 
 def test_a_mistyped_base_costs_no_adapter_reading(tmp_path, capsys):
     """Also in `quantize`: the base is resolved before the adapters are read."""
-    code = main(["quantize", "--base", "gemma3", "--adapter", str(tmp_path / "no-adapter"), "--target", "onnx-cpu",
-                 "-o", str(tmp_path / "plan.json")])
-    err = error_text(capsys.readouterr().err)
-    assert code == 2 and err == "error: gemma3: not a model folder or a built-in base (built-in: minilm, " \
+    err = main_bad_input(capsys, ["quantize", "--base", "gemma3", "--adapter", str(tmp_path / "no-adapter"), "--target",
+                                  "onnx-cpu", "-o", str(tmp_path / "plan.json")])
+    assert err == "error: gemma3: not a model folder or a built-in base (built-in: minilm, " \
                                 "gemma3-270m); did you mean 'gemma3-270m'?"

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from benchmarks import export_time as bench
-from tests.conftest import REPO, quick_profile
+from tests.support.paths import REPO
+from tests.support.profiles import quick_profile
 
 
 def test_stage_lines_are_read_by_stage():

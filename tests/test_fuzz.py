@@ -7,9 +7,9 @@ truncations, bit flips, edited headers and lengths, and runs ``inspect``/``prune
 Every case must exit 0, 1 (verify, naming the failing file on stdout) or 2 with exactly one
 ``error:`` line on stderr (counting native writes to fd 2, warning log records and Python
 warnings), print no traceback, finish within 10 s, and write nothing outside its temporary
-folder. The fast tier runs 338 cases, the slow tier 2,036 more (other examples). Runs are
-derandomized, so CI sees the same cases every time. Counts by file kind and outcome are written
-to /tmp/fuzz_counts.json (and printed by the summary tests under ``-s``).
+folder. The fast tier runs 338 cases, the slow tier 2,036 more (other examples): each test
+checks that all of its cases ran. Runs are seeded, so CI sees the same cases every time.
+Counts by file kind and outcome are printed at the end of the module (under ``-s``).
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import pytest
+import hypothesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loradeploy import manifest as mf
-from tests import fuzzkit as fk
+from tests.support import fuzzkit as fk
 
 READER_KINDS = [
     "sora model.safetensors", "sora head.safetensors", "sora lora_config.json", "sora pytorch_model.bin (zip)",
@@ -83,9 +85,27 @@ def mini(root):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _record_counts():
+def _print_counts():
     yield
-    fk.write_counts()
+    for tier in fk.COUNTS:
+        print(f"\n{tier} tier: cases run, by file kind and outcome\n" + fk.table(tier))
+    print("wall seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in fk.TIMES.items()))
+
+
+def _run_cases(n: int, name: str, case) -> None:
+    """``case(data)`` on ``n`` hypothesis examples, the same ones every run for the same ``name``
+    (a seed from it: each test and tier draws its own); fails unless all ``n`` ran."""
+    ran = []
+
+    @hypothesis.seed(zlib.crc32(name.encode()))
+    @_settings(n)
+    @given(data=st.data())
+    def each(data):
+        case(data)
+        ran.append(True)
+
+    each()
+    assert len(ran) == n, f"{len(ran)} of {n} cases ran"
 
 
 def _timed(name):
@@ -136,20 +156,22 @@ def reader_case(seeds, kind, data, tier, root):
 
 
 @pytest.mark.parametrize("kind", READER_KINDS)
-@_settings(FAST["reader"])
-@given(data=st.data())
-def test_fuzz_readers(seeds, root, kind, data):
-    with _timed("fast readers"):
-        reader_case(seeds, kind, data, "fast", root)
+def test_fuzz_readers(seeds, root, kind):
+    def case(data):
+        with _timed("fast readers"):
+            reader_case(seeds, kind, data, "fast", root)
+
+    _run_cases(FAST["reader"], f"fast readers {kind}", case)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", READER_KINDS)
-@_settings(SLOW["reader"])
-@given(data=st.data())
-def test_fuzz_readers_slow(seeds, root, kind, data):
-    with _timed("slow readers"):
-        reader_case(seeds, kind, data, "slow", root)
+def test_fuzz_readers_slow(seeds, root, kind):
+    def case(data):
+        with _timed("slow readers"):
+            reader_case(seeds, kind, data, "slow", root)
+
+    _run_cases(SLOW["reader"], f"slow readers {kind}", case)
 
 
 # --- verify: a damaged artifact ------------------------------------------------------------
@@ -222,22 +244,24 @@ def verify_case(source: fk.Artifact | Path, kind, rel, data, tier, root, load: b
 
 
 @pytest.mark.parametrize("kind", ARTIFACT_KINDS)
-@_settings(FAST["artifact"])
-@given(data=st.data())
-def test_fuzz_verify(mini, root, kind, data):
-    with _timed("fast verify"):
-        load = data.draw(st.integers(0, 3), label="load") == 0
-        verify_case(mini, kind, mini.files[kind], data, "fast", root, load)
+def test_fuzz_verify(mini, root, kind):
+    def case(data):
+        with _timed("fast verify"):
+            load = data.draw(st.integers(0, 3), label="load") == 0
+            verify_case(mini, kind, mini.files[kind], data, "fast", root, load)
+
+    _run_cases(FAST["artifact"], f"fast verify {kind}", case)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ARTIFACT_KINDS)
-@_settings(SLOW["artifact"])
-@given(data=st.data())
-def test_fuzz_verify_slow(mini, root, kind, data):
-    with _timed("slow verify"):
-        load = data.draw(st.integers(0, 3), label="load") == 0
-        verify_case(mini, kind, mini.files[kind], data, "slow", root, load)
+def test_fuzz_verify_slow(mini, root, kind):
+    def case(data):
+        with _timed("slow verify"):
+            load = data.draw(st.integers(0, 3), label="load") == 0
+            verify_case(mini, kind, mini.files[kind], data, "slow", root, load)
+
+    _run_cases(SLOW["artifact"], f"slow verify {kind}", case)
 
 
 # --- verify: a damaged real export (MiniLM + the example SoRA adapter, onnx-cpu) -------------
@@ -249,7 +273,7 @@ def real(root):
 
     from loradeploy.evaldata import DEFAULT_EVAL
     from loradeploy.profile import BUILTIN_DIR
-    from tests.conftest import EXAMPLE_ADAPTERS
+    from tests.support.paths import EXAMPLE_ADAPTERS
 
     t = time.perf_counter()
     work = root / "real"
@@ -277,26 +301,10 @@ REAL_FILES = {"manifest.json": "manifest.json", "onnx_adapter": "adapters/sora.o
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", REAL_KINDS)
-@_settings(SLOW["real"])
-@given(data=st.data())
-def test_fuzz_verify_real_export(real, root, kind, data):
-    with _timed("slow verify real export"):
-        load = kind != "model.onnx" or data.draw(st.integers(0, 3), label="load") == 0
-        verify_case(real, kind, REAL_FILES[kind], data, "slow", root, load, prefix="onnx-cpu export ")
+def test_fuzz_verify_real_export(real, root, kind):
+    def case(data):
+        with _timed("slow verify real export"):
+            load = kind != "model.onnx" or data.draw(st.integers(0, 3), label="load") == 0
+            verify_case(real, kind, REAL_FILES[kind], data, "slow", root, load, prefix="onnx-cpu export ")
 
-
-# --- counts ---------------------------------------------------------------------------------
-
-def test_zz_fast_summary():
-    fk.write_counts()
-    n = sum(sum(v.values()) for v in fk.COUNTS["fast"].values())
-    print("\nfast tier: cases run, by file kind and outcome\n" + fk.table("fast"))
-    assert n >= 200, f"only {n} fast cases ran\n{fk.table('fast')}"
-
-
-@pytest.mark.slow
-def test_zz_slow_summary():
-    fk.write_counts()
-    n = sum(sum(v.values()) for v in fk.COUNTS["slow"].values())
-    print("\nslow tier: cases run, by file kind and outcome\n" + fk.table("slow"))
-    assert n >= 2000, f"only {n} slow cases ran\n{fk.table('slow')}"
+    _run_cases(SLOW["real"], f"slow verify real export {kind}", case)

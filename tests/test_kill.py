@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import EXAMPLE_ADAPTERS
+from tests.support.paths import EXAMPLE_ADAPTERS
 
 pytestmark = pytest.mark.slow
 

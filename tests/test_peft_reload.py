@@ -12,7 +12,7 @@ from loradeploy.base import load_tokenizer, load_torch_model
 from loradeploy.ir import Task
 from loradeploy.merge import load_extras, merge_into
 from loradeploy.prune import prune
-from tests.synthetic import make_blora, make_increlora, make_sora
+from tests.support.synthetic import make_blora, make_increlora, make_sora
 
 SENTENCES = ["The battery life is not great, but the screen is lovely.",
              "Never buying this again.", "An absolute joy from start to finish!",

@@ -6,18 +6,11 @@ import torch
 from loradeploy.adapters import read_adapter
 from loradeploy.errors import LoradeployError
 from loradeploy.ir import AdapterSet, LoraModule, Method
-from loradeploy.prune import EXACT_RTOL, PruneConfig, prune
-from tests.synthetic import DEAD_MODULE, make_blora, make_increlora, make_sora
+from loradeploy.prune import PruneConfig, prune
+from tests.support.exactness import assert_exact
+from tests.support.synthetic import DEAD_MODULE, make_blora, make_increlora, make_sora
 
 BUILDERS = {"sora": make_sora, "increlora": make_increlora, "blora": make_blora}
-
-
-def assert_exact(original: AdapterSet, pruned: AdapterSet):
-    for name, m in original.modules.items():
-        ref = m.delta_weight()
-        new = pruned.modules[name].delta_weight() if name in pruned.modules else torch.zeros_like(ref)
-        tol = EXACT_RTOL * float(ref.abs().max())
-        assert float((new - ref).abs().max()) <= tol, name
 
 
 @pytest.mark.parametrize("method", BUILDERS)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import loradeploy
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 
 def python_sources() -> dict[str, str]:

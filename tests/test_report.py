@@ -9,8 +9,9 @@ import pytest
 
 from loradeploy.measures import describe
 from loradeploy.report import render
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
-from tests.exports import export_adapters
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import quick_profile
+from tests.support.exports import export_adapters
 from loradeploy.job import AdapterSpec
 
 
@@ -78,16 +79,17 @@ def test_the_shipped_eval_set_on_another_base_is_called_out(manifest):
     assert json.dumps(manifest["validation"]).count("eval_note") == 1 and manifest["validation"]["eval_note"] is None
 
 
-def test_the_terminal_names_the_eval_set(manifest, capsys):
+def test_the_terminal_names_the_eval_set(manifest, capsys, monkeypatch):
     from pathlib import Path
 
     from loradeploy.cli import main
 
+    monkeypatch.setenv("COLUMNS", "1000")  # rich wraps at the terminal's width: the long tmp path stays on one line
     art = Path(manifest["artifact"])
     ev = Path(manifest["validation"]["eval_file"])
     assert main(["validate", str(art), "--eval", str(ev)]) == 0
     out = capsys.readouterr().out
-    assert f"eval set: {ev} (16 inputs)" in out.replace("\n", "") or f"eval set: {ev} (16 inputs)" in out
+    assert f"eval set: {ev} (16 inputs)" in out.splitlines(), out
 
 
 def test_the_plan_plot_shows_the_uniform_plans_beside_the_learned_one():

@@ -19,9 +19,11 @@ from loradeploy import runtime
 from loradeploy.cli import main
 from loradeploy.errors import BaseModelError, LoradeployError
 from loradeploy.job import AdapterSpec
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
-from tests.exports import export_adapters as export
-from tests.serving import serve_with_arm_swaps
+from tests.support.cli import main_bad_input
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import quick_profile
+from tests.support.exports import export_adapters as export
+from tests.support.serving import serve_with_arm_swaps
 
 SAME_ATOL = 1e-5  # one runtime, same inputs: the served session and one opened as validation opens it
 N_TEXTS = 32
@@ -359,11 +361,9 @@ def test_ab_command(onnx_art, texts, capsys, tmp_path):
     user_keys = keys.read_text().split()
     assert {n: a["requests"] for n, a in arms.items()} == {
         n: sum(assign(k, [0.5, 1.0]) == i for k in user_keys) for i, n in enumerate("ab")}
-    code = main(["ab", str(onnx_art), "--arm", "a=sora", "--arm", "b=/nonexistent.onnx_adapter",
-                 "--inputs", str(texts[0])])
-    err = capsys.readouterr().err  # a path keeps its own error; a name lists the adapters (test_router)
-    assert code == 2 and "/nonexistent.onnx_adapter: no such adapter file or folder" in err
-    assert len(err.strip().splitlines()) == 1
+    # a path keeps its own error; a name lists the adapters (test_router)
+    main_bad_input(capsys, ["ab", str(onnx_art), "--arm", "a=sora", "--arm", "b=/nonexistent.onnx_adapter", "--inputs",
+                            str(texts[0])], "/nonexistent.onnx_adapter: no such adapter file or folder")
     assert main(["ab", str(onnx_art), "--arm", "a=-", "--arm", "b=blora", "--inputs", str(texts[0])]) == 0
     out = capsys.readouterr().out
     assert "arms agree (same top-1)" in out and "(base)" in out

@@ -6,7 +6,8 @@ from loradeploy import slots
 from loradeploy.adapters import read_adapter
 from loradeploy.errors import LoradeployError
 from loradeploy.prune import prune
-from tests.conftest import EXAMPLE_ADAPTERS, error_text
+from tests.support.cli import main_bad_input
+from tests.support.paths import EXAMPLE_ADAPTERS
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +50,9 @@ def test_bad_slot_specs(minilm, spec, message):
 
 
 def test_cli_refuses_a_bad_slot_spec_in_one_line(tmp_path, capsys):
-    from loradeploy.cli import main
-
     out = tmp_path / "out"
-    code = main(["export", "--base", "minilm", "--adapter", str(EXAMPLE_ADAPTERS / "sora"), "--target", "onnx-cpu",
-                 "--slots", "adapters,nonexistent", "-o", str(out)])
-    err = error_text(capsys.readouterr().err)
-    assert code == 2 and err.startswith("error:") and len(err.splitlines()) == 1 and "nonexistent" in err
+    main_bad_input(capsys, ["export", "--base", "minilm", "--adapter", str(EXAMPLE_ADAPTERS / "sora"), "--target",
+                            "onnx-cpu", "--slots", "adapters,nonexistent", "-o", str(out)], "nonexistent")
     assert not out.exists()
 
 

@@ -13,7 +13,7 @@ from loradeploy.ir import Task
 from loradeploy.merge import load_extras
 from loradeploy.evaldata import length_order
 from loradeploy.validate import _BaseFeatures, batches, model_outputs
-from tests.conftest import EXAMPLE_ADAPTERS
+from tests.support.paths import EXAMPLE_ADAPTERS
 
 
 def test_base_alone_from_kept_features_equals_the_whole_forward(minilm_dir):

@@ -19,8 +19,10 @@ from loradeploy.cli import main
 from loradeploy.kinds import Task
 from loradeploy.profile import load_profile, profile_paths
 from loradeploy.verdict import NOTHING_GATED, gated_measures, is_ungated, judge
-from tests.conftest import REPO, error_text, quick_profile
-from tests.targets import tiny_lm
+from tests.support.cli import main_bad_input
+from tests.support.paths import REPO
+from tests.support.profiles import quick_profile
+from tests.support import tiny_lm
 
 LM = Task.CAUSAL_LM.value
 
@@ -84,7 +86,7 @@ def test_every_runtime_declares_the_tasks_of_each_precision():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny Llama with a PEFT adapter, a SoRA adapter with and without its head for MiniLM."""
-    from tests.synthetic import make_sora
+    from tests.support.synthetic import make_sora
 
     root = tmp_path_factory.mktemp("verdict")
     base = tiny_lm.build(root / "hf", "llama")
@@ -111,8 +113,8 @@ def test_a_task_a_profile_does_not_take_is_refused(tiny, tmp_path, capsys, name,
     """The table of tasks is what the targets do: a task not listed is refused, exit 2."""
     base, adapter = tiny["lm"] if task == LM else tiny[task]
     out = tmp_path / "o"
-    assert main(["export", "--base", base, "--adapter", str(adapter), "--target", name, "-o", str(out)]) == 2
-    assert error_text(capsys.readouterr().err).startswith("error:") and not out.exists()
+    main_bad_input(capsys, ["export", "--base", base, "--adapter", str(adapter), "--target", name, "-o", str(out)])
+    assert not out.exists()
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:

@@ -3,7 +3,7 @@ import torch
 from loradeploy.adapters import read_adapter
 from loradeploy.adapters.blora import GATE_ON_THRESHOLD, learned_bits, nested_rank_mask
 from loradeploy.ir import Method
-from tests.synthetic import DEAD_MODULE, make_blora
+from tests.support.synthetic import DEAD_MODULE, make_blora
 
 
 def test_threshold_value():

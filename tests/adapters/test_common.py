@@ -8,7 +8,7 @@ import json
 import pytest
 
 from loradeploy.adapters import read_adapter
-from tests.synthetic import make_blora, make_increlora, make_sora
+from tests.support.synthetic import make_blora, make_increlora, make_sora
 
 CONFIG = {"increlora": "config.json", "blora": "adapter_config.json", "sora": "lora_config.json"}
 MAKE = {"increlora": make_increlora, "blora": make_blora, "sora": make_sora}

@@ -2,7 +2,7 @@ import torch
 
 from loradeploy.adapters import read_adapter
 from loradeploy.ir import Method
-from tests.synthetic import make_increlora
+from tests.support.synthetic import make_increlora
 
 
 def test_increlora_delta_matches_formula(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 from loradeploy.adapters import read_adapter
 from loradeploy.ir import Method, Task
 from loradeploy.adapters.checkpoint import ReadOptions
-from tests.synthetic import make_sora
+from tests.support.synthetic import make_sora
 
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tests.synthetic import make_blora, make_increlora
+from tests.support.synthetic import make_blora, make_increlora
 
 HERE = Path(__file__).parent
 CASES = HERE / "cases"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 EXAMPLES = REPO / "examples"
 WORKFLOWS = sorted((EXAMPLES / "ci").glob("*.yml"))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 EXAMPLES = REPO / "examples"
 #: MiniLM's six adapted linears per layer: (in, out) features
@@ -194,7 +194,7 @@ GEMMA_RUNS = {"sora": ["--lr", 3e-2],
 
 @pytest.fixture(scope="module")
 def tiny_gemma(tmp_path_factory) -> Path:
-    from tests.targets.tiny_lm import build
+    from tests.support.tiny_lm import build
 
     return build(tmp_path_factory.mktemp("tiny-gemma"), "gemma3")
 

@@ -15,7 +15,7 @@ import torch
 from benchmarks import fleet as bench
 from loradeploy.adapters import ReadOptions, read_adapter
 from loradeploy.prune import prune
-from tests.conftest import EXAMPLE_ADAPTERS, REPO
+from tests.support.paths import EXAMPLE_ADAPTERS, REPO
 
 
 def test_derived_adapters_scale_the_examples(tmp_path):

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from loradeploy.cli import main
-from tests.conftest import quick_profile
-from tests.fleet.helpers import alive, copy_examples, small_eval, write_spec
+from tests.support.cli import main_bad_input
+from tests.support.profiles import quick_profile
+from tests.support.fleet import alive, copy_examples, descendants, small_eval, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -184,14 +185,14 @@ def test_a_killed_run_resumes_where_it_stopped(fleet, tmp_path):
     del root
 
 
-def test_shards_merge_into_the_full_run(fleet, tmp_path):
+def test_shards_merge_into_the_full_run(fleet, tmp_path, capsys):
     outs = []
     for i in range(2):
         outs.append(tmp_path / f"shard{i}")
         assert main(["fleet", "run", str(fleet["spec"]), "-o", str(outs[-1]), "--shard", f"{i}/2", "--workers", "1"]) == 0
     sizes = [json.loads((o / "index.json").read_text())["summary"]["units"] for o in outs]
     assert sum(sizes) == 3 and min(sizes) >= 1
-    assert main(["fleet", "merge", str(outs[1]), "-o", str(tmp_path / "half")]) == 2  # a shard is missing
+    main_bad_input(capsys, ["fleet", "merge", str(outs[1]), "-o", str(tmp_path / "half")], "shard")  # one is missing
     assert main(["fleet", "merge", *map(str, outs), "-o", str(tmp_path / "all")]) == 0
     merged = json.loads((tmp_path / "all" / "index.json").read_text())
     assert _files(merged) == _files(fleet["index"])
@@ -224,12 +225,6 @@ def test_the_same_fleet_on_a_local_ray_cluster(fleet, tmp_path):
     assert all(":" in w for w in workers)
 
 
-def _descendants(pid: int) -> set[int]:
-    from benchmarks.fleet import process_tree
-
-    return set(process_tree(pid)) - {pid}
-
-
 @pytest.mark.parametrize("after", [0.0, 3.0], ids=["while-workers-start", "while-they-export"])
 def test_pool_workers_end_with_a_killed_run(fleet, tmp_path, after):
     """A SIGKILLed fleet run leaves no pool worker (nor its latency process) holding a loaded base,
@@ -241,10 +236,10 @@ def test_pool_workers_end_with_a_killed_run(fleet, tmp_path, after):
     workers = set()
     while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-        workers = {p for p in _descendants(proc.pid) if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()}
+        workers = {p for p in descendants(proc.pid) if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()}
     assert len(workers) == 2, "the pool started"
     time.sleep(after)
-    family = _descendants(proc.pid)
+    family = descendants(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 30

@@ -16,8 +16,9 @@ import pytest
 
 from loradeploy.cli import main
 from loradeploy.fleet import FleetConfig, server
-from tests.conftest import quick_profile
-from tests.fleet.helpers import alive, copy_examples, small_eval, write_spec
+from tests.support.cli import assert_bad_input, main_bad_input
+from tests.support.profiles import quick_profile
+from tests.support.fleet import alive, copy_examples, small_eval, write_spec
 
 pytestmark = pytest.mark.slow  # each test starts a worker: ~8 s of imports
 
@@ -100,11 +101,8 @@ def test_runs_handed_to_the_resident_worker(tmp_path, capsys, monkeypatch):
         bad.write_text(spec.read_text() + "colour: blue\n")
         messages = []
         for flags in ([], ["--in-process"]):
-            capsys.readouterr()
-            assert main(["fleet", "run", str(bad), "-o", str(tmp_path / "bad-out"), *flags]) == 2
-            err = capsys.readouterr().err.strip().splitlines()
-            assert len(err) == 1 and "colour" in err[0]
-            messages.append(err[0])
+            messages.append(main_bad_input(capsys, ["fleet", "run", str(bad), "-o", str(tmp_path / "bad-out"), *flags],
+                                           "colour"))
         assert messages[0] == messages[1]
         assert not (tmp_path / "bad-out").exists()
         assert server.ping(path)["pid"] == pid
@@ -156,7 +154,8 @@ def test_a_second_worker_on_one_socket_is_refused_and_an_idle_one_ends():
     pid = _start(path, "--idle-timeout", "3")
     proc = subprocess.run([sys.executable, "-m", "loradeploy.cli", "fleet", "serve", "--socket", str(path)],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "already listens" in proc.stderr
+    assert_bad_input(proc.returncode, proc.stderr, "already listens", out=proc.stdout)
+    assert proc.stderr.count("\n") == 1  # not even a progress line
     for _ in range(300):  # 3 s without a run
         if not alive(pid):
             break

@@ -8,7 +8,7 @@ import pytest
 
 from loradeploy.errors import LoradeployError
 from loradeploy.fleet.unit import LatencyProcess, QuietMachine
-from tests.fleet.helpers import alive
+from tests.support.fleet import alive
 
 
 def _quiet(path):

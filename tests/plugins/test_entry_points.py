@@ -64,7 +64,7 @@ def test_a_plugin_registered_by_entry_point_exports_and_verifies(tmp_path):
     record = json.loads(ok.stdout)
     assert ok.returncode == 0 and record["loaded"] and record["problems"] == [], ok.stdout + ok.stderr
 
-    from tests.tamper import flip_byte
+    from tests.support.tamper import flip_byte
 
     flip_byte(art / "model.safetensors")
     bad = _cli("verify", str(art), path=[site])

@@ -6,7 +6,7 @@ import torch
 from loradeploy.adapters import read_adapter
 from loradeploy.prune import prune
 from loradeploy.quant.rank import decompose, energy_kept, spectrum, truncate
-from tests.conftest import EXAMPLE_ADAPTERS
+from tests.support.paths import EXAMPLE_ADAPTERS
 
 
 @pytest.fixture(scope="module", params=["sora", "increlora", "blora"])

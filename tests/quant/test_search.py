@@ -14,7 +14,8 @@ from loradeploy.job import AdapterInputs, AdapterSpec, load_entries
 from loradeploy.ir import Task
 from loradeploy.quant.plan import Plan, quantize_adapter, uniform_formats
 from loradeploy.quant.search import Evaluator, calibration_batches, search
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import quick_profile
 
 pytestmark = pytest.mark.slow
 BUDGET = 0.01
@@ -239,7 +240,7 @@ def test_quantize_command_writes_plan_and_export_uses_it(tmp_path, capsys):
         formats[key] = ("fp32", "fp16", "int8", "lut4", "int4")[i % 5]
     plan.adapters["sora"]["rounding"] = "output-aware"  # integer codes chosen against the calibration inputs
     plan.save(plan_path)
-    from tests.targets.test_onnx import _outputs
+    from tests.support.outputs import artifact_outputs
 
     eval_path = tmp_path / "eval.jsonl"
     from loradeploy.evaldata import DEFAULT_EVAL, load_eval
@@ -263,7 +264,7 @@ def test_quantize_command_writes_plan_and_export_uses_it(tmp_path, capsys):
     assert empty > 0
     assert manifest["decisions"]["lora_precision"] == dict(sorted((Counter(formats.values()) + Counter(fp32=empty)).items()))
     texts = load_eval(eval_path).texts
-    got = _outputs(out, "sora", texts)
+    got = artifact_outputs(out, "sora", texts)
     from loradeploy.base import load_tokenizer
     from loradeploy.job import ExportJob
     from loradeploy.quantize import PlanConfig, apply_plan, plan_for

@@ -14,8 +14,10 @@ from loradeploy.cli import main
 from loradeploy.job import AdapterSpec
 from loradeploy.manifest import read as read_manifest
 from loradeploy.runtime.router import _cuts, assign
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
-from tests.exports import export_adapters
+from tests.support.cli import main_bad_input
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import quick_profile
+from tests.support.exports import export_adapters
 
 N_TEXTS = 12
 INCRELORA_NAMES = ["negative", "positive"]  # examples/adapters/increlora/config.json id2label
@@ -118,5 +120,4 @@ def test_labels_option_names_every_arms_classes(art, capsys):
         for arm in ("s", "i")}
     for bad, message in (("neg,pos,neutral", "--labels: 3 names for 2 classes"),
                          ("neg,neg", "distinct comma-separated class names")):
-        code = main(["ab", str(artifact), "--arm", "s=sora", "--inputs", str(inputs), "--labels", bad])
-        assert code == 2 and message in capsys.readouterr().err
+        main_bad_input(capsys, ["ab", str(artifact), "--arm", "s=sora", "--inputs", str(inputs), "--labels", bad], message)

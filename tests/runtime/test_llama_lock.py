@@ -13,9 +13,9 @@ from loradeploy import runtime
 from loradeploy.base import resolve_base
 from loradeploy.job import AdapterSpec
 from loradeploy.plugins.llama_cpp.session import ModelLock
-from tests.conftest import quick_profile
-from tests.exports import export_adapters
-from tests.targets import tiny_llama
+from tests.support.profiles import quick_profile
+from tests.support.exports import export_adapters
+from tests.support import tiny_llama
 
 
 def _started(fn) -> tuple[threading.Thread, threading.Event]:
@@ -62,11 +62,48 @@ def test_exclusive_waits_for_readers_and_blocks_new_ones():
 
 
 def test_the_only_reader_may_take_it_exclusive():
+    """A thread that is the only reader upgrades to exclusive (and re-enters exclusive, and
+    shared inside it) without waiting on itself; while it holds it exclusive another thread's
+    reader waits, and once it has let go of everything another thread takes it exclusive."""
     lock = ModelLock()
-    with lock.shared(), lock.exclusive():
-        pass
-    with lock.exclusive(), lock.exclusive(), lock.shared():
-        pass
+    events: list[str] = []
+    other: list[threading.Event] = []
+    owner_may_end = threading.Event()  # a finished thread's id may be reused by the next one
+
+    def other_reader():
+        with lock.shared():
+            events.append("other reader in")
+
+    def owner():
+        with lock.shared(), lock.exclusive():
+            events.append("upgraded")
+            other.append(_started(other_reader)[1])
+            time.sleep(0.2)
+            events.append("upgrade released")
+        with lock.exclusive(), lock.exclusive(), lock.shared():
+            events.append("nested")
+        events.append("owner done")
+        owner_may_end.wait(10)
+
+    _, done = _started(owner)
+    try:
+        assert "owner done" in _events_within(events, 5), f"the only reader waited on itself: {events}"
+        assert other[0].wait(5), "the other reader never got in"
+        _, writer_in = _started(lambda: lock.exclusive().__enter__())
+        assert writer_in.wait(5), "the lock was not fully released"
+    finally:
+        owner_may_end.set()
+    # the other reader got in after the upgrade was released (before or after the nested part)
+    assert [e for e in events if e != "other reader in"] == ["upgraded", "upgrade released", "nested", "owner done"]
+    assert events.index("other reader in") > events.index("upgrade released"), events
+
+
+def _events_within(events: list[str], seconds: float, last: str = "owner done") -> list[str]:
+    """``events`` once ``last`` is in it, or after ``seconds``."""
+    end = time.monotonic() + seconds
+    while last not in events and time.monotonic() < end:
+        time.sleep(0.01)
+    return events
 
 
 @pytest.fixture(scope="module")

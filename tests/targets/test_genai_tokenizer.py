@@ -17,9 +17,9 @@ from loradeploy import runtime
 from loradeploy.fsutil import file_sha256
 from loradeploy.job import AdapterSpec
 from loradeploy.plugins.onnxruntime.genai_tokenizer import MODULE_FILE, special_token_flags, write_special_tokens
-from tests.conftest import quick_profile
-from tests.exports import export_adapters
-from tests.targets import tiny_lm
+from tests.support.profiles import quick_profile
+from tests.support.exports import export_adapters
+from tests.support import tiny_lm
 
 TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "a b c"]
 BOS, EOS = {"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"SpecialToken": {"id": "<eos>", "type_id": 0}}

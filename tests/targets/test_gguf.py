@@ -4,35 +4,17 @@ import pytest
 import torch
 
 from loradeploy.adapters import read_adapter
-from loradeploy.base import resolve_base
 from loradeploy.job import AdapterSpec
-from tests.exports import export_adapters as export
+from tests.support.exports import export_adapters as export
 from loradeploy import runtime
 from loradeploy.merge import merge_into
 from loradeploy.plugins.llama_cpp import exporter as gguf_target
 from loradeploy.validate import lm_fidelity
-from tests.conftest import EXAMPLE_ADAPTERS, lm_eval_head, quick_profile
-from tests.targets import tiny_llama
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import lm_eval_head, quick_profile
+from tests.support.tiny_llama_fixtures import TEXTS, fast_profile, gemma, tiny  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
-TEXTS = ["The soup was not good, but the staff were lovely.", "I would buy this camera again.",
-         "Hardly worth the price, sadly."]
-
-
-def fast_profile(tmp_path, name: str, **changes) -> str:
-    return str(quick_profile(tmp_path, name, runs=2, shapes=[{"batch": 1, "seq": 32}], **changes))
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    return resolve_base("gemma3-270m")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, gemma):
-    folder = tmp_path_factory.mktemp("tiny")
-    hf, path = tiny_llama.build(folder, gemma)
-    return hf, path, tiny_llama.sora_adapter(folder / "adapter")
 
 
 def _runner_logits(artifact, adapter, token_lists):
@@ -180,7 +162,7 @@ def test_norm_weights_merge_into_the_gguf_and_are_refused_as_swappable(tmp_path,
     from loradeploy.base import load_torch_model
     from loradeploy.errors import LoradeployError
     from loradeploy.ir import Task
-    from tests.synthetic import with_layernorms
+    from tests.support.synthetic import with_layernorms
 
     norms = {"model.layers.0.input_layernorm": "blk.0.attn_norm.weight",
              "model.layers.17.post_feedforward_layernorm": "blk.17.post_ffw_norm.weight"}
@@ -213,7 +195,7 @@ def test_auto_mode_picks_merged_when_llama_cpp_cannot_carry_a_tensor(tmp_path, t
     so merged ships; the manifest says why."""
     from loradeploy.base import load_torch_model
     from loradeploy.ir import Task
-    from tests.synthetic import with_layernorms
+    from tests.support.synthetic import with_layernorms
 
     _, path, adapter = tiny
     ln = with_layernorms(adapter, tmp_path / "ln", load_torch_model(path, Task.CAUSAL_LM, None),
@@ -233,7 +215,7 @@ def test_a_changed_gguf_fails_verify_check_and_validate(tmp_path, tiny, capsys):
     """The base GGUF (hard-linked from where the base lives) and the adapter GGUF: one byte
     flipped in a copy fails all three verbs with exit 1, naming the file."""
     from loradeploy.fsutil import sha256_file
-    from tests.tamper import assert_every_verb_fails, copy_with_flipped_byte
+    from tests.support.tamper import assert_every_verb_fails, copy_with_flipped_byte
 
     _, path, adapter = tiny
     eval_file = tmp_path / "eval.txt"

@@ -8,10 +8,13 @@ import torch
 
 from loradeploy.cli import main
 from loradeploy.job import AdapterSpec
-from tests.exports import export_adapters as export
+from tests.support.exports import export_adapters as export
 from loradeploy.manifest import read as read_manifest
 from loradeploy.fsutil import sha256_file
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile, error_text
+from tests.support.cli import main_bad_input
+from tests.support.outputs import artifact_outputs
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import quick_profile
 
 pytestmark = pytest.mark.slow
 AGREE_ATOL = 1e-4  # max |Δlogit| between two fp32 paths (ORT swappable, ORT merged, PyTorch)
@@ -31,15 +34,6 @@ def eval_small(tmp_path_factory):
     return path
 
 
-def _outputs(artifact, adapter, texts):
-    from loradeploy import runtime
-    from loradeploy.base import load_tokenizer
-    from loradeploy.validate import session_outputs
-
-    with runtime.open(artifact) as session:
-        return session_outputs(session, adapter, load_tokenizer(artifact), texts)
-
-
 def test_two_adapters_on_one_session_match_merged_and_reference(tmp_path, eval_small):
     """Activating adapter X on the swappable artifact gives the merged artifact of X and the
     fp32 reference of X (max |Δlogit| < 1e-4), for two adapters with different ranks and heads."""
@@ -51,17 +45,17 @@ def test_two_adapters_on_one_session_match_merged_and_reference(tmp_path, eval_s
     swap = export("minilm", specs, profile, tmp_path / "swap", mode="swappable", eval_path=eval_small)
     assert swap["validation"]["passed"]
     texts = load_eval(eval_small).texts
-    outs = {n: _outputs(tmp_path / "swap", n, texts) for n in names}
+    outs = {n: artifact_outputs(tmp_path / "swap", n, texts) for n in names}
     for spec in specs:
         merged = export("minilm", [spec], profile, tmp_path / f"merged-{spec.name}", mode="merged", eval_path=eval_small)
-        merged_out = _outputs(tmp_path / f"merged-{spec.name}", None, texts)
+        merged_out = artifact_outputs(tmp_path / f"merged-{spec.name}", None, texts)
         assert np.abs(outs[spec.name] - merged_out).max() < AGREE_ATOL
         assert swap["validation"]["metrics"][spec.name]["max_abs_logit"] < AGREE_ATOL
         assert merged["validation"]["metrics"]["merged"]["max_abs_logit"] < AGREE_ATOL
     # the two adapters really differ, so a mix-up would be caught
     assert np.abs(outs["sora"] - outs["increlora"]).max() > 100 * AGREE_ATOL
     # no adapter active: the base (rank-0 defaults) with the default head, different again
-    base = _outputs(tmp_path / "swap", None, texts)
+    base = artifact_outputs(tmp_path / "swap", None, texts)
     assert np.abs(base - outs["sora"]).max() > 100 * AGREE_ATOL
 
 
@@ -165,31 +159,24 @@ def _sora_for(tmp_path, modules: dict[str, tuple[int, int]]):
 def test_adapter_base_mismatch(tmp_path, capsys, modules, message):
     adapter = _sora_for(tmp_path, modules)
     out = tmp_path / "out"
-    code = main(["export", "--base", "minilm", "--adapter", str(adapter), "--target", "onnx-cpu", "-o", str(out)])
-    err = error_text(capsys.readouterr().err).splitlines()
-    assert code == 2 and len(err) == 1 and message in err[0] and "bad-adapter" in err[0]
+    main_bad_input(capsys, ["export", "--base", "minilm", "--adapter", str(adapter), "--target", "onnx-cpu", "-o",
+                            str(out)], message, "bad-adapter")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
 def test_unknown_target_and_unwritable_output(tmp_path, capsys):
     adapter = str(EXAMPLE_ADAPTERS / "sora")
-    assert main(["export", "--base", "minilm", "--adapter", adapter, "--target", "tpu", "-o", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert "unknown target 'tpu'" in err and "did you mean" not in err
-    assert main(["export", "--base", "minilm", "--adapter", adapter, "--target", "onnx-cpu-itn4", "-o",
-                 str(tmp_path / "o")]) == 2
-    assert "unknown target 'onnx-cpu-itn4': did you mean 'onnx-cpu-int4'?" in capsys.readouterr().err
+    def export(base, target, out, *needles):
+        return main_bad_input(capsys, ["export", "--base", base, "--adapter", adapter, "--target", target, "-o",
+                                       str(out)], *needles)
+
+    assert "did you mean" not in export("minilm", "tpu", tmp_path / "o", "unknown target 'tpu'")
+    export("minilm", "onnx-cpu-itn4", tmp_path / "o", "unknown target 'onnx-cpu-itn4': did you mean 'onnx-cpu-int4'?")
     # a Hugging Face folder for the llama.cpp target: how to make a GGUF
-    assert main(["export", "--base", "minilm", "--adapter", adapter, "--target", "gguf-cpu", "-o",
-                 str(tmp_path / "o")]) == 2
-    assert "convert_hf_to_gguf.py" in capsys.readouterr().err
+    export("minilm", "gguf-cpu", tmp_path / "o", "convert_hf_to_gguf.py")
     (tmp_path / "file").write_text("")
-    assert main(["export", "--base", "minilm", "--adapter", adapter, "--target", "onnx-cpu",
-                 "-o", str(tmp_path / "file" / "o")]) == 2
-    assert "cannot write here" in capsys.readouterr().err
-    assert main(["export", "--base", "/nonexistent", "--adapter", adapter, "--target", "onnx-cpu",
-                 "-o", str(tmp_path / "o")]) == 2
-    assert "not a model folder or a built-in base" in capsys.readouterr().err
+    export("minilm", "onnx-cpu", tmp_path / "file" / "o", "cannot write here")
+    export("/nonexistent", "onnx-cpu", tmp_path / "o", "not a model folder or a built-in base")
     assert not (tmp_path / "o").exists()
 
 
@@ -207,7 +194,7 @@ def test_feature_extraction_without_head(tmp_path, eval_small, mode):
     assert record["task"] == "feature-extraction"
     m = record["validation"]["metrics"]["emb" if mode == "swappable" else "merged"]
     assert m["cosine_min"] > 0.99999 and record["validation"]["passed"]
-    out = _outputs(tmp_path / "o", "emb" if mode == "swappable" else None, ["a short sentence"])
+    out = artifact_outputs(tmp_path / "o", "emb" if mode == "swappable" else None, ["a short sentence"])
     assert out.shape == (1, 384)
 
 
@@ -277,7 +264,7 @@ def test_layernorm_weights_travel_as_graph_inputs(tmp_path, eval_small):
     from loradeploy.base import load_torch_model, resolve_base
     from loradeploy.evaldata import load_eval
     from loradeploy.ir import Task
-    from tests.synthetic import with_layernorms
+    from tests.support.synthetic import with_layernorms
 
     norms = ["bert.encoder.layer.0.attention.output.LayerNorm", "bert.encoder.layer.5.output.LayerNorm"]
     base = load_torch_model(resolve_base("minilm"), Task.SEQUENCE_CLASSIFICATION, 2)
@@ -291,10 +278,10 @@ def test_layernorm_weights_travel_as_graph_inputs(tmp_path, eval_small):
         <= set(swap["decisions"]["graph_inputs_overridable"])
     assert lora_bias in swap["decisions"]["lora_slot_modules"]
     texts = load_eval(eval_small).texts
-    outs = {n: _outputs(tmp_path / "swap", n, texts) for n in ("ln", "increlora")}
+    outs = {n: artifact_outputs(tmp_path / "swap", n, texts) for n in ("ln", "increlora")}
     for spec in specs:
         export("minilm", [spec], profile, tmp_path / f"merged-{spec.name}", mode="merged", eval_path=eval_small)
-        merged = _outputs(tmp_path / f"merged-{spec.name}", None, texts)
+        merged = artifact_outputs(tmp_path / f"merged-{spec.name}", None, texts)
         assert np.abs(outs[spec.name] - merged).max() < AGREE_ATOL, spec.name
         assert swap["validation"]["metrics"][spec.name]["max_abs_logit"] < AGREE_ATOL
     assert np.abs(outs["ln"] - outs["increlora"]).max() > 100 * AGREE_ATOL  # the norms take effect

@@ -15,11 +15,13 @@ import torch
 from loradeploy import runtime
 from loradeploy.cli import main
 from loradeploy.job import AdapterSpec
-from tests.targets.og_greedy import og_greedy
-from tests.conftest import EXAMPLE_ADAPTERS, quick_profile, error_text
-from tests.exports import export_adapters
-from tests.serving import serve_with_arm_swaps
-from tests.targets import tiny_lm
+from tests.support.og_greedy import og_greedy
+from tests.support.cli import main_bad_input
+from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.profiles import quick_profile
+from tests.support.exports import export_adapters
+from tests.support.serving import serve_with_arm_swaps
+from tests.support import tiny_lm
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, this is a test of the decoder",
          "lorem ipsum dolor sit amet, consectetur", "a b c d e f g h i j k l m n o p"]
@@ -243,10 +245,7 @@ def test_chunked_k_quant_gives_onnxruntimes_arrays_bit_for_bit():
 # -- bad input: one line, exit 2, nothing written ------------------------------------------
 
 def _cli_refuses(capsys, out: Path, argv: list[str], *needles: str) -> None:
-    code = main(argv)
-    err = error_text(capsys.readouterr().err)
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("error:") and all(n in err for n in needles), err
+    main_bad_input(capsys, argv, *needles)
     assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
 
 
@@ -391,7 +390,7 @@ def test_verify_checks_a_decoder_artifact(llama_art, tmp_path, capsys):
 def test_a_changed_decoder_file_fails_verify_check_and_validate(llama_art, tmp_path, capsys, rel):
     """onnxruntime-genai's config, the decoder's weights, an adapter, the tokenizer: one byte
     flipped fails all three verbs with exit 1, naming the file."""
-    from tests.tamper import assert_every_verb_fails, copy_with_flipped_byte
+    from tests.support.tamper import assert_every_verb_fails, copy_with_flipped_byte
 
     _, _, _, art, _ = llama_art
     assert_every_verb_fails(copy_with_flipped_byte(art, rel, tmp_path), rel, art, capsys)

@@ -15,9 +15,10 @@ import pytest
 from loradeploy import runtime
 from loradeploy.evaldata import DEFAULT_LM_EVAL
 from loradeploy.job import AdapterSpec
-from tests.targets.og_greedy import og_greedy
-from tests.conftest import EXAMPLE_ADAPTERS, REPO, lm_eval_head, quick_profile
-from tests.exports import export_adapters
+from tests.support.og_greedy import og_greedy
+from tests.support.paths import EXAMPLE_ADAPTERS, REPO
+from tests.support.profiles import lm_eval_head, quick_profile
+from tests.support.exports import export_adapters
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import pytest
 
 from benchmarks import quant_plan as bench
 from loradeploy.job import AdapterSpec
-from tests.exports import export_adapters as export
-from tests.targets.test_gguf import TEXTS, fast_profile, gemma, tiny  # noqa: F401  (fixtures)
+from tests.support.exports import export_adapters as export
+from tests.support.tiny_llama_fixtures import TEXTS, fast_profile, gemma, tiny  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 

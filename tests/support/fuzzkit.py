@@ -28,14 +28,13 @@ from hypothesis import strategies as st
 
 from loradeploy import manifest as mf
 from loradeploy.cli import main
-from tests.conftest import error_text
+from tests.support.cli import assert_bad_input, error_text
 
 CASE_SECONDS = 10.0
-#: cases run, by tier → file kind → outcome; written to COUNTS_FILE at the end of the module
+#: cases run, by tier → file kind → outcome (printed at the end of tests/test_fuzz.py)
 COUNTS: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
 TIMES: dict[str, float] = {}
 CASE_TIMES: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))  # seconds inside main()
-COUNTS_FILE = Path("/tmp/fuzz_counts.json")
 
 
 # --- seeds -----------------------------------------------------------------------------------
@@ -60,7 +59,7 @@ def _peft_adalora(folder: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from tests.synthetic import MODULES
+    from tests.support.synthetic import MODULES
 
     folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(5)
@@ -129,7 +128,7 @@ def build_reader_seeds(root: Path) -> dict[str, ReaderSeed]:
     """One valid checkpoint per layout and file kind the readers take."""
     from unittest import mock
 
-    from tests import synthetic
+    from tests.support import synthetic
 
     assert synthetic.DEAD_MODULE in SMALL_MODULES
     with mock.patch.dict(synthetic.MODULES, SMALL_MODULES, clear=True):
@@ -139,7 +138,7 @@ def build_reader_seeds(root: Path) -> dict[str, ReaderSeed]:
 def _build_reader_seeds(root: Path) -> dict[str, ReaderSeed]:
     import torch
 
-    from tests.synthetic import make_blora, make_increlora, make_sora
+    from tests.support.synthetic import make_blora, make_increlora, make_sora
 
     seeds: dict[str, ReaderSeed] = {}
     make_sora(root / "sora-st", fmt="safetensors")
@@ -201,7 +200,7 @@ def build_mini_artifact(folder: Path) -> Artifact:
     JSON, listed in a manifest modelled on examples/ci/baseline/manifest.json."""
     from loradeploy.plugins.onnxruntime.adapter_tensors import write_adapter_file
 
-    from tests.conftest import REPO
+    from tests.support.paths import REPO
 
     (folder / "adapters" / "peft").mkdir(parents=True)
     write_tiny_onnx(folder / "model.onnx")
@@ -611,6 +610,8 @@ def run_cli(argv: list[str], cwd: Path, limit: float | None = CASE_SECONDS) -> R
     def _alarm(signum, frame):
         raise CaseTimeout(f"over {limit:g} s")
 
+    # pytest-timeout's per-test alarm (timeout method: signal) is paused here and re-armed after
+    pending, _ = signal.getitimer(signal.ITIMER_REAL)
     previous = signal.signal(signal.SIGALRM, _alarm)
     code, exc = None, None
     start = time.perf_counter()
@@ -636,13 +637,15 @@ def run_cli(argv: list[str], cwd: Path, limit: float | None = CASE_SECONDS) -> R
             sys.stdout.flush()
     finally:
         signal.signal(signal.SIGALRM, previous)
+        if pending:
+            signal.setitimer(signal.ITIMER_REAL, max(pending - (time.perf_counter() - start), 1e-3))
         os.chdir(old_cwd)
         root.removeHandler(handler)
     seconds = time.perf_counter() - start
     warned = [f"{w.category.__name__}: {w.message}" for w in caught]
     err_lines = (err.getvalue().splitlines() + native_err[0].decode(errors="replace").splitlines()
                  + logged + warned)
-    # timestamped progress lines (stderr is not a terminal here) are not errors: see tests.conftest.error_text
+    # timestamped progress lines (stderr is not a terminal here) are not errors: see tests.support.cli.error_text
     return Result(code, out.getvalue() + native_out[0].decode(errors="replace"),
                   [ln for ln in error_text("\n".join(err_lines)).splitlines() if ln.strip()], seconds, exc)
 
@@ -660,29 +663,13 @@ def check_result(res: Result, kind: str, tier: str, allowed=(0, 2), describe: st
     text = "\n".join(res.err_lines) + res.out
     assert "Traceback" not in text, f"{where}: a traceback was printed:\n{text[:2000]}"
     if res.code == 2:
-        assert len(res.err_lines) == 1 and res.err_lines[0].startswith("error: "), \
-            f"{where}: expected one `error:` line on stderr, got {res.err_lines}"
+        try:
+            assert_bad_input(res.code, "\n".join(res.err_lines), out=res.out)
+        except AssertionError as e:
+            raise AssertionError(f"{where}: {e}") from None
     else:
         assert res.err_lines == [], f"{where}: exit {res.code} but stderr has {res.err_lines}"
     return outcome
-
-
-def write_counts() -> None:
-    """Merge this run's counts into COUNTS_FILE (tiers run in separate pytest runs add up)."""
-    try:
-        old = json.loads(COUNTS_FILE.read_text())
-    except (OSError, ValueError):
-        old = {}
-    counts = old.get("counts", {})
-    for tier, kinds in COUNTS.items():
-        counts[tier] = {k: dict(sorted(v.items())) for k, v in sorted(kinds.items())}
-    times = {**old.get("seconds", {}), **{k: round(v, 1) for k, v in TIMES.items()}}
-    totals = {tier: sum(sum(v.values()) for v in kinds.values()) for tier, kinds in counts.items()}
-    in_main = old.get("seconds_in_main", {})
-    for tier, kinds in CASE_TIMES.items():
-        in_main[tier] = {k: round(v, 2) for k, v in sorted(kinds.items())}
-    COUNTS_FILE.write_text(json.dumps({"counts": counts, "cases": totals, "seconds": times,
-                                       "seconds_in_main": in_main}, indent=1) + "\n")
 
 
 def table(tier: str) -> str:

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from loradeploy.cli import main
-from tests.conftest import error_text
+from tests.support.cli import error_text
 
 
 def flip_byte(path: Path, offset: int | None = None) -> None:
