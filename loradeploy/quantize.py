@@ -18,8 +18,8 @@ from .ir import Task
 from .job import AdapterEntry, AdapterInputs, ExportJob, load_base_for, load_entries
 from .quant.plan import (LearnedPlan, Plan, PlanChoice, PlanError, PlanFile, UniformPlan,
                          dense_fp16_bytes_at_max_rank, hinted_formats, quantize_adapter, uniform_formats)
-from .quant.search import (DEFAULT_BUDGETS, HOLDOUT_DEFAULT, HOLDOUT_SLACK, HOLDOUT_TEXTS, MEASURES, Evaluator,
-                           calibration_batches, search)
+from .quant.evaluator import Evaluator, calibration_batches
+from .quant.search import DEFAULT_BUDGETS, HOLDOUT_DEFAULT, HOLDOUT_SLACK, HOLDOUT_TEXTS, MEASURES, search
 
 Progress = Callable[[str], None]
 CALIBRATION_TEXTS = {Task.CAUSAL_LM: 8}

@@ -13,7 +13,8 @@ from loradeploy.cli import main
 from loradeploy.job import AdapterInputs, AdapterSpec, load_entries
 from loradeploy.ir import Task
 from loradeploy.quant.plan import Plan, quantize_adapter, uniform_formats
-from loradeploy.quant.search import Evaluator, calibration_batches, search
+from loradeploy.quant.evaluator import Evaluator, calibration_batches
+from loradeploy.quant.search import search
 from tests.conftest import EXAMPLE_ADAPTERS, quick_profile
 
 pytestmark = pytest.mark.slow
@@ -322,7 +323,8 @@ def test_module_gain_is_measured_with_nearest_codes(sora_setup):
     which made every gain 0. The gain is the same from an output-aware and a nearest evaluator,
     and positive."""
     from loradeploy.quant.plan import tensor_key
-    from loradeploy.quant.search import MEASURES, _gain
+    from loradeploy.quant.joint_order import module_gain as _gain
+    from loradeploy.quant.search import MEASURES
 
     entry, model, batches = sora_setup
     measure = MEASURES[Task.SEQUENCE_CLASSIFICATION]
@@ -341,7 +343,7 @@ def test_lm_kl_is_exact_for_tiny_perturbations_and_the_cached_reference_agrees()
     """KL from logit differences in float64: a perturbation δ of 1e-4 gives ½·Var_p(δ) (~5e-9),
     which float32 log-probs could not resolve; the cached reference (entries above 1e-12) gives
     the same to 1e-6 relative."""
-    from loradeploy.quant.search import LmReference, _lm_compare
+    from loradeploy.lm_measures import LmReference, kl_and_top1 as _lm_compare
 
     gen = torch.Generator().manual_seed(0)
     ref = [torch.randn(70, 32768, generator=gen) * 4, torch.randn(9, 32768, generator=gen) * 4]
