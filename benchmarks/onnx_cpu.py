@@ -99,7 +99,8 @@ def interleaved(runners: dict, ids, mask, rounds: int) -> dict[str, float]:
 
 def fidelity(fn, ref: np.ndarray, tokenizer, texts) -> dict:
     from loradeploy.evaldata import length_order
-    from loradeploy.validate import batches, fidelity as fid, in_text_order
+    from loradeploy.reference import batches, in_text_order
+    from loradeploy.validate import fidelity as fid
     from loradeploy.ir import Task
 
     order = length_order(tokenizer, texts)
@@ -126,7 +127,7 @@ def main() -> int:
     from loradeploy.merge import merge_into
     from loradeploy.prune import prune
     from loradeploy.runtime.onnx import ADAPTER_DIR, MODEL_FILE, session_options
-    from loradeploy.validate import reference_outputs
+    from loradeploy.reference import reference_outputs
 
     work = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
     wall = {"export onnx-cpu swappable (demo)": timed_export("onnx-cpu", "swappable", work / "swap")}

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 #: share of a measure's budget (or scale) under which a change is noise
 BUDGET_SHARE = 0.02
 #: share of the fp32 reference outputs' spread under which a |Δlogit| change is noise
@@ -170,3 +172,11 @@ def cosines(ref, got):
     """Cosine similarity of each row of ``got`` with the same row of ``ref`` (embeddings)."""
     norms = ((ref * ref).sum(-1) ** 0.5) * ((got * got).sum(-1) ** 0.5)
     return (ref * got).sum(-1) / (norms + 1e-12)
+
+
+def adapter_effect_kept(ref, got, base) -> float:
+    """1 − ‖artifact − reference‖ / ‖reference − base alone‖ over every output: 1 when the
+    artifact reproduces the adapter's effect, 0 when its error is as large as the effect
+    (e.g. a small ΔW rounded away by a 4-bit base)."""
+    effect = np.linalg.norm(ref.astype(np.float64) - base)
+    return float(1.0 - np.linalg.norm(got.astype(np.float64) - ref) / effect) if effect > 0 else float("nan")

@@ -14,7 +14,7 @@ from loradeploy.base import load_tokenizer, load_torch_model
 from loradeploy.evaldata import load_eval
 from loradeploy.ir import Method, Task
 from loradeploy.prune import prune
-from loradeploy.validate import reference_outputs
+from loradeploy.reference import reference_outputs
 from tests.conftest import EXAMPLE_ADAPTERS
 from tests.test_prune import assert_exact
 

@@ -12,7 +12,7 @@ from loradeploy.evaldata import load_eval
 from loradeploy.ir import Task
 from loradeploy.merge import load_extras
 from loradeploy.evaldata import length_order
-from loradeploy.validate import _BaseFeatures, batches, model_outputs
+from loradeploy.reference import _BaseFeatures, batches, model_outputs
 from tests.conftest import EXAMPLE_ADAPTERS
 
 

@@ -269,7 +269,7 @@ def test_quantize_command_writes_plan_and_export_uses_it(tmp_path, capsys):
     from loradeploy.job import ExportJob
     from loradeploy.quantize import PlanConfig, apply_plan, plan_for
     from loradeploy.targets.profile import load_profile
-    from loradeploy.validate import reference_outputs
+    from loradeploy.reference import reference_outputs
 
     # the plan file applied as export applies it: its codes rounded against the calibration
     # texts it records (measured again), which must differ from nearest rounding

@@ -10,7 +10,7 @@ from tests.exports import export_adapters as export
 from loradeploy import runtime
 from loradeploy.merge import merge_into
 from loradeploy.targets import gguf as gguf_target
-from loradeploy.validate import lm_fidelity
+from loradeploy.lm_measures import lm_fidelity
 from tests.conftest import EXAMPLE_ADAPTERS, lm_eval_head, quick_profile
 from tests.targets import tiny_llama
 
