@@ -126,7 +126,8 @@ def main() -> int:
     from loradeploy import runtime
     from loradeploy.merge import merge_into
     from loradeploy.prune import prune
-    from loradeploy.runtime.onnx import ADAPTER_DIR, MODEL_FILE, session_options
+    from loradeploy.manifest import ADAPTER_DIR
+    from loradeploy.runtime.onnx import MODEL_FILE, session_options
     from loradeploy.reference import reference_outputs
 
     work = Path(tempfile.mkdtemp(prefix="bench-onnx-"))

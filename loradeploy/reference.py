@@ -9,12 +9,11 @@ import copy
 import numpy as np
 import torch
 
-from .evaldata import length_order
+from .evaldata import MAX_LENGTH, length_order
 from .ir import AdapterSet, Task
 from .merge import merge_into
 
 BATCH = 32
-MAX_LENGTH = 128
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int = MAX_LENGTH):

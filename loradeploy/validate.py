@@ -24,7 +24,7 @@ from .errors import LoradeployError
 from .evaldata import EvalSet, length_order, load_eval
 from .ir import AdapterSet, Task
 from .lm_measures import GREEDY_PROMPTS, GREEDY_TOKENS, greedy_match, lm_fidelity, lm_reference
-from .manifest import Validation
+from .manifest import MANIFEST, REPORT, Validation
 from .reference import base_alone_outputs, batches, in_text_order, reference_outputs, trained_model
 from .targets.profile import Budgets, TargetProfile
 
@@ -118,7 +118,7 @@ def latency_checks(adapter: str, latency: dict, budgets: Budgets) -> list[Check]
 
 def artifact_bytes(artifact: Path) -> int:
     return sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file()
-               and p.name not in ("manifest.json", "report.html"))
+               and p.name not in (MANIFEST, REPORT))
 
 
 def _result(artifact: Path, eval_set: EvalSet, metrics: dict, checks: list[Check], profile: TargetProfile,

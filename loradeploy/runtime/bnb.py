@@ -33,7 +33,6 @@ SPEC = RuntimeSpec(
     adapter_suffix="", target="loradeploy.targets.bnb:BnbTarget", session="loradeploy.runtime.bnb:BnbSession",
     tasks={p: tuple(t.value for t in Task) for p in ("nf4", "fp4", "int8")})
 
-ADAPTER_DIR = "adapters"  # each adapter is a PEFT folder adapters/NAME
 
 
 class _Model:

@@ -40,7 +40,6 @@ SPEC = RuntimeSpec(
     tasks={p: (Task.CAUSAL_LM.value,) for p in ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")})  # a GGUF base
 
 MODEL_FILE = "model.gguf"
-ADAPTER_DIR = "adapters"
 log = logging.getLogger("llama.cpp")
 _LOG_CALLBACK = None  # kept alive for as long as llama.cpp may call it
 

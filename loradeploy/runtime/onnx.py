@@ -29,7 +29,6 @@ SPEC = RuntimeSpec(
            "int4": tuple(t.value for t in Task), "gguf": (Task.CAUSAL_LM.value,)})
 
 MODEL_FILE = "model.onnx"
-ADAPTER_DIR = "adapters"
 GENAI_CONFIG = "genai_config.json"  # causal LMs: onnxruntime-genai's description of the decoder
 
 

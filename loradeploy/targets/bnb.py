@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..runtime.bnb import ADAPTER_DIR
+from ..manifest import ADAPTER_DIR
 from .common import Target
 
 if TYPE_CHECKING:

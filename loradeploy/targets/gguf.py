@@ -23,7 +23,8 @@ import numpy as np
 
 from ..errors import BaseModelError, LoradeployError
 from ..fsutil import link_or_copy
-from ..runtime.llama import ADAPTER_DIR, MODEL_FILE
+from ..manifest import ADAPTER_DIR
+from ..runtime.llama import MODEL_FILE
 from .common import Target
 
 if TYPE_CHECKING:

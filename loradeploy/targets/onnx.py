@@ -24,7 +24,8 @@ import numpy as np
 
 from ..errors import LoradeployError
 from ..fsutil import link_or_copy
-from ..runtime.onnx import ADAPTER_DIR, MODEL_FILE, SPEC
+from ..manifest import ADAPTER_DIR
+from ..runtime.onnx import MODEL_FILE, SPEC
 from .common import Target
 
 if TYPE_CHECKING:

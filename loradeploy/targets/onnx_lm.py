@@ -285,7 +285,8 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
     from ..base import hf_folder, load_tokenizer
     from ..fsutil import cache_dir
     from ..merge import merge_into
-    from ..runtime.onnx import ADAPTER_DIR, MODEL_FILE
+    from ..manifest import ADAPTER_DIR
+    from ..runtime.onnx import MODEL_FILE
     from .genai_tokenizer import write_special_tokens
     from .onnx import lora_inputs, lora_slot_decisions, slot_formats, write_adapter_file
     from .onnx_graph import lora_factors
