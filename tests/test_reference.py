@@ -1,4 +1,4 @@
-"""validate: the base alone's outputs kept between adapters of one base are exactly the whole
+"""reference: the base alone's outputs kept between adapters of one base are exactly the whole
 forward's; batches of similar lengths give each text its own outputs, in the texts' order."""
 
 import copy
