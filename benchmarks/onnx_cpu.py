@@ -99,7 +99,8 @@ def interleaved(runners: dict, ids, mask, rounds: int) -> dict[str, float]:
 
 def fidelity(fn, ref: np.ndarray, tokenizer, texts) -> dict:
     from loradeploy.evaldata import length_order
-    from loradeploy.validate import batches, fidelity as fid, in_text_order
+    from loradeploy.reference import batches, in_text_order
+    from loradeploy.validate import fidelity as fid
     from loradeploy.ir import Task
 
     order = length_order(tokenizer, texts)
@@ -125,8 +126,10 @@ def main() -> int:
     from loradeploy import runtime
     from loradeploy.merge import merge_into
     from loradeploy.prune import prune
-    from loradeploy.plugins.onnxruntime.session import ADAPTER_DIR, MODEL_FILE, session_options
-    from loradeploy.validate import reference_outputs
+    from loradeploy.manifest import ADAPTER_DIR
+    from loradeploy.plugins.onnxruntime import MODEL_FILE
+    from loradeploy.plugins.onnxruntime.ort import session_options
+    from loradeploy.reference import reference_outputs
 
     work = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
     wall = {"export onnx-cpu swappable (demo)": timed_export("onnx-cpu", "swappable", work / "swap")}

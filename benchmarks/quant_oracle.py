@@ -33,7 +33,8 @@ def oracle(adapter: str, max_bytes: int | None = None, texts: int | None = None,
     from loradeploy.evaldata import load_eval
     from loradeploy.job import AdapterInputs, load_base_for, load_entries
     from loradeploy.quant.plan import hinted_formats, quantize_adapter, uniform_formats
-    from loradeploy.quant.search import Evaluator, calibration_batches, search
+    from loradeploy.quant.evaluator import Evaluator, calibration_batches
+    from loradeploy.quant.search import search
 
     (entry,) = load_entries(AdapterInputs.of({adapter: REPO / "examples" / "adapters" / adapter}))
     base_dir, task, _labels, model = load_base_for("minilm", (entry,))

@@ -80,7 +80,8 @@ def against_trained(base: str, adapter_dir: Path, artifact: str, name: str) -> d
     from loradeploy.adapters import read_adapter
     from loradeploy.base import load_tokenizer, load_torch_model, resolve_base
     from loradeploy.evaldata import load_eval
-    from loradeploy.validate import reference_outputs, session_outputs
+    from loradeploy.reference import reference_outputs
+    from loradeploy.validate import session_outputs
 
     trained = read_adapter(adapter_dir)
     base_dir = resolve_base(base)
@@ -186,8 +187,8 @@ def lm_errors_vs_fp16(rows: list[dict], name: str, fp16_artifact: str, texts: li
     measure 3e-6 and 5e-7 and what remains is the adapter's storage error."""
     from loradeploy.evaldata import load_eval
     from loradeploy.manifest import read as read_manifest
+    from loradeploy.lm_measures import lm_fidelity
     from loradeploy.plugins.llama_cpp.session import LlamaSession
-    from loradeploy.validate import lm_fidelity
 
     texts = load_eval(lm=True).texts if texts is None else texts
     for key, model in (("kl_vs_fp16_adapter", None), ("kl_vs_fp16_adapter_f32_base", f32_base)):

@@ -8,6 +8,10 @@ from pathlib import Path
 
 from .errors import EvalDataError
 
+#: tokens per input text: longer texts are truncated to this wherever they are tokenized (the
+#: fp32 reference, the artifact's session, the calibration of a plan)
+MAX_LENGTH = 128
+
 #: The example evaluation sets shipped with the tool: sentiment classification (500 held-back
 #: sentences) and, for language models, held-back review sentences as plain text.
 DEFAULT_EVAL = Path(__file__).resolve().parent / "data" / "sentiment" / "eval.jsonl"
@@ -95,7 +99,7 @@ def shipped_set_note(eval_set: EvalSet, base_dir: Path) -> str | None:
             "measured, perplexity on it is not a task measure for this base (pass --eval)")
 
 
-def length_order(tokenizer, texts: list[str], max_length: int = 128):
+def length_order(tokenizer, texts: list[str], max_length: int = MAX_LENGTH):
     """The order of ``texts`` by token count (stable): batches of similar lengths pad less, and
     every padded position costs a forward pass as much as a real token (the 500-text eval set:
     10,724 positions padded in text order, 7,988 in this order, 7,709 real; the 64 calibration

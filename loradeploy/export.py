@@ -18,6 +18,7 @@ from .evaldata import EvalSet, load_eval
 from .fsutil import atomic_output_dir, file_sha256
 from .ir import Task
 from .job import AdapterEntry, AdapterInputs, ExportJob, load_base_for, load_entries
+from .kinds import MODES
 from .quant.plan import parse_plan_choice
 from .quantize import PlanConfig, apply_plan, plan_for
 from .report import write_report
@@ -30,7 +31,6 @@ from .validate import LatencyRunner, validate_artifact
 BaseLoader = Callable[[str, tuple], tuple]
 #: an export job → (folder holding a graph shared by many artifacts, its decisions), or None
 SharedBase = Callable[["ExportJob"], "tuple[Path, dict] | None"]
-MODES = ("merged", "swappable", "auto")
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def _adapter_record(e: AdapterEntry, mode: str, suffix: str, plan=None, base_lab
     labels = e.original.label_names or base_labels
     return mf.AdapterRecord(
         name=e.name, method=e.original.method.value, sources=[s.__dict__ for s in e.original.sources],
-        file=f"adapters/{e.name}{suffix}" if mode == "swappable" else None,
+        file=f"{mf.ADAPTER_DIR}/{e.name}{suffix}" if mode == "swappable" else None,
         ranks={m.name: [m.rank_before, m.rank_after] for m in e.prune_report.modules},
         rank_total=[e.prune_report.rank_before, e.prune_report.rank_after],
         lora_bytes=[e.prune_report.bytes_before, e.prune_report.bytes_after],

@@ -12,6 +12,7 @@ from .adapters import ReadOptions, read_adapter
 from .base import base_task, load_torch_model, resolve_base
 from .errors import BaseModelError, LoradeployError
 from .ir import Method, Task
+from .manifest import ADAPTER_NAME_RULE, is_adapter_name
 from .merge import check_fits
 from .prune import prune
 
@@ -37,8 +38,8 @@ class AdapterSpec:
         name, sep, path = text.partition("=")
         if not sep:
             path, name = text, Path(text.rstrip("/")).stem
-        if not name or not all(c.isalnum() or c in "-_." for c in name):
-            raise LoradeployError(f"adapter name {name!r}: use letters, digits, '-', '_' or '.'")
+        if not is_adapter_name(name):
+            raise LoradeployError(f"adapter name {name!r}: {ADAPTER_NAME_RULE}")
         return cls(name, Path(path))
 
 

@@ -1,4 +1,4 @@
-"""The adapter formats and tasks loradeploy knows, apart from the IR so that code which only
+"""The adapter formats, tasks and artifact modes loradeploy knows, apart from the IR so that code which only
 names them (the command line's choices, a resident worker's client) does not import torch."""
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ class Method(str, enum.Enum):
     BLORA = "blora"
     PEFT_LORA = "peft-lora"
     PEFT_ADALORA = "peft-adalora"
+
+
+#: how an artifact holds its adapters; auto: merged if that passes the fidelity budget, else swappable
+MODES = ("merged", "swappable", "auto")
 
 
 class Task(str, enum.Enum):

@@ -21,12 +21,21 @@ from .fsutil import file_sha256
 
 MANIFEST = "manifest.json"
 REPORT = "report.html"
+#: the folder of a swappable artifact holding each adapter's file (or PEFT folder) under its name
+ADAPTER_DIR = "adapters"
+#: what an adapter name may hold (it names a file in ADAPTER_DIR): :func:`is_adapter_name`
+ADAPTER_NAME_RULE = "use letters, digits, '-', '_' or '.'"
 MANIFEST_VERSION = 1
 #: the sha256 of the manifest's own canonical body (every other key; see :func:`body_sha256`).
 #: Newer than version 1: a manifest without it reads, and ``verify`` notes that nothing protects it.
 SELF_SHA256 = "manifest_sha256"
 #: packages whose versions every manifest records (each runtime adds its own, see registry)
 CORE_PACKAGES = ("torch", "transformers", "peft", "safetensors", "numpy")
+
+
+def is_adapter_name(name: str) -> bool:
+    """Whether ``name`` may name an adapter (:data:`ADAPTER_NAME_RULE`)."""
+    return bool(name) and all(c.isalnum() or c in "-_." for c in name)
 
 
 def _need(where: str, data: dict, key: str, kind, optional: bool = False):

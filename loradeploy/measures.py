@@ -1,6 +1,8 @@
 """The one table of fidelity measures: name, which direction is better, the profile budget that
 bounds it, the tasks that report it, and its unit — used by validation (checks against
-budgets), ``check`` (regression against a baseline) and the plan search.
+budgets), ``check`` (regression against a baseline) and the plan search; and the formulas of the
+classifier and embeddings measures (:func:`logit_errors`, :func:`cosines`), which validation and
+the plan search both compute.
 
 A change between two runs is float noise, not a regression, while it stays under the
 measure's *noise floor* (:func:`noise_floor`), which is tied to the measure's own scale:
@@ -21,6 +23,8 @@ Without a scale (an old manifest without the spread) the floor is :data:`MIN_FLO
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 #: share of a measure's budget (or scale) under which a change is noise
 BUDGET_SHARE = 0.02
@@ -152,3 +156,27 @@ def describe(name: str) -> str | None:
     if prompt:
         return RUNTIME_HELP[prompt.group(2)].replace("an N-token", f"a {prompt.group(1)}-token")
     return None
+
+
+# --- the formulas (numpy arrays or torch tensors: each computes in its own dtype) -------------
+
+def logit_errors(ref, got) -> dict:
+    """Label agreement and |Δlogit| of classifier logits ``got`` against ``ref`` (rows: inputs):
+    ``label_agreement``, ``max_abs_logit``, ``mean_abs_logit``."""
+    diff = abs(got - ref)
+    return {"label_agreement": float((got.argmax(-1) == ref.argmax(-1)).sum()) / len(ref),
+            "max_abs_logit": float(diff.max()), "mean_abs_logit": float(diff.mean())}
+
+
+def cosines(ref, got):
+    """Cosine similarity of each row of ``got`` with the same row of ``ref`` (embeddings)."""
+    norms = ((ref * ref).sum(-1) ** 0.5) * ((got * got).sum(-1) ** 0.5)
+    return (ref * got).sum(-1) / (norms + 1e-12)
+
+
+def adapter_effect_kept(ref, got, base) -> float:
+    """1 − ‖artifact − reference‖ / ‖reference − base alone‖ over every output: 1 when the
+    artifact reproduces the adapter's effect, 0 when its error is as large as the effect
+    (e.g. a small ΔW rounded away by a 4-bit base)."""
+    effect = np.linalg.norm(ref.astype(np.float64) - base)
+    return float(1.0 - np.linalg.norm(got.astype(np.float64) - ref) / effect) if effect > 0 else float("nan")

@@ -12,11 +12,11 @@ import yaml
 
 from . import registry
 from .errors import LoradeployError, ProfileError
+from .kinds import MODES
 from .slots import parse as slot_tokens
 
 PROFILE_VERSION = 1
 BUILTIN_DIR = Path(__file__).resolve().parent / "targets" / "profiles"
-MODES = ("merged", "swappable", "auto")  # auto: merged if it passes the fidelity budget, else swappable
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,14 @@ from pathlib import Path
 from . import registry
 from .base import load_tokenizer, resolve_base
 from .errors import LoradeployError, OutputError
-from .evaldata import load_calibration
+from .evaldata import MAX_LENGTH, load_calibration
 from .ir import Task
 from .job import AdapterEntry, AdapterInputs, ExportJob, load_base_for, load_entries
 from .progress import Progress, steps
 from .quant.plan import (LearnedPlan, Plan, PlanChoice, PlanError, PlanFile, UniformPlan,
                          dense_fp16_bytes_at_max_rank, hinted_formats, quantize_adapter, uniform_formats)
-from .quant.search import (DEFAULT_BUDGETS, HOLDOUT_DEFAULT, HOLDOUT_SLACK, HOLDOUT_TEXTS, MEASURES, Evaluator,
-                           calibration_batches, search)
+from .quant.evaluator import Evaluator, calibration_batches
+from .quant.search import DEFAULT_BUDGETS, HOLDOUT_DEFAULT, HOLDOUT_SLACK, HOLDOUT_TEXTS, MEASURES, search
 
 CALIBRATION_TEXTS = {Task.CAUSAL_LM: 8}
 CALIBRATION_DEFAULT = 64
@@ -122,7 +122,7 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
         if rounded:  # codes or ranks chosen against the calibration inputs: measure them again
             texts = _recorded_calibration(plan.budget.get("calibration") or {}, task, str(value))
             batches = calibration_batches(load_tokenizer(base_dir), texts.texts, task,
-                                          CALIBRATION_MAX_LENGTH.get(task, 128))
+                                          CALIBRATION_MAX_LENGTH.get(task, MAX_LENGTH))
             for e in rounded:
                 step(f"calibrating {e.name} on {len(texts.texts)} texts (the plan is output-aware)")
                 ev = Evaluator(base_model, e.pruned, runtime, task, batches)
@@ -151,7 +151,7 @@ def plan_for(job: ExportJob, config: PlanConfig, progress: Progress | None = Non
     texts = dataclasses.replace(texts, texts=texts.texts[:n_calibration],
                                 labels=texts.labels[:n_calibration] if texts.labels else None)
     tokenizer = load_tokenizer(base_dir)
-    max_length = CALIBRATION_MAX_LENGTH.get(task, 128)
+    max_length = CALIBRATION_MAX_LENGTH.get(task, MAX_LENGTH)
     batches = calibration_batches(tokenizer, texts.texts, task, max_length)
     held_out_batches = calibration_batches(tokenizer, held_out, task, max_length) if held_out else None
     step(f"tokenized {len(texts.texts)} calibration and {len(held_out)} held-out texts")

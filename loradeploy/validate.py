@@ -1,14 +1,14 @@
 """Validation of an artifact in its runtime against the PyTorch fp32 reference (the base with
 the adapter as trained, before pruning): fidelity and task metrics on eval inputs, latency
 per benchmark shape and peak RSS (measured in a fresh process holding only the runtime),
-artifact bytes — each held against the target profile's budget (measures: ``measures.py``).
+artifact bytes — each held against the target profile's budget (the reference:
+``reference.py``; the measures and their formulas: ``measures.py``, ``lm_measures.py``).
 
 The artifact is opened through its runtime's session (``loradeploy.runtime.open``), the one
 loader every caller uses. Also the ``validate`` verb: an existing artifact validated again."""
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -17,19 +17,15 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from . import measures
 from .errors import LoradeployError
 from .evaldata import EvalSet, length_order, load_eval
 from .ir import AdapterSet, Task
 from .lm_measures import GREEDY_PROMPTS, GREEDY_TOKENS, greedy_match, lm_fidelity, lm_reference
-from .manifest import Validation
-from .merge import merge_into
+from .manifest import MANIFEST, REPORT, Validation
+from .reference import base_alone_outputs, batches, in_text_order, reference_outputs, trained_model
 from .profile import Budgets, TargetProfile
-
-BATCH = 32
-MAX_LENGTH = 128
 
 
 @dataclass
@@ -51,152 +47,6 @@ class Check:
         return {**asdict(self), "status": self.status}
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int = MAX_LENGTH):
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
-    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-
-
-def batches(tokenizer, texts: list[str], order: np.ndarray | None = None):
-    """(input_ids, attention_mask) batches of ``BATCH`` texts taken in ``order`` (default
-    :func:`length_order`); :func:`in_text_order` puts per-batch results back in text order."""
-    order = length_order(tokenizer, texts) if order is None else order
-    for i in range(0, len(texts), BATCH):
-        yield tokenize(tokenizer, [texts[j] for j in order[i:i + BATCH]])
-
-
-def in_text_order(parts: list[np.ndarray], order: np.ndarray) -> np.ndarray:
-    """Per-batch results (rows in ``order``) as one array in the texts' own order."""
-    rows = np.concatenate(parts)
-    out = np.empty_like(rows)
-    out[order] = rows
-    return out
-
-
-@torch.no_grad()
-def model_outputs(model, task: Task, tokenizer, texts) -> np.ndarray:
-    """Logits (classifier) or mean-pooled embeddings of a PyTorch model on ``texts``."""
-    outs, order = [], length_order(tokenizer, texts)
-    for ids, mask in batches(tokenizer, texts, order):
-        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-        if task is Task.SEQUENCE_CLASSIFICATION:
-            outs.append(out.logits.numpy())
-        else:
-            m = torch.from_numpy(mask).unsqueeze(-1).float()
-            outs.append(((out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)).numpy())
-    return in_text_order(outs, order)
-
-
-def reference_outputs(base_model, adapters: AdapterSet, task: Task, tokenizer, texts) -> np.ndarray:
-    """Outputs of the base with ``adapters`` as trained, ΔW merged in float64 then fp32."""
-    return model_outputs(merge_into(copy.deepcopy(base_model), adapters), task, tokenizer, texts)
-
-
-def base_alone_outputs(base_model, adapters: AdapterSet, task: Task, tokenizer, texts) -> np.ndarray:
-    """The fp32 base with only the adapter's extra tensors (its head): what the adapter's ΔW
-    moves the outputs away from. Computed from the base's features before its head when
-    another adapter of the same base and texts ran in this process (see :class:`_BaseFeatures`)."""
-    from .merge import load_extras
-
-    cached = _BASE_FEATURES.outputs(base_model, adapters, task, tokenizer, texts)
-    if cached is not None:
-        return cached
-    model = copy.deepcopy(base_model)
-    load_extras(model, adapters)
-    return model_outputs(model, task, tokenizer, texts)
-
-
-class _BaseFeatures:
-    """What the base alone computes before its task head, kept for the next adapter of the same
-    base model object and texts (a process exporting many adapters: ``loradeploy fleet``).
-
-    An adapter whose only extra tensors are its head Linear's weight (and bias) changes the base
-    alone's outputs only through that Linear, so they are the head applied to the features that
-    reach it, batch by batch — the same products the whole forward computes. An adapter with no
-    extra tensors has the base's own outputs. Used only when applying the base's own head to the
-    kept features reproduces the base's outputs exactly; anything else runs the whole forward."""
-
-    def __init__(self):
-        self._key = None
-        self._features = None  # (head module name, [per-batch head inputs], batch order) or None: not usable
-        self._outputs = None  # the base's own outputs
-
-    def _head(self, model, adapters: AdapterSet) -> str | None:
-        from .merge import is_head_tensor
-
-        params = dict(model.named_parameters())
-        prefix = getattr(model, "base_model_prefix", "") or ""
-        names = {k if k in params else f"{prefix}.{k}" for k in adapters.extra_tensors}
-        modules = {n.rsplit(".", 1)[0] for n in names}
-        if len(modules) != 1 or not all(is_head_tensor(model, n) for n in names):
-            return None
-        (head,) = modules
-        module = dict(model.named_modules()).get(head)
-        ok = isinstance(module, torch.nn.Linear) and f"{head}.weight" in names and names <= {f"{head}.weight", f"{head}.bias"}
-        return head if ok else None
-
-    @torch.no_grad()
-    def _capture(self, model, head: str, task: Task, tokenizer, texts) -> None:
-        module = dict(model.named_modules())[head]
-        feats: list[torch.Tensor] = []
-        hook = module.register_forward_pre_hook(lambda _m, args: feats.append(args[0].detach().clone()))
-        try:
-            self._outputs = model_outputs(model, task, tokenizer, texts)
-        finally:
-            hook.remove()
-        order = length_order(tokenizer, texts)  # the batches model_outputs ran, in its order
-        again = in_text_order([torch.nn.functional.linear(f, module.weight, module.bias).numpy() for f in feats],
-                              order) if feats else None
-        self._features = (head, feats, order) if again is not None and np.array_equal(again, self._outputs) else None
-
-    def outputs(self, model, adapters: AdapterSet, task: Task, tokenizer, texts) -> np.ndarray | None:
-        import hashlib
-        import weakref
-
-        key = (hashlib.sha256("\0".join(texts).encode()).hexdigest(), getattr(tokenizer, "name_or_path", id(tokenizer)),
-               task)
-        head = self._head(model, adapters) if adapters.extra_tensors else None
-        if adapters.extra_tensors and head is None:
-            return None
-        if self._key is None or self._key[0]() is not model or self._key[1:] != key:
-            self._key = (weakref.ref(model), *key)
-            self._features = self._outputs = None
-            head_name = head or self._head_of(model)
-            if head_name is None:
-                self._outputs = model_outputs(model, task, tokenizer, texts)
-            else:
-                self._capture(model, head_name, task, tokenizer, texts)
-        if head is None:
-            return self._outputs
-        if self._features is None or self._features[0] != head:
-            return None
-        t = {k.rsplit(".", 1)[-1]: v.to(torch.float32) for k, v in adapters.extra_tensors.items()}
-        bias = t["bias"] if "bias" in t else dict(model.named_modules())[head].bias
-        with torch.no_grad():
-            return in_text_order([torch.nn.functional.linear(f, t["weight"], bias).numpy()
-                                  for f in self._features[1]], self._features[2])
-
-    def _head_of(self, model) -> str | None:
-        """The task head Linear of ``model`` (one module outside the backbone), if there is one."""
-        from .merge import is_head_tensor
-
-        heads = {n.rsplit(".", 1)[0] for n, _ in model.named_parameters() if is_head_tensor(model, n)}
-        if len(heads) != 1:
-            return None
-        (head,) = heads
-        return head if isinstance(dict(model.named_modules()).get(head), torch.nn.Linear) else None
-
-
-_BASE_FEATURES = _BaseFeatures()
-
-
-def adapter_effect_kept(ref: np.ndarray, got: np.ndarray, base: np.ndarray) -> float:
-    """1 − ‖artifact − reference‖ / ‖reference − base alone‖ over every output: 1 when the
-    artifact reproduces the adapter's effect, 0 when its error is as large as the effect
-    (e.g. a small ΔW rounded away by a 4-bit base)."""
-    effect = np.linalg.norm(ref.astype(np.float64) - base)
-    return float(1.0 - np.linalg.norm(got.astype(np.float64) - ref) / effect) if effect > 0 else float("nan")
-
-
 def session_outputs(session, adapter: str | None, tokenizer, texts) -> np.ndarray:
     order = length_order(tokenizer, texts)
     return in_text_order([session.run({"input_ids": ids, "attention_mask": mask}, adapter).outputs
@@ -208,9 +58,7 @@ def fidelity(ref: np.ndarray, got: np.ndarray, labels: list[int] | None, task: T
     if task is Task.SEQUENCE_CLASSIFICATION:
         diff = np.abs(got.astype(np.float64) - ref)
         metrics = {
-            "label_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),
-            "max_abs_logit": float(diff.max()),
-            "mean_abs_logit": float(diff.mean()),
+            **measures.logit_errors(ref, got.astype(np.float64)),
             "max_abs_logit_per_class": diff.max(0).tolist(),
             "reference_spread": float(ref.std()),  # scale of the noise floor in `check`
         }
@@ -220,8 +68,7 @@ def fidelity(ref: np.ndarray, got: np.ndarray, labels: list[int] | None, task: T
             metrics["accuracy"] = float((got.argmax(-1) == y).mean())
             metrics["accuracy_drop"] = metrics["accuracy_reference"] - metrics["accuracy"]
         return metrics
-    num = (ref * got).sum(-1)
-    cos = num / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1) + 1e-12)
+    cos = measures.cosines(ref, got)
     return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), "reference_spread": float(ref.std())}
 
 
@@ -266,7 +113,7 @@ def latency_checks(adapter: str, latency: dict, budgets: Budgets) -> list[Check]
 
 def artifact_bytes(artifact: Path) -> int:
     return sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file()
-               and p.name not in ("manifest.json", "report.html"))
+               and p.name not in (MANIFEST, REPORT))
 
 
 def _result(artifact: Path, eval_set: EvalSet, metrics: dict, checks: list[Check], profile: TargetProfile,
@@ -305,7 +152,7 @@ def validate_encoder(artifact: Path, session, profile: TargetProfile, task: Task
         got = session_outputs(session, adapter, tokenizer, eval_set.texts)
         metrics[label] = fidelity(ref, got, eval_set.labels, task)
         if base_outputs and adapter in base_outputs:
-            metrics[label]["adapter_effect_kept"] = adapter_effect_kept(ref, got, base_outputs[adapter])
+            metrics[label]["adapter_effect_kept"] = measures.adapter_effect_kept(ref, got, base_outputs[adapter])
         checks += measure_checks(label, metrics[label], profile.budgets, task)
         if progress:
             progress(f"fidelity {label}")
@@ -334,7 +181,7 @@ def validate_lm(artifact: Path, session, profile: TargetProfile, base_model, ada
     for adapter, original in adapters.items():
         label = adapter or "merged"
         begin(step, f"computing the fp32 PyTorch reference of {label} on {texts}")
-        merged = merge_into(copy.deepcopy(base_model), original)
+        merged = trained_model(base_model, original)
         ref = lm_reference(merged, tokens)
         step(f"computed the fp32 reference of {label}")
         begin(step, f"fidelity {label}: the artifact in {session.runtime} on {texts}")

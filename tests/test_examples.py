@@ -14,9 +14,9 @@ from loradeploy.base import load_tokenizer, load_torch_model
 from loradeploy.evaldata import load_eval
 from loradeploy.ir import Method, Task
 from loradeploy.prune import prune
-from loradeploy.validate import reference_outputs
-from tests.support.paths import EXAMPLE_ADAPTERS
+from loradeploy.reference import reference_outputs
 from tests.support.exactness import assert_exact
+from tests.support.paths import EXAMPLE_ADAPTERS
 
 EXAMPLES = {"sora": Method.SORA, "increlora": Method.INCRELORA, "blora": Method.BLORA}
 MAX_BYTES = 5 * 2**20

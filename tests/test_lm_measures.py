@@ -3,6 +3,7 @@ is its reference, 0 when it is the base alone, negative when further away; the p
 
 import numpy as np
 import pytest
+import torch
 
 from loradeploy.lm_measures import lm_fidelity
 
@@ -26,3 +27,29 @@ def test_adapter_effect_kept_and_perplexity_ratio():
     # a generator of pairs, one text's logits at a time, gives what a list gives
     pairs = [(ref, (ref + base) / 2, tokens), (base, ref, tokens[:4] + [5, 6])]
     assert lm_fidelity(iter(pairs), iter([base, ref])) == lm_fidelity(pairs, [base, ref])
+
+
+def test_lm_kl_is_exact_for_tiny_perturbations_and_the_cached_reference_agrees():
+    """KL from logit differences in float64: a perturbation δ of 1e-4 gives ½·Var_p(δ) (~5e-9),
+    which float32 log-probs could not resolve; the cached reference (entries above 1e-12) gives
+    the same to 1e-6 relative."""
+    from loradeploy.lm_measures import LmReference, kl_and_top1 as _lm_compare
+
+    gen = torch.Generator().manual_seed(0)
+    ref = [torch.randn(70, 32768, generator=gen) * 4, torch.randn(9, 32768, generator=gen) * 4]
+    got = [r + torch.randn(r.shape, generator=gen) * 1e-4 for r in ref]
+    second_order = []
+    for r, g in zip(ref, got):
+        p = torch.softmax(r.double(), -1)
+        d = (g.double() - r.double())
+        mean = (p * d).sum(-1, keepdim=True)
+        second_order.append(0.5 * (p * (d - mean) ** 2).sum(-1))
+    expected = float(torch.cat(second_order).mean())
+    full = _lm_compare(ref, got)["kl_mean"]
+    assert full == pytest.approx(expected, rel=1e-3)
+    float32 = float(torch.cat([(torch.log_softmax(r, -1).exp() * (torch.log_softmax(r, -1) - torch.log_softmax(g, -1))).sum(-1)
+                               for r, g in zip(ref, got)]).mean())
+    assert abs(float32 - expected) > 0.1 * expected  # what the float64 form is for
+    cached = LmReference(ref).compare(got)
+    assert cached["kl_mean"] == pytest.approx(full, rel=1e-6)
+    assert cached["top1_agreement"] == _lm_compare(ref, got)["top1_agreement"]

@@ -62,7 +62,7 @@ def _reference(got: dict[str, np.ndarray], texts, label_agreement_min: float, ma
     from loradeploy.adapters import read_adapter
     from loradeploy.base import load_tokenizer, load_torch_model, resolve_base
     from loradeploy.ir import Task
-    from loradeploy.validate import reference_outputs
+    from loradeploy.reference import reference_outputs
 
     base_dir = resolve_base("minilm")
     model = load_torch_model(base_dir, Task.SEQUENCE_CLASSIFICATION, 2)

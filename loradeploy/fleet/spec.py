@@ -34,13 +34,14 @@ import yaml
 from .. import __version__
 from ..errors import LoradeployError, SpecError, did_you_mean
 from ..fsutil import file_sha256
+from ..kinds import MODES
+from ..manifest import ADAPTER_NAME_RULE, is_adapter_name
 
 SPEC_VERSION = 1
 TOP_KEYS = {"version", "base", "adapters", "targets", "mode", "plan", "eval", "slots", "resources"}
 ADAPTER_KEYS = {"name", "path", "glob", "format", "head", "lora_alpha", "lora_r"}
 TARGET_KEYS = {"target", "name", "mode", "plan", "slots"}
 RESOURCE_KEYS = {"num_cpus", "memory"}
-MODES = ("merged", "swappable", "auto")
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ def _text(where: str, value, what: str) -> str:
 
 
 def _name_ok(where: str, name: str) -> str:
-    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-        raise SpecError(f"{where}: name {name!r}: use letters, digits, '-', '_' or '.'")
+    if not is_adapter_name(name) or name.startswith("."):
+        raise SpecError(f"{where}: name {name!r}: {ADAPTER_NAME_RULE}")
     return name
 
 

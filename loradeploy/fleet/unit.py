@@ -125,11 +125,12 @@ class SharedTiming:
             return self._timed(args)
         from .. import registry
         from ..machine import fingerprint
+        from ..manifest import ADAPTER_DIR
         from ..profile import load_profile
 
         spec = registry.get(load_profile(self.unit.target).runtime)
         adapter = args[args.index("--adapter") + 1]
-        adapter_file = Path(args[0]) / "adapters" / f"{adapter}{spec.adapter_suffix}"
+        adapter_file = Path(args[0]) / ADAPTER_DIR / f"{adapter}{spec.adapter_suffix}"
         signature = spec.session_class().timing_signature(adapter_file) if adapter_file.exists() else None
         if signature is None:
             return self._timed(args)

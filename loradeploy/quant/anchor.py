@@ -44,7 +44,7 @@ def peft_ranks(base_model, adapters: AdapterSet, thresholds=THRESHOLDS) -> dict[
 
 def peft_points(ev, base_model, fmt16: str, thresholds=THRESHOLDS) -> list[dict]:
     """Each threshold's plan measured by ``ev`` (the search's
-    :class:`~loradeploy.quant.search.Evaluator` of the same adapter on ``base_model``), its bytes
+    :class:`~loradeploy.quant.evaluator.Evaluator` of the same adapter on ``base_model``), its bytes
     counted as the plans' are: ``{"plan", "threshold", "ranks_total", "bytes", <measures>}``."""
     from .formats import quantize
     from .plan import stored_matrix

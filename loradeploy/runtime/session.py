@@ -23,9 +23,8 @@ import numpy as np
 
 from ..errors import BaseModelError, LoradeployError
 from ..fsutil import sha256_file
-from ..manifest import MANIFEST, Manifest, read
-
-MAX_LENGTH = 128  # tokens per input, as validation uses
+from ..evaldata import MAX_LENGTH
+from ..manifest import ADAPTER_DIR, ADAPTER_NAME_RULE, MANIFEST, Manifest, is_adapter_name, read
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ class Loaded:
 
 def _owner(path: Path) -> tuple[Path, Manifest]:
     artifact = path.parent.parent
-    if path.parent.name != "adapters" or not (artifact / MANIFEST).is_file():
+    if path.parent.name != ADAPTER_DIR or not (artifact / MANIFEST).is_file():
         raise BaseModelError(f"{path}: not inside the adapters/ folder of an exported artifact (no "
                              f"{MANIFEST} above it), so its base cannot be checked; load adapters "
                              "from an artifact exported by `loradeploy export --mode swappable`")
@@ -139,8 +138,8 @@ class Session(ABC):
 
     def load_adapter(self, name: str, path: str | Path) -> AdapterInfo:
         """Check adapter ``path`` against this base (see the module doc) and load it as ``name``."""
-        if not name or not all(c.isalnum() or c in "-_." for c in name):
-            raise LoradeployError(f"adapter name {name!r}: use letters, digits, '-', '_' or '.'")
+        if not is_adapter_name(name):
+            raise LoradeployError(f"adapter name {name!r}: {ADAPTER_NAME_RULE}")
         if self.manifest.mode != "swappable":
             raise LoradeployError(f"{self.artifact}: a merged artifact takes no adapters; export with --mode swappable")
         if name in self.adapters:

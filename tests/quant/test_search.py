@@ -13,7 +13,9 @@ from loradeploy.cli import main
 from loradeploy.job import AdapterInputs, AdapterSpec, load_entries
 from loradeploy.ir import Task
 from loradeploy.quant.plan import Plan, quantize_adapter, uniform_formats
-from loradeploy.quant.search import Evaluator, calibration_batches, search
+from loradeploy.quant.evaluator import Evaluator
+from loradeploy.quant.search import search
+from tests.quant.conftest import held_out_batches as _held_out_batches
 from tests.support.paths import EXAMPLE_ADAPTERS
 from tests.support.profiles import quick_profile
 
@@ -21,19 +23,6 @@ pytestmark = pytest.mark.slow
 BUDGET = 0.01
 #: budgets for a plan whose formats are forced (every stored form exercised), not searched
 FORCED_PLAN_BUDGETS = {"mean_abs_logit_max": 0.06, "label_agreement_min": 0.97}
-
-
-@pytest.fixture(scope="module")
-def sora_setup():
-    from loradeploy.base import load_tokenizer
-    from loradeploy.evaldata import load_calibration
-
-    (entry,) = load_entries(AdapterInputs.of([AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")]))
-    base_dir = resolve_base("minilm")
-    model = load_torch_model(base_dir, Task.SEQUENCE_CLASSIFICATION, 2)
-    texts = load_calibration(None, 32).texts
-    batches = calibration_batches(load_tokenizer(base_dir), texts, Task.SEQUENCE_CLASSIFICATION, 128)
-    return entry, model, batches
 
 
 def test_search_meets_budget_where_uniform_int4_fails(sora_setup):
@@ -98,61 +87,6 @@ def test_the_plan_returned_is_within_a_looser_budget_too(sora_setup):
     assert quantize_adapter(entry.pruned, "onnxruntime", got.formats, got.ranks).nbytes == got.nbytes
     tighter = search(ev, budget=budget / 3, ranks=True)
     assert tighter.measured["mean_abs_logit"] <= budget / 3 and tighter.nbytes > got.nbytes
-
-
-def test_kept_block_outputs_change_nothing_and_skip_the_blocks_before_a_change(sora_setup):
-    """Plans that change modules in the last layer, then the first, then go back to the first
-    plan: the evaluator reuses the blocks before the first changed one, and blocks whose modules
-    hold what they held in a plan measured before (kept by state), and gets what a fresh
-    evaluator gets."""
-    entry, model, batches = sora_setup
-    ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches, rounding=False)
-    first_sub = next(ev._blocks[0].children())
-    calls = []
-    first_sub.register_forward_hook(lambda *_: calls.append(1))
-    int4 = uniform_formats(entry.pruned, "onnxruntime", "int4")
-    names = sorted(entry.pruned.modules)
-    last = [k for k in int4 if k.startswith(max(names, key=lambda n: ev._block_of[n]))]
-    first = [k for k in int4 if k.startswith(min(names, key=lambda n: ev._block_of[n]))]
-    plans = [int4, {**int4, **{k: "fp16" for k in last}}, {**int4, **{k: "fp16" for k in first}}, int4]
-    got, block0_runs = [], []
-    for p in plans:
-        calls.clear()
-        got.append(ev.error(p))
-        block0_runs.append(len(calls))
-    # a change in the last block only reruns it; back to the first plan, block 0 is kept from it
-    assert block0_runs == [len(batches), 0, len(batches), 0]
-    for p, g in zip(plans, got):
-        fresh = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches, rounding=False)
-        assert fresh.error(p)["mean_abs_logit"] == pytest.approx(g["mean_abs_logit"], rel=1e-9, abs=1e-12)
-
-
-def _held_out_batches(n: int = 64) -> list[dict]:
-    """Training texts after those :func:`sora_setup` calibrates on."""
-    from loradeploy.base import load_tokenizer
-    from loradeploy.evaldata import load_calibration
-
-    texts = load_calibration(None, 32 + n).texts[32:]
-    return calibration_batches(load_tokenizer(resolve_base("minilm")), texts, Task.SEQUENCE_CLASSIFICATION, 128)
-
-
-def test_a_held_out_evaluator_measures_the_codes_chosen_on_the_calibration_texts(sora_setup):
-    """``codes_from``: output-aware int4 codes are chosen on the calibration inputs; an
-    evaluator on other texts measures those codes (what ships), not codes of its own."""
-    entry, model, batches = sora_setup
-    cls = Task.SEQUENCE_CLASSIFICATION
-    ev = Evaluator(model, entry.pruned, "onnxruntime", cls, batches)
-    int4 = uniform_formats(entry.pruned, "onnxruntime", "int4")
-    same_texts = Evaluator(model, entry.pruned, "onnxruntime", cls, batches, codes_from=ev)
-    assert same_texts.error(int4) == ev.error(int4)
-    other = _held_out_batches()
-    held_out = Evaluator(model, entry.pruned, "onnxruntime", cls, other, codes_from=ev)
-    own_codes = Evaluator(model, entry.pruned, "onnxruntime", cls, other)  # rounds against the held-out texts
-    shipped = quantize_adapter(entry.pruned, "onnxruntime", int4, grams={n: ev.gram(n) for n in entry.pruned.modules})
-    name = next(iter(entry.pruned.modules))
-    assert torch.equal(held_out._dequantized(name, "lora_A", "int4").float(), shipped.simulated.modules[name].lora_A.float())
-    assert held_out.error(int4)["mean_abs_logit"] != own_codes.error(int4)["mean_abs_logit"]
-    assert held_out.inputs == {}  # it captures no inputs of its own
 
 
 def test_search_backs_off_until_the_plan_holds_on_held_out_texts(sora_setup, monkeypatch):
@@ -269,7 +203,7 @@ def test_quantize_command_writes_plan_and_export_uses_it(tmp_path, capsys):
     from loradeploy.job import ExportJob
     from loradeploy.quantize import PlanConfig, apply_plan, plan_for
     from loradeploy.profile import load_profile
-    from loradeploy.validate import reference_outputs
+    from loradeploy.reference import reference_outputs
 
     # the plan file applied as export applies it: its codes rounded against the calibration
     # texts it records (measured again), which must differ from nearest rounding
@@ -314,51 +248,3 @@ def test_peft_anchor_is_measured_like_the_plans(sora_setup):
     learned = search(ev, max_bytes=points[1]["bytes"], ranks=True)
     assert learned.nbytes <= points[1]["bytes"]
     assert learned.measured["mean_abs_logit"] < points[1]["mean_abs_logit"]
-
-
-def test_module_gain_is_measured_with_nearest_codes(sora_setup):
-    """A module's gain (model error per squared output error) comes from a forward pass with its
-    tensors at their lowest formats and *nearest* codes, whatever codes the plan stores: with
-    output-aware codes that pass can sit at the measure's float noise (sora-gemma's q4_0 modules),
-    which made every gain 0. The gain is the same from an output-aware and a nearest evaluator,
-    and positive."""
-    from loradeploy.quant.plan import tensor_key
-    from loradeploy.quant.search import MEASURES, _gain
-
-    entry, model, batches = sora_setup
-    measure = MEASURES[Task.SEQUENCE_CLASSIFICATION]
-    name = sorted(entry.pruned.modules)[0]
-    gains = []
-    for rounding in (True, False):
-        ev = Evaluator(model, entry.pruned, "onnxruntime", Task.SEQUENCE_CLASSIFICATION, batches[:1], rounding=rounding)
-        top = uniform_formats(entry.pruned, "onnxruntime", "fp32")
-        lowest = {**top, tensor_key(name, "lora_A"): "int4", tensor_key(name, "lora_B"): "int4"}
-        gains.append(_gain(ev, name, lowest, measure, ev.error(top)[measure]))
-        assert ev.layer_error(name, "int4", "int4", rounding=True) < ev.layer_error(name, "int4", "int4", rounding=False)
-    assert gains[0] == pytest.approx(gains[1], rel=1e-6) and gains[0] > 0
-
-
-def test_lm_kl_is_exact_for_tiny_perturbations_and_the_cached_reference_agrees():
-    """KL from logit differences in float64: a perturbation δ of 1e-4 gives ½·Var_p(δ) (~5e-9),
-    which float32 log-probs could not resolve; the cached reference (entries above 1e-12) gives
-    the same to 1e-6 relative."""
-    from loradeploy.quant.search import LmReference, _lm_compare
-
-    gen = torch.Generator().manual_seed(0)
-    ref = [torch.randn(70, 32768, generator=gen) * 4, torch.randn(9, 32768, generator=gen) * 4]
-    got = [r + torch.randn(r.shape, generator=gen) * 1e-4 for r in ref]
-    second_order = []
-    for r, g in zip(ref, got):
-        p = torch.softmax(r.double(), -1)
-        d = (g.double() - r.double())
-        mean = (p * d).sum(-1, keepdim=True)
-        second_order.append(0.5 * (p * (d - mean) ** 2).sum(-1))
-    expected = float(torch.cat(second_order).mean())
-    full = _lm_compare(ref, got)["kl_mean"]
-    assert full == pytest.approx(expected, rel=1e-3)
-    float32 = float(torch.cat([(torch.log_softmax(r, -1).exp() * (torch.log_softmax(r, -1) - torch.log_softmax(g, -1))).sum(-1)
-                               for r, g in zip(ref, got)]).mean())
-    assert abs(float32 - expected) > 0.1 * expected  # what the float64 form is for
-    cached = LmReference(ref).compare(got)
-    assert cached["kl_mean"] == pytest.approx(full, rel=1e-6)
-    assert cached["top1_agreement"] == _lm_compare(ref, got)["top1_agreement"]

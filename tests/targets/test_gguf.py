@@ -8,8 +8,8 @@ from loradeploy.job import AdapterSpec
 from tests.support.exports import export_adapters as export
 from loradeploy import runtime
 from loradeploy.merge import merge_into
+from loradeploy.lm_measures import lm_fidelity
 from loradeploy.plugins.llama_cpp import exporter as gguf_target
-from loradeploy.validate import lm_fidelity
 from tests.support.paths import EXAMPLE_ADAPTERS
 from tests.support.profiles import lm_eval_head, quick_profile
 from tests.support.tiny_llama_fixtures import TEXTS, fast_profile, gemma, tiny  # noqa: F401  (fixtures)
@@ -140,7 +140,7 @@ def test_planned_tensor_types_reach_llama_cpp(tmp_path, tiny):
     # rounded as ggml rounds them per weight type (f16; 8-bit blocks for Q8_0/Q5_0/Q4_0): it
     # computes what llama.cpp computes far closer than the merged simulation above
     from loradeploy.ir import Task
-    from loradeploy.quant.search import Evaluator
+    from loradeploy.quant.evaluator import Evaluator
 
     batch = {"input_ids": torch.tensor([tokens]), "attention_mask": torch.ones(1, len(tokens), dtype=torch.long)}
     ev = Evaluator(LlamaForCausalLM.from_pretrained(hf).eval(), entry.pruned, "llama.cpp", Task.CAUSAL_LM, [batch],

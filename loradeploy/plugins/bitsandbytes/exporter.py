@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .session import ADAPTER_DIR
+from ...manifest import ADAPTER_DIR
 from ...targets.common import Target
 
 if TYPE_CHECKING:

@@ -25,7 +25,6 @@ from ...kinds import Task
 from . import SPEC
 from ...runtime.session import HfTokenizer, Session, refuse
 
-ADAPTER_DIR = "adapters"  # each adapter is a PEFT folder adapters/NAME
 
 
 class _Model:

@@ -23,8 +23,9 @@ import numpy as np
 
 from ...errors import BaseModelError, LoradeployError
 from ...fsutil import link_or_copy
-from .session import ADAPTER_DIR, MODEL_FILE
+from ...manifest import ADAPTER_DIR
 from ...targets.common import Target
+from .session import MODEL_FILE
 
 if TYPE_CHECKING:
     from ...ir import AdapterSet

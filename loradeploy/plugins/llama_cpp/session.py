@@ -23,7 +23,6 @@ from . import SPEC
 from ...runtime.session import Generation, Loaded, Session, refuse
 
 MODEL_FILE = "model.gguf"
-ADAPTER_DIR = "adapters"
 log = logging.getLogger("llama.cpp")
 _LOG_CALLBACK = None  # kept alive for as long as llama.cpp may call it
 

@@ -24,10 +24,10 @@ import numpy as np
 
 from ...errors import LoradeployError
 from ...fsutil import link_or_copy
+from ...manifest import ADAPTER_DIR
+from ...targets.common import Target
 from . import MODEL_FILE
 from .adapter_tensors import lora_inputs, lora_slot_decisions, slot_formats, write_adapter_file
-from .session import ADAPTER_DIR
-from ...targets.common import Target
 
 if TYPE_CHECKING:
     from ...job import ExportJob

@@ -284,9 +284,9 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
 
     from ...base import hf_folder, load_tokenizer
     from ...fsutil import cache_dir
+    from ...manifest import ADAPTER_DIR
     from ...merge import merge_into
     from . import MODEL_FILE
-    from .session import ADAPTER_DIR
     from .genai_tokenizer import write_special_tokens
     from .adapter_tensors import lora_inputs, lora_slot_decisions, slot_formats, write_adapter_file
     from .graph import lora_factors

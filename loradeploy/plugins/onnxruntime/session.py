@@ -16,7 +16,6 @@ from .decoder import Decoder, measure_decoder
 from .ort import inference_session, session_options
 from ...runtime.session import Generation, HfTokenizer, Session, refuse
 
-ADAPTER_DIR = "adapters"
 
 
 def _check_onnx(path: Path) -> None:

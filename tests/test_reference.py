@@ -1,4 +1,4 @@
-"""validate: the base alone's outputs kept between adapters of one base are exactly the whole
+"""reference: the base alone's outputs kept between adapters of one base are exactly the whole
 forward's; batches of similar lengths give each text its own outputs, in the texts' order."""
 
 import copy
@@ -12,7 +12,7 @@ from loradeploy.evaldata import load_eval
 from loradeploy.ir import Task
 from loradeploy.merge import load_extras
 from loradeploy.evaldata import length_order
-from loradeploy.validate import _BaseFeatures, batches, model_outputs
+from loradeploy.reference import _BaseFeatures, batches, model_outputs
 from tests.support.paths import EXAMPLE_ADAPTERS
 
 

@@ -1,0 +1,7 @@
+"""``python -m loradeploy.cli``: the ``loradeploy`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
