@@ -1,4 +1,5 @@
-"""Which modules of a base get a LoRA slot in a swappable artifact.
+"""The ``--slots`` spec: which modules of a base get a LoRA slot in a swappable artifact (the
+grammar; the modules of a given PyTorch base it selects: :mod:`loradeploy.base_slots`).
 
 A swappable graph takes LoRA factors as inputs for a fixed set of modules, its *slots*. Slots are
 chosen for the base, not for the adapters being exported, so that any adapter trained for the same
@@ -18,14 +19,8 @@ The modules the exported adapters adapt always get a slot.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Iterable
 
 from .errors import LoradeployError
-
-if TYPE_CHECKING:
-    import torch
-
-    from .ir import AdapterSet
 
 DEFAULT = "blocks"
 KEYWORDS = ("blocks", "adapters")
@@ -45,45 +40,3 @@ def parse(spec: str | None) -> tuple[str, ...]:
 def natural_key(name: str) -> list:
     """Sort key that puts layer 2 before layer 10 (digit runs compared as numbers)."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def linear_layers(model: "torch.nn.Module") -> dict[str, tuple[int, int]]:
-    """Every ``nn.Linear`` of ``model`` → (in, out)."""
-    import torch
-
-    return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-
-
-def block_linears(model: "torch.nn.Module") -> dict[str, tuple[int, int]]:
-    """The linear layers inside the base's layer stack (its longest ``nn.ModuleList``)."""
-    import torch
-
-    stacks = [(len(m), n) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-    if not stacks:
-        return {}
-    stack = max(stacks)[1] + "."
-    return {n: s for n, s in linear_layers(model).items() if n.startswith(stack)}
-
-
-def choose(model: "torch.nn.Module", adapters: Iterable["AdapterSet"], spec: str | None) -> dict[str, tuple[int, int]]:
-    """Qualified module name (as in ``model``) → (in, out) for every slot ``spec`` asks for,
-    plus every module the ``adapters`` adapt; in natural order (layer 2 before layer 10)."""
-    from .merge import find_module
-
-    linears = linear_layers(model)
-    chosen: dict[str, tuple[int, int]] = {}
-    for adapter in adapters:
-        for name, m in adapter.modules.items():
-            chosen[find_module(model, name)[0]] = (m.in_features, m.out_features)
-    for token in parse(spec):
-        if token == "adapters":
-            continue
-        if token == "blocks":
-            found = block_linears(model)
-        else:
-            found = {n: s for n, s in linears.items() if n == token or n.endswith("." + token)}
-        if not found:
-            raise LoradeployError(f"--slots: {token!r} matches no linear layer of the base "
-                                  f"({type(model).__name__}: {len(linears)} linear layers)")
-        chosen.update(found)
-    return dict(sorted(chosen.items(), key=lambda kv: natural_key(kv[0])))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from loradeploy import slots
+from loradeploy import base_slots
 from loradeploy.adapters import read_adapter
 from loradeploy.errors import LoradeployError
 from loradeploy.prune import prune
@@ -24,7 +24,7 @@ def sora():
 
 
 def test_blocks_are_every_linear_of_every_layer(minilm):
-    chosen = slots.choose(minilm, [], "blocks")
+    chosen = base_slots.choose(minilm, [], "blocks")
     per_layer = {n.split(".", 4)[4] for n in chosen}
     assert per_layer == {"attention.self.query", "attention.self.key", "attention.self.value",
                          "attention.output.dense", "intermediate.dense", "output.dense"}
@@ -34,19 +34,19 @@ def test_blocks_are_every_linear_of_every_layer(minilm):
 
 
 def test_adapters_only_and_named_suffixes(minilm, sora):
-    only = slots.choose(minilm, [sora], "adapters")
+    only = base_slots.choose(minilm, [sora], "adapters")
     assert len(only) == len(sora.modules) < 36
-    more = slots.choose(minilm, [sora], "adapters,pooler.dense,key")
+    more = base_slots.choose(minilm, [sora], "adapters,pooler.dense,key")
     keys = {f"bert.encoder.layer.{i}.attention.self.key" for i in range(6)}
     assert set(more) == set(only) | keys | {"bert.pooler.dense"} and not keys <= set(only)
-    assert slots.choose(minilm, [sora], None) == slots.choose(minilm, [], "blocks")
+    assert base_slots.choose(minilm, [sora], None) == base_slots.choose(minilm, [], "blocks")
 
 
 @pytest.mark.parametrize("spec, message", [("nonexistent", "matches no linear layer"),
                                            ("query;drop", "is not a module name")])
 def test_bad_slot_specs(minilm, spec, message):
     with pytest.raises(LoradeployError, match=message):
-        slots.choose(minilm, [], spec)
+        base_slots.choose(minilm, [], spec)
 
 
 def test_cli_refuses_a_bad_slot_spec_in_one_line(tmp_path, capsys):

@@ -214,7 +214,7 @@ def test_every_example_loads_into_every_examples_artifact(example_artifacts):
     """Slots are the base's, not the adapter's: each example's adapter file loads into each other
     example's artifact (both directions) and gives what it gives in its own artifact."""
     from loradeploy import runtime
-    from loradeploy.slots import block_linears
+    from loradeploy.base_slots import block_linears
     from loradeploy.base import load_torch_model, resolve_base
     from loradeploy.ir import Task
 

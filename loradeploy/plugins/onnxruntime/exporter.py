@@ -189,7 +189,7 @@ class OnnxTarget(Target):
         when the graph depends on the adapter's values (a precision plan stores its slots in
         the plan's formats; causal LMs go through the decoder builder)."""
         from ...ir import Task
-        from ...slots import choose as choose_slots
+        from ...base_slots import choose as choose_slots
 
         if job.mode != "swappable" or job.task is Task.CAUSAL_LM or job.profile.precision == "gguf" \
                 or any(e.quantized is not None for e in job.adapters):
@@ -266,7 +266,7 @@ class OnnxTarget(Target):
         import onnx
 
         from ...merge import find_module
-        from ...slots import choose as choose_slots
+        from ...base_slots import choose as choose_slots
         from .graph import GraphModule, export_graph, extra_inputs, lora_factors
         from .lora_inputs import default_arrays, lower_inputs
 

@@ -251,7 +251,7 @@ def _transcode_build(build: Path, out: Path, gguf_path: Path) -> dict[str, str]:
 def _chosen(job: ExportJob, shapes: dict[str, tuple[int, int]], sites: dict[str, tuple[str, ...]]) -> dict:
     """The projections ``job.slots`` asks for (:mod:`loradeploy.slots`); a packed MatMul's
     modules take slots together."""
-    from ...slots import choose
+    from ...base_slots import choose
 
     wanted = choose(job.base_model, [e.pruned for e in job.adapters], job.slots)
     outside = [m for m in wanted if m not in shapes]
