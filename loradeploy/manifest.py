@@ -218,9 +218,16 @@ def environment(packages: tuple[str, ...] = ()) -> dict:
 
 
 def profile_dict(profile) -> dict:
-    d = asdict(profile)
-    d["shapes"] = [{"batch": s["batch"], "seq": s["seq"]} for s in d["shapes"]]
-    return d
+    """The profile as a manifest records it: a runtime's own options at the top level, as its YAML
+    writes them (after ``description``)."""
+    d, out = asdict(profile), {}
+    options = d.pop("options", {})
+    for key, value in d.items():
+        out[key] = value
+        if key == "description":
+            out.update(options)
+    out["shapes"] = [{"batch": s["batch"], "seq": s["seq"]} for s in out["shapes"]]
+    return out
 
 
 def body_sha256(data: dict) -> str:

@@ -56,10 +56,8 @@ class TargetProfile:
     precision: str
     mode: str = "swappable"
     description: str = ""
-    execution_provider: str = "CPUExecutionProvider"
-    opset: int = 17
+    options: dict = field(default_factory=dict)  # the runtime's own keys (RuntimeSpec.options), defaults filled in
     threads: int = 0
-    double_quant: bool = False  # bitsandbytes 4-bit: quantize the quantization constants too
     plan: str | None = None  # swappable adapters' precision plan: "learned" or "uniform:BITS" (None: as trained)
     slots: str = "blocks"  # swappable graphs: which modules take LoRA inputs (see loradeploy.slots)
     shapes: tuple[Shape, ...] = (Shape(1, 128), Shape(8, 128))
@@ -109,20 +107,28 @@ def _shapes(path, data) -> tuple[Shape, ...]:
     return tuple(shapes)
 
 
-def parse_profile(path: Path, data) -> TargetProfile:
-    """Validate ``data`` (a YAML document) into a :class:`TargetProfile`."""
+def parse_profile(path: Path, data, recorded: bool = False) -> TargetProfile:
+    """Validate ``data`` (a YAML document) into a :class:`TargetProfile`. The keys only one runtime
+    knows (its :attr:`RuntimeSpec.options`) are written at the top level and kept in ``options``.
+    ``recorded``: ``data`` is a manifest's record of a profile, which before the runtimes had
+    their own option schemas held every runtime's options: the other runtimes' are dropped."""
     if not isinstance(data, dict):
         _fail(path, "a target profile must be a YAML mapping")
-    allowed = {f.name for f in fields(TargetProfile)} - {"source"}
-    _check_keys(path, "the profile", data, allowed)
     for key in ("name", "runtime", "precision"):
         if key not in data:
             _fail(path, f"missing required key {key!r}")
-    if data.get("version", PROFILE_VERSION) != PROFILE_VERSION:
-        _fail(path, f"profile version {data['version']} is not supported (expected {PROFILE_VERSION})")
     runtime = data["runtime"]
     if runtime not in registry.names():
         _fail(path, f"runtime {runtime!r} is not one of {', '.join(registry.names())}")
+    own = {o.name: o for o in registry.get(runtime).options}
+    data = dict(data)
+    if recorded:
+        for key in [k for spec in registry.specs() for k in (o.name for o in spec.options) if k not in own]:
+            data.pop(key, None)
+    allowed = ({f.name for f in fields(TargetProfile)} - {"source", "options"}) | set(own)
+    _check_keys(path, "the profile", data, allowed)
+    if data.get("version", PROFILE_VERSION) != PROFILE_VERSION:
+        _fail(path, f"profile version {data['version']} is not supported (expected {PROFILE_VERSION})")
     precisions = registry.get(runtime).precisions
     if data["precision"] not in precisions:
         _fail(path, f"precision {data['precision']!r} is not one of {', '.join(precisions)} for {runtime}")
@@ -139,10 +145,14 @@ def parse_profile(path: Path, data) -> TargetProfile:
             slot_tokens(data["slots"])
         except LoradeployError as e:
             _fail(path, str(e))
-    for key in ("double_quant", "allow_ungated"):
-        if key in data and not isinstance(data[key], bool):
-            _fail(path, f"{key} must be true or false")
-    for key in ("opset", "threads", "warmup", "runs"):
+    if "allow_ungated" in data and not isinstance(data["allow_ungated"], bool):
+        _fail(path, "allow_ungated must be true or false")
+    options = {}
+    for name, option in own.items():
+        options[name] = data.pop(name, option.default)
+        if option.problem(options[name]):
+            _fail(path, f"{option.problem(options[name])} ({runtime}'s own option)")
+    for key in ("threads", "warmup", "runs"):
         if key in data and (not isinstance(data[key], int) or data[key] < 0):
             _fail(path, f"{key} must be a non-negative integer")
     values = dict(data)
@@ -150,7 +160,7 @@ def parse_profile(path: Path, data) -> TargetProfile:
         values["shapes"] = _shapes(path, values["shapes"])
     if "budgets" in values:
         values["budgets"] = _budgets(path, values["budgets"])
-    return TargetProfile(**values, source=str(path))
+    return TargetProfile(**values, options=options, source=str(path))
 
 
 def _search_dirs() -> list[Path]:

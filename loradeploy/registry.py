@@ -50,6 +50,24 @@ class LoraStorage:
 
 
 @dataclass(frozen=True)
+class RuntimeOption:
+    """A profile key only this runtime knows (its own option schema): its default fixes its type."""
+
+    name: str
+    default: bool | int | str
+    help: str
+
+    def problem(self, value) -> str | None:
+        """Why ``value`` cannot be this option's value (None: it can)."""
+        kind = type(self.default)
+        if type(value) is not kind:
+            return f"{self.name} must be {dict(bool='true or false', int='a non-negative integer').get(kind.__name__, 'a string')}"
+        if kind is int and value < 0:
+            return f"{self.name} must be a non-negative integer"
+        return None
+
+
+@dataclass(frozen=True)
 class RuntimeSpec:
     """Everything the rest of loradeploy needs to know about one runtime."""
 
@@ -64,6 +82,8 @@ class RuntimeSpec:
     tasks: dict[str, tuple[str, ...]] = field(metadata={
         "help": "base precision → the tasks (kinds.Task values) its profiles export; a profile must budget each "
                 "(loradeploy.verdict)"})
+    options: tuple[RuntimeOption, ...] = field(default=(), metadata={
+        "help": "profile keys only this runtime knows, with their defaults (TargetProfile.options)"})
     formats: str = field(default="", metadata={
         "help": "module whose FORMATS adds this runtime's own storage formats (quant.formats.StorageFormat)"})
 

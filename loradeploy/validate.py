@@ -286,7 +286,7 @@ def revalidate(config: ValidateConfig, progress=None) -> dict:
 
     manifest = read_unchanged(Path(config.artifact))
     data = {k: v for k, v in manifest.target.profile.items() if k != "source"}
-    profile = parse_profile(Path(manifest.target.profile.get("source", "manifest.json")), data)
+    profile = parse_profile(Path(manifest.target.profile.get("source", "manifest.json")), data, recorded=True)
     opts = manifest.read_options
     specs = []
     for a in manifest.adapters:

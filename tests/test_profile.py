@@ -35,6 +35,11 @@ def test_builtin_profiles_load():
     ({"shapes": []}, "shapes must be a non-empty list"),
     ({"version": 7}, "profile version 7 is not supported"),
     ({"runs": -1}, "runs must be a non-negative integer"),
+    ({"opset": "17"}, "opset must be a non-negative integer \\(onnxruntime's own option\\)"),
+    ({"opset": True}, "opset must be a non-negative integer"),
+    ({"double_quant": True}, "unknown key 'double_quant'"),  # bitsandbytes' option, not onnxruntime's
+    ({"runtime": "bitsandbytes", "precision": "nf4", "opset": 17}, "unknown key 'opset'.*double_quant"),
+    ({"runtime": "bitsandbytes", "precision": "nf4", "double_quant": "yes"}, "double_quant must be true or false"),
 ])
 def test_invalid_profiles_name_the_file_and_problem(tmp_path, change, message):
     path = _write(tmp_path, {**BASE, **change})
@@ -66,3 +71,34 @@ def test_not_yaml(tmp_path):
     path.write_text("a: [1, 2\n")
     with pytest.raises(ProfileError, match="cannot read YAML"):
         load_profile(str(path))
+
+
+def test_a_runtimes_own_options_live_in_its_spec_and_keep_their_place_in_the_manifest(tmp_path):
+    from loradeploy.manifest import profile_dict
+    from loradeploy.profile import parse_profile
+
+    onnx = load_profile(_write(tmp_path, {**BASE, "opset": 21}))
+    assert onnx.options == {"execution_provider": "CPUExecutionProvider", "opset": 21}
+    bnb = load_profile("bnb-nf4-dq")
+    assert bnb.options == {"double_quant": True}
+    record = profile_dict(onnx)
+    assert list(record)[:7] == ["name", "runtime", "precision", "mode", "description", "execution_provider", "opset"]
+    assert "options" not in record and "double_quant" not in record
+    from dataclasses import replace
+
+    again = parse_profile(tmp_path / "m.json", {k: v for k, v in record.items() if k != "source"})
+    assert again == replace(onnx, source=str(tmp_path / "m.json"))  # the record reads back as the profile
+
+
+def test_a_manifest_written_before_option_schemas_reads_back(tmp_path):
+    """Manifests from before recorded every runtime's options in every profile: read back as a
+    record, the other runtimes' options are dropped (a YAML profile that names them is refused)."""
+    from loradeploy.manifest import profile_dict
+    from loradeploy.profile import parse_profile
+
+    old = {k: v for k, v in profile_dict(load_profile("bnb-nf4")).items() if k != "source"}
+    old.update(execution_provider="CPUExecutionProvider", opset=17)
+    assert parse_profile(tmp_path / "manifest.json", old, recorded=True) == parse_profile(
+        tmp_path / "manifest.json", {k: v for k, v in old.items() if k not in ("execution_provider", "opset")})
+    with pytest.raises(ProfileError, match="unknown key 'execution_provider'"):
+        parse_profile(tmp_path / "p.yaml", old)

@@ -84,7 +84,7 @@ class BnbTarget(Target):
         model.save_pretrained(staging)
         del model
         skip = _head_modules(job)
-        config = quantization_config(job.profile.precision, job.profile.double_quant, skip)
+        config = quantization_config(job.profile.precision, job.profile.options["double_quant"], skip)
         quantized = auto_class(job.task).from_pretrained(str(staging), quantization_config=config)
         quantized.save_pretrained(out)  # before any forward pass, see the module doc
         shutil.rmtree(staging)

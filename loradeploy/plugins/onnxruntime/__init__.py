@@ -11,7 +11,7 @@ are imported by the modules above, when the registry loads them.
 """
 
 from ...kinds import Task
-from ...registry import LoraStorage, RuntimeSpec
+from ...registry import LoraStorage, RuntimeOption, RuntimeSpec
 
 SPEC = RuntimeSpec(
     name="onnxruntime", distribution="onnxruntime", packages=("onnxruntime", "onnx"),
@@ -20,6 +20,8 @@ SPEC = RuntimeSpec(
                         by_bits={32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}, folds_scale=True, b_rank_major=True),
     adapter_suffix=".onnx_adapter", target="loradeploy.plugins.onnxruntime.exporter:OnnxTarget",
     session="loradeploy.plugins.onnxruntime.session:OrtSession",
+    options=(RuntimeOption("execution_provider", "CPUExecutionProvider", "onnxruntime execution provider"),
+             RuntimeOption("opset", 17, "ONNX opset of the exported encoder graphs")),
     # causal LMs: the genai builder's decoder in fp32 / int4, or on a GGUF base's own blocks (lm_exporter.py)
     tasks={"fp32": tuple(t.value for t in Task), "int8-dynamic": (Task.SEQUENCE_CLASSIFICATION.value,
                                                                   Task.FEATURE_EXTRACTION.value),

@@ -216,7 +216,7 @@ class OnnxTarget(Target):
                   for n, shape in signature["travelling"].items()}
         fp32 = out / ("model.fp32.onnx" if job.profile.precision != "fp32" else MODEL_FILE)
         module = GraphModule(_eager_attention(copy.deepcopy(job.base_model)), job.task, list(slot_shapes), list(extras))
-        export_graph(module, slot_shapes, extras, fp32, job.profile.opset)
+        export_graph(module, slot_shapes, extras, fp32, job.profile.options["opset"])
         formats = {f"{q}.{role}": ("fp32", role, n) for q, (i, o) in slot_shapes.items()
                    for role, n in (("lora_A", i), ("lora_B", o))}
         defaults = dict(extras)
@@ -254,7 +254,7 @@ class OnnxTarget(Target):
 
         (entry,) = job.adapters
         model = merge_into(_eager_attention(copy.deepcopy(job.base_model)), entry.pruned)
-        export_graph(GraphModule(model, job.task, [], []), {}, {}, path, job.profile.opset)
+        export_graph(GraphModule(model, job.task, [], []), {}, {}, path, job.profile.options["opset"])
         return set()
 
     def _export_swappable(self, job: ExportJob, path: Path, out: Path) -> tuple[set[str], dict[str, str], dict]:
@@ -274,7 +274,7 @@ class OnnxTarget(Target):
         slot_shapes = choose_slots(job.base_model, [e.pruned for e in job.adapters], job.slots)
         extras = travelling_defaults(job)
         module = GraphModule(_eager_attention(copy.deepcopy(job.base_model)), job.task, list(slot_shapes), list(extras))
-        export_graph(module, slot_shapes, extras, path, job.profile.opset)
+        export_graph(module, slot_shapes, extras, path, job.profile.options["opset"])
         formats = slot_formats(job, qualified, slot_shapes)
         if any(f != "fp32" for f, _, _ in formats.values()):
             model = onnx.load(str(path))
