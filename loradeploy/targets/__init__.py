@@ -1,2 +1,3 @@
-"""Target plugins, one per runtime (see ``loradeploy.registry``), and the built-in profile YAMLs
-(``profiles/``, read by :mod:`loradeploy.profile`)."""
+"""What every runtime's exporter implements (:mod:`.common`: the ``Target`` contract), and the
+built-in profile YAMLs (``profiles/``, read by :mod:`loradeploy.profile`). The exporters
+themselves live in their runtime's folder, ``loradeploy/plugins/<rt>/``."""

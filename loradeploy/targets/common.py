@@ -19,7 +19,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class Target(ABC):
     """A runtime's export plugin: writes an artifact's files into a folder and returns the
     decisions it took (files, precision per tensor). Loading an artifact is the runtime
-    session's job (``loradeploy/runtime/<rt>.py``); the pair is registered in ``registry.py``."""
+    session's job (``loradeploy/plugins/<rt>/``); the pair is registered in ``registry.py``."""
 
     @abstractmethod
     def export(self, job: ExportJob, out: Path, progress=None) -> dict: ...
