@@ -12,7 +12,7 @@ import pytest
 from loradeploy import runtime
 from loradeploy.base import resolve_base
 from loradeploy.job import AdapterSpec
-from loradeploy.plugins.llama_cpp.session import ModelLock
+from loradeploy.plugins.llama_cpp.model_lock import ModelLock
 from tests.support.profiles import quick_profile
 from tests.support.exports import export_adapters
 from tests.support import tiny_llama
