@@ -11,7 +11,6 @@ import ctypes
 import logging
 import os
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
