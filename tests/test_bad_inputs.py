@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import assert_bad_input, main_bad_input, main_usage_error
+from tests.support.cli import assert_bad_input, main_bad_input
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = json.loads((CORPUS / "cases.json").read_text())
@@ -68,13 +68,13 @@ def test_unwritable_output(tmp_path, capsys):
 def test_output_is_a_file(tmp_path, capsys):
     src = _good_adapter(tmp_path)
     (tmp_path / "f").write_text("x")
-    main_usage_error(capsys, ["prune", str(src), "-o", str(tmp_path / "f")], "is a file")  # click's own check of -o
+    main_bad_input(capsys, ["prune", str(src), "-o", str(tmp_path / "f")], "is a file", "loradeploy prune --help")  # click's own check of -o
 
 
 def test_bad_option_values(tmp_path, capsys):
     src = _good_adapter(tmp_path)
-    main_usage_error(capsys, ["inspect", str(src), "--tolerance", "2"], "--tolerance", "got 2.0")
-    main_usage_error(capsys, ["inspect", str(src), "--format", "nope"], "nope")
+    main_bad_input(capsys, ["inspect", str(src), "--tolerance", "2"], "--tolerance", "got 2.0")
+    main_bad_input(capsys, ["inspect", str(src), "--format", "nope"], "nope")
     main_bad_input(capsys, ["inspect", str(src), "--lora-alpha", "-1"], "lora-alpha must be a positive number")
 
 

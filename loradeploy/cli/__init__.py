@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # an option click itself refuses: one line, as any bad input
+        ctx = getattr(e, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        click.echo(f"error: {' '.join(e.format_message().split())}{where}", err=True)
         return 2
     except click.exceptions.Exit as e:
         return e.exit_code

@@ -36,28 +36,3 @@ def main_bad_input(capsys, argv: list[str], *needles: str) -> str:
     code = main(argv)
     captured = capsys.readouterr()
     return assert_bad_input(code, captured.err, *needles, out=captured.out)
-
-
-def assert_usage_error(code: int, err: str, *needles: str, out: str = "") -> str:
-    """Assert a command-line usage error as click reports it today (an option value click itself
-    rejects): exit 2, no traceback, and stderr ending in one ``Error: `` line holding every one
-    of ``needles`` after click's usage lines. Returns that line. (Not yet the one-line form of
-    :func:`assert_bad_input`.)"""
-    lines = [ln for ln in error_text(err).splitlines() if ln.strip()]
-    assert code == 2, f"exit {code}, expected 2 (bad input); stderr:\n{err[-2000:]}"
-    assert lines and lines[-1].startswith("Error: ") and lines[0].startswith("Usage: "), lines
-    assert sum(ln.startswith(("Error: ", "error: ")) for ln in lines) == 1, lines
-    assert "Traceback" not in err + out, f"a traceback was printed:\n{(err + out)[-2000:]}"
-    missing = [n for n in needles if n not in lines[-1]]
-    assert not missing, f"the error line does not name {missing}: {lines[-1]}"
-    return lines[-1]
-
-
-def main_usage_error(capsys, argv: list[str], *needles: str) -> str:
-    """``loradeploy.cli.main(argv)`` in this process, held to :func:`assert_usage_error`."""
-    from loradeploy.cli import main
-
-    capsys.readouterr()
-    code = main(argv)
-    captured = capsys.readouterr()
-    return assert_usage_error(code, captured.err, *needles, out=captured.out)
