@@ -1,6 +1,7 @@
 """ONNX Runtime target, ratios measured side by side in one run (MiniLM classifier, SoRA example).
 
     python benchmarks/onnx_cpu.py [--rounds 40] [--skip-optimum]
+    python benchmarks/onnx_cpu.py --norms-cost [--rounds 40]
 
 Runners, timed round by round (interleaved) at batch 1 × seq 128 with ORT spinning off:
   - PyTorch eager, base + the unmerged pruned PEFT adapter (the anchor)
@@ -9,6 +10,11 @@ Runners, timed round by round (interleaved) at batch 1 × seq 128 with ORT spinn
   - optimum ONNX export + ORT dynamic int8 (avx2 config) of the same merged model, made in a
     separate venv (.venv-optimum: optimum-onnx needs transformers < 4.58)
 Also: adapter load/activation vs a new InferenceSession, and the wall time of `loradeploy export`.
+
+``--norms-cost`` (issue 36) measures only what LayerNorm inputs cost: the swappable graph with the
+default slots (``blocks,norms``: every LayerNorm's weight and bias an overridable input) against
+``--slots blocks`` (norms constant), no adapter and adapter on, b1 and b8 × seq 128, interleaved,
+and counts the fused ops in each graph as onnxruntime optimizes it at load time and offline.
 """
 
 from __future__ import annotations
@@ -110,12 +116,72 @@ def fidelity(fn, ref: np.ndarray, tokenizer, texts) -> dict:
             "mean_abs_logit": f["mean_abs_logit"]}
 
 
+def fused_ops(path: Path, work: Path) -> dict[str, dict[str, int]]:
+    """Op counts of interest in ``path`` as onnxruntime's session optimizes it at load time and
+    as its offline transformer optimizer (`fuse_transformer`) rewrites it."""
+    import collections
+    import onnx
+    import onnxruntime as ort
+
+    from loradeploy.plugins.onnxruntime.exporter import _quiet_logs
+    from loradeploy.plugins.onnxruntime.ort import session_options
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    wanted = ("SkipLayerNormalization", "LayerNormalization", "EmbedLayerNormalization", "Attention", "BiasGelu")
+    so = session_options()
+    so.optimized_model_filepath = str(work / f"{path.parent.name}.optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    at_load = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    with _quiet_logs():
+        offline = collections.Counter(n.op_type for n in optimize_model(
+            str(path), model_type="bert", num_heads=12, hidden_size=384).model.graph.node)
+    return {"at load": {k: at_load[k] for k in wanted}, "offline": {k: offline[k] for k in wanted}}
+
+
+def norms_cost(rounds: int) -> int:
+    """Latency of the default swappable graph (norms as inputs) relative to ``--slots blocks``."""
+    from loradeploy import runtime
+    from loradeploy.base import load_tokenizer, resolve_base
+    from loradeploy.evaldata import load_eval
+    from loradeploy.plugins.onnxruntime import MODEL_FILE
+
+    work = Path(tempfile.mkdtemp(prefix="bench-norms-"))
+    graphs = {"norms as inputs (blocks,norms)": work / "norms", "today (blocks)": work / "blocks"}
+    for label, out in graphs.items():
+        sh([sys.executable, "-m", "loradeploy.cli", "export", "--base", "minilm", "--adapter", str(ADAPTER),
+            "--target", "onnx-cpu", "--mode", "swappable", "-o", str(out), "--overwrite"]
+           + (["--slots", "blocks"] if "today" in label else []))
+    art = {label: runtime.open(out) for label, out in graphs.items()}
+    runners = {f"{label} {'adapter on' if a else 'no adapter'}":
+               (lambda s, a: lambda i, m: s.run({"input_ids": i, "attention_mask": m}, a).outputs)(art[label], a)
+               for a in ("sora", None) for label in graphs}
+    tok = load_tokenizer(resolve_base("minilm"))
+    enc = tok(load_eval().texts[:1], padding="max_length", max_length=SEQ, return_tensors="np")
+    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    tables = {f"b1 s{SEQ}": interleaved(runners, ids, mask, rounds),
+              f"b8 s{SEQ}": interleaved(runners, np.repeat(ids, 8, 0), np.repeat(mask, 8, 0), max(rounds // 4, 5))}
+    print(f"\nMiniLM classifier + SoRA example, swappable onnx-cpu: norms as inputs vs today, "
+          f"median of interleaved rounds ({rounds} at b1, {max(rounds // 4, 5)} at b8)")
+    print(f"{'shape':10} {'adapter':11} {'norms ms':>9} {'today ms':>9} {'ratio':>7}")
+    for shape, ms in tables.items():
+        for a in ("no adapter", "adapter on"):
+            new, old = ms[f"norms as inputs (blocks,norms) {a}"], ms[f"today (blocks) {a}"]
+            print(f"{shape:10} {a:11} {new:9.2f} {old:9.2f} {new / old:7.3f}")
+    for label, out in graphs.items():
+        print(f"fused ops, {label}: {fused_ops(out / MODEL_FILE, work)}")
+    (work / "results.json").write_text(json.dumps(tables, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--skip-optimum", action="store_true")
+    ap.add_argument("--norms-cost", action="store_true", help="only the cost of LayerNorm inputs (issue 36)")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.norms_cost:
+        return norms_cost(args.rounds)
     import onnxruntime as ort
     from peft import PeftModel
 

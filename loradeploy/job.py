@@ -15,6 +15,7 @@ from .ir import Method, Task
 from .manifest import ADAPTER_NAME_RULE, is_adapter_name
 from .merge import check_fits
 from .prune import prune
+from .slots import DEFAULT as DEFAULT_SLOTS
 
 if TYPE_CHECKING:
     import torch
@@ -89,7 +90,7 @@ class ExportJob:
     mode: str
     base_model: "torch.nn.Module"  # fp32, eval mode, loaded once
     plan: "Plan | None" = None  # the precision plan applied to the adapters (swappable)
-    slots: str = "blocks"  # swappable: which modules take LoRA inputs (loradeploy.slots)
+    slots: str = DEFAULT_SLOTS  # swappable: which modules and norms are inputs (loradeploy.slots)
 
 
 def load_entries(inputs: AdapterInputs) -> tuple[AdapterEntry, ...]:

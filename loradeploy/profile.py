@@ -13,7 +13,7 @@ import yaml
 from . import registry
 from .errors import LoradeployError, ProfileError
 from .kinds import MODES
-from .slots import parse as slot_tokens
+from .slots import DEFAULT as DEFAULT_SLOTS, parse as slot_tokens
 
 PROFILE_VERSION = 1
 BUILTIN_DIR = Path(__file__).resolve().parent / "targets" / "profiles"
@@ -59,7 +59,7 @@ class TargetProfile:
     options: dict = field(default_factory=dict)  # the runtime's own keys (RuntimeSpec.options), defaults filled in
     threads: int = 0
     plan: str | None = None  # swappable adapters' precision plan: "learned" or "uniform:BITS" (None: as trained)
-    slots: str = "blocks"  # swappable graphs: which modules take LoRA inputs (see loradeploy.slots)
+    slots: str = DEFAULT_SLOTS  # swappable graphs: which modules and norms are inputs (see loradeploy.slots)
     shapes: tuple[Shape, ...] = (Shape(1, 128), Shape(8, 128))
     warmup: int = 3
     runs: int = 20

@@ -10,10 +10,15 @@ a comma-separated list of:
   projections of every layer (the classifier head and the pooler are outside);
 * ``adapters``: only the modules the exported adapters adapt (fewer graph nodes; other adapters
   then fit only where they adapt a subset of these);
+* ``norms``: the weight and bias of every normalization layer of the base (every block's
+  LayerNorms, the embeddings' LayerNorm) become overridable inputs defaulting to the base's own
+  values, so an adapter that trained them (OpenDelta SoRA, PEFT ``modules_to_save``) loads too;
 * a module name or a name suffix, PEFT ``target_modules`` style (``query``, ``attention.output.dense``,
   ``bert.pooler.dense``): every linear layer of the base whose name is it or ends in ``.`` + it.
 
-The modules the exported adapters adapt always get a slot.
+The default, ``blocks,norms``, keeps the promise that any adapter for the base loads into any
+swappable artifact of it; ``blocks`` alone leaves the norms constant. The modules the exported
+adapters adapt, and the tensors they carry, always get a slot; a classifier head is always an input.
 """
 
 from __future__ import annotations
@@ -22,18 +27,18 @@ import re
 
 from .errors import LoradeployError
 
-DEFAULT = "blocks"
-KEYWORDS = ("blocks", "adapters")
+DEFAULT = "blocks,norms"
+KEYWORDS = ("blocks", "adapters", "norms")
 
 
 def parse(spec: str | None) -> tuple[str, ...]:
-    """``--slots`` text → its tokens (``blocks`` when empty)."""
+    """``--slots`` text → its tokens (:data:`DEFAULT`'s when empty)."""
     tokens = tuple(t.strip() for t in (spec or DEFAULT).split(",") if t.strip())
     if not tokens:
-        return (DEFAULT,)
+        return parse(DEFAULT)
     for t in tokens:
         if not re.fullmatch(r"[A-Za-z0-9_.]+", t):
-            raise LoradeployError(f"--slots: {t!r} is not a module name, name suffix, 'blocks' or 'adapters'")
+            raise LoradeployError(f"--slots: {t!r} is not a module name, name suffix, 'blocks', 'norms' or 'adapters'")
     return tokens
 
 

@@ -66,3 +66,17 @@ def test_profile_slots_key_is_checked(tmp_path):
         load_profile(str(path))
     path.write_text("name: p\nruntime: onnxruntime\nprecision: fp32\nslots: adapters,pooler.dense\n")
     assert load_profile(str(path)).slots == "adapters,pooler.dense"
+
+
+def test_norms_are_every_layernorms_weight_and_bias_and_in_the_default(minilm):
+    from loradeploy.slots import DEFAULT, parse
+
+    norms = base_slots.norm_parameters(minilm, "norms")
+    assert len(norms) == 2 * (2 * 6 + 1)  # attention-output and output LayerNorm of 6 layers, the embeddings'
+    assert set(norms[:2]) == {"bert.embeddings.LayerNorm.weight", "bert.embeddings.LayerNorm.bias"}
+    assert "bert.encoder.layer.5.output.LayerNorm.bias" in norms and not any("dense" in n for n in norms)
+    assert norms.index("bert.encoder.layer.1.output.LayerNorm.weight") < norms.index("bert.encoder.layer.4.attention.output.LayerNorm.weight")
+    assert parse(None) == parse(DEFAULT) == ("blocks", "norms")
+    assert base_slots.norm_parameters(minilm, None) == norms
+    assert base_slots.norm_parameters(minilm, "blocks") == [] == base_slots.norm_parameters(minilm, "adapters,query")
+    assert base_slots.choose(minilm, [], "blocks,norms") == base_slots.choose(minilm, [], "blocks")

@@ -81,9 +81,10 @@ def prune_cmd(path, out, method, lora_alpha, lora_r, head, tolerance, overwrite,
 @click.option("--slots", metavar="LIST",
               help="Swappable: which modules of the base take LoRA inputs, so other adapters of the base load later. "
                    "Comma-separated: `blocks` (every linear layer of every layer block: attention and MLP), "
+                   "`norms` (every LayerNorm's weight and bias an input, defaulting to the base's), "
                    "`adapters` (only the given adapters' modules: fewer nodes), or module names / name suffixes "
                    "(`query`, `bert.pooler.dense`). The given adapters' modules always get slots. "
-                   "Default: the profile's (blocks).")
+                   "Default: the profile's (blocks,norms).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @allow_ungated_option
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")

@@ -12,7 +12,7 @@ depends on, so a re-run redoes exactly the units whose inputs changed.
       - {target: onnx-cpu-int8, name: int8, mode: swappable, plan: uniform:8}
     mode: swappable                   # default for targets that name none (else the profile's)
     eval: eval.jsonl                  # default: the shipped set for the task
-    slots: blocks
+    slots: blocks,norms
     resources: {num_cpus: 1}          # per unit, for --executor ray
 
 Paths are relative to the spec's folder. Nothing in a spec is guessed: an unknown key, a glob

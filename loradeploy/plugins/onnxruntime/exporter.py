@@ -6,7 +6,9 @@ and rank gates folded into it) as **graph inputs with empty rank-0 defaults**, s
 runs as the base when no adapter is active. The rank dimension of every module is its own
 dynamic axis, so pruned adapters with different ranks per module — and different adapters
 with different ranks — all fit one graph without padding. Tensors that travel with an adapter
-(a classifier head) are overridable inputs too, defaulting to the first adapter's. Every
+are overridable inputs too: a classifier head (default: the first adapter's), every LayerNorm's
+weight and bias with the default slots (``norms``; default: the base's), and whatever an exported
+adapter carries, so any adapter of the base loads into any such graph. Every
 adapter is one ``.onnx_adapter`` file (onnxruntime ``AdapterFormat``), activated per run with
 ``RunOptions.add_active_adapter``.
 
@@ -153,6 +155,7 @@ class OnnxTarget(Target):
         else:
             overridable, lora_formats, slot_shapes = self._export_swappable(job, fp32, out)
             decisions.update(lora_slot_decisions(job.slots, slot_shapes))
+            decisions["norm_inputs"] = _norm_inputs(job, overridable)
         decisions.update(self._finish_base(job, fp32, out, overridable))
         if any(fmt != "fp32" for fmt in lora_formats.values()):
             counts: dict[str, int] = {}
@@ -226,6 +229,7 @@ class OnnxTarget(Target):
             defaults.update(default_arrays(name, role, fmt, n))
         _set_defaults(fp32, defaults)
         decisions = lora_slot_decisions(signature["slots_spec"], slot_shapes)
+        decisions["norm_inputs"] = _norm_inputs(job, set(extras))
         decisions.update(self._finish_base(job, fp32, out, set(defaults) | set(formats)))
         return decisions
 
@@ -312,13 +316,23 @@ class OnnxTarget(Target):
                 "tensor_precision": dict(sorted(per_tensor.items()))}
 
 
+def _norm_inputs(job: ExportJob, overridable: set[str]) -> int:
+    """How many normalization parameters of the base the graph takes as overridable inputs."""
+    from ...base_slots import norm_parameters
+
+    return len(set(norm_parameters(job.base_model, "norms")) & overridable)
+
+
 def travelling_defaults(job: ExportJob) -> dict[str, np.ndarray]:
-    """The overridable inputs for every non-LoRA tensor any of the job's adapters carries, with
-    their defaults (what runs when an adapter does not carry one, or none is active): the base's
-    own value, except for the task head, which the base does not have trained — the first
-    adapter's head is the default there."""
+    """The overridable inputs for every non-LoRA tensor that can travel with an adapter of this
+    base, with their defaults (what runs when an adapter does not carry one, or none is active):
+    whatever any of the job's adapters carries, the normalization parameters the slots spec asks
+    for (``norms``, :func:`loradeploy.base_slots.norm_parameters`) and the task head. The default
+    is the base's own value, except for the task head, which the base does not have trained —
+    the first adapter's head that has one is the default there."""
     from .graph import extra_inputs
 
+    from ...base_slots import norm_parameters
     from ...merge import is_head_tensor
 
     model = job.base_model
@@ -329,4 +343,7 @@ def travelling_defaults(job: ExportJob) -> dict[str, np.ndarray]:
             if name in out:
                 continue
             out[name] = arr if is_head_tensor(model, name) else np.ascontiguousarray(params[name].detach().float().numpy())
+    for name in norm_parameters(model, job.slots) + [n for n in params if is_head_tensor(model, n)]:
+        if name not in out:
+            out[name] = np.ascontiguousarray(params[name].detach().float().numpy())
     return dict(sorted(out.items()))
