@@ -372,7 +372,8 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
     decisions.update(lora_slot_decisions(job.slots, {m: shapes[m] for m in slots}))
     decisions.update({"rank_dimension": "dynamic per module",
                       "lora_precision": dict(sorted(counts.items())),
-                      "graph_inputs_overridable": sorted(defaults)})
+                      "graph_inputs_overridable": sorted(defaults),
+                      "norm_inputs": 0})  # the decoder graph takes no norm inputs yet, whatever the slots ask (issue 36)
     if any(fmt != "fp32" for fmt, _, _ in formats.values()):
         decisions["lora_input_formats"] = {n: f for n, (f, _, _) in sorted(formats.items())}
     return decisions
