@@ -17,7 +17,7 @@ from loradeploy.cli import main
 from loradeploy.job import AdapterSpec
 from tests.support.og_greedy import og_greedy
 from tests.support.cli import main_bad_input
-from tests.support.paths import EXAMPLE_ADAPTERS
+from tests.support.paths import EXAMPLE_ADAPTERS, REPO
 from tests.support.profiles import quick_profile
 from tests.support.exports import export_adapters
 from tests.support.serving import serve_with_arm_swaps
@@ -308,7 +308,7 @@ def test_onnxruntime_genai_generates_with_the_adapter(tmp_path, profile):
     same greedy tokens as loradeploy's session with the adapter; without it, the base's."""
     import onnxruntime_genai as og
 
-    lines = (Path(__file__).resolve().parents[2] / "loradeploy" / "data" / "gemma_text" / "eval.txt").read_text()
+    lines = (REPO / "loradeploy" / "data" / "gemma_text" / "eval.txt").read_text()
     ev = tmp_path / "eval.txt"
     ev.write_text("\n".join(lines.splitlines()[:6]) + "\n")
     out = tmp_path / "art"
@@ -341,7 +341,7 @@ def test_gemma_fp32_decoder_generates_the_reference_tokens(tmp_path):
     """onnx-cpu (fp32), merged: the first 32 greedy tokens of every checked eval prompt equal the
     PyTorch reference's (the dequantized GGUF with the adapter merged), and the per-token KL is
     float noise."""
-    lines = (Path(__file__).resolve().parents[2] / "loradeploy" / "data" / "gemma_text" / "eval.txt").read_text()
+    lines = (REPO / "loradeploy" / "data" / "gemma_text" / "eval.txt").read_text()
     ev = tmp_path / "eval.txt"
     ev.write_text("\n".join(lines.splitlines()[:6]) + "\n")
     manifest = export_adapters("gemma3-270m", [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora-gemma")],
