@@ -49,6 +49,18 @@ def test_nothing_to_prune_returns_input():
     assert pruned is adapters and report.rank_after == 3
 
 
+def test_a_subnormal_gate_prunes_without_an_internal_error():
+    """A gate of 2e-43 (a fuzzed checkpoint) makes ΔW subnormal rounding noise: pruning keeps the
+    rank and reports it exact, rather than tripping its own ΔW check (an exit-3 "bug")."""
+    g = torch.Generator().manual_seed(0)
+    gate = torch.tensor([0.7, 2e-43, 0.0, 1.3])
+    m = LoraModule("x", torch.randn(4, 24, generator=g), torch.randn(16, 4, generator=g), 1.0, gate=gate)
+    subnormal = LoraModule("y", torch.randn(4, 24, generator=g), torch.randn(16, 4, generator=g), 1.0,
+                           gate=torch.tensor([2e-43, 0.0, 0.0, 0.0]))
+    pruned, report = prune(AdapterSet(Method.SORA, {"x": m, "y": subnormal}))
+    assert report.exact and pruned.modules["x"].rank == 3 and pruned.modules["y"].rank == 1
+
+
 def test_all_zero_adapter_is_an_error():
     m = LoraModule("x", torch.randn(3, 8), torch.randn(5, 3), 2.0, gate=torch.zeros(3))
     with pytest.raises(LoradeployError, match="ΔW = 0"):
