@@ -80,3 +80,36 @@ def time_session(session, adapter, batch: int, seq: int, warmup: int, runs: int,
         session.run(inputs, adapter)
         samples.append((time.perf_counter() - t0) * 1e3)
     return {**stats(samples), **ratio_stats(samples, refs, reference.repeats)}
+
+
+def time_decoder(prompt, generation, seqs, warmup: int, runs: int, unit, n_gen: int = 32) -> dict:
+    """A causal LM's latency protocol, the same for every runtime: ``pp{seq}`` is one prompt of
+    ``seq`` tokens with the adapter, interleaved with the reference unit and with the same prompt
+    on the base alone; ``tg`` is per generated token (``n_gen`` after a short prompt). The runtime
+    gives the calls: ``prompt(with_adapter, seq)`` and ``generation(with_adapter, n)`` return a
+    function that runs once. Returns ``{"shapes": …, "generation": tokens/s with and without}``."""
+    shapes, gen = {}, {}
+    for seq in sorted(set(seqs)):  # one prompt per length (encoder profiles list batch shapes)
+        with_adapter_run, base_run = prompt(True, seq), prompt(False, seq)
+        ref = ScaledReference(unit, min(time_calls(with_adapter_run, warmup, 1)))
+        with_adapter, base, refs = [], [], []
+        for _ in range(max(runs, 1)):
+            refs.append(ref())
+            with_adapter += time_calls(with_adapter_run, 0, 1)
+            base += time_calls(base_run, 0, 1)
+        shapes[f"pp{seq}"] = {**stats(with_adapter), **ratio_stats(with_adapter, refs, ref.repeats)}
+        gen[f"pp{seq}_tokens_per_s"] = seq / (float(np.median(with_adapter)) / 1e3)
+        gen[f"pp{seq}_tokens_per_s_base"] = seq / (float(np.median(base)) / 1e3)
+    with_adapter_run, base_run = generation(True, n_gen), generation(False, n_gen)
+    time_calls(generation(True, 4), 1, 0)  # first generation pays one-time allocations
+    gen_a, gen_b, gen_refs, ref = [], [], [], None
+    for _ in range(max(runs // 4, 2)):
+        gen_a += time_calls(with_adapter_run, 0, 1)
+        ref = ref or ScaledReference(unit, gen_a[0])  # as long as a whole generation
+        gen_refs.append(ref())
+        gen_b += time_calls(base_run, 0, 1)
+    per_token = [g / n_gen for g in gen_a]
+    shapes["tg"] = {**stats(per_token), **ratio_stats(per_token, gen_refs, ref.repeats)}
+    gen["tg_tokens_per_s"] = n_gen / (float(np.median(gen_a)) / 1e3)
+    gen["tg_tokens_per_s_base"] = n_gen / (float(np.median(gen_b)) / 1e3)
+    return {"shapes": shapes, "generation": gen}

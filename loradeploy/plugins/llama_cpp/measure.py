@@ -6,64 +6,45 @@ from __future__ import annotations
 
 import ctypes
 
-import numpy as np
-
 
 def measure_llama(session, adapter, shapes, warmup, runs, reference) -> dict:
-    """Prompt processing per shape (one sequence of ``seq`` tokens) and generation speed, with
-    ``adapter`` and with the base alone, interleaved with ``reference`` (the runtime's fixed
-    unit, scaled to the call's length); adapter load/switch time vs a model reload."""
-    from ...timing import ScaledReference, ratio_stats, stats
-    from ...timing import time_calls as _time
+    """The decoder latency protocol of :func:`loradeploy.timing.time_decoder` (prompt processing
+    per length and generation, with ``adapter`` and with the base alone, interleaved with the
+    runtime's reference unit), then adapter load/switch time vs a model reload."""
+    from ...timing import time_decoder
 
     rec = session._rec(adapter)
     worker = session._acquire(rec)
     try:
-        def prompt(r, tokens):
+        def use(with_adapter: bool) -> None:
+            r = rec if with_adapter else None
+            if worker.active is not r:
+                worker.set_adapter(r)
+
+        def prompt(with_adapter: bool, seq: int):
+            tokens = [2] + [1000 + i for i in range(seq - 1)]
+
             def run():
-                if worker.active is not r:
-                    worker.set_adapter(r)
+                use(with_adapter)
                 worker.last_logits(tokens, session.n_vocab)
             return run
 
-        def generate(r, prompt_tokens, n):
+        def generation(with_adapter: bool, n: int):
+            start = [2, 1000, 1001, 1002]
+
             def run():
-                if worker.active is not r:
-                    worker.set_adapter(r)
-                worker.last_logits(prompt_tokens, session.n_vocab)
+                use(with_adapter)
+                worker.last_logits(start, session.n_vocab)
                 for i in range(n):
-                    worker.decode([1000 + i], n_past=len(prompt_tokens) + i)
+                    worker.decode([1000 + i], n_past=len(start) + i)
             return run
 
-        result, llama = {}, {}
-        for _, seq in shapes:
-            tokens = [2] + [1000 + i for i in range(seq - 1)]
-            warm = _time(prompt(rec, tokens), warmup, 1)
-            ref = ScaledReference(reference, min(warm))
-            with_adapter, base, refs = [], [], []
-            for _ in range(max(runs, 1)):
-                refs.append(ref())
-                with_adapter += _time(prompt(rec, tokens), 0, 1)
-                base += _time(prompt(None, tokens), 0, 1)
-            result[f"pp{seq}"] = {**stats(with_adapter), **ratio_stats(with_adapter, refs, ref.repeats)}
-            llama[f"pp{seq}_tokens_per_s"] = seq / (float(np.median(with_adapter)) / 1e3)
-            llama[f"pp{seq}_tokens_per_s_base"] = seq / (float(np.median(base)) / 1e3)
-        n_gen, start = 32, [2, 1000, 1001, 1002]
-        gen_a, gen_b, gen_refs, ref = [], [], [], None
-        for _ in range(max(runs // 4, 2)):
-            gen_a += _time(generate(rec, start, n_gen), 0, 1)
-            ref = ref or ScaledReference(reference, gen_a[0])  # as long as a whole generation
-            gen_refs.append(ref())
-            gen_b += _time(generate(None, start, n_gen), 0, 1)
-        per_token = [g / n_gen for g in gen_a]
-        result["tg"] = {**stats(per_token), **ratio_stats(per_token, gen_refs, ref.repeats)}
-        llama["tg_tokens_per_s"] = n_gen / (float(np.median(gen_a)) / 1e3)
-        llama["tg_tokens_per_s_base"] = n_gen / (float(np.median(gen_b)) / 1e3)
+        out = time_decoder(prompt, generation, [seq for _, seq in shapes], warmup, runs, reference)
         if rec is not None:
-            llama.update(_switch_vs_reload(session, worker, rec))
+            out["generation"].update(_switch_vs_reload(session, worker, rec))
     finally:
         session._release(worker)
-    return {"shapes": result, "generation": llama}
+    return out
 
 
 def _switch_vs_reload(session, worker, rec) -> dict:
