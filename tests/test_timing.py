@@ -30,8 +30,8 @@ def test_time_decoder_interleaves_adapter_base_and_reference_per_length():
     assert sorted(out["shapes"]) == ["pp16", "pp64", "tg"]  # one prompt per length, sorted
     pp = [c for c in calls if c[0] == "pp"]
     # per length: the warm-up and one timed call, then adapter/base alternating
-    assert pp[:8] == [("pp", True, 16), ("pp", True, 16)] + [("pp", True, 16), ("pp", False, 16)] * 5
-    assert pp[8:] == [("pp", True, 64), ("pp", True, 64)] + [("pp", True, 64), ("pp", False, 64)] * 5
+    assert pp[:12] == [("pp", True, 16), ("pp", True, 16)] + [("pp", True, 16), ("pp", False, 16)] * 5
+    assert pp[12:] == [("pp", True, 64), ("pp", True, 64)] + [("pp", True, 64), ("pp", False, 64)] * 5
     tg = [c for c in calls if c[0] == "tg"]
     assert tg[0] == ("tg", True, 4) and tg[1:] == [("tg", True, 8), ("tg", False, 8)] * 2
     assert len(out["shapes"]["pp16"]["samples_ms"]) == 5 and len(out["shapes"]["tg"]["samples_ms"]) == 2
