@@ -236,6 +236,13 @@ class Session(ABC):
         return {"shapes": {f"b{b}xs{s}": time_session(self, adapter, b, s, warmup, runs, reference)
                            for b, s in shapes}}
 
+    def runtime_checks(self, progress=None) -> tuple[dict, list[tuple[str, float, float | None, str]]]:
+        """Checks only this runtime makes on its artifact after the fidelity run (the web bundle:
+        the browser's outputs against the session's): metrics recorded by name in the validation,
+        and rows ``(measure, value, budget, direction)`` judged like every check (label
+        ``artifact``). Default: none."""
+        return {}, []
+
     @staticmethod
     @abstractmethod
     def reference_unit(threads: int = 0) -> Callable[[], float]:
