@@ -35,6 +35,18 @@ const ops = {
     for (const key of keys) out.push(await lib.assign(key, cuts, experiment));
     return out;
   },
+  // the A/B router: each key's arm, and concurrent routed runs (one text per key)
+  async route({ arms, weights, keys, experiment }) {
+    const router = new lib.ABRouter(need(), arms, weights ?? null, experiment ?? 'ab');
+    return Promise.all(keys.map((key) => router.armFor(key)));
+  },
+  async route_run({ arms, weights, keys, texts, experiment }) {
+    const router = new lib.ABRouter(need(), arms, weights ?? null, experiment ?? 'ab');
+    return Promise.all(keys.map(async (key, i) => {
+      const { arm, adapter, result } = await router.run(key, [texts[i % texts.length]]);
+      return { key, arm, adapter, text: i % texts.length, outputs: result.outputs[0] };
+    }));
+  },
   // a fixed unit of work in onnxruntime-web (the latency reference): the graph at `model`, fed `x`
   async reference_open({ ort_module, model, threads }) {
     const ort = await import(pathToFileURL(ort_module).href);
