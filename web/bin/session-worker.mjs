@@ -35,6 +35,31 @@ const ops = {
     for (const key of keys) out.push(await lib.assign(key, cuts, experiment));
     return out;
   },
+  // timings taken inside Node (benchmarks/onnx_web.py): calls, an adapter's load, a new session
+  async time_runs({ input_ids, attention_mask, adapter, runs }) {
+    const out = [];
+    for (let i = 0; i < runs; i++) {
+      const t0 = performance.now();
+      await need().runIds(input_ids, attention_mask, { adapter: adapter ?? null });
+      out.push(performance.now() - t0);
+    }
+    return out;
+  },
+  async time_load({ name, path }) {
+    const t0 = performance.now();
+    await need().loadAdapter(name, pathToFileURL(path));
+    const loaded = performance.now() - t0;
+    need().unloadAdapter(name);
+    return loaded;
+  },
+  async time_open({ bundle }) {
+    const t0 = performance.now();
+    const other = await lib.open(pathToFileURL(bundle.endsWith('/') ? bundle : `${bundle}/`), { threads: 1 });
+    const opened = performance.now() - t0;
+    await other.release();
+    return opened;
+  },
+  async peak_rss_mb() { return process.resourceUsage().maxRSS / 1024; },
   // the A/B router: each key's arm, and concurrent routed runs (one text per key)
   async route({ arms, weights, keys, experiment }) {
     const router = new lib.ABRouter(need(), arms, weights ?? null, experiment ?? 'ab');

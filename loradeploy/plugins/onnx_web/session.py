@@ -94,6 +94,12 @@ class NodeWebSession(Session):
             out = self.worker.call("run_texts", texts=list(texts), adapter=rec.handle if rec is not None else None)
         return np.asarray(out, dtype=np.float32)
 
+    def measure(self, adapter, shapes, warmup, runs, reference) -> dict:
+        """Latency through this session (the pipe costs about 2 ms per call here), and the Node
+        process's peak RSS: the latency worker's own peak is the Python side's only."""
+        result = super().measure(adapter, shapes, warmup, runs, reference)
+        return {**result, "node_peak_rss_mb": float(self.worker.call("peak_rss_mb"))}
+
     def runtime_checks(self, progress=None) -> tuple[dict, list]:
         """The browser check (:mod:`.browser`): the same inputs in headless Chromium."""
         from .browser import browser_check
