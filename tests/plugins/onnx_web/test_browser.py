@@ -29,3 +29,42 @@ def test_page_outputs_equal_node_outputs(web_bundle, tmp_path):
         assert got.shape == node[a].shape and np.abs(got - node[a]).max() <= BROWSER_ATOL, a
     # the three differ, so a page that ignored the adapter would fail
     assert np.abs(node["sora"] - node["increlora"]).max() > 1e-2 and np.abs(node["sora"] - node[None]).max() > 1e-2
+
+
+def test_no_chromium_is_recorded_as_not_run_never_a_pass(web_bundle, monkeypatch):
+    from loradeploy import runtime
+    from loradeploy.plugins.onnx_web.browser import NOT_RUN, browser_check
+
+    folder, _ = web_bundle
+    monkeypatch.setenv("LORADEPLOY_CHROMIUM", str(folder / "no-such-browser"))
+    said = []
+    with runtime.open(folder, threads=1) as session:
+        metrics, rows = browser_check(session, said.append)
+    assert metrics == {"browser_check": {"status": NOT_RUN}} and rows == []
+    assert len(said) == 1 and "no Chromium" in said[0]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (Debian: apt-get install -y chromium)")
+def test_a_page_that_mixes_up_adapters_fails_the_check(web_bundle, tmp_path):
+    """The page loads each adapter's file under the other's name: the check must fail."""
+    import shutil
+
+    from loradeploy import runtime
+    from loradeploy.plugins.onnx_web.browser import browser_check
+
+    folder, _ = web_bundle
+    copy = tmp_path / "bundle"
+    shutil.copytree(folder, copy)
+    page = (copy / "index.html").read_text()
+    loop = "for (const [name, file] of Object.entries(session.config.adapters)) {"
+    assert loop in page
+    swapped = "const files = Object.values(session.config.adapters).reverse();\n" \
+              "    for (const [i, name] of Object.keys(session.config.adapters).entries()) { const file = files[i];"
+    (copy / "index.html").write_text(page.replace(loop, swapped))
+    with runtime.open(copy, threads=1) as session:
+        metrics, rows = browser_check(session)
+    check = metrics["browser_check"]
+    assert check["status"] == "FAIL" and check["per_adapter"]["none"] <= BROWSER_ATOL
+    assert check["per_adapter"]["sora"] > 1e-2
+    ((measure, value, budget, direction),) = rows
+    assert measure == "browser_max_abs_diff" and value > budget
