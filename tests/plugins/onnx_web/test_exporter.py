@@ -99,3 +99,29 @@ def test_merged_mode_is_refused_in_one_line(tmp_path, capsys, web_eval):
                             "--target", "onnx-web", "--mode", "merged", "--eval", str(web_eval),
                             "--out", str(tmp_path / "out")], "--mode swappable")
     assert not (tmp_path / "out").exists()
+
+
+def test_embeddings_bundle_matches_the_reference(tmp_path, web_eval):
+    """A SoRA checkpoint without a head: a sentence-embedding bundle (mean pooling) in wasm."""
+    import shutil
+
+    import numpy as np
+
+    from loradeploy import runtime
+    from loradeploy.job import AdapterSpec
+    from tests.support.exports import export_adapters
+    from tests.support.profiles import quick_profile
+
+    src = tmp_path / "sora-nohead"
+    src.mkdir()
+    for name in ("pytorch_model.bin", "lora_config.json"):
+        shutil.copy(EXAMPLE_ADAPTERS / "sora" / name, src / name)
+    profile = quick_profile(tmp_path, "onnx-web", runs=1)
+    record = export_adapters("minilm", [AdapterSpec("emb", src)], profile, tmp_path / "o", eval_path=web_eval)
+    assert record["task"] == "feature-extraction" and record["validation"]["passed"]
+    assert record["validation"]["metrics"]["emb"]["cosine_min"] > 0.99999
+    if find_chromium() is not None:
+        assert record["validation"]["metrics"]["browser_check"]["status"] == "pass"
+    with runtime.open(tmp_path / "o", threads=1) as session:
+        with_adapter, alone = (session.run_texts(["a short sentence"], a) for a in ("emb", None))
+    assert with_adapter.shape == (1, 384) and np.abs(with_adapter - alone).max() > 1e-3
