@@ -45,6 +45,10 @@ try {
   }
   const status = await page.$eval('#status', (e) => e.textContent);
   await writeFile(resultPath, JSON.stringify({ browser: await browser.version(), url, outputs, status, errors }));
+} catch (e) {
+  // one line: the page's rejected promise names the file and the problem
+  process.stderr.write(`${String(e && e.message ? e.message : e).split('\n')[0]}\n`);
+  process.exitCode = 1;
 } finally {
   await browser.close();
   server.close();

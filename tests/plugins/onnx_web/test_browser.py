@@ -68,3 +68,17 @@ def test_a_page_that_mixes_up_adapters_fails_the_check(web_bundle, tmp_path):
     assert check["per_adapter"]["sora"] > 1e-2
     ((measure, value, budget, direction),) = rows
     assert measure == "browser_max_abs_diff" and value > budget
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (Debian: apt-get install -y chromium)")
+def test_bad_input_in_the_page_is_a_rejected_promise_naming_it(web_bundle, tmp_path):
+    import shutil
+
+    folder, _ = web_bundle
+    with pytest.raises(RuntimeError, match="adapter nope is not loaded"):
+        run_in_browser(folder, ["fine"], ["nope"], CHROMIUM)
+    copy = tmp_path / "bundle"
+    shutil.copytree(folder, copy)
+    (copy / "ort" / "ort-wasm-simd-threaded.wasm").unlink()
+    with pytest.raises(RuntimeError, match=r"ort/ort-wasm-simd-threaded\.wasm: cannot be fetched \(HTTP 404\)"):
+        run_in_browser(copy, ["fine"], [None], CHROMIUM)
