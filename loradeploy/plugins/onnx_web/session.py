@@ -100,11 +100,28 @@ class NodeWebSession(Session):
         result = super().measure(adapter, shapes, warmup, runs, reference)
         return {**result, "node_peak_rss_mb": float(self.worker.call("peak_rss_mb"))}
 
-    def runtime_checks(self, progress=None) -> tuple[dict, list]:
-        """The browser check (:mod:`.browser`): the same inputs in headless Chromium."""
+    def runtime_checks(self, texts, progress=None) -> tuple[dict, list]:
+        """The bundle's JS tokenizer against the Hugging Face tokenizer the reference used, on
+        every eval text (a page that tokenizes otherwise answers otherwise); then the browser
+        check (:mod:`.browser`): the same inputs in headless Chromium."""
         from .browser import browser_check
 
-        return browser_check(self, progress)
+        import transformers
+
+        hf = transformers.AutoTokenizer.from_pretrained(str(self.artifact))
+        max_length = self.config["max_length"]
+        same = 0
+        for start in range(0, len(texts), 64):
+            chunk = list(texts[start:start + 64])
+            ours = self.worker.call("encode", texts=chunk)["input_ids"]
+            theirs = hf(chunk, padding=True, truncation=True, max_length=max_length)["input_ids"]
+            same += sum(a == b for a, b in zip(ours, theirs))
+        agreement = same / len(texts) if texts else 1.0
+        if progress:
+            progress(f"tokenizer: loradeploy.mjs gives the reference's token ids on {same} of {len(texts)} eval texts")
+        metrics, rows = browser_check(self, progress)
+        metrics["tokenizer"] = {"agreement": agreement, "texts": len(texts), "library": "@huggingface/tokenizers"}
+        return metrics, [("tokenizer_agreement", agreement, 1.0, ">="), *rows]
 
     def close(self):
         super().close()

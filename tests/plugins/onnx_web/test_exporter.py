@@ -28,6 +28,10 @@ def test_bundle_matches_the_pytorch_reference_in_wasm(web_bundle):
         assert m["max_abs_logit"] <= 1e-4 and m["label_agreement"] == 1.0
         assert m["adapter_effect_kept"] >= 0.999
     assert "b1xs32" in validation["latency"]["shapes"]
+    assert validation["metrics"]["tokenizer"] == {"agreement": 1.0, "texts": 48, "library": "@huggingface/tokenizers"}
+    row = next(c for c in validation["checks"] if c["measure"] == "tokenizer_agreement")
+    assert row["status"] == "PASS" and row["budget"] == 1.0
+    assert validation["latency"]["node_peak_rss_mb"] > 50  # the Node worker holds the base graph
 
 
 def test_bundle_files_are_in_the_manifest_with_their_sha256(web_bundle):
