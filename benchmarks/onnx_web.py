@@ -6,6 +6,8 @@ On one web bundle (exported here unless ``--bundle`` names one), at batch 1 × s
   - the bundle's loradeploy.mjs in onnxruntime-web's wasm backend under Node (timed inside Node),
     adapter on, against onnxruntime CPU (1 thread, spinning off) on the same model.onnx fed the
     same tensors — rounds interleaved, so both see the same load;
+  - the same bundle's graph with the adapter on against the adapter merged into the weights (the
+    graph traced the same way, no slots), both in wasm;
   - loading an adapter into the open session (loadAdapter: read, check, keep its tensors) against
     re-creating the session (open: the graph, the tokenizer, the base's tensors);
   - fidelity from the export's own validation (max |Δlogit| vs PyTorch) and its browser check.
@@ -69,7 +71,24 @@ def ort_cpu_runner(bundle: Path, adapter: str, ids: np.ndarray):
     return call, lambda: session.run(None, feeds)[0]
 
 
-def measure(bundle: Path, rounds: int, per_round: int = 3) -> dict:
+def merged_graph(adapter: str, path: Path) -> Path:
+    """MiniLM with ``adapter`` merged into its weights, traced as the bundle's graph is (no slots)."""
+    import copy
+
+    from loradeploy.adapters import read_adapter
+    from loradeploy.base import load_torch_model, resolve_base
+    from loradeploy.merge import merge_into
+    from loradeploy.prune import prune
+    from loradeploy.traced_graph import GraphModule, eager_attention, export_graph
+
+    adapters, _ = prune(read_adapter(REPO / "examples" / "adapters" / adapter))
+    model = load_torch_model(resolve_base("minilm"), adapters.task, adapters.num_labels)
+    merged = merge_into(eager_attention(copy.deepcopy(model)), adapters)
+    export_graph(GraphModule(merged, adapters.task, [], []), {}, {}, path, 17)
+    return path
+
+
+def measure(bundle: Path, rounds: int, per_round: int = 3, merged: Path | None = None) -> dict:
     from loradeploy.plugins.onnx_web.node import NodeWorker
 
     ids = np.random.default_rng(0).integers(1000, 2000, size=(1, SEQ), dtype=np.int64)
@@ -85,10 +104,12 @@ def measure(bundle: Path, rounds: int, per_round: int = 3) -> dict:
         same = float(np.abs(wasm_out - ort_outputs()).max())
         worker.call("time_runs", adapter=ADAPTERS[0], runs=3, **args)
         [ort_call() for _ in range(3)]
-        wasm, cpu = [], []
+        wasm, cpu, merged_wasm = [], [], []
         for _ in range(rounds):
             wasm += worker.call("time_runs", adapter=ADAPTERS[0], runs=per_round, **args)
             cpu += [ort_call() for _ in range(per_round)]
+            if merged is not None:
+                merged_wasm += worker.call("time_model", model=str(merged), runs=per_round, **args)
         base_wasm = worker.call("time_runs", adapter=None, runs=per_round * 3, **args)
         loads, opens = [], []
         for i in range(max(3, rounds // 4)):
@@ -105,6 +126,8 @@ def measure(bundle: Path, rounds: int, per_round: int = 3) -> dict:
         "wasm_p50_ms": p50(wasm), "wasm_min_ms": min(wasm), "ort_cpu_p50_ms": p50(cpu), "ort_cpu_min_ms": min(cpu),
         "wasm_over_ort_cpu_p50": p50(wasm) / p50(cpu), "wasm_over_ort_cpu_min": min(wasm) / min(cpu),
         "wasm_no_adapter_p50_ms": p50(base_wasm),
+        **({"merged_wasm_p50_ms": p50(merged_wasm), "swappable_over_merged_wasm_p50": p50(wasm) / p50(merged_wasm),
+            "swappable_over_merged_wasm_min": min(wasm) / min(merged_wasm)} if merged_wasm else {}),
         "adapter_load_p50_ms": p50(loads), "session_open_p50_ms": p50(opens),
         "open_over_adapter_load": p50(opens) / p50(loads),
         "node_peak_rss_mb": node_rss,
@@ -119,11 +142,13 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", type=Path, help="an exported onnx-web bundle of MiniLM with sora and increlora")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--eval-texts", type=int, default=500, help="eval texts the export validates on")
+    ap.add_argument("--skip-merged", action="store_true", help="do not time the merged graph in wasm")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or export_bundle(Path(tmp), args.eval_texts)
-        result = measure(bundle, args.rounds)
+        merged = None if args.skip_merged else merged_graph(ADAPTERS[0], Path(tmp) / "merged.onnx")
+        result = measure(bundle, args.rounds, merged=merged)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -59,6 +59,22 @@ const ops = {
     await other.release();
     return opened;
   },
+  async time_model({ model, input_ids, attention_mask, runs }) {
+    // another graph (benchmarks: the merged model) in the same onnxruntime-web, ids and mask only
+    const ort = need().ort;
+    const other = await ort.InferenceSession.create(new Uint8Array(await readFile(model)), { executionProviders: ['wasm'] });
+    const dims = [input_ids.length, input_ids[0].length];
+    const feeds = { input_ids: new ort.Tensor('int64', BigInt64Array.from(input_ids.flat(), BigInt), dims),
+                    attention_mask: new ort.Tensor('int64', BigInt64Array.from(attention_mask.flat(), BigInt), dims) };
+    const out = [];
+    for (let i = 0; i < runs + 1; i++) {
+      const t0 = performance.now();
+      await other.run(feeds);
+      out.push(performance.now() - t0);
+    }
+    await other.release();
+    return out.slice(1);
+  },
   async peak_rss_mb() { return process.resourceUsage().maxRSS / 1024; },
   // the A/B router: each key's arm, and concurrent routed runs (one text per key)
   async route({ arms, weights, keys, experiment }) {
