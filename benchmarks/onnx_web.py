@@ -109,7 +109,9 @@ def measure(bundle: Path, rounds: int, per_round: int = 3, merged: Path | None =
             wasm += worker.call("time_runs", adapter=ADAPTERS[0], runs=per_round, **args)
             cpu += [ort_call() for _ in range(per_round)]
             if merged is not None:
-                merged_wasm += worker.call("time_model", model=str(merged), runs=per_round, **args)
+                timed = worker.call("time_model", model=str(merged), runs=per_round, **args)
+                merged_wasm += timed["ms"]
+                merged_vs_swappable = float(np.abs(np.asarray(timed["output"]) - wasm_out[0]).max())
         base_wasm = worker.call("time_runs", adapter=None, runs=per_round * 3, **args)
         loads, opens = [], []
         for i in range(max(3, rounds // 4)):
@@ -127,7 +129,8 @@ def measure(bundle: Path, rounds: int, per_round: int = 3, merged: Path | None =
         "wasm_over_ort_cpu_p50": p50(wasm) / p50(cpu), "wasm_over_ort_cpu_min": min(wasm) / min(cpu),
         "wasm_no_adapter_p50_ms": p50(base_wasm),
         **({"merged_wasm_p50_ms": p50(merged_wasm), "swappable_over_merged_wasm_p50": p50(wasm) / p50(merged_wasm),
-            "swappable_over_merged_wasm_min": min(wasm) / min(merged_wasm)} if merged_wasm else {}),
+            "swappable_over_merged_wasm_min": min(wasm) / min(merged_wasm),
+            "merged_vs_swappable_max_abs": merged_vs_swappable} if merged_wasm else {}),
         "adapter_load_p50_ms": p50(loads), "session_open_p50_ms": p50(opens),
         "open_over_adapter_load": p50(opens) / p50(loads),
         "node_peak_rss_mb": node_rss,

@@ -67,13 +67,14 @@ const ops = {
     const feeds = { input_ids: new ort.Tensor('int64', BigInt64Array.from(input_ids.flat(), BigInt), dims),
                     attention_mask: new ort.Tensor('int64', BigInt64Array.from(attention_mask.flat(), BigInt), dims) };
     const out = [];
+    let result = null;
     for (let i = 0; i < runs + 1; i++) {
       const t0 = performance.now();
-      await other.run(feeds);
+      result = await other.run(feeds);
       out.push(performance.now() - t0);
     }
     await other.release();
-    return out.slice(1);
+    return { ms: out.slice(1), output: Array.from(result[other.outputNames[0]].data) };
   },
   async peak_rss_mb() { return process.resourceUsage().maxRSS / 1024; },
   // the A/B router: each key's arm, and concurrent routed runs (one text per key)
