@@ -22,6 +22,7 @@ PLUGINS: dict[str, str] = {
     "onnxruntime": "loradeploy.plugins.onnxruntime",
     "llama.cpp": "loradeploy.plugins.llama_cpp",
     "bitsandbytes": "loradeploy.plugins.bitsandbytes",
+    "onnx-web": "loradeploy.plugins.onnx_web",
 }
 #: the entry-point group through which other distributions add runtimes
 ENTRY_POINT_GROUP = "loradeploy.plugins"

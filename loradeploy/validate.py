@@ -156,6 +156,9 @@ def validate_encoder(artifact: Path, session, profile: TargetProfile, task: Task
         checks += measure_checks(label, metrics[label], profile.budgets, task)
         if progress:
             progress(f"fidelity {label}")
+    own_metrics, rows = session.runtime_checks(list(eval_set.texts), progress)
+    metrics.update(own_metrics)
+    checks += [Check("artifact", *row) for row in rows]
     return _result(artifact, eval_set, metrics, checks, profile, next(iter(references)), timing, progress,
                    latency_runner=latency_runner)
 

@@ -236,6 +236,14 @@ class Session(ABC):
         return {"shapes": {f"b{b}xs{s}": time_session(self, adapter, b, s, warmup, runs, reference)
                            for b, s in shapes}}
 
+    def runtime_checks(self, texts: list[str], progress=None) -> tuple[dict, list[tuple[str, float, float | None, str]]]:
+        """Checks only this runtime makes on its artifact after the fidelity run on the eval
+        ``texts`` (the web bundle: its own tokenizer against the reference's, the browser's
+        outputs against the session's): metrics recorded by name in the validation, and rows
+        ``(measure, value, budget, direction)`` judged like every check (label ``artifact``).
+        Default: none."""
+        return {}, []
+
     @staticmethod
     @abstractmethod
     def reference_unit(threads: int = 0) -> Callable[[], float]:

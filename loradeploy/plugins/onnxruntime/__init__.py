@@ -2,7 +2,7 @@
 ONNX Runtime, and onnxruntime-genai for causal LMs.
 
 * exporter.py: writes merged or swappable artifacts (encoders); lm_exporter.py + gguf_decoder.py: decoder LMs
-* graph.py, lora_inputs.py: the graph with LoRA slots as inputs, the slots' arrays and their storage formats
+* lora_inputs.py: the slots' arrays and their storage formats (the traced graph: loradeploy/traced_graph.py)
 * genai_tokenizer.py: the tokenizer files onnxruntime-genai reads
 * session.py, decoder.py, ort.py: the one loader (encoders; the KV-cache decoder of LMs; session options)
 

@@ -128,10 +128,9 @@ def quantize(src: Path, dst: Path, precision: str, exclude: list[str]) -> None:
 
 
 def _eager_attention(model):
-    """Trace attention as explicit MatMul/Softmax, the pattern onnxruntime fuses into its
-    Attention kernel (the SDPA form exports as ops it does not fuse)."""
-    model.set_attn_implementation("eager")
-    return model
+    from ...traced_graph import eager_attention
+
+    return eager_attention(model)
 
 
 class OnnxTarget(Target):
@@ -210,7 +209,7 @@ class OnnxTarget(Target):
         import copy
 
         from ...merge import is_head_tensor
-        from .graph import GraphModule, export_graph
+        from ...traced_graph import GraphModule, export_graph
 
         params = dict(job.base_model.named_parameters())
         slot_shapes = {m: tuple(s) for m, s in signature["slots"].items()}
@@ -239,7 +238,7 @@ class OnnxTarget(Target):
         every artifact of the fleet holds the same file once on disk) and whose adapter files
         are the job's own."""
         from ...merge import find_module
-        from .graph import extra_inputs, lora_factors
+        from ...traced_graph import extra_inputs, lora_factors
 
         link_or_copy(shared / MODEL_FILE, out / MODEL_FILE)
         qualified = {name: find_module(job.base_model, name)[0] for e in job.adapters for name in e.pruned.modules}
@@ -254,7 +253,7 @@ class OnnxTarget(Target):
         import copy
 
         from ...merge import merge_into
-        from .graph import GraphModule, export_graph
+        from ...traced_graph import GraphModule, export_graph
 
         (entry,) = job.adapters
         model = merge_into(_eager_attention(copy.deepcopy(job.base_model)), entry.pruned)
@@ -271,7 +270,7 @@ class OnnxTarget(Target):
 
         from ...merge import find_module
         from ...base_slots import choose as choose_slots
-        from .graph import GraphModule, export_graph, extra_inputs, lora_factors
+        from ...traced_graph import GraphModule, export_graph, extra_inputs, lora_factors
         from .lora_inputs import default_arrays, lower_inputs
 
         qualified = {name: find_module(job.base_model, name)[0] for e in job.adapters for name in e.pruned.modules}
@@ -324,26 +323,7 @@ def _norm_inputs(job: ExportJob, overridable: set[str]) -> int:
 
 
 def travelling_defaults(job: ExportJob) -> dict[str, np.ndarray]:
-    """The overridable inputs for every non-LoRA tensor that can travel with an adapter of this
-    base, with their defaults (what runs when an adapter does not carry one, or none is active):
-    whatever any of the job's adapters carries, the normalization parameters the slots spec asks
-    for (``norms``, :func:`loradeploy.base_slots.norm_parameters`) and the task head. The default
-    is the base's own value, except for the task head, which the base does not have trained —
-    the first adapter's head that has one is the default there."""
-    from .graph import extra_inputs
+    """The job's travelling tensors with their defaults (:func:`loradeploy.traced_graph.travelling_tensors`)."""
+    from ...traced_graph import travelling_tensors
 
-    from ...base_slots import norm_parameters
-    from ...merge import is_head_tensor
-
-    model = job.base_model
-    params = dict(model.named_parameters())
-    out: dict[str, np.ndarray] = {}
-    for entry in job.adapters:
-        for name, arr in extra_inputs(entry.pruned, model).items():
-            if name in out:
-                continue
-            out[name] = arr if is_head_tensor(model, name) else np.ascontiguousarray(params[name].detach().float().numpy())
-    for name in norm_parameters(model, job.slots) + [n for n in params if is_head_tensor(model, n)]:
-        if name not in out:
-            out[name] = np.ascontiguousarray(params[name].detach().float().numpy())
-    return dict(sorted(out.items()))
+    return travelling_tensors(job.base_model, [e.pruned for e in job.adapters], job.slots)

@@ -289,7 +289,7 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
     from . import MODEL_FILE
     from .genai_tokenizer import write_special_tokens
     from .adapter_tensors import lora_inputs, lora_slot_decisions, slot_formats, write_adapter_file
-    from .graph import lora_factors
+    from ...traced_graph import lora_factors
     from .lora_inputs import default_arrays, lower_inputs
 
     from ...progress import begin

@@ -1,7 +1,8 @@
-"""Torch side of the ONNX target: the module that is traced to ONNX, with LoRA factors and
-the tensors that travel with adapters (a classifier head, LayerNorm weights, embeddings) as extra
-inputs so they become overridable graph inputs.
-Imported only while exporting (the runtime side, ``onnx.py``, needs no PyTorch)."""
+"""The encoder traced to an ONNX graph with its LoRA slots as inputs (PyTorch side, shared by the
+plugins that write ONNX graphs: onnxruntime's swappable artifacts, the web bundle): LoRA factors
+and the tensors that travel with adapters (a classifier head, LayerNorm weights, embeddings) are
+extra inputs, so they become graph inputs. ``torch.onnx`` writes the file; no runtime package is
+imported here. Imported only while exporting."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...errors import LoradeployError
-from ...ir import AdapterSet, Task
+from .errors import LoradeployError
+from .ir import AdapterSet, Task
 
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = {Task.SEQUENCE_CLASSIFICATION: "logits", Task.FEATURE_EXTRACTION: "sentence_embedding"}
@@ -112,3 +113,33 @@ def export_graph(module: GraphModule, slot_shapes: dict[str, tuple[int, int]],
         torch.onnx.export(module, tuple(example), str(path), dynamo=False, input_names=names,
                           output_names=[output], dynamic_axes=axes, opset_version=opset,
                           do_constant_folding=True)
+
+
+def eager_attention(model):
+    """Trace attention as explicit MatMul/Softmax, the pattern onnxruntime fuses into its
+    Attention kernel (the SDPA form exports as ops it does not fuse)."""
+    model.set_attn_implementation("eager")
+    return model
+
+
+def travelling_tensors(model: torch.nn.Module, adapters: list[AdapterSet], slots: str) -> dict[str, np.ndarray]:
+    """The graph inputs for every non-LoRA tensor that can travel with an adapter of this base,
+    with their defaults (what runs when an adapter does not carry one, or none is active):
+    whatever any of ``adapters`` carries, the normalization parameters the slots spec asks for
+    (``norms``, :func:`loradeploy.base_slots.norm_parameters`) and the task head. The default is
+    the base's own value, except for the task head, which the base does not have trained — the
+    first adapter's head that has one is the default there."""
+    from .base_slots import norm_parameters
+    from .merge import is_head_tensor
+
+    params = dict(model.named_parameters())
+    out: dict[str, np.ndarray] = {}
+    for adapter in adapters:
+        for name, arr in extra_inputs(adapter, model).items():
+            if name in out:
+                continue
+            out[name] = arr if is_head_tensor(model, name) else np.ascontiguousarray(params[name].detach().float().numpy())
+    for name in norm_parameters(model, slots) + [n for n in params if is_head_tensor(model, n)]:
+        if name not in out:
+            out[name] = np.ascontiguousarray(params[name].detach().float().numpy())
+    return dict(sorted(out.items()))

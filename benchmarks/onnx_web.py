@@ -1,0 +1,164 @@
+"""onnx-web target, ratios measured side by side in one run (MiniLM classifier, sora and increlora).
+
+    python benchmarks/onnx_web.py [--bundle DIR] [--rounds 20] [--json]
+
+On one web bundle (exported here unless ``--bundle`` names one), at batch 1 × seq 128, 1 thread:
+  - the bundle's loradeploy.mjs in onnxruntime-web's wasm backend under Node (timed inside Node),
+    adapter on, against onnxruntime CPU (1 thread, spinning off) on the same model.onnx fed the
+    same tensors — rounds interleaved, so both see the same load;
+  - the same bundle's graph with the adapter on against the adapter merged into the weights (the
+    graph traced the same way, no slots), both in wasm;
+  - loading an adapter into the open session (loadAdapter: read, check, keep its tensors) against
+    re-creating the session (open: the graph, the tokenizer, the base's tensors);
+  - fidelity from the export's own validation (max |Δlogit| vs PyTorch) and its browser check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+ADAPTERS = ("sora", "increlora")
+SEQ = 128
+
+
+def export_bundle(out: Path, eval_texts: int) -> Path:
+    from loradeploy.evaldata import DEFAULT_EVAL
+    from loradeploy.job import AdapterSpec
+    from tests.support.exports import export_adapters
+    from tests.support.profiles import quick_profile
+
+    ev = out / "eval.jsonl"
+    ev.write_text("\n".join(DEFAULT_EVAL.read_text().splitlines()[:eval_texts]) + "\n")
+    profile = quick_profile(out, "onnx-web", warmup=1, runs=3, shapes=[{"batch": 1, "seq": SEQ}])
+    specs = [AdapterSpec(n, REPO / "examples" / "adapters" / n) for n in ADAPTERS]
+    export_adapters("minilm", specs, profile, out / "bundle", eval_path=ev)
+    return out / "bundle"
+
+
+def ort_cpu_runner(bundle: Path, adapter: str, ids: np.ndarray):
+    """A callable timing one onnxruntime CPU call (ms) of model.onnx with ``adapter``'s tensors."""
+    import time
+
+    import onnxruntime as ort
+    from safetensors.numpy import load_file
+
+    config = json.loads((bundle / "web.json").read_text())
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(bundle / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    feeds = {}
+    for name, slot in config["slots"].items():
+        shape = (slot["shape"][0], 0) if slot["role"] == "lora_A" else (0, slot["shape"][1])
+        feeds[name] = np.zeros(shape, np.float32)
+    feeds.update(load_file(str(bundle / "base.safetensors")))
+    feeds.update(load_file(str(bundle / "adapters" / f"{adapter}.safetensors")))
+    feeds.update(input_ids=ids, attention_mask=np.ones_like(ids))
+
+    def call() -> float:
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        return (time.perf_counter() - t0) * 1e3
+    return call, lambda: session.run(None, feeds)[0]
+
+
+def merged_graph(adapter: str, path: Path) -> Path:
+    """MiniLM with ``adapter`` merged into its weights, traced as the bundle's graph is (no slots)."""
+    import copy
+
+    from loradeploy.adapters import read_adapter
+    from loradeploy.base import load_torch_model, resolve_base
+    from loradeploy.merge import merge_into
+    from loradeploy.prune import prune
+    from loradeploy.traced_graph import GraphModule, eager_attention, export_graph
+
+    adapters, _ = prune(read_adapter(REPO / "examples" / "adapters" / adapter))
+    model = load_torch_model(resolve_base("minilm"), adapters.task, adapters.num_labels)
+    merged = merge_into(eager_attention(copy.deepcopy(model)), adapters)
+    export_graph(GraphModule(merged, adapters.task, [], []), {}, {}, path, 17)
+    return path
+
+
+def measure(bundle: Path, rounds: int, per_round: int = 3, merged: Path | None = None) -> dict:
+    from loradeploy.plugins.onnx_web.node import NodeWorker
+
+    ids = np.random.default_rng(0).integers(1000, 2000, size=(1, SEQ), dtype=np.int64)
+    worker = NodeWorker()
+    try:
+        worker.call("open", bundle=str(bundle), threads=1)
+        for name in ADAPTERS:
+            worker.call("load", name=name, path=str(bundle / "adapters" / f"{name}.safetensors"))
+        ort_call, ort_outputs = ort_cpu_runner(bundle, ADAPTERS[0], ids)
+        args = dict(input_ids=ids.tolist(), attention_mask=np.ones_like(ids).tolist())
+        # the two runtimes compute the same graph with the same tensors: the same outputs
+        wasm_out = np.asarray(worker.call("run_ids", adapter=ADAPTERS[0], **args))
+        same = float(np.abs(wasm_out - ort_outputs()).max())
+        worker.call("time_runs", adapter=ADAPTERS[0], runs=3, **args)
+        [ort_call() for _ in range(3)]
+        wasm, cpu, merged_wasm = [], [], []
+        for _ in range(rounds):
+            wasm += worker.call("time_runs", adapter=ADAPTERS[0], runs=per_round, **args)
+            cpu += [ort_call() for _ in range(per_round)]
+            if merged is not None:
+                timed = worker.call("time_model", model=str(merged), runs=per_round, **args)
+                merged_wasm += timed["ms"]
+                merged_vs_swappable = float(np.abs(np.asarray(timed["output"]) - wasm_out[0]).max())
+        base_wasm = worker.call("time_runs", adapter=None, runs=per_round * 3, **args)
+        loads, opens = [], []
+        for i in range(max(3, rounds // 4)):
+            loads.append(worker.call("time_load", name=f"again{i}", path=str(bundle / "adapters" / f"{ADAPTERS[1]}.safetensors")))
+            opens.append(worker.call("time_open", bundle=str(bundle)))
+        node_rss = worker.call("peak_rss_mb")
+    finally:
+        worker.close()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    v = manifest["validation"]
+    p50 = statistics.median
+    return {
+        "shape": f"b1xs{SEQ}", "threads": 1, "rounds": rounds, "calls_per_round": per_round,
+        "wasm_p50_ms": p50(wasm), "wasm_min_ms": min(wasm), "ort_cpu_p50_ms": p50(cpu), "ort_cpu_min_ms": min(cpu),
+        "wasm_over_ort_cpu_p50": p50(wasm) / p50(cpu), "wasm_over_ort_cpu_min": min(wasm) / min(cpu),
+        "wasm_no_adapter_p50_ms": p50(base_wasm),
+        **({"merged_wasm_p50_ms": p50(merged_wasm), "swappable_over_merged_wasm_p50": p50(wasm) / p50(merged_wasm),
+            "swappable_over_merged_wasm_min": min(wasm) / min(merged_wasm),
+            "merged_vs_swappable_max_abs": merged_vs_swappable} if merged_wasm else {}),
+        "adapter_load_p50_ms": p50(loads), "session_open_p50_ms": p50(opens),
+        "open_over_adapter_load": p50(opens) / p50(loads),
+        "node_peak_rss_mb": node_rss,
+        "fidelity": {a: {k: v["metrics"][a][k] for k in ("label_agreement", "max_abs_logit")} for a in ADAPTERS},
+        "eval_inputs": v["eval_inputs"], "browser_check": v["metrics"].get("browser_check"),
+        "wasm_vs_ort_cpu_max_abs": same,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, help="an exported onnx-web bundle of MiniLM with sora and increlora")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--eval-texts", type=int, default=500, help="eval texts the export validates on")
+    ap.add_argument("--skip-merged", action="store_true", help="do not time the merged graph in wasm")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = args.bundle or export_bundle(Path(tmp), args.eval_texts)
+        merged = None if args.skip_merged else merged_graph(ADAPTERS[0], Path(tmp) / "merged.onnx")
+        result = measure(bundle, args.rounds, merged=merged)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for key, value in result.items():
+        print(f"{key:28} {value:.4g}" if isinstance(value, float) else f"{key:28} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
