@@ -17,13 +17,20 @@ WHEELS        ?= $(HOME)/.cache/loradeploy/wheels
 LLAMA_CMAKE   := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
                  -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 LLAMA_STAMP   := $(WHEELS)/.llama-cpp-python-$(LLAMA_VERSION)-portable
+# The onnx-web target's JavaScript side (web/: onnxruntime-web, the tokenizer library, puppeteer-core
+# for the browser check), installed from its lockfile; Node >= 20 is the only system need.
+WEB_STAMP     := web/node_modules/.loradeploy-installed
 PIP_VERSION   := 26.3
 UV_VERSION    := 0.13.9
 EXTRAS        := all,ray,dev
 comma         := ,
 
 .PHONY: setup demo test test-fast lock upgrade clean
-setup: $(STAMP)
+setup: $(STAMP) $(WEB_STAMP)
+
+$(WEB_STAMP): web/package.json web/package-lock.json
+	npm ci --prefix web --no-audit --no-fund --loglevel=error
+	touch $(WEB_STAMP)
 
 $(LLAMA_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,4 +77,4 @@ upgrade:
 	$(VENV)/bin/uv pip compile --upgrade $(LOCK_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache web/node_modules
