@@ -22,8 +22,11 @@ __all__ = ["DEBUG_ENV", "OWN_LOGGER", "quiet_third_party_logs"]
 DEBUG_ENV = "LORADEPLOY_DEBUG"
 OWN_LOGGER = "loradeploy"
 _FORMAT = "%(levelname)s %(name)s: %(message)s"
-# libraries that log through handlers of their own (not the root's) read these at import
-_LIBRARY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_VERBOSITY": "error", "TF_CPP_MIN_LOG_LEVEL": "3"}
+# libraries that log through handlers of their own (not the root's) read these at import; torch's
+# handler (set up at ``import torch``, after this runs) is held at ERROR by TORCH_LOGS' "-torch"
+# (seen: torchao, imported by transformers' quantizers when installed, makes torch warn at import)
+_LIBRARY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_VERBOSITY": "error", "TF_CPP_MIN_LOG_LEVEL": "3",
+                "TORCH_LOGS": "-torch"}
 
 
 def _is_own(name: str) -> bool:

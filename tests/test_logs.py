@@ -75,3 +75,20 @@ def test_the_cli_applies_the_rule_and_verbose_lifts_it():
     assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
     assert "late library warning" not in quiet.stderr
     assert "late library warning" in loud.stderr
+
+
+def test_torch_imported_after_the_rule_is_held_to_it():
+    """torch sets up its own handler at import, after the CLI applied the rule: its warnings
+    (torchao, imported by transformers' quantizers, makes it warn at import) stay out, its errors
+    pass, and verbose lets its warnings through."""
+    code = ("import logging\n"
+            "from loradeploy import quiet_third_party_logs\n"
+            "quiet_third_party_logs(VERBOSE)\n"
+            "import torch\n"
+            "logging.getLogger('torch.utils._pytree').warning('torch warning at import')\n"
+            "logging.getLogger('torch.utils._pytree').error('torch error')\n")
+    env = {k: v for k, v in _env().items() if k != "TORCH_LOGS"}
+    quiet, verbose = (subprocess.run([sys.executable, "-c", code.replace("VERBOSE", str(v))], capture_output=True,
+                                     text=True, timeout=120, env=env).stderr for v in (False, True))
+    assert "torch warning at import" not in quiet and "torch error" in quiet, quiet
+    assert "torch warning at import" in verbose, verbose
