@@ -1,7 +1,8 @@
 """The decoder LM graph's RMSNorm weights as overridable inputs (``lm_norm_inputs``): tiny Llama and
 Gemma 3 (whose graph stores w+1) with a PEFT adapter that trained every norm, exported alone and
 beside a LoRA-only adapter's artifact, both loaded into both, against their PyTorch references;
-``--slots blocks``; the int4 graph; tensors with no input and graphs whose norms do not match."""
+onnxruntime-genai; ``--slots blocks``; the int4 graph; tensors with no input; graphs whose norms
+do not match."""
 
 from __future__ import annotations
 
@@ -127,6 +128,26 @@ def test_every_adapter_answers_like_its_reference_in_both_artifacts(setup):
     assert pairs == 2
 
 
+def test_onnxruntime_genai_runs_the_norm_carrying_adapter(tmp_path_factory):
+    """onnxruntime-genai itself loads the norm-carrying adapter file (Gemma 3) and generates the
+    greedy tokens loradeploy's session does; the norms change them."""
+    import onnxruntime_genai as og
+
+    from tests.support.og_greedy import og_greedy
+
+    art = _setup("gemma3", tmp_path_factory)["root"] / "art-norms"
+    model = og.Model(str(art))
+    adapters = og.Adapters(model)
+    adapters.load(str(art / "adapters" / "norms.onnx_adapter"), "norms")
+    prompts = [tiny_lm.tokenizer()(t)["input_ids"] for t in [*TEXTS, "a b c d e f g h i j k l m n o p"]]
+    with runtime.open(art) as session:
+        ours = [{n: session.greedy(ids, n, 12) for n in ("norms", None)} for ids in prompts]
+    assert any(o["norms"] != o[None] for o in ours)
+    for ids, tokens in zip(prompts, ours):
+        for name in tokens:
+            assert og_greedy(model, adapters, ids, name, 12) == tokens[name], name
+
+
 def test_slots_blocks_keeps_the_norms_constant_and_refuses_a_norm_carrying_adapter(tmp_path, tmp_path_factory):
     """``--slots blocks``: no norm input, the LoRA-only adapter answers as its reference, and the
     norm-carrying adapter's file is refused, naming a norm; exported itself with ``blocks`` the
@@ -169,7 +190,8 @@ def test_int4_graph_takes_the_norms_too(tmp_path, tmp_path_factory):
     profile, ev = str(quick_profile(tmp_path, "onnx-cpu-int4")), _eval(tmp_path)
     rec = export_adapters(str(base), [AdapterSpec(n, adapters[n]) for n in ("norms", "lora")], profile,
                           tmp_path / "art", mode="swappable", eval_path=ev)
-    assert rec["decisions"]["norm_inputs"] == 2 * tiny_lm.LAYERS + 1 and "MatMulNBits" in rec["decisions"]["quantized_ops"]
+    assert rec["decisions"]["norm_inputs"] == 2 * tiny_lm.LAYERS + 1
+    assert "MatMulNBits" in rec["decisions"]["quantized_ops"]
     export_adapters(str(tmp_path / "trained-norms"), [AdapterSpec("lora", adapters["lora"])], profile,
                     tmp_path / "art-trained", mode="swappable", eval_path=ev)
     ids = tiny_lm.tokenizer()(TEXTS[0])["input_ids"]
