@@ -201,6 +201,21 @@ def test_int4_graph_takes_the_norms_too(tmp_path, tmp_path_factory):
     assert np.abs(got - want).max() < TOL
 
 
+def test_merged_decoder_folds_the_trained_norms_in(tmp_path, tmp_path_factory):
+    """``--mode merged``: the trained norms are written into the base before the build; the graph
+    has no inputs of its own and answers as PEFT's merge within 1e-4."""
+    setup = _setup("gemma3", tmp_path_factory)
+    base, adapter = setup["base"], setup["adapters"]["norms"]
+    rec = export_adapters(str(base), [AdapterSpec("norms", adapter)], str(quick_profile(tmp_path, "onnx-cpu")),
+                          tmp_path / "art", mode="merged", eval_path=_eval(tmp_path))
+    assert rec["validation"]["passed"] and "norm_inputs" not in rec["decisions"]
+    ids = tiny_lm.tokenizer()(TEXTS[1])["input_ids"]
+    want = _logits(_reference(base, adapter), ids)
+    assert np.abs(want - _logits(_reference(base, setup["adapters"]["lora"]), ids)).max() > 100 * TOL
+    with runtime.open(tmp_path / "art") as session:
+        assert np.abs(session.logits(ids) - want).max() < TOL
+
+
 def test_a_carried_tensor_without_an_input_is_refused(tmp_path, capsys):
     """An adapter that also trained the embeddings (PEFT ``modules_to_save``): one line naming the
     tensor, exit 2, nothing written — swappable and merged alike."""
