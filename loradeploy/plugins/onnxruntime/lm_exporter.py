@@ -208,7 +208,7 @@ def projection_shapes(base_model, sites: dict[str, tuple[str, ...]]) -> dict[str
 
 def check_slots(job: ExportJob, shapes: dict[str, tuple[int, int]]) -> None:
     """Every adapter module must be a slot of the graph, with the slot's shape; every other tensor
-    it carries an RMSNorm weight of the base (:mod:`.lm_norm_inputs`)."""
+    it carries must be an RMSNorm weight of the base (:mod:`.lm_norm_inputs`)."""
     from .lm_norm_inputs import carry_problems
 
     for e in job.adapters:
