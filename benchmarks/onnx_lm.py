@@ -17,6 +17,12 @@ Artifacts (kept in ``--work``; delete it to rebuild):
   fails on the builder's rank-8 ``lora_B`` MatMuls), the same MatMulNBits kernel;
 * ``gguf``: ``loradeploy export --target gguf-cpu`` (llama.cpp, F16 adapter GGUF).
 
+``--norms-cost [--profile onnx-cpu-int4]`` (issue 36) measures only what RMSNorm inputs cost: the
+swappable graph with the default slots (``blocks,norms``: every RMSNorm weight an overridable input)
+against ``--slots blocks`` (norms constant), prompt processing of 128 tokens and greedy generation,
+adapter on and off, in loradeploy's session, interleaved; and the normalization ops onnxruntime's
+load-time optimizer leaves in each graph.
+
 Generation speed: greedy decoding of ``--tokens`` tokens after a fixed 8-token prompt, each
 variant once per round, the variants interleaved round by round; ONNX graphs run in
 onnxruntime-genai (``og.Generator``, the adapter activated with ``set_active_adapter``) and again
@@ -119,6 +125,61 @@ def og_generator(folder: Path, adapter: str | None = None):
     return run
 
 
+def norms_cost(work: Path, profile: str, rounds: int) -> int:
+    """pp128 and per-token latency of the default swappable graph (norms as inputs) relative to
+    ``--slots blocks``, with the sora-gemma adapter and without."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    from loradeploy import runtime
+    from loradeploy.evaldata import DEFAULT_LM_EVAL
+    from loradeploy.plugins.onnxruntime.ort import session_options
+
+    work.mkdir(parents=True, exist_ok=True)
+    ev = work / "eval.txt"
+    ev.write_text("\n".join(DEFAULT_LM_EVAL.read_text().splitlines()[:4]) + "\n")
+    graphs = {"norms": work / f"{profile}-norms", "blocks": work / f"{profile}-blocks"}
+    for label, out in graphs.items():
+        if not (out / "manifest.json").is_file():
+            _cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
+                 str(_quick(work, profile)), "--mode", "swappable", "--eval", str(ev), "-o", str(out), "--overwrite",
+                 *(["--slots", "blocks"] if label == "blocks" else []))
+    sessions = {label: runtime.open(out, workers=1) for label, out in graphs.items()}
+    prompt = PROMPT + [3 + (1000 + i) % 200000 for i in range(128 - len(PROMPT))]
+    runs = {f"{label} {kind} {a or 'none'}": (lambda s, k, a: (lambda: s.logits(prompt, a)) if k == "pp128"
+                                              else (lambda: s.greedy(PROMPT, a, 32)))(s, kind, a)
+            for kind in ("pp128", "tg") for a in ("sora-gemma", None) for label, s in sessions.items()}
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(rounds):  # every other round in reverse order: neither graph always runs first
+        for k, run in (list(runs.items()) if i % 2 == 0 else list(runs.items())[::-1]):
+            t0 = time.perf_counter()
+            run()
+            times[k].append((time.perf_counter() - t0) * 1e3 / (1 if k.split()[1] == "pp128" else 32))
+    print(f"Gemma 3 270M + sora-gemma, {profile} swappable: norms as inputs vs --slots blocks, median of "
+          f"{rounds} interleaved rounds (alternate ones reversed), {os.cpu_count()} cores (tg: ms per token of 32 after {len(PROMPT)})")
+    print(f"{'kind':6} {'adapter':11} {'norms ms':>9} {'blocks ms':>9} {'ratio':>7}")
+    for kind in ("pp128", "tg"):
+        for a in ("sora-gemma", "none"):
+            new, old = (statistics.median(times[f"{label} {kind} {a}"]) for label in ("norms", "blocks"))
+            print(f"{kind:6} {a:11} {new:9.2f} {old:9.2f} {new / old:7.3f}")
+    for label, out in graphs.items():  # what the session's optimizer (ORT_ENABLE_ALL) leaves
+        so = session_options()
+        so.optimized_model_filepath = str(work / f"{profile}-{label}.optimized.onnx")
+        ort.InferenceSession(str(out / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(so.optimized_model_filepath, load_external_data=False)
+        ops = collections.Counter(n.op_type for n in optimized.graph.node)
+        norms = json.loads((out / "manifest.json").read_text())["decisions"]["norm_inputs"]
+        print(f"{label}: {norms} norm inputs; after load-time optimization "
+              f"{ {k: v for k, v in sorted(ops.items()) if 'Normalization' in k} }")
+    for s in sessions.values():
+        s.close()
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -126,7 +187,11 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "loradeploy-bench-onnx-lm")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--build-only", action="store_true", help="build the artifacts into --work and stop")
+    ap.add_argument("--norms-cost", action="store_true", help="only the cost of RMSNorm inputs (issue 36)")
+    ap.add_argument("--profile", default="onnx-cpu-int4", help="--norms-cost: the profile exported")
     args = ap.parse_args()
+    if args.norms_cost:
+        return norms_cost(args.work / "norms-cost", args.profile, args.rounds)
     info = build(args.work)
     if args.build_only:
         return 0

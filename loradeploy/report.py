@@ -157,8 +157,8 @@ def _decisions_prose(manifest: dict) -> str:
                    f"{html.escape(str(d.get('lora_slots_spec', 'blocks')))}</code>); any adapter for this base whose "
                    "modules are among them loads into this artifact.</p>" + _slot_table(d.get("lora_slot_modules")))
     if "norm_inputs" in d:
-        out.append(f"<p>Normalization inputs: {d['norm_inputs']} LayerNorm weights and biases are overridable inputs "
-                   "defaulting to the base's, so an adapter that trained them loads too"
+        out.append(f"<p>Normalization inputs: {d['norm_inputs']} normalization weights and biases (LayerNorm, "
+                   "RMSNorm) are overridable inputs defaulting to the base's, so an adapter that trained them loads too"
                    + ("" if d["norm_inputs"] else " (none here: an adapter carrying norms is refused)") + ".</p>")
     if d.get("plan") or any(a.get("plan") for a in manifest["adapters"]):
         out.append("<p>A precision plan chose the storage format of each adapter tensor (see Adapters).</p>")

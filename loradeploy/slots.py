@@ -11,7 +11,8 @@ a comma-separated list of:
 * ``adapters``: only the modules the exported adapters adapt (fewer graph nodes; other adapters
   then fit only where they adapt a subset of these);
 * ``norms``: the weight and bias of every normalization layer of the base (every block's
-  LayerNorms, the embeddings' LayerNorm) become overridable inputs defaulting to the base's own
+  LayerNorms, the embeddings' LayerNorm; a decoder LM's RMSNorm weights) become overridable inputs
+  defaulting to the base's own
   values, so an adapter that trained them (OpenDelta SoRA, PEFT ``modules_to_save``) loads too;
 * a module name or a name suffix, PEFT ``target_modules`` style (``query``, ``attention.output.dense``,
   ``bert.pooler.dense``): every linear layer of the base whose name is it or ends in ``.`` + it.

@@ -40,7 +40,7 @@ def test_every_measure_of_the_table_is_defined(manifest):
 def test_decisions_are_explained_in_words(manifest):
     page = render(manifest)
     assert "Mode <b>swappable</b>" in page and "36 modules take LoRA inputs" in page
-    assert "--slots blocks,norms" in page and "Normalization inputs: 26 LayerNorm weights and biases" in page
+    assert "--slots blocks,norms" in page and "Normalization inputs: 26 normalization weights and biases (LayerNorm, RMSNorm)" in page
     constant = copy.deepcopy(manifest)
     constant["decisions"]["norm_inputs"] = 0
     assert "(none here: an adapter carrying norms is refused)" in render(constant)

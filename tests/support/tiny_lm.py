@@ -73,10 +73,13 @@ def build(folder: Path, family: str, seed: int = 0) -> Path:
     return folder
 
 
-def peft_adapter(folder: Path, base: Path, seed: int = 1, modules=PROJECTIONS, layers=range(LAYERS)) -> Path:
+def peft_adapter(folder: Path, base: Path, seed: int = 1, modules=PROJECTIONS, layers=range(LAYERS),
+                 norms: bool = False) -> Path:
     """A PEFT LoRA folder on ``base`` for ``modules`` of ``layers``, rank 2..8 varying per module
-    (``rank_pattern``), alpha 16, random A and B (non-zero: the adapter changes the outputs)."""
-    from safetensors.torch import save_file
+    (``rank_pattern``), alpha 16, random A and B (non-zero: the adapter changes the outputs).
+    ``norms``: every RMSNorm weight of the base trained too (the base's value plus N(0, 0.1)), saved
+    as PEFT saves ``modules_to_save``."""
+    from safetensors.torch import load_file, save_file
 
     cfg = json.loads((base / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -96,10 +99,17 @@ def peft_adapter(folder: Path, base: Path, seed: int = 1, modules=PROJECTIONS, l
             ranks[name] = r
             tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, in_f, generator=g) * 0.2
             tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * 0.2
+    saved = []
+    if norms:
+        for key, value in sorted(load_file(str(base / "model.safetensors")).items()):
+            if key.endswith("norm.weight"):
+                tensors[f"base_model.model.{key}"] = value + torch.randn(value.shape, generator=g) * 0.1
+                saved.append(key.removesuffix(".weight"))
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "rank_pattern": ranks,
         "alpha_pattern": {}, "layers_to_transform": list(layers), "target_modules": sorted({m.split(".")[-1] for m in modules}), "lora_dropout": 0.0,
-        "fan_in_fan_out": False, "bias": "none", "base_model_name_or_path": str(base)}))
+        "fan_in_fan_out": False, "bias": "none", "base_model_name_or_path": str(base),
+        "modules_to_save": saved or None}))
     return folder

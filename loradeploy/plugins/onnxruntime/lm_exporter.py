@@ -13,7 +13,8 @@ MatMul of every layer, ``+ (x @ M.lora_A) @ M.lora_B`` with ``M.lora_A [in, r]``
 ``model.layers.3.self_attn.q_proj``) whose rank axis is dynamic and per module, defaulting to
 empty rank-0 tensors. Behind a packed Q/K/V MatMul the three deltas are concatenated in the
 packed order, so each module keeps its own pruned rank. Scale and rank gates are folded into
-``lora_B``; each adapter is one ``.onnx_adapter`` file, as for encoders.
+``lora_B``; each adapter is one ``.onnx_adapter`` file, as for encoders. The RMSNorm weights are
+overridable inputs too (``norms`` in the slots, the default: :mod:`.lm_norm_inputs`).
 """
 
 from __future__ import annotations
@@ -206,16 +207,17 @@ def projection_shapes(base_model, sites: dict[str, tuple[str, ...]]) -> dict[str
 
 
 def check_slots(job: ExportJob, shapes: dict[str, tuple[int, int]]) -> None:
-    """Every adapter module must be a slot of the graph, with the slot's shape."""
+    """Every adapter module must be a slot of the graph, with the slot's shape; every other tensor
+    it carries must be an RMSNorm weight of the base (:mod:`.lm_norm_inputs`)."""
+    from .lm_norm_inputs import carry_problems
+
     for e in job.adapters:
         problems = [f"{name} is not a projection of the decoder graph (slots: attention and MLP projections)"
                     for name in e.pruned.modules if name not in shapes]
         problems += [f"{name} is {m.in_features}→{m.out_features}, the base's is {shapes[name][0]}→{shapes[name][1]}"
                      for name, m in e.pruned.modules.items() if name in shapes
                      and (m.in_features, m.out_features) != shapes[name]]
-        if e.pruned.extra_tensors:
-            problems.append(f"it carries {len(e.pruned.extra_tensors)} non-LoRA tensors "
-                            f"({next(iter(e.pruned.extra_tensors))} …), which the decoder graph cannot take")
+        problems += carry_problems(e.pruned, job.base_model)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise BaseModelError(f"{e.source}: {problems[0]}{more}")
@@ -291,6 +293,7 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
     from .adapter_tensors import lora_inputs, lora_slot_decisions, slot_formats, write_adapter_file
     from ...traced_graph import lora_factors
     from .lora_inputs import default_arrays, lower_inputs
+    from .lm_norm_inputs import add_norm_inputs, graph_norms, norm_tensors
 
     from ...progress import begin
 
@@ -353,10 +356,11 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
     check_slots(job, shapes)
     shapes = _chosen(job, shapes, sites)
     slots = add_lora_slots(model, shapes)
+    norms = add_norm_inputs(model, out, job.base_model, graph_norms(job))
     qualified = {m: m for m in slots}
     formats = slot_formats(job, qualified, {m: shapes[m] for m in slots})
     lower_inputs(model, formats)
-    defaults = {}
+    defaults = dict(norms)
     for name, (fmt, role, n) in formats.items():
         defaults.update(default_arrays(name, role, fmt, n))
     set_defaults(model, defaults)
@@ -365,6 +369,7 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
     for entry in job.adapters:
         tensors = lora_factors(entry.pruned, qualified) if entry.quantized is None else \
             lora_inputs(entry, qualified, formats)
+        tensors.update(norm_tensors(entry.pruned, job.base_model, norms))
         write_adapter_file(tensors, out / ADAPTER_DIR / f"{entry.name}.onnx_adapter")
     counts: dict[str, int] = {}
     for fmt, _, _ in formats.values():
@@ -373,7 +378,7 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
     decisions.update({"rank_dimension": "dynamic per module",
                       "lora_precision": dict(sorted(counts.items())),
                       "graph_inputs_overridable": sorted(defaults),
-                      "norm_inputs": 0})  # the decoder graph takes no norm inputs yet, whatever the slots ask (issue 36)
+                      "norm_inputs": len(norms)})
     if any(fmt != "fp32" for fmt, _, _ in formats.values()):
         decisions["lora_input_formats"] = {n: f for n, (f, _, _) in sorted(formats.items())}
     return decisions
