@@ -78,8 +78,16 @@ class WebTarget(Target):
         slot_shapes = choose_slots(job.base_model, [e.pruned for e in job.adapters], job.slots)
         extras = travelling_tensors(job.base_model, [e.pruned for e in job.adapters], job.slots)
         module = GraphModule(eager_attention(copy.deepcopy(job.base_model)), job.task, list(slot_shapes), list(extras))
-        export_graph(module, slot_shapes, extras, out / MODEL_FILE, job.profile.options["opset"])
+        precision = job.profile.precision
+        traced = out / (MODEL_FILE if precision == "fp32" else "model.fp32.onnx")
+        export_graph(module, slot_shapes, extras, traced, job.profile.options["opset"])
         slot_names = {f"{m}.{role}" for m in slot_shapes for role in ("lora_A", "lora_B")}
+        base_decisions = {}
+        if precision == "int8-dynamic":
+            from .int8 import quantize_int8
+
+            base_decisions = quantize_int8(traced, out / MODEL_FILE, slot_names | set(extras))
+            traced.unlink()
         _plain_inputs(out / MODEL_FILE, slot_names | set(extras))
         fingerprint = base_fingerprint(job.base_dir)
         meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "base_fingerprint": fingerprint}
@@ -104,6 +112,7 @@ class WebTarget(Target):
         write_config(out, config)
         return {"lora_slots_spec": job.slots, "lora_slots": len(slot_shapes),
                 "lora_slot_modules": {m: list(s) for m, s in slot_shapes.items()},
-                "travelling_inputs": len(extras), "graph_inputs_plain": True, "base_precision": "fp32",
+                "travelling_inputs": len(extras), "graph_inputs_plain": True, "base_precision": precision,
+                **base_decisions,
                 "lora_precision": "float32", "rank_dimension": "dynamic per module", "web_packages": versions,
                 "base_fingerprint": fingerprint}
