@@ -84,7 +84,7 @@ class WebTarget(Target):
         slot_names = {f"{m}.{role}" for m in slot_shapes for role in ("lora_A", "lora_B")}
         base_decisions = {}
         if precision == "int8-dynamic":
-            from .int8 import quantize_int8
+            from .quantized_base import quantize_int8
 
             base_decisions = quantize_int8(traced, out / MODEL_FILE, slot_names | set(extras))
             traced.unlink()
