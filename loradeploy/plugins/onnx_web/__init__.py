@@ -16,7 +16,7 @@ from ...kinds import Task
 from ...registry import LoraStorage, RuntimeOption, RuntimeSpec
 
 SPEC = RuntimeSpec(
-    name="onnx-web", distribution="onnxruntime-web", packages=("safetensors",),
+    name="onnx-web", distribution="onnxruntime-web", packages=("onnx", "onnxruntime", "safetensors"),
     precisions=("fp32", "int8-dynamic"),
     storage=LoraStorage(ladder=("fp32",), accepted=("fp32",), by_bits={32: "fp32"}, folds_scale=True,
                         b_rank_major=True),
