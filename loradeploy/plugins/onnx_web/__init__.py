@@ -3,7 +3,7 @@ browser or in Node. One base graph whose LoRA slots, LayerNorm weights and head 
 inputs (onnxruntime-web refuses to feed an input that is also an initializer); every adapter is a
 safetensors file whose tensors the bundle's ``loradeploy.mjs`` feeds to those inputs.
 
-* exporter.py: writes the bundle (bundle.py: its web files — web.json, onnxruntime-web, the
+* exporter.py: writes the bundle (quantized_base.py: the int8 base; bundle.py: its web files — web.json, onnxruntime-web, the
   tokenizer library, loradeploy.mjs, index.html — copied from the repository's ``web/`` package)
 * node.py: Node and the ``web/`` package (where they are, one persistent worker process)
 * session.py: the one loader — the bundle's own ``loradeploy.mjs`` in Node, driven over a pipe
@@ -16,14 +16,14 @@ from ...kinds import Task
 from ...registry import LoraStorage, RuntimeOption, RuntimeSpec
 
 SPEC = RuntimeSpec(
-    name="onnx-web", distribution="onnxruntime-web", packages=("safetensors",),
-    precisions=("fp32",),
+    name="onnx-web", distribution="onnxruntime-web", packages=("onnx", "onnxruntime", "safetensors"),
+    precisions=("fp32", "int8-dynamic"),
     storage=LoraStorage(ladder=("fp32",), accepted=("fp32",), by_bits={32: "fp32"}, folds_scale=True,
                         b_rank_major=True),
     adapter_suffix=".safetensors", target="loradeploy.plugins.onnx_web.exporter:WebTarget",
     session="loradeploy.plugins.onnx_web.session:NodeWebSession",
     options=(RuntimeOption("opset", 17, "ONNX opset of the exported encoder graph"),),
-    tasks={"fp32": (Task.SEQUENCE_CLASSIFICATION.value, Task.FEATURE_EXTRACTION.value)})
+    tasks={p: (Task.SEQUENCE_CLASSIFICATION.value, Task.FEATURE_EXTRACTION.value) for p in ("fp32", "int8-dynamic")})
 
 MODEL_FILE = "model.onnx"
 BASE_TENSORS = "base.safetensors"  # the base's values of the travelling inputs (norms, head)

@@ -18,6 +18,11 @@ TOKENIZER_MODULE = "vendor/tokenizers.mjs"  # @huggingface/tokenizers, the pure-
 PAGE_FILES = ("loradeploy.mjs", "index.html")  # sources in web/src/
 
 
+def web_files() -> list[str]:
+    """The copied files' paths in a bundle."""
+    return [f"{ORT_DIR}/{name}" for name in (ORT_MODULE, *ORT_RUNTIME)] + [TOKENIZER_MODULE, *PAGE_FILES]
+
+
 def write_web_files(out: Path) -> dict:
     """Copy the runtime, the tokenizer library and the page into ``out``; what was copied."""
     require_packages()

@@ -129,3 +129,30 @@ def test_embeddings_bundle_matches_the_reference(tmp_path, web_eval):
     with runtime.open(tmp_path / "o", threads=1) as session:
         with_adapter, alone = (session.run_texts(["a short sentence"], a) for a in ("emb", None))
     assert with_adapter.shape == (1, 384) and np.abs(with_adapter - alone).max() > 1e-3
+
+
+def test_int8_bundle_keeps_labels_and_the_fp32_adapter_files(web_bundle, tmp_path, web_eval):
+    """onnx-web-int8: the base's MatMuls int8 in wasm (MatMulInteger), LoRA paths, norms and head
+    fp32 inputs — so each adapter file holds the fp32 bundle's tensors."""
+    import numpy as np
+
+    from loradeploy.job import AdapterSpec
+    from tests.support.exports import export_adapters
+    from tests.support.profiles import quick_profile
+
+    folder, fp32 = web_bundle
+    profile = quick_profile(tmp_path, "onnx-web-int8", runs=1)
+    specs = [AdapterSpec(n, EXAMPLE_ADAPTERS / n) for n in ADAPTERS]
+    record = export_adapters("minilm", specs, profile, tmp_path / "int8", eval_path=web_eval)
+    v = record["validation"]
+    assert v["passed"] and all(v["metrics"][n]["label_agreement"] >= 0.99 for n in ADAPTERS)
+    assert "MatMulInteger" in record["decisions"]["quantized_ops"]
+    assert record["decisions"]["base_parameters_by_dtype"]["int8"] > 10_000_000
+    from safetensors.numpy import load_file
+
+    for n in ADAPTERS:  # the same tensors (the header's metadata order is safetensors' own)
+        ours, theirs = (load_file(str(f / "adapters" / f"{n}.safetensors")) for f in (tmp_path / "int8", folder))
+        assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    assert v["artifact_bytes"] / fp32["validation"]["artifact_bytes"] < 0.4  # measured 0.37 (the wasm is 14 MB of it)
+    if find_chromium() is not None:
+        assert v["metrics"]["browser_check"]["status"] == "pass"
