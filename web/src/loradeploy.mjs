@@ -58,7 +58,12 @@ export function parseSafetensors(bytes, where) {
   } catch (e) {
     throw new Error(`${where}: not a safetensors file (header is not JSON: ${e.message})`);
   }
-  const metadata = header.__metadata__ || {};
+  // loradeploy's fields are one JSON value (file_metadata in the Python plugin); other files: as they are
+  const raw = header.__metadata__ || {};
+  let metadata = raw;
+  if (typeof raw.loradeploy === 'string') {
+    try { metadata = JSON.parse(raw.loradeploy); } catch (e) { throw new Error(`${where}: its loradeploy metadata is not JSON (${e.message})`); }
+  }
   const tensors = {};
   const start = 8 + headerLength;
   for (const [name, entry] of Object.entries(header)) {

@@ -29,3 +29,25 @@ MODEL_FILE = "model.onnx"
 BASE_TENSORS = "base.safetensors"  # the base's values of the travelling inputs (norms, head)
 WEB_CONFIG = "web.json"  # what loradeploy.mjs reads: inputs, slots, files
 FORMAT, FORMAT_VERSION = "loradeploy-web", 1
+#: the one safetensors metadata key of a bundle's tensor files; its value is a JSON object with sorted
+#: keys (format, format_version, base_fingerprint, adapter): safetensors writes several metadata keys
+#: in a random order, so one key keeps equal files byte-equal (sha256, fleet de-duplication)
+METADATA_KEY = "loradeploy"
+
+
+def file_metadata(**fields) -> dict[str, str]:
+    """The safetensors metadata of a bundle's tensor file: ``{METADATA_KEY: sorted JSON}``."""
+    import json
+
+    return {METADATA_KEY: json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **fields}, sort_keys=True)}
+
+
+def read_file_metadata(raw: dict | None) -> dict:
+    """The fields of :func:`file_metadata` from a file's metadata (``{}`` when absent or not JSON)."""
+    import json
+
+    try:
+        fields = json.loads((raw or {}).get(METADATA_KEY, "{}"))
+    except ValueError:
+        return {}
+    return fields if isinstance(fields, dict) else {}

@@ -21,7 +21,7 @@ from ...errors import LoradeployError
 from ...fsutil import link_or_copy
 from ...manifest import ADAPTER_DIR
 from ...targets.common import Target
-from . import BASE_TENSORS, FORMAT, FORMAT_VERSION, MODEL_FILE
+from . import BASE_TENSORS, MODEL_FILE, file_metadata
 from .bundle import web_config, web_files, write_config, write_web_files
 
 if TYPE_CHECKING:
@@ -88,16 +88,12 @@ def _write_base(job: ExportJob, slot_shapes: dict[str, tuple[int, int]], extras:
         traced.unlink()
     _plain_inputs(out / MODEL_FILE, inputs)
     fingerprint = base_fingerprint(job.base_dir)
-    save_file(extras, str(out / BASE_TENSORS), metadata=_metadata(fingerprint))
+    save_file(extras, str(out / BASE_TENSORS), metadata=file_metadata(base_fingerprint=fingerprint))
     return {"lora_slot_modules": {m: list(s) for m, s in slot_shapes.items()},
             "travelling_shapes": {n: list(a.shape) for n, a in extras.items()}, "travelling_inputs": len(extras),
             "graph_inputs_plain": True, "base_precision": precision, **decisions, "lora_precision": "float32",
             "rank_dimension": "dynamic per module", "web_packages": write_web_files(out),
             "base_fingerprint": fingerprint}
-
-
-def _metadata(fingerprint: str) -> dict[str, str]:
-    return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "base_fingerprint": fingerprint}
 
 
 def _write_adapters(job: ExportJob, base: dict, out: Path) -> None:
@@ -122,7 +118,7 @@ def _write_adapters(job: ExportJob, base: dict, out: Path) -> None:
             raise LoradeployError(f"{entry.source}: tensor {unknown[0]} has no input in the bundle's graph")
         files[entry.name] = f"{ADAPTER_DIR}/{entry.name}.safetensors"
         save_file(tensors, str(out / files[entry.name]),
-                  metadata={**_metadata(base["base_fingerprint"]), "adapter": entry.name})
+                  metadata=file_metadata(base_fingerprint=base["base_fingerprint"], adapter=entry.name))
     labels = next((list(e.original.label_names) for e in job.adapters if e.original.label_names), None)
     write_config(out, web_config(
         task=job.task.value, output=OUTPUT[job.task], base_fingerprint=base["base_fingerprint"], slots=slots,

@@ -15,7 +15,7 @@ import numpy as np
 
 from ...errors import BaseModelError
 from ...runtime.session import Session, refuse
-from . import SPEC, WEB_CONFIG
+from . import SPEC, WEB_CONFIG, read_file_metadata
 from .node import NodeWorker
 
 
@@ -30,7 +30,7 @@ def _adapter_problems(path: Path, config: dict) -> list[str]:
 
     try:
         with safe_open(str(path), "np") as f:
-            meta = f.metadata() or {}
+            meta = read_file_metadata(f.metadata())
             shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # noqa: BLE001  the library's complaint is the file's problem
         raise BaseModelError(f"{path}: not a safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e

@@ -9,6 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from loradeploy.errors import LoradeployError
+from loradeploy.plugins.onnx_web import file_metadata, read_file_metadata
 from loradeploy.plugins.onnx_web.node import NodeWorker
 from loradeploy.runtime.router import _cuts, assign
 from tests.plugins.onnx_web.conftest import ADAPTERS
@@ -49,10 +50,10 @@ def _adapter_copy(folder, path, change) -> str:
 
     src = folder / "adapters" / "sora.safetensors"
     with safe_open(str(src), "np") as f:
-        meta = dict(f.metadata())
+        meta = read_file_metadata(f.metadata())
     tensors = load_file(str(src))
     change(tensors, meta)
-    save_file(tensors, str(path), metadata=meta)
+    save_file(tensors, str(path), metadata=file_metadata(**meta))
     return str(path)
 
 
