@@ -57,14 +57,16 @@ def isa_level(flags: set[str]) -> str:
     return "+".join([level, *extras])
 
 
-def fingerprint(runtime: str, distribution: str, threads: int) -> dict:
-    """This machine and ``runtime`` (its Python distribution's version) at ``threads`` intra-op
-    threads (0: the runtime's default, recorded as the CPU count it then uses)."""
+def fingerprint(runtime: str, distribution: str, threads: int, version: str | None = None) -> dict:
+    """This machine and ``runtime`` at ``version`` (None: its Python distribution's installed
+    version) at ``threads`` intra-op threads (0: the runtime's default, recorded as the CPU count
+    it then uses)."""
     model, flags = _cpuinfo()
-    try:
-        version = metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        version = None
+    if version is None:
+        try:
+            version = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            version = None
     cpus = os.cpu_count() or 1
     return {"cpu_model": model, "isa": isa_level(flags), "cpu_count": cpus, "runtime": runtime,
             "runtime_version": version, "threads": threads or cpus, "reference": REFERENCE_DEFINITION}

@@ -51,9 +51,10 @@ def measure(argv: list[str]) -> dict:
     reference = session.reference_unit(args.threads)
     parsed = [tuple(int(x) for x in shape.lower().split("x")) for shape in args.shape]
     result = session.measure(args.adapter, parsed, args.warmup, args.runs, reference)
+    version = session.runtime_version()
     session.close()
     return {"load_ms": load_ms, **result, "peak_rss_mb": peak_rss_mb(),
-            "fingerprint": fingerprint(spec.name, spec.distribution, args.threads)}
+            "fingerprint": fingerprint(spec.name, spec.distribution, args.threads, version)}
 
 
 def reset_peak_rss() -> bool:

@@ -244,6 +244,11 @@ class Session(ABC):
         Default: none."""
         return {}, []
 
+    def runtime_version(self) -> str | None:
+        """The version of the runtime that runs this artifact, for the latency fingerprint; None:
+        its Python distribution's installed version (``RuntimeSpec.distribution``)."""
+        return None
+
     @staticmethod
     @abstractmethod
     def reference_unit(threads: int = 0) -> Callable[[], float]:

@@ -100,6 +100,11 @@ class NodeWebSession(Session):
         result = super().measure(adapter, shapes, warmup, runs, reference)
         return {**result, "node_peak_rss_mb": float(self.worker.call("peak_rss_mb"))}
 
+    def runtime_version(self) -> str | None:
+        """The onnxruntime-web version the bundle's own JS reports (an npm package: no Python
+        distribution holds it), so a bundle on another onnxruntime-web is another fingerprint."""
+        return self.web_info.get("ortVersion")
+
     def runtime_checks(self, texts, progress=None) -> tuple[dict, list]:
         """The bundle's JS tokenizer against the Hugging Face tokenizer the reference used, on
         every eval text (a page that tokenizes otherwise answers otherwise); then the browser

@@ -33,6 +33,10 @@ def test_bundle_matches_the_pytorch_reference_in_wasm(web_bundle):
     row = next(c for c in validation["checks"] if c["measure"] == "tokenizer_agreement")
     assert row["status"] == "PASS" and row["budget"] == 1.0
     assert validation["latency"]["node_peak_rss_mb"] > 50  # the Node worker holds the base graph
+    # the latency fingerprint names the onnxruntime-web that ran (an npm package), as the manifest does
+    fingerprint = validation["latency"]["fingerprint"]
+    assert fingerprint["runtime"] == "onnx-web"
+    assert fingerprint["runtime_version"] == record["decisions"]["web_packages"]["onnxruntime-web"] == "1.30.0"
 
 
 def test_bundle_files_are_in_the_manifest_with_their_sha256(web_bundle):
