@@ -2,20 +2,28 @@
 // index.html in headless Chromium (puppeteer-core driving the system's browser), run the given
 // texts through the page's session with each adapter (null: none), write the outputs as JSON.
 //   node browser-check.mjs BUNDLE_DIR REQUEST.json RESULT.json CHROMIUM [SCREENSHOT.png]
-// REQUEST: {texts: [...], adapters: [name | null, ...]}; RESULT: {browser, outputs: {name|"": rows}}.
+// REQUEST: {texts: [...], adapters: [name | null, ...], ab_scenario?: options}; RESULT: {browser,
+// outputs: {name|"": rows}, ab?}. With ab_scenario, the page also runs web/test/ab-scenario.mjs
+// (served at /__loradeploy_test__/) on its session: RESULT.ab is what it returns.
 import { createServer } from 'node:http';
 import { readFile, writeFile } from 'node:fs/promises';
 import { extname, join, normalize } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import puppeteer from 'puppeteer-core';
 
 const [bundle, requestPath, resultPath, chromium, screenshot] = process.argv.slice(2);
 const TYPES = { '.html': 'text/html', '.mjs': 'text/javascript', '.js': 'text/javascript', '.json': 'application/json',
                 '.wasm': 'application/wasm' };
 
+const TEST_DIR = fileURLToPath(new URL('../test/', import.meta.url));
+const TEST_PREFIX = '/__loradeploy_test__/';
+
 const server = createServer(async (req, res) => {
   const path = normalize(decodeURIComponent(new URL(req.url, 'http://x').pathname));
+  const file = path.startsWith(TEST_PREFIX) ? join(TEST_DIR, path.slice(TEST_PREFIX.length))
+    : join(bundle, path.endsWith('/') ? `${path}index.html` : path);
   try {
-    const body = await readFile(join(bundle, path.endsWith('/') ? `${path}index.html` : path));
+    const body = await readFile(file);
     res.writeHead(200, { 'content-type': TYPES[extname(path)] || 'application/octet-stream' });
     res.end(body);
   } catch {
@@ -38,13 +46,18 @@ try {
     for (const adapter of adapters) out[adapter ?? ''] = (await session.run(texts, { adapter })).outputs;
     return out;
   }, request);
+  const ab = request.ab_scenario ? await page.evaluate(async (options, scenario) => {
+    const lib = await import('./loradeploy.mjs'); // the page's own module instance
+    const { abScenario } = await import(scenario);
+    return abScenario(lib, await window.loradeploy, options);
+  }, request.ab_scenario, `${TEST_PREFIX}ab-scenario.mjs`) : undefined;
   if (screenshot) {
     await page.click('#go');
     await page.waitForFunction(() => document.getElementById('answer').textContent !== '');
     await page.screenshot({ path: screenshot });
   }
   const status = await page.$eval('#status', (e) => e.textContent);
-  await writeFile(resultPath, JSON.stringify({ browser: await browser.version(), url, outputs, status, errors }));
+  await writeFile(resultPath, JSON.stringify({ browser: await browser.version(), url, outputs, status, errors, ab }));
 } catch (e) {
   // one line: the page's rejected promise names the file and the problem
   process.stderr.write(`${String(e && e.message ? e.message : e).split('\n')[0]}\n`);

@@ -89,6 +89,11 @@ const ops = {
       return { key, arm, adapter, text: i % texts.length, outputs: result.outputs[0] };
     }));
   },
+  // concurrent routed callers while arms are replaced and an adapter is loaded and unloaded
+  async ab_scenario({ texts, files, callers, per_phase }) {
+    const { abScenario } = await import(new URL('../test/ab-scenario.mjs', import.meta.url).href);
+    return abScenario(lib, need(), { texts, files, callers, perPhase: per_phase });
+  },
   // a fixed unit of work in onnxruntime-web (the latency reference): the graph at `model`, fed `x`
   async reference_open({ ort_module, model, threads }) {
     const ort = await import(pathToFileURL(ort_module).href);

@@ -9,6 +9,7 @@
 //   const { logits } = await s.run(['a text'], { adapter: 'sora' });
 //   const router = new ABRouter(s, { A: 'sora', B: null }, { A: 1, B: 1 });
 //   const { arm, result } = await router.run('user-42', ['a text']);
+//   await router.replaceArm('B', 'adapters/increlora.safetensors');  // loaded, owned, unloaded when replaced
 
 export const FORMAT = 'loradeploy-web';
 export const FORMAT_VERSION = 1;
@@ -39,6 +40,11 @@ async function readJson(url) {
   } catch (e) {
     throw new Error(`${url}: not valid JSON (${e.message})`);
   }
+}
+
+async function sha256Hex(bytes) {
+  const digest = new Uint8Array(await crypto.subtle.digest('SHA-256', bytes));
+  return Array.from(digest, (b) => b.toString(16).padStart(2, '0')).join('');
 }
 
 const DTYPES = { F32: ['float32', 4, Float32Array] };
@@ -121,7 +127,8 @@ export class WebSession {
   async loadAdapter(name, url) {
     if (this.adapters.has(name)) throw new Error(`adapter ${name} is already loaded; unload it first`);
     const where = new URL(url, this.bundleUrl).href;
-    const { metadata, tensors } = parseSafetensors(await readBytes(new URL(url, this.bundleUrl)), where);
+    const bytes = await readBytes(new URL(url, this.bundleUrl));
+    const { metadata, tensors } = parseSafetensors(bytes, where);
     if (metadata.format !== FORMAT || Number(metadata.format_version) !== FORMAT_VERSION) {
       throw new Error(`${where}: not a ${FORMAT} adapter of version ${FORMAT_VERSION} (metadata ${JSON.stringify(metadata)})`);
     }
@@ -158,12 +165,27 @@ export class WebSession {
         throw new Error(`${where}: ${module} has only one of lora_A and lora_B`);
       }
     }
-    this.adapters.set(name, { feeds, url: where, metadata });
-    return { name, url: where, tensors: Object.keys(feeds).length };
+    const fingerprint = await sha256Hex(bytes);
+    if (this.adapters.has(name)) throw new Error(`adapter ${name} was loaded meanwhile by another caller`);
+    this.adapters.set(name, { feeds, url: where, metadata, fingerprint, users: 0, retired: false, freed: false });
+    return { name, url: where, tensors: Object.keys(feeds).length, fingerprint };
   }
 
+  /** Forget `name` at once: later calls naming it are refused. Calls already started keep its
+   *  tensors and answer with it; the tensors are released when the last of them returns
+   *  (loradeploy.runtime's Session.unload_adapter rule). */
   unloadAdapter(name) {
-    if (!this.adapters.delete(name)) throw new Error(`adapter ${name} is not loaded (loaded: ${this.loaded()})`);
+    const held = this.adapters.get(name);
+    if (!held) throw new Error(`adapter ${name} is not loaded (loaded: ${this.loaded()})`);
+    this.adapters.delete(name);
+    held.retired = true;
+    this.#freeIfDone(held);
+  }
+
+  #freeIfDone(held) {
+    if (!held.retired || held.users || held.freed) return;
+    held.freed = true;
+    for (const t of Object.values(held.feeds)) t.dispose(); // a later run with them would fail, never answer
   }
 
   loaded() { return [...this.adapters.keys()].join(', ') || 'none'; }
@@ -193,7 +215,16 @@ export class WebSession {
     const feeds = { ...this.baseFeeds, ...(held ? held.feeds : {}) };
     feeds.input_ids = new this.ort.Tensor('int64', ids, [batch, seq]);
     feeds.attention_mask = new this.ort.Tensor('int64', mask, [batch, seq]);
-    const out = await this.queue.run(() => this.session.run(feeds));
+    if (held) held.users += 1; // taken before the first await: an unload meanwhile waits for this call
+    let out;
+    try {
+      out = await this.queue.run(() => this.session.run(feeds));
+    } finally {
+      if (held) {
+        held.users -= 1;
+        this.#freeIfDone(held);
+      }
+    }
     const t = out[this.config.output];
     const width = t.dims[1];
     const rows = [];
@@ -275,31 +306,115 @@ export function cutsOf(names, weights) {
   return cuts;
 }
 
+/** One arm's adapter at one generation; replaced as a whole, never edited (but its in-flight count). */
+function armState(arm, adapter, fingerprint, generation, owned) {
+  return { arm, adapter, fingerprint, generation, owned, inflight: 0, retired: false };
+}
+
 export class ABRouter {
-  /** arms: {armName: adapterName | null (the base alone)}; weights: {armName: weight} (default equal). */
+  /** arms: {armName: adapterName | null (the base alone)}, names loaded in `session`;
+   *  weights: {armName: weight} (default equal). A file is given to an arm with replaceArm. */
   constructor(session, arms, weights = null, experiment = 'ab') {
     this.session = session;
     this.names = Object.keys(arms);
     if (!this.names.length) throw new Error('an A/B test needs at least one arm');
-    this.arms = { ...arms };
     this.cuts = cutsOf(this.names, weights);
     this.experiment = experiment;
+    this.current = {};
+    this.generations = {};
+    for (const name of this.names) {
+      const adapter = arms[name] ?? null;
+      const held = adapter === null ? null : session.adapters.get(adapter);
+      if (adapter !== null && !held) {
+        throw new Error(`arm ${name}: adapter ${adapter} is not loaded (loaded: ${session.loaded()})`);
+      }
+      this.current[name] = armState(name, adapter, held ? held.fingerprint : null, 0, false);
+      this.generations[name] = 0;
+    }
     this.counts = Object.fromEntries(this.names.map((n) => [n, 0]));
+    this.errors = Object.fromEntries(this.names.map((n) => [n, 0]));
   }
 
   async armFor(key) { return this.names[await assign(String(key), this.cuts, this.experiment)]; }
 
-  /** Swap the adapter an arm serves (an adapter name loaded in the session, or null). */
-  replaceArm(arm, adapter) {
-    if (!(arm in this.arms)) throw new Error(`no arm ${arm} (arms: ${this.names.join(', ')})`);
-    this.arms[arm] = adapter;
+  /** The session adapter name `arm` serves now (null: the base alone). */
+  adapter(arm) { return this.#arm(arm).adapter; }
+
+  #arm(arm) {
+    if (!(arm in this.current)) throw new Error(`no arm ${arm} (arms: ${this.names.join(', ')})`);
+    return this.current[arm];
   }
 
+  /** Point `arm` at `adapter`: a name loaded in the session, a URL of an adapter file (a URL
+   *  object or a string with a '/', relative to the bundle; loaded as `ab.<arm>.<generation>`,
+   *  owned by the router) or null. Calls already routed keep the adapter they started with;
+   *  later calls get the new one. A replaced owned adapter is unloaded when its last call is
+   *  done. A refused file rejects the promise and the arm keeps its adapter. The swap itself is
+   *  synchronous when nothing has to be loaded. Resolves to {adapter, fingerprint, generation}. */
+  replaceArm(arm, adapter) {
+    try {
+      this.#arm(arm);
+      const generation = ++this.generations[arm]; // reserved now: concurrent replaces load under distinct names
+      const next = this.#prepare(arm, adapter ?? null, generation);
+      return next instanceof Promise ? next.then((state) => this.#install(state)) : Promise.resolve(this.#install(next));
+    } catch (e) {
+      return Promise.reject(e);
+    }
+  }
+
+  #prepare(arm, adapter, generation) {
+    if (adapter === null) return armState(arm, null, null, generation, false);
+    if (typeof adapter === 'string' && this.session.adapters.has(adapter)) {
+      return armState(arm, adapter, this.session.adapters.get(adapter).fingerprint, generation, false);
+    }
+    if (!(adapter instanceof URL) && !(typeof adapter === 'string' && adapter.includes('/'))) {
+      throw new Error(`arm ${arm}: ${adapter} is no adapter loaded in this session (loaded: ${this.session.loaded()}) `
+                      + 'and no adapter file URL');
+    }
+    const name = `ab.${arm}.${generation}`;
+    return this.session.loadAdapter(name, adapter).then((info) => armState(arm, name, info.fingerprint, generation, true));
+  }
+
+  #install(state) {
+    const old = this.current[state.arm];
+    this.current[state.arm] = state;
+    old.retired = true;
+    this.#dropIfDone(old);
+    return { adapter: state.adapter, fingerprint: state.fingerprint, generation: state.generation };
+  }
+
+  #dropIfDone(state) {
+    if (!(state.retired && state.owned && state.inflight === 0)) return;
+    state.owned = false; // unload once
+    if (this.session.adapters.has(state.adapter)) this.session.unloadAdapter(state.adapter);
+  }
+
+  /** One call for `key` with its arm's current adapter: {arm, adapter, generation, result, ms}. */
   async run(key, texts) {
     const arm = await this.armFor(key);
-    const adapter = this.arms[arm];
-    const result = await this.session.run(texts, { adapter });
-    this.counts[arm] += 1;
-    return { arm, adapter, result };
+    const state = this.current[arm];
+    state.inflight += 1;
+    const t0 = performance.now();
+    try {
+      const result = await this.session.run(texts, { adapter: state.adapter });
+      this.counts[arm] += 1;
+      return { arm, adapter: state.adapter, generation: state.generation, result, ms: performance.now() - t0 };
+    } catch (e) {
+      this.errors[arm] += 1;
+      throw e;
+    } finally {
+      state.inflight -= 1;
+      this.#dropIfDone(state);
+    }
+  }
+
+  /** Per arm: its adapter, fingerprint, generation, calls answered, failed and in flight. */
+  snapshot() {
+    const arms = {};
+    for (const n of this.names) {
+      const { adapter, fingerprint, generation, inflight } = this.current[n];
+      arms[n] = { adapter, fingerprint, generation, requests: this.counts[n], errors: this.errors[n], inflight };
+    }
+    return { experiment: this.experiment, arms };
   }
 }

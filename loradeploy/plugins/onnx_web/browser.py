@@ -31,11 +31,13 @@ def find_chromium() -> str | None:
 
 
 def run_in_browser(bundle: Path, texts: list[str], adapters: list[str | None], chromium: str,
-                   screenshot: Path | None = None) -> dict:
-    """The page's outputs per adapter ('' for none), the browser's version, the page's status line."""
+                   screenshot: Path | None = None, ab_scenario: dict | None = None) -> dict:
+    """The page's outputs per adapter ('' for none), the browser's version, the page's status line;
+    with ``ab_scenario`` (options of ``web/test/ab-scenario.mjs``) also ``ab``, what it returned."""
     with tempfile.TemporaryDirectory() as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        request.write_text(json.dumps({"texts": texts, "adapters": adapters}))
+        ask = {"texts": texts, "adapters": adapters} | ({"ab_scenario": ab_scenario} if ab_scenario else {})
+        request.write_text(json.dumps(ask))
         cmd = [node_binary(), str(WEB_DIR / "bin" / "browser-check.mjs"), str(bundle), str(request), str(result),
                chromium] + ([str(screenshot)] if screenshot else [])
         try:

@@ -1,11 +1,13 @@
 """The bundle's index.html in headless Chromium (puppeteer-core, the system's browser): the page's
-session gives the Node session's outputs for adapter A, B and none."""
+session gives the Node session's outputs for adapter A, B and none, and its A/B router answers
+every concurrent call with its arm's adapter while arms are replaced."""
 
 import numpy as np
 import pytest
 
 from loradeploy.plugins.onnx_web.browser import BROWSER_ATOL, find_chromium, run_in_browser
 from tests.plugins.onnx_web.conftest import ADAPTERS
+from tests.support.web_ab import AB_OPTIONS, ab_files, check_ab_scenario
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 CHROMIUM = find_chromium()
@@ -82,3 +84,24 @@ def test_bad_input_in_the_page_is_a_rejected_promise_naming_it(web_bundle, tmp_p
     (copy / "ort" / "ort-wasm-simd-threaded.wasm").unlink()
     with pytest.raises(RuntimeError, match=r"ort/ort-wasm-simd-threaded\.wasm: cannot be fetched \(HTTP 404\)"):
         run_in_browser(copy, ["fine"], [None], CHROMIUM)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (Debian: apt-get install -y chromium)")
+def test_page_routes_concurrent_calls_while_arms_are_replaced(web_bundle):
+    """web/test/ab-scenario.mjs in the page: concurrent routed callers while arms are replaced
+    (A: sora → increlora → none → sora from its file → sora) and an adapter is loaded and
+    unloaded with calls in flight; every answer is the Node session's output of the adapter its
+    arm held at the call's generation: 0 wrong answers."""
+    from loradeploy import runtime
+    from loradeploy.evaldata import load_eval
+
+    folder, _ = web_bundle
+    texts = load_eval(None).texts[:5]
+    page = run_in_browser(folder, texts[:1], [None], CHROMIUM, ab_scenario={
+        "texts": texts, "files": ab_files(ADAPTERS), "callers": AB_OPTIONS["callers"],
+        "perPhase": AB_OPTIONS["per_phase"]})
+    assert not page["errors"], page["errors"]
+    with runtime.open(folder, threads=1) as session:
+        expected = {a: np.stack([session.run_texts([t], a)[0] for t in texts]) for a in (*ADAPTERS, None)}
+    counts = check_ab_scenario(page["ab"], expected)
+    print(f"A/B in {page['browser']}: {counts}")

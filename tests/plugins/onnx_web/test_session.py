@@ -1,6 +1,7 @@
 """The bundle's loradeploy.mjs in Node, through the onnx-web session's worker: its tokenizer
 against the Hugging Face one, bad inputs as rejected promises naming the file and the problem,
-and the A/B router's assignment against loradeploy.runtime's."""
+the A/B router's assignment against loradeploy.runtime's, and routed calls while arms are
+replaced and adapters unloaded."""
 
 import shutil
 
@@ -13,6 +14,7 @@ from loradeploy.plugins.onnx_web import file_metadata, read_file_metadata
 from loradeploy.plugins.onnx_web.node import NodeWorker
 from loradeploy.runtime.router import _cuts, assign
 from tests.plugins.onnx_web.conftest import ADAPTERS
+from tests.support.web_ab import AB_OPTIONS, ab_files, check_ab_scenario, wrong_answers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -115,3 +117,27 @@ def test_concurrent_routed_calls_get_their_arms_adapter(worker):
     wrong = [r for r in replies if r["adapter"] != arms[r["arm"]]
              or np.abs(np.asarray(r["outputs"]) - expected[r["adapter"]][r["text"]]).max() > 1e-6]
     assert not wrong and {r["arm"] for r in replies} == set(arms)
+
+
+def ab_expected(outputs_of, texts) -> dict:
+    """Each source adapter's (and the base's) outputs for each text, one text per call."""
+    return {a: np.stack([outputs_of([t], a)[0] for t in texts]) for a in (*ADAPTERS, None)}
+
+
+def test_routed_calls_while_arms_are_replaced_and_adapters_unloaded(worker):
+    """web/test/ab-scenario.mjs in Node: concurrent routed callers while arm A goes sora →
+    increlora → none → sora from its file (owned) → sora, arm B through an adapter loaded for it
+    and unloaded with calls in flight; 0 wrong answers, every arm/generation served."""
+    from loradeploy.evaldata import load_eval
+
+    texts = load_eval(None).texts[:5]
+    expected = ab_expected(lambda ts, a: _outputs(worker, ts, a), texts)
+    ab = worker.call("ab_scenario", texts=texts, files=ab_files(ADAPTERS), **AB_OPTIONS)
+    counts = check_ab_scenario(ab, expected)
+    print(f"A/B in Node: {counts}")
+    # the judge fails a call answered with another adapter's output
+    call = next(c for c in ab["calls"] if c["arm"] == "A" and c["generation"] == 0)
+    call["outputs"] = expected["increlora"][call["text"]].tolist()
+    assert wrong_answers(ab, expected) == [f"{call['key']}: |Δ| "
+                                           f"{np.abs(expected['increlora'] - expected['sora'])[call['text']].max():.2e}"
+                                           " against sora"]
