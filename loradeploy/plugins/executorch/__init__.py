@@ -17,7 +17,7 @@ from ...registry import LoraStorage, RuntimeOption, RuntimeSpec
 
 SPEC = RuntimeSpec(
     name="executorch", distribution="executorch", packages=("executorch", "torch"),
-    precisions=("fp32",),
+    precisions=("fp32", "int8-dynamic"),
     storage=LoraStorage(ladder=("fp32",), accepted=("fp32",), by_bits={32: "fp32"}, folds_scale=True,
                         b_rank_major=True),
     adapter_suffix=".ptd", target="loradeploy.plugins.executorch.exporter:ExecuTorchTarget",
@@ -25,7 +25,8 @@ SPEC = RuntimeSpec(
     options=(RuntimeOption("rank_bound", 16, "swappable: every LoRA slot's rank axis is padded to this bound; "
                                              "an adapter module of higher rank is refused"),
              RuntimeOption("max_batch", 64, "the largest batch the program's dynamic batch axis takes")),
-    tasks={"fp32": (Task.SEQUENCE_CLASSIFICATION.value, Task.FEATURE_EXTRACTION.value)})
+    tasks={p: (Task.SEQUENCE_CLASSIFICATION.value, Task.FEATURE_EXTRACTION.value)
+           for p in ("fp32", "int8-dynamic")})
 
 PROGRAM_FILE = "model.pte"
 BASE_TENSORS = "base.ptd"  # swappable: the base's values of the travelling inputs (norms, head)

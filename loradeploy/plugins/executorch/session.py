@@ -116,6 +116,7 @@ class ExecuTorchSession(HfTokenizer, Session):
         set_threads(threads)
         self.program, self.method = load_method(self.artifact / PROGRAM_FILE)
         self._call_lock = threading.Lock()
+        self._checked = threading.local()  # the tensors _check_tensors read, per loading thread
         self._base_inputs: list = []
         self._defaults: dict[str, np.ndarray] = {}
         if self.config["inputs"]:
@@ -142,11 +143,16 @@ class ExecuTorchSession(HfTokenizer, Session):
         return out
 
     def _check_tensors(self, path):
+        """Read and check the adapter's ``.ptd``; its tensors are kept for :meth:`_load`, which
+        follows (executorch's deserializer parses the file through flatc: read it once)."""
         tensors, meta = read_tensor_data(path)
         refuse(path, "method inputs", adapter_problems(tensors, meta, self.config))
+        self._checked.tensors = (Path(path), tensors)
 
     def _load(self, name, path):
-        tensors, _ = read_tensor_data(path)
+        kept = getattr(self._checked, "tensors", None)
+        self._checked.tensors = None
+        tensors = kept[1] if kept is not None and kept[0] == Path(path) else read_tensor_data(path)[0]
         return self._inputs_for(tensors, self._defaults)
 
     def _free(self, rec):
