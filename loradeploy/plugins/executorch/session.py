@@ -118,28 +118,42 @@ class ExecuTorchSession(HfTokenizer, Session):
         self._call_lock = threading.Lock()
         self._checked = threading.local()  # the tensors _check_tensors read, per loading thread
         self._base_inputs: list = []
-        self._defaults: dict[str, np.ndarray] = {}
         if self.config["inputs"]:
             defaults, meta = read_tensor_data(self.artifact / self.config["base_tensors"])
             refuse(self.artifact / self.config["base_tensors"], "method inputs", adapter_problems(defaults, meta, self.config))
-            self._base_inputs = self._inputs_for({}, defaults)
-            self._defaults = defaults
+            self._base_inputs = self._base_tensors(defaults)
 
-    def _inputs_for(self, tensors: dict[str, np.ndarray], defaults: dict[str, np.ndarray]) -> list:
-        """The method's tensor inputs after the token ids: ``tensors`` padded to the rank bound,
-        zeros for a slot they do not fill, ``defaults`` for a travelling tensor they do not carry."""
+    def _base_tensors(self, defaults: dict[str, np.ndarray]) -> list:
+        """The method's tensor inputs with no adapter: one shared zero tensor per slot shape,
+        the travelling tensors' defaults."""
         import torch
 
+        zeros: dict[tuple, object] = {}
         out = []
         for spec in self.config["inputs"]:
-            arr = tensors.get(spec["name"])
             if spec["role"] == "travelling":
-                value = np.asarray(arr if arr is not None else defaults[spec["name"]], dtype=np.float32)
+                out.append(torch.from_numpy(np.ascontiguousarray(defaults[spec["name"]], dtype=np.float32)))
+            else:
+                out.append(zeros.setdefault(tuple(spec["shape"]), torch.zeros(spec["shape"], dtype=torch.float32)))
+        return out
+
+    def _inputs_for(self, tensors: dict[str, np.ndarray]) -> list:
+        """The method's tensor inputs after the token ids: ``tensors`` padded to the rank bound;
+        where they have nothing, the base's (shared, never written: the method copies its inputs
+        into its planned memory)."""
+        import torch
+
+        out = list(self._base_inputs)
+        for i, spec in enumerate(self.config["inputs"]):
+            arr = tensors.get(spec["name"])
+            if arr is None:
+                continue
+            if spec["role"] == "travelling":
+                value = np.ascontiguousarray(arr, dtype=np.float32)
             else:
                 value = np.zeros(spec["shape"], np.float32)
-                if arr is not None:
-                    value[:arr.shape[0], :arr.shape[1]] = arr
-            out.append(torch.from_numpy(np.ascontiguousarray(value)))
+                value[:arr.shape[0], :arr.shape[1]] = arr
+            out[i] = torch.from_numpy(value)
         return out
 
     def _check_tensors(self, path):
@@ -153,7 +167,7 @@ class ExecuTorchSession(HfTokenizer, Session):
         kept = getattr(self._checked, "tensors", None)
         self._checked.tensors = None
         tensors = kept[1] if kept is not None and kept[0] == Path(path) else read_tensor_data(path)[0]
-        return self._inputs_for(tensors, self._defaults)
+        return self._inputs_for(tensors)
 
     def _free(self, rec):
         rec.handle = None

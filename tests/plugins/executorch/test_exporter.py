@@ -80,3 +80,20 @@ def test_rank_above_the_bound_is_one_line_exit_2_nothing_written(tmp_path, capsy
                                    "--target", str(profile), "--mode", "swappable", "-o", str(out)],
                           "has rank 8, above the rank bound 4", "module bert.encoder.layer.")
     assert "rank_bound" in line and not out.exists() and list(tmp_path.iterdir()) == [profile]
+
+
+def test_int8_profile_quantizes_the_base_linears_and_keeps_the_labels(tmp_path, et_eval):
+    """executorch-int8: torchao's dynamic int8 on every linear of the base but the head; the
+    labels agree with the fp32 reference, and the logits moved (the quantization happened)."""
+    from loradeploy.job import AdapterSpec
+    from tests.support.exports import export_adapters
+
+    profile = quick_profile(tmp_path, "executorch-int8")
+    record = export_adapters("minilm", [AdapterSpec("sora", EXAMPLE_ADAPTERS / "sora")], profile, tmp_path / "art",
+                             mode="swappable", eval_path=et_eval)
+    decisions, validation = record["decisions"], record["validation"]
+    assert validation["passed"], validation["checks"]
+    assert decisions["base_precision"] == "int8-dynamic" and decisions["weight_bits"] == 8
+    assert decisions["quantized_linears"] == 6 * 6 + 1  # every block's six linears and the pooler; not the head
+    m = validation["metrics"]["sora"]
+    assert m["label_agreement"] >= 0.99 and 1e-3 < m["max_abs_logit"] < 0.5
