@@ -23,6 +23,7 @@ PLUGINS: dict[str, str] = {
     "llama.cpp": "loradeploy.plugins.llama_cpp",
     "bitsandbytes": "loradeploy.plugins.bitsandbytes",
     "onnx-web": "loradeploy.plugins.onnx_web",
+    "executorch": "loradeploy.plugins.executorch",
 }
 #: the entry-point group through which other distributions add runtimes
 ENTRY_POINT_GROUP = "loradeploy.plugins"
