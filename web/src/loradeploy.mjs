@@ -9,6 +9,9 @@
 //   const { logits } = await s.run(['a text'], { adapter: 'sora' });
 //   const router = new ABRouter(s, { A: 'sora', B: null }, { A: 1, B: 1 });
 //   const { arm, result } = await router.run('user-42', ['a text']);
+//   LM bundles (task causal-lm, lm.mjs): await s.generate('a prompt', { adapter: 'sora', maxNewTokens: 32 })
+
+import { Decoder, lmMethods } from './lm.mjs';
 
 export const FORMAT = 'loradeploy-web';
 export const FORMAT_VERSION = 1;
@@ -115,6 +118,15 @@ export class WebSession {
     }
     const specials = tokenizer.encode('').ids.length;
     this.room = config.max_length - specials;
+    this.decoder = config.task === 'causal-lm' ? new Decoder(this) : null;
+    if (this.decoder) Object.assign(this, lmMethods);
+  }
+
+  /** The feeds of `adapter` (null: the base alone): every slot and travelling input. */
+  feedsFor(adapter) {
+    const held = adapter === null ? null : this.adapters.get(adapter);
+    if (adapter !== null && !held) throw new Error(`adapter ${adapter} is not loaded (loaded: ${this.loaded()})`);
+    return { ...this.baseFeeds, ...(held ? held.feeds : {}) };
   }
 
   /** Check an adapter file against this base and keep its tensors as `name`. */
@@ -184,13 +196,11 @@ export class WebSession {
 
   /** Outputs for token ids (rows of equal length) with `adapter` (null: the base alone). */
   async runIds(inputIds, attentionMask, { adapter = null } = {}) {
-    const held = adapter === null ? null : this.adapters.get(adapter);
-    if (adapter !== null && !held) throw new Error(`adapter ${adapter} is not loaded (loaded: ${this.loaded()})`);
+    const feeds = this.feedsFor(adapter);
     const batch = inputIds.length;
     const seq = batch ? inputIds[0].length : 0;
     const ids = BigInt64Array.from(inputIds.flat(), (x) => BigInt(x));
     const mask = BigInt64Array.from(attentionMask.flat(), (x) => BigInt(x));
-    const feeds = { ...this.baseFeeds, ...(held ? held.feeds : {}) };
     feeds.input_ids = new this.ort.Tensor('int64', ids, [batch, seq]);
     feeds.attention_mask = new this.ort.Tensor('int64', mask, [batch, seq]);
     const out = await this.queue.run(() => this.session.run(feeds));
@@ -203,6 +213,7 @@ export class WebSession {
 
   /** Logits (classifiers) or embeddings for `texts` with `adapter`; `ms` is the call's time. */
   async run(texts, { adapter = null } = {}) {
+    if (this.decoder) throw new Error('an LM bundle: use generate(prompt, {adapter}) or logits(tokens, {adapter})');
     const t0 = performance.now();
     const enc = this.encode(texts);
     const outputs = await this.runIds(enc.input_ids, enc.attention_mask, { adapter });
