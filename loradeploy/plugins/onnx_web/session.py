@@ -118,7 +118,7 @@ class NodeWebSession(LmCalls, Session):
         import transformers
 
         if self.is_lm:
-            return self.lm_tokenizer_check(texts, progress)
+            return self.lm_runtime_checks(texts, progress)
         hf = transformers.AutoTokenizer.from_pretrained(str(self.artifact))
         max_length = self.config["max_length"]
         same = 0

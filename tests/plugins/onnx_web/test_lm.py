@@ -120,7 +120,9 @@ def test_wasm_logits_match_onnxruntime_cpu_on_the_same_graph(lm_bundle, web):
 
 def test_lm_measures_against_the_reference_are_within_the_profile_budgets(lm_bundle):
     """The export's validation (wasm logits against the fp32 PyTorch reference with PEFT's merge)
-    passed, and each measure is within the onnx-web-int4 budgets; the JS tokenizer agreed."""
+    passed, and each measure is within the onnx-web-int4 budgets; the JS tokenizer agreed; the
+    browser check ran the page (where a Chromium is installed)."""
+    from loradeploy.plugins.onnx_web.browser import BROWSER_ATOL, NOT_RUN, find_chromium
     from loradeploy.profile import load_profile
 
     validation = lm_bundle["record"]["validation"]
@@ -132,7 +134,12 @@ def test_lm_measures_against_the_reference_are_within_the_profile_budgets(lm_bun
         assert m["kl_mean"] <= budgets.kl_mean_max and m["top1_agreement"] >= budgets.top1_agreement_min
         assert m["ppl_ratio"] <= budgets.ppl_ratio_max and m["adapter_effect_kept"] >= budgets.adapter_effect_kept_min
     assert validation["metrics"]["tokenizer"]["agreement"] == 1.0
-    assert validation["metrics"]["browser_check"]["status"].startswith("not run")
+    browser = validation["metrics"]["browser_check"]
+    if find_chromium() is None:
+        assert browser == {"status": NOT_RUN}
+    else:  # the page's greedy tokens and last-position logits, each adapter and none, against Node's
+        assert browser["status"] == "pass" and browser["max_abs_diff"] <= BROWSER_ATOL, browser
+        assert sorted(browser["per_adapter"]) == sorted([*ADAPTERS, "none"])
     assert {"pp16", "tg"} <= set(validation["latency"]["shapes"])
     assert validation["latency"]["generation"]["tg_tokens_per_s"] > 0
 
