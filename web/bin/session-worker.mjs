@@ -42,6 +42,10 @@ const ops = {
     const s = need();
     return (await s.decoder.greedy(tokens, n, s.feedsFor(adapter ?? null), false)).tokens;
   },
+  async time_greedy({ tokens, adapter, n }) {  // benchmarks: prompt and generation times inside Node
+    const s = need();
+    return s.decoder.greedy(tokens, n, s.feedsFor(adapter ?? null), false);
+  },
   async generate({ prompt, adapter, max_new_tokens }) {
     return need().generate(prompt, { adapter: adapter ?? null, maxNewTokens: max_new_tokens });
   },

@@ -8,6 +8,8 @@ safetensors file whose tensors the bundle's ``loradeploy.mjs`` feeds to those in
 * node.py: Node and the ``web/`` package (where they are, one persistent worker process)
 * session.py: the one loader — the bundle's own ``loradeploy.mjs`` in Node, driven over a pipe
 * browser.py: the same inputs through ``index.html`` in headless Chromium, against Node's outputs
+* lm_bundle.py, lm_session.py: causal LMs (``onnx-web-int4``): the ONNX Runtime target's int4 decoder,
+  asked of it through the registry and rewritten for the page; generation with the KV cache (``lm.mjs``)
 
 This module is data only (its :class:`~loradeploy.registry.RuntimeSpec`).
 """

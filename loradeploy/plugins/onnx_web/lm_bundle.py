@@ -127,11 +127,10 @@ def export_lm_bundle(job: ExportJob, out: Path, progress=None) -> dict:
                                   "target reported")
         slots, travelling = {}, {}
         for name, value in sorted(graph["defaults"].items()):
-            if name.endswith((".lora_A", ".lora_B")):
+            if name.endswith((".lora_A", ".lora_B")):  # defaults [in, 0] / [0, out]
                 module, role = name.rsplit(".", 1)
-                n_in, n_out = (value.shape[0], None) if role == "lora_A" else (None, value.shape[1])
-                slots.setdefault(module, [None, None])
-                slots[module][0 if role == "lora_A" else 1] = n_in if role == "lora_A" else n_out
+                in_out = slots.setdefault(module, [0, 0])
+                in_out[0 if role == "lora_A" else 1] = value.shape[0 if role == "lora_A" else 1]
             else:
                 travelling[name] = value
         fingerprint = base_fingerprint(job.base_dir)
