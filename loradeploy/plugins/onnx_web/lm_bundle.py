@@ -99,8 +99,11 @@ def _adapter_file(src: Path, dst: Path, inputs: set[str], metadata: dict) -> Non
     import onnxruntime as ort
     from safetensors.numpy import save_file
 
-    tensors = {k: np.ascontiguousarray(v.numpy(), dtype=np.float32)
-               for k, v in ort.AdapterFormat.read_adapter(str(src)).get_parameters().items()}
+    # the OrtValues view the AdapterFormat's buffer: keep it alive until every array is copied out
+    # (copied from a freed one, an adapter's values came out as garbage — measured, 5e23)
+    adapter = ort.AdapterFormat.read_adapter(str(src))
+    tensors = {k: np.array(v.numpy(), dtype=np.float32, copy=True) for k, v in adapter.get_parameters().items()}
+    del adapter
     unknown = sorted(set(tensors) - inputs)
     if unknown:
         raise LoradeployError(f"{src}: tensor {unknown[0]} has no input in the bundle's graph")

@@ -103,6 +103,30 @@ def test_the_graph_is_rewritten_for_the_page(lm_bundle):
     assert decisions["graph_inputs_plain"] and decisions["base_precision"] == "int4"
 
 
+def test_adapter_files_hold_the_trained_tensors(lm_bundle):
+    """Every module's lora_A @ lora_B in the bundle's file is PEFT's scale · (B A)ᵀ, every trained
+    RMSNorm is 1 + w (Gemma's convention in the graph): the values, not only the names and shapes."""
+    import torch
+    from safetensors.numpy import load_file
+    from safetensors.torch import load_file as load_torch
+
+    root, folder = lm_bundle["root"], lm_bundle["folder"]
+    for name in ADAPTERS:
+        peft = load_torch(str(root / name / "adapter_model.safetensors"))
+        ranks = json.loads((root / name / "adapter_config.json").read_text())["rank_pattern"]
+        ours = load_file(str(folder / "adapters" / f"{name}.safetensors"))
+        modules = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in peft if "lora_A" in k}
+        assert {f"{m}.lora_{r}" for m in modules for r in "AB"} == {k for k in ours if ".lora_" in k}
+        for m in modules:
+            a, b = (peft[f"base_model.model.{m}.lora_{r}.weight"] for r in "AB")
+            want = (16 / ranks[m] * (b @ a)).T.numpy()
+            assert np.abs(ours[f"{m}.lora_A"] @ ours[f"{m}.lora_B"] - want).max() < 1e-5, m
+        norms = {k.removeprefix("base_model.model."): v for k, v in peft.items() if "norm" in k}
+        assert len(norms) == (6 * tiny_lm.LAYERS + 1 if name == "norms" else 0)
+        for n, w in norms.items():
+            assert np.abs(ours[n] - (w.numpy() + 1.0)).max() < 1e-6, n
+
+
 def test_wasm_logits_match_onnxruntime_cpu_on_the_same_graph(lm_bundle, web):
     """Per-position logits of every adapter and of none: wasm (the bundle's JS) against onnxruntime
     CPU fed the same tensors, within 1e-4; the three differ from each other by far more."""
