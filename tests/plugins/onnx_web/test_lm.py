@@ -1,4 +1,4 @@
-"""onnx-web-int4: a tiny Gemma 3 LM bundle (two PEFT adapters, one with trained RMSNorms) in
+"""onnx-web-int4: a tiny Gemma 3 LM bundle (two PEFT adapters, one with trained RMSNorms; and a tiny Llama) in
 onnxruntime-web's wasm backend through the bundle's own loradeploy.mjs: the graph's rewrite for the
 page, wasm logits against onnxruntime CPU on the same graph and tensors, the LM measures against
 the fp32 PyTorch reference within the profile's budgets, greedy generation with the KV cache, the
@@ -205,3 +205,21 @@ def test_an_encoder_to_the_lm_target_and_an_lm_to_the_encoder_target_are_one_lin
                             f"lora={lm_bundle['root'] / 'lora'}", "--target", "onnx-web-int4", "--mode", "merged",
                             "--eval", eval_path, "--out", str(tmp_path / "c")], "--mode swappable")
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_a_tiny_llama_bundle_passes_and_matches_onnxruntime_cpu(tmp_path):
+    """The other family of the decoder path (no sliding window, untied head, plain RMSNorm): the
+    bundle validates within the budgets, and wasm's logits are onnxruntime CPU's on its graph."""
+    from loradeploy import runtime
+
+    base = tiny_lm.build(tmp_path / "hf", "llama")
+    adapter = tiny_lm.peft_adapter(tmp_path / "a", base, seed=2, norms=True)
+    (tmp_path / "eval.txt").write_text("\n".join(TEXTS) + "\n")
+    record = export_adapters(str(base), [AdapterSpec("a", adapter)], str(quick_profile(tmp_path, "onnx-web-int4")),
+                             tmp_path / "bundle", eval_path=tmp_path / "eval.txt")
+    assert record["validation"]["passed"] and record["decisions"]["architecture"] == "LlamaForCausalLM"
+    forward, _ = _ort_cpu(tmp_path / "bundle")
+    with runtime.open(tmp_path / "bundle", threads=1) as session:
+        tokens = session.tokenize(TEXTS[2])
+        for name in ("a", None):
+            assert np.abs(session.logits(tokens, name) - forward(tokens, name)[0]).max() < TIGHT, name
