@@ -129,7 +129,8 @@ def main(argv=None) -> int:
             r = result[name]
             print(f"{name:16s} prompt {r['prompt_ms']:8.1f} ms ({result['prompt_tokens']} tokens)   "
                   f"{r['tokens_per_s']:7.2f} tokens/s")
-        print(f"wasm / onnxruntime CPU int4 (accuracy_level 4) tokens/s: {result['wasm_over_ort_cpu_level4_tokens_per_s']:.4f}; "
+        ratio = result["wasm_over_ort_cpu_level4_tokens_per_s"]
+        print(f"wasm / onnxruntime CPU int4 (accuracy_level 4) tokens/s: {ratio:.4f}; "
               f"same greedy tokens as wasm: {result['same_tokens_as_wasm']}")
     return 0
 
