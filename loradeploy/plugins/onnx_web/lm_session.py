@@ -32,11 +32,20 @@ class LmCalls:
         """``[len(tokens), vocab]`` logits from an empty cache, computed in wasm."""
         if not self.is_lm:
             return super().logits(tokens, adapter)
-        with self.holding(adapter) as rec, tempfile.TemporaryDirectory(prefix="loradeploy-logits-") as tmp:
+        with self.holding(adapter) as rec:
+            return self._logits(tokens, rec)
+
+    def _logits(self, tokens, rec) -> np.ndarray:
+        with tempfile.TemporaryDirectory(prefix="loradeploy-logits-") as tmp:
             out = Path(tmp) / "logits.f32"
             dims = self.worker.call("logits", tokens=[int(t) for t in tokens], out=str(out),
                                     adapter=rec.handle if rec is not None else None)
             return np.fromfile(out, dtype="<f4").reshape(dims)
+
+    def run_lm(self, inputs, rec) -> np.ndarray:
+        """``Session.run`` of an LM bundle: the last position's logits of each row's tokens."""
+        return np.stack([self._logits([int(t) for t, m in zip(ids, mask) if m], rec)[-1]
+                         for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])])
 
     def greedy(self, tokens, adapter=None, n=32) -> list[int]:
         if not self.is_lm:

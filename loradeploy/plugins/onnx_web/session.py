@@ -84,6 +84,8 @@ class NodeWebSession(LmCalls, Session):
             self.worker.call("unload", name=rec.handle)
 
     def _run(self, inputs, rec):
+        if self.is_lm:
+            return self.run_lm(inputs, rec)
         out = self.worker.call("run_ids", input_ids=np.asarray(inputs["input_ids"]).tolist(),
                                attention_mask=np.asarray(inputs["attention_mask"]).tolist(),
                                adapter=rec.handle if rec is not None else None)

@@ -138,6 +138,10 @@ def test_wasm_logits_match_onnxruntime_cpu_on_the_same_graph(lm_bundle, web):
         want, _ = forward(tokens, adapter)
         assert got[adapter].shape == want.shape == (len(tokens), 259)
         assert np.abs(got[adapter] - want).max() < TIGHT, adapter
+    rows = web.run({"input_ids": np.asarray([tokens, [0] + tokens[:-1]]),  # Session.run: last positions
+                    "attention_mask": np.asarray([[1] * len(tokens), [0] + [1] * (len(tokens) - 1)])}, "norms")
+    assert np.abs(rows.outputs[0] - got["norms"][-1]).max() < TIGHT
+    assert np.abs(rows.outputs[1] - web.logits(tokens[:-1], "norms")[-1]).max() < TIGHT
     pairs = [("lora", "norms"), ("lora", None), ("norms", None)]
     assert min(np.abs(got[a] - got[b]).max() for a, b in pairs) > 100 * TIGHT
 
