@@ -208,6 +208,9 @@ def validate_lm(artifact: Path, session, profile: TargetProfile, base_model, ada
                      "top1_drop_vs_base": base["top1_agreement"] - m["top1_agreement"]}
             m.update(share)
             checks += measure_checks(adapter or "merged", share, profile.budgets, Task.CAUSAL_LM)
+    own_metrics, rows = session.runtime_checks(list(eval_set.texts), progress)
+    metrics.update(own_metrics)
+    checks += [Check("artifact", *row) for row in rows]
     return _result(artifact, eval_set, metrics, checks, profile, next(iter(adapters)), timing, progress, lm=True,
                    latency_runner=latency_runner)
 

@@ -2,9 +2,10 @@
 // index.html in headless Chromium (puppeteer-core driving the system's browser), run the given
 // texts through the page's session with each adapter (null: none), write the outputs as JSON.
 //   node browser-check.mjs BUNDLE_DIR REQUEST.json RESULT.json CHROMIUM [SCREENSHOT.png]
-// REQUEST: {texts: [...], adapters: [name | null, ...], ab_scenario?: options}; RESULT: {browser,
-// outputs: {name|"": rows}, ab?}. With ab_scenario, the page also runs web/test/ab-scenario.mjs
-// (served at /__loradeploy_test__/) on its session: RESULT.ab is what it returns.
+// REQUEST: {texts: [...], adapters: [name | null, ...], lm: {width, tokens} (LM bundles), ab_scenario?:
+// options}; RESULT: {browser, outputs: {name|"": rows (LM bundles: per text {logits, tokens})}, ab?}.
+// With ab_scenario, the page also runs web/test/ab-scenario.mjs (served at /__loradeploy_test__/) on
+// its session: RESULT.ab is what it returns.
 import { createServer } from 'node:http';
 import { readFile, writeFile } from 'node:fs/promises';
 import { extname, join, normalize } from 'node:path';
@@ -40,10 +41,24 @@ try {
   const errors = [];
   page.on('pageerror', (e) => errors.push(e.message));
   await page.goto(url, { waitUntil: 'load' });
-  const outputs = await page.evaluate(async ({ texts, adapters }) => {
+  const outputs = await page.evaluate(async ({ texts, adapters, lm }) => {
     const session = await window.loradeploy;
     const out = {};
-    for (const adapter of adapters) out[adapter ?? ''] = (await session.run(texts, { adapter })).outputs;
+    for (const adapter of adapters) {
+      if (!session.decoder) {
+        out[adapter ?? ''] = (await session.run(texts, { adapter })).outputs;
+        continue;
+      }
+      // LM bundles: per text, the last position's first lm.width logits and lm.tokens greedy tokens
+      out[adapter ?? ''] = [];
+      for (const text of texts) {
+        const ids = session.tokenize(text);
+        const { data, dims } = await session.logits(ids, { adapter });
+        const last = Array.from(data.subarray((dims[0] - 1) * dims[1], (dims[0] - 1) * dims[1] + lm.width));
+        const { tokens } = await session.decoder.greedy(ids, lm.tokens, session.feedsFor(adapter), false);
+        out[adapter ?? ''].push({ logits: last, tokens });
+      }
+    }
     return out;
   }, request);
   const ab = request.ab_scenario ? await page.evaluate(async (options, scenario) => {

@@ -3,7 +3,7 @@
 // per request ({ok: result} or {error: message}). Console output goes to stderr.
 import { createInterface } from 'node:readline';
 import { pathToFileURL } from 'node:url';
-import { readFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 
 console.log = console.info = console.warn = console.debug = (...a) => process.stderr.write(`${a.join(' ')}\n`);
 
@@ -30,6 +30,25 @@ const ops = {
   },
   async run_texts({ texts, adapter }) { return (await need().run(texts, { adapter: adapter ?? null })).outputs; },
   async info() { return need().info(); },
+  // LM bundles: the tokenizer, per-position logits (float32 little-endian into the file `out`: a
+  // vocabulary of logits per position is too much for a JSON line), greedy tokens, generation
+  async tokenize({ text }) { return need().tokenize(text); },
+  async logits({ tokens, adapter, out }) {
+    const { data, dims } = await need().logits(tokens, { adapter: adapter ?? null });
+    await writeFile(out, new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
+    return dims;
+  },
+  async greedy({ tokens, adapter, n }) {
+    const s = need();
+    return (await s.decoder.greedy(tokens, n, s.feedsFor(adapter ?? null), false)).tokens;
+  },
+  async time_greedy({ tokens, adapter, n }) {  // benchmarks: prompt and generation times inside Node
+    const s = need();
+    return s.decoder.greedy(tokens, n, s.feedsFor(adapter ?? null), false);
+  },
+  async generate({ prompt, adapter, max_new_tokens }) {
+    return need().generate(prompt, { adapter: adapter ?? null, maxNewTokens: max_new_tokens });
+  },
   async assign({ keys, cuts, experiment }) {
     const out = [];
     for (const key of keys) out.push(await lib.assign(key, cuts, experiment));

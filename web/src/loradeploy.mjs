@@ -10,6 +10,9 @@
 //   const router = new ABRouter(s, { A: 'sora', B: null }, { A: 1, B: 1 });
 //   const { arm, result } = await router.run('user-42', ['a text']);
 //   await router.replaceArm('B', 'adapters/increlora.safetensors');  // loaded, owned, unloaded when replaced
+//   LM bundles (task causal-lm, lm.mjs): await s.generate('a prompt', { adapter: 'sora', maxNewTokens: 32 })
+
+import { Decoder, lmMethods } from './lm.mjs';
 
 export const FORMAT = 'loradeploy-web';
 export const FORMAT_VERSION = 1;
@@ -121,6 +124,36 @@ export class WebSession {
     }
     const specials = tokenizer.encode('').ids.length;
     this.room = config.max_length - specials;
+    this.decoder = config.task === 'causal-lm' ? new Decoder(this) : null;
+    if (this.decoder) Object.assign(this, lmMethods);
+  }
+
+  /** The feeds of `adapter` (null: the base alone): every slot and travelling input. Not held:
+   *  a call that awaits while using them goes through withFeeds. */
+  feedsFor(adapter) {
+    return { ...this.baseFeeds, ...(this.#held(adapter)?.feeds ?? {}) };
+  }
+
+  #held(adapter) {
+    const held = adapter === null ? null : this.adapters.get(adapter);
+    if (adapter !== null && !held) throw new Error(`adapter ${adapter} is not loaded (loaded: ${this.loaded()})`);
+    return held;
+  }
+
+  /** `fn(feeds)` with `adapter`'s feeds held for the whole call (taken before the first await):
+   *  an unload meanwhile waits for it, so a call never runs on freed tensors or another adapter's. */
+  async withFeeds(adapter, fn) {
+    const held = this.#held(adapter);
+    const feeds = { ...this.baseFeeds, ...(held ? held.feeds : {}) };
+    if (held) held.users += 1;
+    try {
+      return await fn(feeds);
+    } finally {
+      if (held) {
+        held.users -= 1;
+        this.#freeIfDone(held);
+      }
+    }
   }
 
   /** Check an adapter file against this base and keep its tensors as `name`. */
@@ -206,25 +239,15 @@ export class WebSession {
 
   /** Outputs for token ids (rows of equal length) with `adapter` (null: the base alone). */
   async runIds(inputIds, attentionMask, { adapter = null } = {}) {
-    const held = adapter === null ? null : this.adapters.get(adapter);
-    if (adapter !== null && !held) throw new Error(`adapter ${adapter} is not loaded (loaded: ${this.loaded()})`);
     const batch = inputIds.length;
     const seq = batch ? inputIds[0].length : 0;
     const ids = BigInt64Array.from(inputIds.flat(), (x) => BigInt(x));
     const mask = BigInt64Array.from(attentionMask.flat(), (x) => BigInt(x));
-    const feeds = { ...this.baseFeeds, ...(held ? held.feeds : {}) };
-    feeds.input_ids = new this.ort.Tensor('int64', ids, [batch, seq]);
-    feeds.attention_mask = new this.ort.Tensor('int64', mask, [batch, seq]);
-    if (held) held.users += 1; // taken before the first await: an unload meanwhile waits for this call
-    let out;
-    try {
-      out = await this.queue.run(() => this.session.run(feeds));
-    } finally {
-      if (held) {
-        held.users -= 1;
-        this.#freeIfDone(held);
-      }
-    }
+    const out = await this.withFeeds(adapter, (feeds) => {
+      feeds.input_ids = new this.ort.Tensor('int64', ids, [batch, seq]);
+      feeds.attention_mask = new this.ort.Tensor('int64', mask, [batch, seq]);
+      return this.queue.run(() => this.session.run(feeds));
+    });
     const t = out[this.config.output];
     const width = t.dims[1];
     const rows = [];
@@ -234,6 +257,7 @@ export class WebSession {
 
   /** Logits (classifiers) or embeddings for `texts` with `adapter`; `ms` is the call's time. */
   async run(texts, { adapter = null } = {}) {
+    if (this.decoder) throw new Error('an LM bundle: use generate(prompt, {adapter}) or logits(tokens, {adapter})');
     const t0 = performance.now();
     const enc = this.encode(texts);
     const outputs = await this.runIds(enc.input_ids, enc.attention_mask, { adapter });

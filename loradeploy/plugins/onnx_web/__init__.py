@@ -8,6 +8,8 @@ safetensors file whose tensors the bundle's ``loradeploy.mjs`` feeds to those in
 * node.py: Node and the ``web/`` package (where they are, one persistent worker process)
 * session.py: the one loader — the bundle's own ``loradeploy.mjs`` in Node, driven over a pipe
 * browser.py: the same inputs through ``index.html`` in headless Chromium, against Node's outputs
+* lm_bundle.py, lm_session.py: causal LMs (``onnx-web-int4``): the ONNX Runtime target's int4 decoder,
+  asked of it through the registry and rewritten for the page; generation with the KV cache (``lm.mjs``)
 
 This module is data only (its :class:`~loradeploy.registry.RuntimeSpec`).
 """
@@ -17,13 +19,14 @@ from ...registry import LoraStorage, RuntimeOption, RuntimeSpec
 
 SPEC = RuntimeSpec(
     name="onnx-web", distribution="onnxruntime-web", packages=("onnx", "onnxruntime", "safetensors"),
-    precisions=("fp32", "int8-dynamic"),
+    precisions=("fp32", "int8-dynamic", "int4"),
     storage=LoraStorage(ladder=("fp32",), accepted=("fp32",), by_bits={32: "fp32"}, folds_scale=True,
                         b_rank_major=True),
     adapter_suffix=".safetensors", target="loradeploy.plugins.onnx_web.exporter:WebTarget",
     session="loradeploy.plugins.onnx_web.session:NodeWebSession",
     options=(RuntimeOption("opset", 17, "ONNX opset of the exported encoder graph"),),
-    tasks={p: (Task.SEQUENCE_CLASSIFICATION.value, Task.FEATURE_EXTRACTION.value) for p in ("fp32", "int8-dynamic")})
+    tasks={**{p: (Task.SEQUENCE_CLASSIFICATION.value, Task.FEATURE_EXTRACTION.value) for p in ("fp32", "int8-dynamic")},
+           "int4": (Task.CAUSAL_LM.value,)})  # int4: the decoder LM bundle (lm_bundle.py)
 
 MODEL_FILE = "model.onnx"
 BASE_TENSORS = "base.safetensors"  # the base's values of the travelling inputs (norms, head)

@@ -20,6 +20,19 @@ from .node import WEB_DIR, node_binary
 BROWSER_ATOL = 1e-5  # max |Δ| between the page's outputs and Node's, same bundle, same inputs
 TIMEOUT_S = 300
 NOT_RUN = "not run (no chromium)"
+#: LM bundles: what the page returns per text — the last position's first ``width`` logits (a whole
+#: vocabulary per position is too much for one JSON reply) and ``tokens`` greedy tokens (KV cache)
+LM_SAMPLE = {"width": 1024, "tokens": 8}
+
+
+def _node_lm(session, texts, adapter) -> tuple[np.ndarray, list]:
+    """What the page returns for an LM bundle, computed by the Node session."""
+    logits, tokens = [], []
+    for text in texts:
+        ids = session.tokenize(text)
+        logits.append(session.logits(ids, adapter)[-1, :LM_SAMPLE["width"]])
+        tokens.append(session.greedy(ids, adapter, LM_SAMPLE["tokens"]))
+    return np.asarray(logits), tokens
 
 
 def find_chromium() -> str | None:
@@ -36,7 +49,7 @@ def run_in_browser(bundle: Path, texts: list[str], adapters: list[str | None], c
     with ``ab_scenario`` (options of ``web/test/ab-scenario.mjs``) also ``ab``, what it returned."""
     with tempfile.TemporaryDirectory() as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        ask = {"texts": texts, "adapters": adapters} | ({"ab_scenario": ab_scenario} if ab_scenario else {})
+        ask = {"texts": texts, "adapters": adapters, "lm": LM_SAMPLE} | ({"ab_scenario": ab_scenario} if ab_scenario else {})
         request.write_text(json.dumps(ask))
         cmd = [node_binary(), str(WEB_DIR / "bin" / "browser-check.mjs"), str(bundle), str(request), str(result),
                chromium] + ([str(screenshot)] if screenshot else [])
@@ -59,7 +72,8 @@ def browser_check(session, progress=None) -> tuple[dict, list]:
         return {"browser_check": {"status": NOT_RUN}}, []
     texts = list(session.config["examples"])
     adapters = [None, *session.adapters]
-    node = {a or "": session.run_texts(texts, a) for a in adapters}
+    lm = session.is_lm
+    node = {a or "": _node_lm(session, texts, a) if lm else session.run_texts(texts, a) for a in adapters}
     try:
         page = run_in_browser(session.artifact, texts, adapters, chromium)
     except RuntimeError as e:
@@ -68,7 +82,11 @@ def browser_check(session, progress=None) -> tuple[dict, list]:
             [("browser_max_abs_diff", float("inf"), BROWSER_ATOL, "<=")]
     per = {}
     for key, want in node.items():
-        got = np.asarray(page["outputs"].get(key, []), dtype=np.float64)
+        rows = page["outputs"].get(key, [])
+        if lm:  # a greedy token the page chose otherwise is a failure, whatever the logits say
+            want, same = want[0], [r["tokens"] for r in rows] == want[1]
+            rows = [r["logits"] for r in rows] if same else []
+        got = np.asarray(rows, dtype=np.float64)
         per[key or "none"] = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
     worst = max(per.values())
     status = "pass" if worst <= BROWSER_ATOL and not page["errors"] else "FAIL"

@@ -1,9 +1,11 @@
 """The web files of a bundle, copied from the repository's ``web/`` package at export time (no CDN
 at run time): onnxruntime-web's WebAssembly build, the tokenizer library's ES module,
-``loradeploy.mjs`` and ``index.html``; and ``web.json``, what ``loradeploy.mjs`` reads."""
+``loradeploy.mjs`` and ``index.html``; ``web.json``, what ``loradeploy.mjs`` reads; the base's fingerprint
+an adapter file names."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +17,16 @@ ORT_DIR = "ort"
 ORT_MODULE = "ort.wasm.min.mjs"  # onnxruntime-web with the WebAssembly backend only
 ORT_RUNTIME = ("ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")  # what it loads
 TOKENIZER_MODULE = "vendor/tokenizers.mjs"  # @huggingface/tokenizers, the pure-JS tokenizers
-PAGE_FILES = ("loradeploy.mjs", "index.html")  # sources in web/src/
+PAGE_FILES = ("loradeploy.mjs", "lm.mjs", "index.html")  # sources in web/src/
+
+
+def base_fingerprint(base_dir: Path) -> str:
+    """sha256 over the base's weight files' sha256 (what an adapter file names as its base)."""
+    from ...fsutil import file_sha256
+
+    weights = [base_dir] if base_dir.is_file() else \
+        sorted(base_dir.glob("*.safetensors")) or sorted(base_dir.glob("*.bin"))
+    return hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}\n" for p in weights).encode()).hexdigest()
 
 
 def web_files() -> list[str]:

@@ -13,7 +13,6 @@ hard-linked into every bundle of the same base and slots.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,22 +21,13 @@ from ...fsutil import link_or_copy
 from ...manifest import ADAPTER_DIR
 from ...targets.common import Target
 from . import BASE_TENSORS, MODEL_FILE, file_metadata
-from .bundle import web_config, web_files, write_config, write_web_files
+from .bundle import base_fingerprint, web_config, web_files, write_config, write_web_files
 
 if TYPE_CHECKING:
     from ...job import ExportJob
 
 #: the eval texts the demo page offers and the browser check runs (the shipped set's first ones)
 EXAMPLES = 4
-
-
-def base_fingerprint(base_dir: Path) -> str:
-    """sha256 over the base's weight files' sha256 (what an adapter file names as its base)."""
-    from ...fsutil import file_sha256
-
-    weights = [base_dir] if base_dir.is_file() else \
-        sorted(base_dir.glob("*.safetensors")) or sorted(base_dir.glob("*.bin"))
-    return hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}\n" for p in weights).encode()).hexdigest()
 
 
 def _plain_inputs(path: Path, names: set[str]) -> None:
@@ -53,11 +43,17 @@ def _plain_inputs(path: Path, names: set[str]) -> None:
 
 
 def _check_job(job: ExportJob) -> None:
+    from ...kinds import Task
     from ...traced_graph import OUTPUT
     from .node import require_packages
 
     require_packages()
-    if job.task not in OUTPUT:
+    lm = job.task is Task.CAUSAL_LM
+    if lm != (job.profile.precision == "int4"):
+        raise LoradeployError(f"target {job.profile.name} exports causal LMs, not a {job.task.value} model" if not lm
+                              else f"target {job.profile.name} exports encoders (classifiers, embeddings); a causal LM "
+                              "goes to onnx-web-int4")
+    if not lm and job.task not in OUTPUT:
         raise LoradeployError(f"target {job.profile.name} exports encoders (classifiers, embeddings), "
                               f"not a {job.task.value} model")
     if job.mode != "swappable":
@@ -135,6 +131,10 @@ class WebTarget(Target):
         from ...traced_graph import travelling_tensors
 
         _check_job(job)
+        if job.profile.precision == "int4":
+            from .lm_bundle import export_lm_bundle
+
+            return export_lm_bundle(job, out, progress)
         slot_shapes = choose_slots(job.base_model, [e.pruned for e in job.adapters], job.slots)
         extras = travelling_tensors(job.base_model, [e.pruned for e in job.adapters], job.slots)
         base = _write_base(job, slot_shapes, extras, out)
@@ -148,7 +148,8 @@ class WebTarget(Target):
         from ...base_slots import choose as choose_slots
         from ...traced_graph import travelling_tensors
 
-        if job.mode != "swappable" or any(e.quantized is not None for e in job.adapters):
+        if job.mode != "swappable" or any(e.quantized is not None for e in job.adapters) or \
+                job.profile.precision == "int4":  # LM bundles are not shared in a fleet (yet)
             return None
         slot_shapes = choose_slots(job.base_model, [e.pruned for e in job.adapters], job.slots)
         extras = travelling_tensors(job.base_model, [e.pruned for e in job.adapters], job.slots)

@@ -16,6 +16,7 @@ import numpy as np
 from ...errors import BaseModelError
 from ...runtime.session import Session, refuse
 from . import SPEC, WEB_CONFIG, read_file_metadata
+from .lm_session import LmCalls
 from .node import NodeWorker
 
 
@@ -51,7 +52,7 @@ def _adapter_problems(path: Path, config: dict) -> list[str]:
     return problems
 
 
-class NodeWebSession(Session):
+class NodeWebSession(LmCalls, Session):
     runtime = SPEC.name
     FILE_CHECKS = {".wasm": _check_wasm}
 
@@ -83,6 +84,8 @@ class NodeWebSession(Session):
             self.worker.call("unload", name=rec.handle)
 
     def _run(self, inputs, rec):
+        if self.is_lm:
+            return self.run_lm(inputs, rec)
         out = self.worker.call("run_ids", input_ids=np.asarray(inputs["input_ids"]).tolist(),
                                attention_mask=np.asarray(inputs["attention_mask"]).tolist(),
                                adapter=rec.handle if rec is not None else None)
@@ -96,7 +99,10 @@ class NodeWebSession(Session):
 
     def measure(self, adapter, shapes, warmup, runs, reference) -> dict:
         """Latency through this session (the pipe costs about 2 ms per call here), and the Node
-        process's peak RSS: the latency worker's own peak is the Python side's only."""
+        process's peak RSS: the latency worker's own peak is the Python side's only. LM bundles:
+        the decoder protocol (:meth:`~.lm_session.LmCalls.measure_lm`)."""
+        if self.is_lm:
+            return self.measure_lm(adapter, shapes, warmup, runs, reference)
         result = super().measure(adapter, shapes, warmup, runs, reference)
         return {**result, "node_peak_rss_mb": float(self.worker.call("peak_rss_mb"))}
 
@@ -113,6 +119,8 @@ class NodeWebSession(Session):
 
         import transformers
 
+        if self.is_lm:
+            return self.lm_runtime_checks(texts, progress)
         hf = transformers.AutoTokenizer.from_pretrained(str(self.artifact))
         max_length = self.config["max_length"]
         same = 0

@@ -13,7 +13,7 @@ from tests.support.paths import EXAMPLE_ADAPTERS
 from tests.support.tamper import copy_with_flipped_byte
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-WEB_FILES = ("loradeploy.mjs", "index.html", "web.json", "base.safetensors", "model.onnx", "tokenizer.json",
+WEB_FILES = ("loradeploy.mjs", "lm.mjs", "index.html", "web.json", "base.safetensors", "model.onnx", "tokenizer.json",
              "vendor/tokenizers.mjs", "ort/ort.wasm.min.mjs", "ort/ort-wasm-simd-threaded.mjs",
              "ort/ort-wasm-simd-threaded.wasm")
 
