@@ -87,19 +87,11 @@ class LmCalls:
             out = time_decoder(prompt, generation, [seq for _, seq in shapes], warmup, runs, reference)
         return {**out, "node_peak_rss_mb": float(self.worker.call("peak_rss_mb"))}
 
-    def lm_runtime_checks(self, texts, progress=None) -> tuple[dict, list]:
-        """The bundle's JS tokenizer against the Hugging Face tokenizer of its files on every eval
-        text (validation and the reference tokenize with the session's: a page that tokenized
-        otherwise would answer otherwise); then the browser check (:mod:`.browser`)."""
+    def lm_tokenizer_matches(self, texts) -> int:
+        """On how many eval texts the bundle's JS tokenizer gives the Hugging Face tokenizer's ids
+        (validation and the reference tokenize with the session's: a page that tokenized otherwise
+        would answer otherwise)."""
         import transformers
 
-        from .browser import browser_check
-
         hf = transformers.AutoTokenizer.from_pretrained(str(self.artifact))
-        same = sum(self.tokenize(t) == list(hf(t)["input_ids"]) for t in texts)
-        agreement = same / len(texts) if texts else 1.0
-        if progress:
-            progress(f"tokenizer: loradeploy.mjs gives the reference's token ids on {same} of {len(texts)} eval texts")
-        metrics, rows = browser_check(self, progress)
-        metrics["tokenizer"] = {"agreement": agreement, "texts": len(texts), "library": "@huggingface/tokenizers"}
-        return metrics, [("tokenizer_agreement", agreement, 1.0, ">="), *rows]
+        return sum(self.tokenize(t) == list(hf(t)["input_ids"]) for t in texts)

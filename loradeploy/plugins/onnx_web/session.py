@@ -117,10 +117,18 @@ class NodeWebSession(LmCalls, Session):
         check (:mod:`.browser`): the same inputs in headless Chromium."""
         from .browser import browser_check
 
+        same = self.lm_tokenizer_matches(texts) if self.is_lm else self._tokenizer_matches(texts)
+        agreement = same / len(texts) if texts else 1.0
+        if progress:
+            progress(f"tokenizer: loradeploy.mjs gives the reference's token ids on {same} of {len(texts)} eval texts")
+        metrics, rows = browser_check(self, progress)
+        metrics["tokenizer"] = {"agreement": agreement, "texts": len(texts), "library": "@huggingface/tokenizers"}
+        return metrics, [("tokenizer_agreement", agreement, 1.0, ">="), *rows]
+
+    def _tokenizer_matches(self, texts) -> int:
+        """On how many eval texts the JS tokenizer's padded, truncated ids equal the reference's."""
         import transformers
 
-        if self.is_lm:
-            return self.lm_runtime_checks(texts, progress)
         hf = transformers.AutoTokenizer.from_pretrained(str(self.artifact))
         max_length = self.config["max_length"]
         same = 0
@@ -129,12 +137,7 @@ class NodeWebSession(LmCalls, Session):
             ours = self.worker.call("encode", texts=chunk)["input_ids"]
             theirs = hf(chunk, padding=True, truncation=True, max_length=max_length)["input_ids"]
             same += sum(a == b for a, b in zip(ours, theirs))
-        agreement = same / len(texts) if texts else 1.0
-        if progress:
-            progress(f"tokenizer: loradeploy.mjs gives the reference's token ids on {same} of {len(texts)} eval texts")
-        metrics, rows = browser_check(self, progress)
-        metrics["tokenizer"] = {"agreement": agreement, "texts": len(texts), "library": "@huggingface/tokenizers"}
-        return metrics, [("tokenizer_agreement", agreement, 1.0, ">="), *rows]
+        return same
 
     def close(self):
         super().close()
