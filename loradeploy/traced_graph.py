@@ -94,6 +94,19 @@ def extra_inputs(adapters: AdapterSet, model: torch.nn.Module) -> dict[str, np.n
     return out
 
 
+def adapter_inputs(adapters: AdapterSet, qualified: dict[str, str], model: torch.nn.Module,
+                   inputs: set[str] | None = None, source: object = "", where: str = "graph") -> dict[str, np.ndarray]:
+    """Every input tensor of an adapter: its LoRA factors and the tensors travelling with it. With
+    ``inputs`` (the names the artifact takes), a tensor it has no input for is refused in one line
+    naming ``source`` (the adapter's checkpoint) and the tensor."""
+    tensors = lora_factors(adapters, qualified)
+    tensors.update(extra_inputs(adapters, model))
+    unknown = sorted(set(tensors) - inputs) if inputs is not None else []
+    if unknown:
+        raise LoradeployError(f"{source}: tensor {unknown[0]} has no input in the {where}")
+    return tensors
+
+
 def export_graph(module: GraphModule, slot_shapes: dict[str, tuple[int, int]],
                   extras: dict[str, np.ndarray], path: Path, opset: int) -> None:
     ids = torch.ones(2, 16, dtype=torch.long)

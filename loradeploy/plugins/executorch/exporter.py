@@ -121,7 +121,7 @@ class ExecuTorchTarget(Target):
     def _swappable(job: ExportJob, out: Path, max_batch: int, max_seq: int, fingerprint: str) -> tuple[dict, list[dict]]:
         from ...base_slots import choose as choose_slots
         from ...merge import find_module
-        from ...traced_graph import GraphModule, eager_attention, extra_inputs, lora_factors, travelling_tensors
+        from ...traced_graph import GraphModule, adapter_inputs, eager_attention, travelling_tensors
         from .program import batched_slots, lower_to_pte
         from .tensor_data import write_tensor_data
 
@@ -145,11 +145,7 @@ class ExecuTorchTarget(Target):
         (out / ADAPTER_DIR).mkdir()
         sizes = {}
         for entry in job.adapters:
-            tensors = lora_factors(entry.pruned, qualified)
-            tensors.update(extra_inputs(entry.pruned, job.base_model))
-            unknown = sorted(set(tensors) - names)
-            if unknown:
-                raise LoradeployError(f"{entry.source}: tensor {unknown[0]} has no input in the program")
+            tensors = adapter_inputs(entry.pruned, qualified, job.base_model, names, entry.source, "program")
             sizes[entry.name] = write_tensor_data(tensors, out / ADAPTER_DIR / f"{entry.name}.ptd",
                                                   {**meta, "adapter": entry.name})
         return {"partition": summary, **quantized, "lora_slots_spec": job.slots, "lora_slots": len(slot_shapes),

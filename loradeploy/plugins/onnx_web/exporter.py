@@ -99,7 +99,7 @@ def _write_adapters(job: ExportJob, base: dict, out: Path) -> None:
     from ...base import load_tokenizer
     from ...evaldata import MAX_LENGTH, load_eval
     from ...merge import find_module
-    from ...traced_graph import OUTPUT, extra_inputs, lora_factors
+    from ...traced_graph import OUTPUT, adapter_inputs
 
     slots = {m: tuple(s) for m, s in base["lora_slot_modules"].items()}
     inputs = {f"{m}.{role}" for m in slots for role in ("lora_A", "lora_B")} | set(base["travelling_shapes"])
@@ -107,11 +107,7 @@ def _write_adapters(job: ExportJob, base: dict, out: Path) -> None:
     (out / ADAPTER_DIR).mkdir()
     files = {}
     for entry in job.adapters:
-        tensors = lora_factors(entry.pruned, qualified)
-        tensors.update(extra_inputs(entry.pruned, job.base_model))
-        unknown = sorted(set(tensors) - inputs)
-        if unknown:
-            raise LoradeployError(f"{entry.source}: tensor {unknown[0]} has no input in the bundle's graph")
+        tensors = adapter_inputs(entry.pruned, qualified, job.base_model, inputs, entry.source, "bundle's graph")
         files[entry.name] = f"{ADAPTER_DIR}/{entry.name}.safetensors"
         save_file(tensors, str(out / files[entry.name]),
                   metadata=file_metadata(base_fingerprint=base["base_fingerprint"], adapter=entry.name))

@@ -238,14 +238,13 @@ class OnnxTarget(Target):
         every artifact of the fleet holds the same file once on disk) and whose adapter files
         are the job's own."""
         from ...merge import find_module
-        from ...traced_graph import extra_inputs, lora_factors
+        from ...traced_graph import adapter_inputs
 
         link_or_copy(shared / MODEL_FILE, out / MODEL_FILE)
         qualified = {name: find_module(job.base_model, name)[0] for e in job.adapters for name in e.pruned.modules}
         (out / ADAPTER_DIR).mkdir()
         for entry in job.adapters:
-            tensors = lora_factors(entry.pruned, qualified)
-            tensors.update(extra_inputs(entry.pruned, job.base_model))
+            tensors = adapter_inputs(entry.pruned, qualified, job.base_model)
             write_adapter_file(tensors, out / ADAPTER_DIR / f"{entry.name}.onnx_adapter")
         return {**shared_decisions, "shared_base_graph": True}
 
