@@ -10,7 +10,9 @@ On one web bundle (exported here unless ``--bundle`` names one), at batch 1 × s
     graph traced the same way, no slots), both in wasm;
   - loading an adapter into the open session (loadAdapter: read, check, keep its tensors) against
     re-creating the session (open: the graph, the tokenizer, the base's tensors);
-  - fidelity from the export's own validation (max |Δlogit| vs PyTorch) and its browser check.
+  - fidelity from the export's own validation (max |Δlogit| vs PyTorch) and its browser check;
+  - the kernel floor: one MatMul of MiniLM's shape (128×384 by 384×1536, fp32, the FFN's first
+    product) in wasm against onnxruntime CPU, interleaved — what the whole-graph ratio is made of.
 """
 
 from __future__ import annotations
@@ -88,7 +90,46 @@ def merged_graph(adapter: str, path: Path) -> Path:
     return path
 
 
-def measure(bundle: Path, rounds: int, per_round: int = 3, merged: Path | None = None) -> dict:
+def kernel_graph(path: Path) -> Path:
+    """One fp32 MatMul of MiniLM's FFN shape behind a Gather of the token ids (so the Node
+    worker's ids-only timing call feeds it): [1, 128, 384] by [384, 1536]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.standard_normal((2000, 384)).astype(np.float32), "table")
+    weight = numpy_helper.from_array(rng.standard_normal((384, 1536)).astype(np.float32), "weight")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["x"]), helper.make_node("MatMul", ["x", "weight"], ["y"])],
+        "kernel", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, SEQ]),
+                   helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, SEQ])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, SEQ, 1536])], [table, weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def kernel_cpu_runner(path: Path, ids: np.ndarray):
+    import time
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    def call() -> float:
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        return (time.perf_counter() - t0) * 1e3
+    return call
+
+
+def measure(bundle: Path, rounds: int, per_round: int = 3, merged: Path | None = None,
+            kernel: Path | None = None) -> dict:
     from loradeploy.plugins.onnx_web.node import NodeWorker
 
     ids = np.random.default_rng(0).integers(1000, 2000, size=(1, SEQ), dtype=np.int64)
@@ -104,7 +145,8 @@ def measure(bundle: Path, rounds: int, per_round: int = 3, merged: Path | None =
         same = float(np.abs(wasm_out - ort_outputs()).max())
         worker.call("time_runs", adapter=ADAPTERS[0], runs=3, **args)
         [ort_call() for _ in range(3)]
-        wasm, cpu, merged_wasm = [], [], []
+        wasm, cpu, merged_wasm, kernel_wasm, kernel_cpu = [], [], [], [], []
+        kernel_call = kernel_cpu_runner(kernel, ids) if kernel is not None else None
         for _ in range(rounds):
             wasm += worker.call("time_runs", adapter=ADAPTERS[0], runs=per_round, **args)
             cpu += [ort_call() for _ in range(per_round)]
@@ -112,6 +154,9 @@ def measure(bundle: Path, rounds: int, per_round: int = 3, merged: Path | None =
                 timed = worker.call("time_model", model=str(merged), runs=per_round, **args)
                 merged_wasm += timed["ms"]
                 merged_vs_swappable = float(np.abs(np.asarray(timed["output"]) - wasm_out[0]).max())
+            if kernel_call is not None:
+                kernel_wasm += worker.call("time_model", model=str(kernel), runs=per_round, **args)["ms"]
+                kernel_cpu += [kernel_call() for _ in range(per_round)]
         base_wasm = worker.call("time_runs", adapter=None, runs=per_round * 3, **args)
         loads, opens = [], []
         for i in range(max(3, rounds // 4)):
@@ -131,6 +176,8 @@ def measure(bundle: Path, rounds: int, per_round: int = 3, merged: Path | None =
         **({"merged_wasm_p50_ms": p50(merged_wasm), "swappable_over_merged_wasm_p50": p50(wasm) / p50(merged_wasm),
             "swappable_over_merged_wasm_min": min(wasm) / min(merged_wasm),
             "merged_vs_swappable_max_abs": merged_vs_swappable} if merged_wasm else {}),
+        **({"kernel_matmul_wasm_p50_ms": p50(kernel_wasm), "kernel_matmul_ort_cpu_p50_ms": p50(kernel_cpu),
+            "kernel_matmul_wasm_over_ort_cpu_p50": p50(kernel_wasm) / p50(kernel_cpu)} if kernel_wasm else {}),
         "adapter_load_p50_ms": p50(loads), "session_open_p50_ms": p50(opens),
         "open_over_adapter_load": p50(opens) / p50(loads),
         "node_peak_rss_mb": node_rss,
@@ -151,7 +198,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or export_bundle(Path(tmp), args.eval_texts)
         merged = None if args.skip_merged else merged_graph(ADAPTERS[0], Path(tmp) / "merged.onnx")
-        result = measure(bundle, args.rounds, merged=merged)
+        result = measure(bundle, args.rounds, merged=merged, kernel=kernel_graph(Path(tmp) / "kernel.onnx"))
     if args.json:
         print(json.dumps(result))
         return 0

@@ -20,7 +20,7 @@ def test_the_benchmark_runs_small(web_bundle):
     assert done.returncode == 0, done.stderr[-800:]
     r = json.loads(done.stdout)
     for key in ("wasm_over_ort_cpu_p50", "open_over_adapter_load", "wasm_p50_ms", "ort_cpu_p50_ms",
-                "swappable_over_merged_wasm_p50"):
+                "swappable_over_merged_wasm_p50", "kernel_matmul_wasm_over_ort_cpu_p50"):
         assert 0 < r[key] < math.inf, key
     assert r["wasm_vs_ort_cpu_max_abs"] < 1e-4 and r["merged_vs_swappable_max_abs"] < 1e-4
     assert r["fidelity"]["sora"]["max_abs_logit"] == record["validation"]["metrics"]["sora"]["max_abs_logit"]
