@@ -1,6 +1,6 @@
 """onnx-web target, ratios measured side by side in one run (MiniLM classifier, sora and increlora).
 
-    python benchmarks/onnx_web.py [--bundle DIR] [--rounds 20] [--json]
+    python benchmarks/onnx_web.py [--bundle DIR] [--int8 | --int8-bundle DIR ...] [--rounds 20] [--json]
 
 On one web bundle (exported here unless ``--bundle`` names one), at batch 1 × seq 128, 1 thread:
   - the bundle's loradeploy.mjs in onnxruntime-web's wasm backend under Node (timed inside Node),
@@ -12,7 +12,11 @@ On one web bundle (exported here unless ``--bundle`` names one), at batch 1 × s
     re-creating the session (open: the graph, the tokenizer, the base's tensors);
   - fidelity from the export's own validation (max |Δlogit| vs PyTorch) and its browser check;
   - the kernel floor: one MatMul of MiniLM's shape (128×384 by 384×1536, fp32, the FFN's first
-    product) in wasm against onnxruntime CPU, interleaved — what the whole-graph ratio is made of.
+    product) in wasm against onnxruntime CPU, interleaved — what the whole-graph ratio is made of;
+  - with ``--int8`` (exported here, same adapters and eval texts) or ``--int8-bundle`` (one or more,
+    e.g. two quantizations side by side): each int8 bundle's bytes against the fp32 bundle's, its
+    fidelity from its validation, its base's word embedding, and its wasm time with the adapter on,
+    timed in its own Node worker in the same interleaved rounds.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ ADAPTERS = ("sora", "increlora")
 SEQ = 128
 
 
-def export_bundle(out: Path, eval_texts: int) -> Path:
+def export_bundle(out: Path, eval_texts: int, target: str = "onnx-web") -> Path:
     from loradeploy.evaldata import DEFAULT_EVAL
     from loradeploy.job import AdapterSpec
     from tests.support.exports import export_adapters
@@ -40,10 +44,10 @@ def export_bundle(out: Path, eval_texts: int) -> Path:
 
     ev = out / "eval.jsonl"
     ev.write_text("\n".join(DEFAULT_EVAL.read_text().splitlines()[:eval_texts]) + "\n")
-    profile = quick_profile(out, "onnx-web", warmup=1, runs=3, shapes=[{"batch": 1, "seq": SEQ}])
+    profile = quick_profile(out, target, warmup=1, runs=3, shapes=[{"batch": 1, "seq": SEQ}])
     specs = [AdapterSpec(n, REPO / "examples" / "adapters" / n) for n in ADAPTERS]
-    export_adapters("minilm", specs, profile, out / "bundle", eval_path=ev)
-    return out / "bundle"
+    export_adapters("minilm", specs, profile, out / target, eval_path=ev)
+    return out / target
 
 
 def ort_cpu_runner(bundle: Path, adapter: str, ids: np.ndarray):
@@ -128,16 +132,37 @@ def kernel_cpu_runner(path: Path, ids: np.ndarray):
     return call
 
 
-def measure(bundle: Path, rounds: int, per_round: int = 3, merged: Path | None = None,
-            kernel: Path | None = None) -> dict:
+def open_worker(bundle: Path, adapters=ADAPTERS):
+    """A Node worker with ``bundle`` open (1 thread) and ``adapters`` loaded."""
     from loradeploy.plugins.onnx_web.node import NodeWorker
 
-    ids = np.random.default_rng(0).integers(1000, 2000, size=(1, SEQ), dtype=np.int64)
     worker = NodeWorker()
+    worker.call("open", bundle=str(bundle), threads=1)
+    for name in adapters:
+        worker.call("load", name=name, path=str(bundle / "adapters" / f"{name}.safetensors"))
+    return worker
+
+
+def int8_record(bundle: Path, fp32_bytes: int, ms: list[float], fp32_ms: list[float]) -> dict:
+    """An int8 bundle beside the fp32 one: bytes, fidelity (its validation), embedding, wasm time."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    v = manifest["validation"]
+    return {"bytes": v["artifact_bytes"], "over_fp32_bytes": v["artifact_bytes"] / fp32_bytes,
+            "token_embedding": manifest["decisions"].get("token_embedding"), "eval_inputs": v["eval_inputs"],
+            "fidelity": {a: {k: v["metrics"][a][k] for k in ("label_agreement", "max_abs_logit", "adapter_effect_kept")}
+                         for a in ADAPTERS},
+            "browser_check": (v["metrics"].get("browser_check") or {}).get("status"),
+            "wasm_p50_ms": statistics.median(ms), "wasm_min_ms": min(ms),
+            "over_fp32_wasm_p50": statistics.median(ms) / statistics.median(fp32_ms)}
+
+
+def measure(bundle: Path, rounds: int, per_round: int = 3, merged: Path | None = None,
+            int8: tuple[Path, ...] = (), kernel: Path | None = None) -> dict:
+    ids = np.random.default_rng(0).integers(1000, 2000, size=(1, SEQ), dtype=np.int64)
+    worker = open_worker(bundle)
+    int8_workers = []
     try:
-        worker.call("open", bundle=str(bundle), threads=1)
-        for name in ADAPTERS:
-            worker.call("load", name=name, path=str(bundle / "adapters" / f"{name}.safetensors"))
+        int8_workers = [open_worker(b, ADAPTERS[:1]) for b in int8]
         ort_call, ort_outputs = ort_cpu_runner(bundle, ADAPTERS[0], ids)
         args = dict(input_ids=ids.tolist(), attention_mask=np.ones_like(ids).tolist())
         # the two runtimes compute the same graph with the same tensors: the same outputs
@@ -145,10 +170,14 @@ def measure(bundle: Path, rounds: int, per_round: int = 3, merged: Path | None =
         same = float(np.abs(wasm_out - ort_outputs()).max())
         worker.call("time_runs", adapter=ADAPTERS[0], runs=3, **args)
         [ort_call() for _ in range(3)]
-        wasm, cpu, merged_wasm, kernel_wasm, kernel_cpu = [], [], [], [], []
+        for w in int8_workers:
+            w.call("time_runs", adapter=ADAPTERS[0], runs=3, **args)
+        wasm, cpu, merged_wasm, int8_wasm, kernel_wasm, kernel_cpu = [], [], [], [[] for _ in int8], [], []
         kernel_call = kernel_cpu_runner(kernel, ids) if kernel is not None else None
         for _ in range(rounds):
             wasm += worker.call("time_runs", adapter=ADAPTERS[0], runs=per_round, **args)
+            for w, ms in zip(int8_workers, int8_wasm):
+                ms += w.call("time_runs", adapter=ADAPTERS[0], runs=per_round, **args)
             cpu += [ort_call() for _ in range(per_round)]
             if merged is not None:
                 timed = worker.call("time_model", model=str(merged), runs=per_round, **args)
@@ -164,7 +193,8 @@ def measure(bundle: Path, rounds: int, per_round: int = 3, merged: Path | None =
             opens.append(worker.call("time_open", bundle=str(bundle)))
         node_rss = worker.call("peak_rss_mb")
     finally:
-        worker.close()
+        for w in (worker, *int8_workers):
+            w.close()
     manifest = json.loads((bundle / "manifest.json").read_text())
     v = manifest["validation"]
     p50 = statistics.median
@@ -184,6 +214,8 @@ def measure(bundle: Path, rounds: int, per_round: int = 3, merged: Path | None =
         "fidelity": {a: {k: v["metrics"][a][k] for k in ("label_agreement", "max_abs_logit")} for a in ADAPTERS},
         "eval_inputs": v["eval_inputs"], "browser_check": v["metrics"].get("browser_check"),
         "wasm_vs_ort_cpu_max_abs": same,
+        **({"int8": {b.name: int8_record(b, v["artifact_bytes"], ms, wasm) for b, ms in zip(int8, int8_wasm)}}
+           if int8 else {}),
     }
 
 
@@ -193,17 +225,23 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--eval-texts", type=int, default=500, help="eval texts the export validates on")
     ap.add_argument("--skip-merged", action="store_true", help="do not time the merged graph in wasm")
+    ap.add_argument("--int8", action="store_true", help="also export the onnx-web-int8 bundle and set it beside")
+    ap.add_argument("--int8-bundle", type=Path, nargs="+", default=[],
+                    help="onnx-web-int8 bundles of the same adapters to set beside (named by their folder)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or export_bundle(Path(tmp), args.eval_texts)
+        int8 = [*args.int8_bundle, *([export_bundle(Path(tmp), args.eval_texts, "onnx-web-int8")] if args.int8 else [])]
         merged = None if args.skip_merged else merged_graph(ADAPTERS[0], Path(tmp) / "merged.onnx")
-        result = measure(bundle, args.rounds, merged=merged, kernel=kernel_graph(Path(tmp) / "kernel.onnx"))
+        result = measure(bundle, args.rounds, merged=merged, int8=tuple(int8),
+                         kernel=kernel_graph(Path(tmp) / "kernel.onnx"))
     if args.json:
         print(json.dumps(result))
         return 0
     for key, value in result.items():
-        print(f"{key:28} {value:.4g}" if isinstance(value, float) else f"{key:28} {value}")
+        shown = f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, dict) else value
+        print(f"{key:28} {shown}")
     return 0
 
 

@@ -3,8 +3,9 @@ browser or in Node. One base graph whose LoRA slots, LayerNorm weights and head 
 inputs (onnxruntime-web refuses to feed an input that is also an initializer); every adapter is a
 safetensors file whose tensors the bundle's ``loradeploy.mjs`` feeds to those inputs.
 
-* exporter.py: writes the bundle (quantized_base.py: the int8 base; bundle.py: its web files — web.json, onnxruntime-web, the
-  tokenizer library, loradeploy.mjs, index.html — copied from the repository's ``web/`` package)
+* exporter.py: writes the bundle (quantized_base.py: the int8 base, its word embedding in 4-bit blocks;
+  bundle.py: its web files — web.json, onnxruntime-web, the tokenizer library, loradeploy.mjs,
+  index.html — copied from the repository's ``web/`` package)
 * node.py: Node and the ``web/`` package (where they are, one persistent worker process)
 * session.py: the one loader — the bundle's own ``loradeploy.mjs`` in Node, driven over a pipe
 * browser.py: the same inputs through ``index.html`` in headless Chromium, against Node's outputs

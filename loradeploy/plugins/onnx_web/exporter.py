@@ -69,7 +69,7 @@ def _write_base(job: ExportJob, slot_shapes: dict[str, tuple[int, int]], extras:
 
     from safetensors.numpy import save_file
 
-    from ...traced_graph import GraphModule, eager_attention, export_graph
+    from ...traced_graph import INPUTS, GraphModule, eager_attention, export_graph
 
     module = GraphModule(eager_attention(copy.deepcopy(job.base_model)), job.task, list(slot_shapes), list(extras))
     precision = job.profile.precision
@@ -80,7 +80,7 @@ def _write_base(job: ExportJob, slot_shapes: dict[str, tuple[int, int]], extras:
     if precision == "int8-dynamic":
         from .quantized_base import quantize_int8
 
-        decisions = quantize_int8(traced, out / MODEL_FILE, inputs)
+        decisions = quantize_int8(traced, out / MODEL_FILE, inputs, token_ids=INPUTS[0])
         traced.unlink()
     _plain_inputs(out / MODEL_FILE, inputs)
     fingerprint = base_fingerprint(job.base_dir)
