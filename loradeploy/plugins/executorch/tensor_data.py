@@ -6,7 +6,7 @@ base's fingerprint, the adapter's name) as plain bytes.
 Written with executorch's own serializer (``NamedDataStore`` + ``FlatTensorSerializer``). Read
 with executorch's ``FlatTensorHeader`` for the extended header and the ``flatbuffers`` library's
 tables for the FlatTensor table: executorch's deserializer runs the ``flatc`` binary in a
-subprocess (11 ms an adapter, most of an adapter load), its runtime's ``FlatTensorDataMap`` has no
+subprocess (5–11 ms an adapter, most of an adapter load), its runtime's ``FlatTensorDataMap`` has no
 Python binding (1.5.1), and it ships no generated Python accessors for this schema."""
 
 from __future__ import annotations
@@ -74,7 +74,10 @@ def read_tensor_data(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     not one is a :class:`BaseModelError` naming it."""
     from executorch.exir.scalar_type import ScalarType
 
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise BaseModelError(f"{path}: cannot read it ({e.strerror or e})") from e
     tensors, meta = {}, None
     for entry in named_entries(path, data):
         if entry.key == META_KEY:

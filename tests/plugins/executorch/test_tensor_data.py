@@ -72,6 +72,13 @@ def test_a_truncated_file_is_refused_in_one_line(written, cut):
     assert str(e.value).startswith(f"{path}: not an ExecuTorch tensor-data file (") and "\n" not in str(e.value)
 
 
+def test_a_missing_file_is_refused_naming_it(tmp_path):
+    from loradeploy.plugins.executorch.tensor_data import read_tensor_data
+
+    with pytest.raises(BaseModelError, match=r"gone.ptd: cannot read it \(No such file"):
+        read_tensor_data(tmp_path / "gone.ptd")
+
+
 def test_every_flipped_byte_of_the_flatbuffer_is_refused_or_read(written):
     """A byte flipped anywhere in the header and FlatTensor table: the reader refuses the file in
     one line naming it, or reads it (a flipped key letter, padding) — it never fails otherwise."""
