@@ -12,7 +12,8 @@ each through its loradeploy session (``run``), rounds interleaved so all see the
   - the int8 swappable program, sora on, against the fp32 one (and its label agreement with the
     fp32 PyTorch reference, from its export's validation);
   - loading an adapter into the open session (read its .ptd, check, pad) against reloading the
-    program (``Runtime.load_program`` + ``load_method``);
+    program (``Runtime.load_program`` + ``load_method``); beside it, reading the .ptd alone with
+    loradeploy's reader and with executorch's own deserializer (``flatc`` in a subprocess);
   - each adapter's .ptd bytes against its .onnx_adapter bytes, and the bytes its tensors take
     once loaded (padded to the rank bound) against its .ptd;
   - fidelity from each export's own validation (label agreement, max |Δlogit| vs PyTorch).
@@ -67,9 +68,19 @@ def _timer(session, inputs, adapter):
     return call
 
 
+def _ms(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return (time.perf_counter() - t0) * 1e3
+
+
 def measure(folders: dict[str, Path], rounds: int, threads: int, per_round: int = 3) -> dict:
+    from executorch.exir._serialize._cord import Cord
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
     from loradeploy import runtime
     from loradeploy.plugins.executorch.session import load_method
+    from loradeploy.plugins.executorch.tensor_data import read_tensor_data
 
     ids = np.random.default_rng(0).integers(1000, 2000, size=(1, SEQ), dtype=np.int64)
     inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
@@ -94,9 +105,9 @@ def measure(folders: dict[str, Path], rounds: int, threads: int, per_round: int 
         for name in ADAPTERS:
             with et.holding(name) as rec:
                 held[name] = sum(t.nbytes for t, b in zip(rec.handle, et._base_inputs) if t is not b)
-        loads, reloads = [], []
+        loads, reloads, reads, et_reads = [], [], [], []
         path = folders["et-swappable"] / "adapters" / f"{ADAPTERS[1]}.ptd"
-        for i in range(max(3, rounds // 4)):
+        for i in range(max(5, rounds // 2)):
             t0 = time.perf_counter()
             et.load_adapter(f"again{i}", path)
             loads.append((time.perf_counter() - t0) * 1e3)
@@ -105,6 +116,8 @@ def measure(folders: dict[str, Path], rounds: int, threads: int, per_round: int 
             program, method = load_method(folders["et-swappable"] / "model.pte")
             reloads.append((time.perf_counter() - t0) * 1e3)
             del program, method
+            reads.append(_ms(read_tensor_data, path))
+            et_reads.append(_ms(lambda p: FlatTensorSerializer().deserialize(Cord(p.read_bytes())), path))
     p50 = statistics.median
     sizes = {a: {"ptd_bytes": (folders["et-swappable"] / "adapters" / f"{a}.ptd").stat().st_size,
                  "onnx_adapter_bytes": (folders["ort-swappable"] / "adapters" / f"{a}.onnx_adapter").stat().st_size}
@@ -124,7 +137,8 @@ def measure(folders: dict[str, Path], rounds: int, threads: int, per_round: int 
         "et_int8_p50_ms": p50(times["int8"]), "fp32_over_int8_p50": p50(times["et"]) / p50(times["int8"]),
         "fp32_over_int8_min": min(times["et"]) / min(times["int8"]),
         "adapter_load_p50_ms": p50(loads), "program_reload_p50_ms": p50(reloads),
-        "reload_over_adapter_load": p50(reloads) / p50(loads),
+        "reload_over_adapter_load": p50(reloads) / p50(loads), "reload_over_adapter_load_min": min(reloads) / min(loads),
+        "ptd_read_p50_ms": p50(reads), "ptd_executorch_deserialize_p50_ms": p50(et_reads),
         "ptd_over_onnx_adapter_bytes": {a: s["ptd_bytes"] / s["onnx_adapter_bytes"] for a, s in sizes.items()},
         "adapter_bytes": sizes, "fidelity": fidelity,
         "held_over_ptd_bytes": {a: held[a] / sizes[a]["ptd_bytes"] for a in ADAPTERS},

@@ -4,8 +4,8 @@ lives in this folder. Encoders lowered to the XNNPACK backend, run by executorch
 * exporter.py: writes merged programs (ΔW folded) or one swappable program whose LoRA factors
   (padded to the profile's rank bound) and travelling tensors are method inputs
 * program.py: torch.export → XNNPACK lowering → ``.pte`` (PyTorch side)
-* tensor_data.py: adapter files in ExecuTorch's tensor-data format (``.ptd``), written and read
-  with executorch's own serializer
+* tensor_data.py: adapter files in ExecuTorch's tensor-data format (``.ptd``), written with
+  executorch's own serializer, read with its FlatTensor header and the flatbuffers library
 * session.py: the one loader (executorch.runtime; adapters swapped by feeding tensors)
 
 This module is data only (its :class:`~loradeploy.registry.RuntimeSpec`); executorch is imported
