@@ -1,0 +1,79 @@
+"""Causal LMs on the ExecuTorch target: a tiny Llama exported swappable (two PEFT adapters of
+different ranks per module, padded to the rank bound) as one KV-cache program; in executorch's
+runtime, both adapters and the base alone, with no reload between them, give PEFT's merged model's
+logits at every position and its greedy tokens; validation's LM measures pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loradeploy import runtime
+from loradeploy.job import AdapterSpec
+from tests.support import tiny_lm
+from tests.support.exports import export_adapters
+from tests.support.profiles import quick_profile
+
+TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, this is a test of the decoder"]
+TOL = 1e-4
+
+
+def _reference(base: Path, adapter: Path | None):
+    import transformers
+    from peft import PeftModel
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    return model if adapter is None else PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_lm(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("et-lm")
+    base = tiny_lm.build(root / "hf", "llama")
+    adapters = {"one": tiny_lm.peft_adapter(root / "one", base, seed=1),
+                "two": tiny_lm.peft_adapter(root / "two", base, seed=2)}
+    ev = root / "eval.txt"
+    ev.write_text("\n".join(TEXTS) + "\n")
+    out = root / "artifact"
+    record = export_adapters(str(base), [AdapterSpec(n, p) for n, p in adapters.items()],
+                             str(quick_profile(root, "executorch")), out, mode="swappable", eval_path=ev)
+    return {"base": base, "adapters": adapters, "out": out, "record": record}
+
+
+def test_validation_passes_with_the_lm_measures(tiny_llama_lm):
+    record = tiny_llama_lm["record"]
+    assert record["validation"]["passed"]
+    decisions = record["decisions"]
+    assert decisions["rank_bound"] == 16 and decisions["lora_slots"] == tiny_lm.LAYERS * len(tiny_lm.PROJECTIONS)
+    assert decisions["partition"]["xnnpack_segments"] > 0
+    assert (tiny_llama_lm["out"] / "model.pte").is_file()
+    assert sorted(p.name for p in (tiny_llama_lm["out"] / "adapters").iterdir()) == ["one.ptd", "two.ptd"]
+
+
+def test_two_adapters_and_the_base_match_peft_at_every_position_and_in_greedy_tokens(tiny_llama_lm):
+    from loradeploy.lm_measures import torch_greedy
+
+    session = runtime.open(tiny_llama_lm["out"])  # the manifest's adapters loaded
+    assert sorted(session.adapters) == ["one", "two"]
+    method = session.method
+    tokens = [session.tokenize(t) for t in TEXTS]
+    # interleaved: adapter, base, other adapter, first adapter again: one program, fed other tensors
+    for name in ("one", None, "two", "one"):
+        ref = _reference(tiny_llama_lm["base"], tiny_llama_lm["adapters"][name] if name else None)
+        for ids in tokens:
+            with torch.no_grad():
+                want = ref(torch.tensor([ids])).logits[0].numpy()
+            got = session.logits(ids, name)
+            assert got.shape == want.shape
+            assert np.abs(got - want).max() < TOL, (name, float(np.abs(got - want).max()))
+        prompt = tokens[0][:8]
+        assert session.greedy(prompt, name, 16) == torch_greedy(ref, prompt, 16)
+    assert session.method is method
+    one = _reference(tiny_llama_lm["base"], tiny_llama_lm["adapters"]["one"])
+    with torch.no_grad():
+        moved = np.abs(one(torch.tensor([tokens[0]])).logits[0].numpy()
+                       - _reference(tiny_llama_lm["base"], None)(torch.tensor([tokens[0]])).logits[0].numpy()).max()
+    assert moved > 100 * TOL  # the adapters change the logits: matching them is not matching the base
