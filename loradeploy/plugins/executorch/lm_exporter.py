@@ -71,7 +71,6 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
     fingerprint = base_fingerprint(job.base_dir)
     bound = job.profile.options["rank_bound"]
     model = copy.deepcopy(job.base_model).eval()
-    model.set_attn_implementation("sdpa")
     if job.mode == "merged":
         (entry,) = job.adapters
         model, shapes, inputs = merge_into(model, entry.pruned), {}, []
@@ -83,10 +82,12 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
         inputs = method_inputs(shapes, bound, {})
     begin(step, f"exporting the {arch} KV-cache decoder ({MAX_CACHE} positions) and lowering it to XNNPACK")
     try:
+        model.set_attn_implementation("sdpa")
         module = KvCacheDecoder(model, list(shapes), MAX_CACHE)
-    except Exception as e:  # noqa: BLE001  transformers' static cache refuses what it cannot hold
-        raise LoradeployError(f"ExecuTorch cannot export a {arch} KV-cache decoder: no static KV cache for it "
-                              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
+    except Exception as e:  # noqa: BLE001  transformers refuses what it cannot run with a static cache
+        raise LoradeployError(f"ExecuTorch cannot export a {arch} KV-cache decoder: it needs SDPA attention and "
+                              f"transformers' static KV cache, which {arch} has not "
+                              f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from e
     factors = [torch.zeros(i["shape"]) for i in inputs]
     summary = lower_decoder(module, factors, MAX_CACHE, arch, out / PROGRAM_FILE)
     step("lowered the decoder")

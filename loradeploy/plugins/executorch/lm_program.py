@@ -90,7 +90,8 @@ def lower_decoder(module: KvCacheDecoder, factors: list[torch.Tensor], max_cache
     module.model.requires_grad_(False)
     ids = torch.full((1, 6), 3, dtype=torch.long)
     seq = Dim("seq", min=1, max=max_cache - 1)
-    shapes = ({1: seq}, {0: seq}, (None,) * len(factors))
+    # torch.export sees ``*factors`` as one tuple input (absent when there are none): fixed shapes
+    shapes = ({1: seq}, {0: seq}) + (((None,) * len(factors),) if factors else ())
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(were assigned during export|requires gradient)")
@@ -100,6 +101,11 @@ def lower_decoder(module: KvCacheDecoder, factors: list[torch.Tensor], max_cache
     except Exception as e:  # noqa: BLE001  torch.export's / the lowering's refusal names what it cannot take
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LoradeployError(f"ExecuTorch cannot export a {arch} KV-cache decoder: {first}") from e
+    mutated = set(edge.exported_program().graph_signature.buffers_to_mutate.values())
+    unwritten = [n for n, _ in module.named_buffers() if n.startswith("key_cache_") and n not in mutated]
+    if unwritten:
+        raise LoradeployError(f"ExecuTorch cannot export a {arch} KV-cache decoder: the model does not write "
+                              f"transformers' static KV cache ({unwritten[0]} is never updated)")
     summary = partition_summary(edge.exported_program().graph_module)
     program = edge.to_executorch()
     with open(path, "wb") as f:

@@ -77,3 +77,30 @@ def test_two_adapters_and_the_base_match_peft_at_every_position_and_in_greedy_to
         moved = np.abs(one(torch.tensor([tokens[0]])).logits[0].numpy()
                        - _reference(tiny_llama_lm["base"], None)(torch.tensor([tokens[0]])).logits[0].numpy()).max()
     assert moved > 100 * TOL  # the adapters change the logits: matching them is not matching the base
+
+
+def test_an_architecture_without_a_kv_cache_is_one_error_line(tmp_path, capsys):
+    """A state-space LM (Mamba: no attention, so no static KV cache) merged with a PEFT adapter:
+    exit 2, one line naming the architecture and what is missing, nothing written."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from tests.support.cli import main_bad_input
+
+    base = tmp_path / "mamba"
+    torch.manual_seed(0)
+    config = transformers.MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=len(tiny_lm.tokenizer()),
+                                      state_size=4, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    transformers.MambaForCausalLM(config).save_pretrained(base)
+    tiny_lm.tokenizer().save_pretrained(base)
+    peft = get_peft_model(transformers.MambaForCausalLM.from_pretrained(str(base)),
+                          LoraConfig(r=2, lora_alpha=4, target_modules=["in_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    ev = tmp_path / "eval.txt"
+    ev.write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "out"
+    main_bad_input(capsys, ["export", "--base", str(base), "--adapter", f"a={tmp_path / 'adapter'}",
+                            "--target", str(quick_profile(tmp_path, "executorch")), "--mode", "merged",
+                            "--eval", str(ev), "-o", str(out)],
+                   "MambaForCausalLM", "static KV cache")
+    assert not out.exists() or not any(out.iterdir())
