@@ -99,7 +99,8 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
               "vocab_size": int(model.config.get_text_config().vocab_size), "eos_token_ids": _eos(model)}
     decisions = {"partition": summary, "architecture": arch, "kv_cache": f"static, {MAX_CACHE} positions, mutable "
                  "buffers of the program", "base_precision": "fp32", "lora_precision": "float32",
-                 "backend": "xnnpack", "base_fingerprint": fingerprint}
+                 "backend": "xnnpack", "base_fingerprint": fingerprint,
+                 "rms_norms_as_linear_means": module.norms, "tanh_gelus_written_out": module.gelus}
     if inputs:
         meta = {"base_fingerprint": fingerprint, "rank_bound": bound}
         write_tensor_data({}, out / BASE_TENSORS, {**meta, "adapter": ""})

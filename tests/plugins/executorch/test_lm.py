@@ -1,4 +1,5 @@
-"""Causal LMs on the ExecuTorch target: a tiny Llama exported swappable (two PEFT adapters of
+"""Causal LMs on the ExecuTorch target: a tiny Llama and a tiny Gemma 3 (sliding window 8, GELU-tanh
+MLPs) each exported swappable (two PEFT adapters of
 different ranks per module, padded to the rank bound) as one KV-cache program; in executorch's
 runtime, both adapters and the base alone, with no reload between them, give PEFT's merged model's
 logits at every position and its greedy tokens; validation's LM measures pass."""
@@ -17,6 +18,7 @@ from tests.support import tiny_lm
 from tests.support.exports import export_adapters
 from tests.support.profiles import quick_profile
 
+# longer than the tiny Gemma's sliding window (8 tokens)
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, this is a test of the decoder"]
 TOL = 1e-4
 
@@ -29,10 +31,10 @@ def _reference(base: Path, adapter: Path | None):
     return model if adapter is None else PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_lm(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("et-lm")
-    base = tiny_lm.build(root / "hf", "llama")
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def tiny_decoder(request, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp(f"et-lm-{request.param}")
+    base = tiny_lm.build(root / "hf", request.param)
     adapters = {"one": tiny_lm.peft_adapter(root / "one", base, seed=1),
                 "two": tiny_lm.peft_adapter(root / "two", base, seed=2)}
     ev = root / "eval.txt"
@@ -40,29 +42,34 @@ def tiny_llama_lm(tmp_path_factory) -> dict:
     out = root / "artifact"
     record = export_adapters(str(base), [AdapterSpec(n, p) for n, p in adapters.items()],
                              str(quick_profile(root, "executorch")), out, mode="swappable", eval_path=ev)
-    return {"base": base, "adapters": adapters, "out": out, "record": record}
+    return {"base": base, "adapters": adapters, "out": out, "record": record, "family": request.param}
 
 
-def test_validation_passes_with_the_lm_measures(tiny_llama_lm):
-    record = tiny_llama_lm["record"]
+def test_validation_passes_with_the_lm_measures(tiny_decoder):
+    record = tiny_decoder["record"]
     assert record["validation"]["passed"]
     decisions = record["decisions"]
     assert decisions["rank_bound"] == 16 and decisions["lora_slots"] == tiny_lm.LAYERS * len(tiny_lm.PROJECTIONS)
     assert decisions["partition"]["xnnpack_segments"] > 0
-    assert (tiny_llama_lm["out"] / "model.pte").is_file()
-    assert sorted(p.name for p in (tiny_llama_lm["out"] / "adapters").iterdir()) == ["one.ptd", "two.ptd"]
+    # every RMSNorm's mean a delegated linear (Gemma 3: 4 per layer + q/k norms; Llama: 2), the final norm too
+    family = tiny_decoder["family"]
+    assert decisions["rms_norms_as_linear_means"] == {"llama": 2, "gemma3": 6}[family] * tiny_lm.LAYERS + 1
+    assert "aten.mean.dim" not in decisions["partition"]["portable_ops"]
+    assert decisions["tanh_gelus_written_out"] == {"llama": 0, "gemma3": tiny_lm.LAYERS}[family]
+    assert (tiny_decoder["out"] / "model.pte").is_file()
+    assert sorted(p.name for p in (tiny_decoder["out"] / "adapters").iterdir()) == ["one.ptd", "two.ptd"]
 
 
-def test_two_adapters_and_the_base_match_peft_at_every_position_and_in_greedy_tokens(tiny_llama_lm):
+def test_two_adapters_and_the_base_match_peft_at_every_position_and_in_greedy_tokens(tiny_decoder):
     from loradeploy.lm_measures import torch_greedy
 
-    session = runtime.open(tiny_llama_lm["out"])  # the manifest's adapters loaded
+    session = runtime.open(tiny_decoder["out"])  # the manifest's adapters loaded
     assert sorted(session.adapters) == ["one", "two"]
     method = session.method
     tokens = [session.tokenize(t) for t in TEXTS]
     # interleaved: adapter, base, other adapter, first adapter again: one program, fed other tensors
     for name in ("one", None, "two", "one"):
-        ref = _reference(tiny_llama_lm["base"], tiny_llama_lm["adapters"][name] if name else None)
+        ref = _reference(tiny_decoder["base"], tiny_decoder["adapters"][name] if name else None)
         for ids in tokens:
             with torch.no_grad():
                 want = ref(torch.tensor([ids])).logits[0].numpy()
@@ -72,10 +79,10 @@ def test_two_adapters_and_the_base_match_peft_at_every_position_and_in_greedy_to
         prompt = tokens[0][:8]
         assert session.greedy(prompt, name, 16) == torch_greedy(ref, prompt, 16)
     assert session.method is method
-    one = _reference(tiny_llama_lm["base"], tiny_llama_lm["adapters"]["one"])
+    one = _reference(tiny_decoder["base"], tiny_decoder["adapters"]["one"])
     with torch.no_grad():
         moved = np.abs(one(torch.tensor([tokens[0]])).logits[0].numpy()
-                       - _reference(tiny_llama_lm["base"], None)(torch.tensor([tokens[0]])).logits[0].numpy()).max()
+                       - _reference(tiny_decoder["base"], None)(torch.tensor([tokens[0]])).logits[0].numpy()).max()
     assert moved > 100 * TOL  # the adapters change the logits: matching them is not matching the base
 
 
