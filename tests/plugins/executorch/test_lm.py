@@ -111,3 +111,24 @@ def test_an_architecture_without_a_kv_cache_is_one_error_line(tmp_path, capsys):
                             "--eval", str(ev), "-o", str(out)],
                    "MambaForCausalLM", "static KV cache")
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_merged_program_takes_no_factors_and_matches_peft(tmp_path):
+    """--mode merged: the adapter folded in, a program with token ids and positions only."""
+    import json
+
+    base = tiny_lm.build(tmp_path / "hf", "llama")
+    adapter = tiny_lm.peft_adapter(tmp_path / "one", base, seed=1)
+    ev = tmp_path / "eval.txt"
+    ev.write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "merged"
+    record = export_adapters(str(base), [AdapterSpec("one", adapter)], str(quick_profile(tmp_path, "executorch")),
+                             out, mode="merged", eval_path=ev)
+    assert record["validation"]["passed"]
+    assert json.loads((out / "executorch.json").read_text())["inputs"] == [] and not (out / "adapters").exists()
+    session = runtime.open(out)
+    ref = _reference(base, adapter)
+    ids = session.tokenize(TEXTS[1])
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(session.logits(ids) - want).max() < TOL
