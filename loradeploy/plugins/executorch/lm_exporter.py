@@ -73,13 +73,16 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
     model = copy.deepcopy(job.base_model).eval()
     if job.mode == "merged":
         (entry,) = job.adapters
-        model, shapes, inputs = merge_into(model, entry.pruned), {}, []
+        model, shapes, inputs, tensors = merge_into(model, entry.pruned), {}, [], {}
     else:
         problems = rank_problems(job, bound)
         if problems:
             raise LoradeployError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
         shapes = _slot_shapes(job)
         inputs = method_inputs(shapes, bound, {})
+        names = {i["name"] for i in inputs}  # an adapter tensor with no input (a trained norm) refused before lowering
+        tensors = {e.name: adapter_inputs(e.pruned, _qualified(job, e), job.base_model, names, e.source, "program")
+                   for e in job.adapters}
     begin(step, f"exporting the {arch} KV-cache decoder ({MAX_CACHE} positions) and lowering it to XNNPACK")
     try:
         model.set_attn_implementation("sdpa")
@@ -104,14 +107,9 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
     if inputs:
         meta = {"base_fingerprint": fingerprint, "rank_bound": bound}
         write_tensor_data({}, out / BASE_TENSORS, {**meta, "adapter": ""})
-        names = {i["name"] for i in inputs}
         (out / ADAPTER_DIR).mkdir()
-        sizes = {}
-        for entry in job.adapters:
-            tensors = adapter_inputs(entry.pruned, _qualified(job, entry), job.base_model, names, entry.source,
-                                     "program")
-            sizes[entry.name] = write_tensor_data(tensors, out / ADAPTER_DIR / f"{entry.name}.ptd",
-                                                  {**meta, "adapter": entry.name})
+        sizes = {name: write_tensor_data(t, out / ADAPTER_DIR / f"{name}.ptd", {**meta, "adapter": name})
+                 for name, t in tensors.items()}
         decisions.update({"lora_slots_spec": job.slots, "lora_slots": len(shapes), "rank_bound": bound,
                           "rank_dimension": f"padded to {bound} per module", "adapter_file_bytes": sizes})
     (out / PROGRAM_CONFIG).write_text(json.dumps(config, indent=1) + "\n")

@@ -132,3 +132,23 @@ def test_merged_program_takes_no_factors_and_matches_peft(tmp_path):
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(session.logits(ids) - want).max() < TOL
+
+
+@pytest.mark.parametrize("case", ["rank above the bound", "trained norms"])
+def test_an_adapter_the_program_cannot_take_is_one_error_line_before_lowering(tmp_path, capsys, case):
+    """A module of rank 8 on a profile bounding ranks at 4 names the module and the bound; an
+    adapter carrying trained RMSNorm weights (the program takes LoRA factors only) names the
+    tensor. Exit 2, nothing written."""
+    from tests.support.cli import main_bad_input
+
+    base = tiny_lm.build(tmp_path / "hf", "llama")
+    norms = case == "trained norms"
+    adapter = tiny_lm.peft_adapter(tmp_path / "a", base, seed=1, norms=norms)
+    ev = tmp_path / "eval.txt"
+    ev.write_text("\n".join(TEXTS) + "\n")
+    profile = quick_profile(tmp_path, "executorch", **({} if norms else {"rank_bound": 4}))
+    out = tmp_path / "out"
+    needles = ("norm.weight", "has no input in the program") if norms else ("rank 8", "rank bound 4")
+    main_bad_input(capsys, ["export", "--base", str(base), "--adapter", f"a={adapter}", "--target", str(profile),
+                            "--eval", str(ev), "-o", str(out)], *needles)
+    assert not out.exists() or not any(out.iterdir())
