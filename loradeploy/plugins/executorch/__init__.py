@@ -7,6 +7,8 @@ lives in this folder. Encoders lowered to the XNNPACK backend, run by executorch
 * tensor_data.py: adapter files in ExecuTorch's tensor-data format (``.ptd``), written with
   executorch's own serializer, read with its FlatTensor header and the flatbuffers library
 * session.py: the one loader (executorch.runtime; adapters swapped by feeding tensors)
+* lm_program.py, lm_exporter.py, lm_session.py: causal LMs as a KV-cache program (prefill and
+  decode in one method, LoRA factors as inputs), the target and session that take them
 
 This module is data only (its :class:`~loradeploy.registry.RuntimeSpec`); executorch is imported
 by the modules above, when the registry loads them.
@@ -20,13 +22,13 @@ SPEC = RuntimeSpec(
     precisions=("fp32", "int8-dynamic"),
     storage=LoraStorage(ladder=("fp32",), accepted=("fp32",), by_bits={32: "fp32"}, folds_scale=True,
                         b_rank_major=True),
-    adapter_suffix=".ptd", target="loradeploy.plugins.executorch.exporter:ExecuTorchTarget",
-    session="loradeploy.plugins.executorch.session:ExecuTorchSession",
+    adapter_suffix=".ptd", target="loradeploy.plugins.executorch.lm_exporter:ExecuTorchLmTarget",
+    session="loradeploy.plugins.executorch.lm_session:ExecuTorchLmSession",
     options=(RuntimeOption("rank_bound", 16, "swappable: every LoRA slot's rank axis is padded to this bound; "
                                              "an adapter module of higher rank is refused"),
              RuntimeOption("max_batch", 64, "the largest batch the program's dynamic batch axis takes")),
-    tasks={p: (Task.SEQUENCE_CLASSIFICATION.value, Task.FEATURE_EXTRACTION.value)
-           for p in ("fp32", "int8-dynamic")})
+    tasks={"fp32": (Task.SEQUENCE_CLASSIFICATION.value, Task.FEATURE_EXTRACTION.value, Task.CAUSAL_LM.value),
+           "int8-dynamic": (Task.SEQUENCE_CLASSIFICATION.value, Task.FEATURE_EXTRACTION.value)})
 
 PROGRAM_FILE = "model.pte"
 BASE_TENSORS = "base.ptd"  # swappable: the base's values of the travelling inputs (norms, head)
