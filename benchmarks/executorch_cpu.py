@@ -1,6 +1,6 @@
 """ExecuTorch target, ratios measured side by side in one run (MiniLM classifier, sora and increlora).
 
-    python benchmarks/executorch_cpu.py [--artifacts DIR] [--rounds 20] [--threads 1] [--json]
+    python benchmarks/executorch_cpu.py [--artifacts DIR] [--rounds 20] [--threads 1] [--loaded 32] [--json]
 
 Four artifacts (exported into ``--artifacts`` unless already there): the executorch profile's
 swappable program (sora + increlora), its merged program (sora folded in), executorch-int8's
@@ -15,15 +15,24 @@ each through its loradeploy session (``run``), rounds interleaved so all see the
     program (``Runtime.load_program`` + ``load_method``); beside it, reading the .ptd alone with
     loradeploy's reader and with executorch's own deserializer (``flatc`` in a subprocess);
   - each adapter's .ptd bytes against its .onnx_adapter bytes, and the bytes its tensors take
-    once loaded (padded to the rank bound) against its .ptd;
+    once loaded against its .ptd;
+  - the process's RSS growth per loaded adapter against its .ptd bytes, with ``--loaded`` (32)
+    adapters loaded (sora's and increlora's files under as many names, alternating), in a fresh
+    process: the swappable artifact opened with no adapter, one run on the base, one spare
+    adapter loaded, run and unloaded (one-time costs), ``gc.collect()``, VmRSS; then the adapters
+    loaded, each run once, ``gc.collect()``, VmRSS again (as ``benchmarks/adapter_memory.py``);
+  - the swappable program, sora on, against sora and increlora alternating call by call (each
+    slot's rank axis changes shape with the adapter);
   - fidelity from each export's own validation (label agreement, max |Δlogit| vs PyTorch).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,6 +83,55 @@ def _ms(fn, *args) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def _alternating(session, inputs):
+    names = iter(ADAPTERS * 10_000)
+
+    def call() -> float:
+        t0 = time.perf_counter()
+        session.run(inputs, next(names))
+        return (time.perf_counter() - t0) * 1e3
+    return call
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def loaded_rss(folder: Path, n: int) -> dict:
+    """In this process: the RSS ``n`` loaded adapters add, each having served one request."""
+    from loradeploy import runtime
+
+    files = [folder / "adapters" / f"{ADAPTERS[i % len(ADAPTERS)]}.ptd" for i in range(n)]
+    session = runtime.open(folder, adapters=False, threads=1)
+    request = session.encode(["The staff were lovely and the room was clean."])
+    session.run(request)
+    session.load_adapter("spare", files[0])
+    session.run(request, "spare")
+    session.unload_adapter("spare")
+    gc.collect()
+    baseline = rss_bytes()
+    for i, path in enumerate(files):
+        session.load_adapter(f"copy{i}", path)
+    for i in range(n):
+        session.run(request, f"copy{i}")
+    gc.collect()
+    added = rss_bytes() - baseline
+    file_bytes = sum(p.stat().st_size for p in files)
+    session.close()
+    return {"loaded": n, "file_bytes": file_bytes, "rss_added": added, "rss_over_file_bytes": added / file_bytes}
+
+
+def loaded_rss_in_child(folder: Path, n: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--rss-child", str(folder), str(n)], capture_output=True,
+                         text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"RSS child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def measure(folders: dict[str, Path], rounds: int, threads: int, per_round: int = 3) -> dict:
     from executorch.exir._serialize._cord import Cord
     from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
@@ -92,8 +150,8 @@ def measure(folders: dict[str, Path], rounds: int, threads: int, per_round: int 
         outs = {"et": et.run(inputs, adapter).outputs, "merged": merged.run(inputs).outputs,
                 "ort": ort.run(inputs, adapter).outputs}
         calls = {"et": _timer(et, inputs, adapter), "merged": _timer(merged, inputs, None),
-                 "int8": _timer(int8, inputs, adapter),
-                 "ort": _timer(ort, inputs, adapter)}
+                 "int8": _timer(int8, inputs, adapter), "ort": _timer(ort, inputs, adapter),
+                 "et_alternating": _alternating(et, inputs)}
         for call in calls.values():
             [call() for _ in range(2)]
         times = {k: [] for k in calls}
@@ -101,7 +159,7 @@ def measure(folders: dict[str, Path], rounds: int, threads: int, per_round: int 
             for key, call in calls.items():
                 times[key] += [call() for _ in range(per_round)]
         et_base = [_timer(et, inputs, None)() for _ in range(per_round * 3)]
-        held = {}  # bytes an adapter's own input tensors take (padded to the bound), beside the base's shared ones
+        held = {}  # bytes an adapter's own input tensors take, beside the base's shared ones
         for name in ADAPTERS:
             with et.holding(name) as rec:
                 held[name] = sum(t.nbytes for t, b in zip(rec.handle, et._base_inputs) if t is not b)
@@ -131,6 +189,8 @@ def measure(folders: dict[str, Path], rounds: int, threads: int, per_round: int 
         "shape": f"b1xs{SEQ}", "threads": threads, "rounds": rounds, "calls_per_round": per_round,
         "et_swappable_p50_ms": p50(times["et"]), "et_merged_p50_ms": p50(times["merged"]),
         "ort_swappable_p50_ms": p50(times["ort"]), "et_no_adapter_p50_ms": p50(et_base),
+        "et_alternating_p50_ms": p50(times["et_alternating"]),
+        "alternating_over_one_adapter_p50": p50(times["et_alternating"]) / p50(times["et"]),
         "et_over_ort_p50": p50(times["et"]) / p50(times["ort"]), "et_over_ort_min": min(times["et"]) / min(times["ort"]),
         "swappable_over_merged_p50": p50(times["et"]) / p50(times["merged"]),
         "swappable_over_merged_min": min(times["et"]) / min(times["merged"]),
@@ -153,11 +213,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-texts", type=int, default=100, help="eval texts the exports validate on")
+    ap.add_argument("--loaded", type=int, default=32, help="adapters loaded for the RSS measure")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--rss-child", nargs=2, metavar=("ARTIFACT", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.rss_child:
+        print(json.dumps(loaded_rss(Path(args.rss_child[0]), int(args.rss_child[1]))))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         folders = export_all(args.artifacts or Path(tmp), args.eval_texts)
         result = measure(folders, args.rounds, args.threads)
+        result["rss"] = loaded_rss_in_child(folders["et-swappable"], args.loaded)
     if args.json:
         print(json.dumps(result))
         return 0

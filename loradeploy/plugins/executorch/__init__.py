@@ -2,7 +2,7 @@
 lives in this folder. Encoders lowered to the XNNPACK backend, run by executorch's Python runtime.
 
 * exporter.py: writes merged programs (ΔW folded) or one swappable program whose LoRA factors
-  (padded to the profile's rank bound) and travelling tensors are method inputs
+  (a bounded rank axis per module) and travelling tensors are method inputs
 * program.py: torch.export → XNNPACK lowering → ``.pte`` (PyTorch side)
 * tensor_data.py: adapter files in ExecuTorch's tensor-data format (``.ptd``), written with
   executorch's own serializer, read with its FlatTensor header and the flatbuffers library
@@ -24,8 +24,11 @@ SPEC = RuntimeSpec(
                         b_rank_major=True),
     adapter_suffix=".ptd", target="loradeploy.plugins.executorch.lm_exporter:ExecuTorchLmTarget",
     session="loradeploy.plugins.executorch.lm_session:ExecuTorchLmSession",
-    options=(RuntimeOption("rank_bound", 16, "swappable: every LoRA slot's rank axis is padded to this bound; "
-                                             "an adapter module of higher rank is refused"),
+    options=(RuntimeOption("rank_bound", 16, "swappable: the largest rank a LoRA slot's rank axis may take; an adapter "
+                                             "module of higher rank is refused (causal LMs: every slot padded to it)"),
+             RuntimeOption("fixed_rank_bound", False, "swappable encoders: every slot's rank axis is bounded by rank_bound "
+                                                      "(headroom for adapters exported later) instead of by the "
+                                                      "largest rank the exported adapters have at that module"),
              RuntimeOption("max_batch", 64, "the largest batch the program's dynamic batch axis takes")),
     tasks={"fp32": (Task.SEQUENCE_CLASSIFICATION.value, Task.FEATURE_EXTRACTION.value, Task.CAUSAL_LM.value),
            "int8-dynamic": (Task.SEQUENCE_CLASSIFICATION.value, Task.FEATURE_EXTRACTION.value)})

@@ -3,14 +3,16 @@ matmuls and softmax (``eager_attention``): XNNPACK takes them, where the SDPA fo
 handling to portable kernels between delegate segments (MiniLM b1 s128, 1 thread: 33 vs 48 ms).
 
 * merged: the adapter's ΔW folded into the base, the program takes ``input_ids``/``attention_mask``.
-* swappable: one base program whose every LoRA slot ``P.lora_A [in, R]`` / ``P.lora_B [R, out]``
+* swappable: one base program whose every LoRA slot ``P.lora_A [in, r]`` / ``P.lora_B [r, out]``
   (scale and rank gates folded into B) and every travelling tensor (LayerNorm weights and biases
-  with the default slots, the head) is a method input. ExecuTorch plans memory for fixed input
-  shapes, so every slot's rank axis is the profile's ``rank_bound`` R: the session pads an
-  adapter's factors with zero rows/columns (which change nothing) and feeds zeros where an adapter
-  has no module. ``base.ptd`` holds the travelling inputs' defaults (the base's; the head: the
-  first adapter's); ``adapters/<name>.ptd`` one adapter's tensors at their own rank, keyed by
-  method input (module name + role), in ExecuTorch's tensor-data format.
+  with the default slots, the head) is a method input. ExecuTorch plans memory for bounded
+  shapes: each slot's rank axis r is dynamic, 1 to the module's bound R (by default the largest
+  rank the exported adapters have at that module, at most the profile's ``rank_bound``; with
+  ``fixed_rank_bound`` the profile's ``rank_bound`` everywhere). The session feeds each adapter's
+  factors at their own rank, and a rank-1 zero pair where it has no module. ``base.ptd`` holds the
+  travelling inputs' defaults (the base's; the head: the first adapter's); ``adapters/<name>.ptd``
+  one adapter's tensors at their own rank, keyed by method input (module name + role), in
+  ExecuTorch's tensor-data format.
 """
 
 from __future__ import annotations
@@ -48,13 +50,31 @@ def rank_problems(job: ExportJob, bound: int) -> list[str]:
             if int(m.lora_A.shape[0]) > bound]
 
 
-def method_inputs(slot_shapes: dict[str, tuple[int, int]], bound: int,
+def rank_bounds(job: ExportJob, slot_shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """Each slot's rank bound: the profile's ``rank_bound`` with ``fixed_rank_bound``, else the
+    largest rank the exported adapters have at that module (1 where none adapts it)."""
+    from ...merge import find_module
+
+    cap = job.profile.options["rank_bound"]
+    if job.profile.options["fixed_rank_bound"]:
+        return dict.fromkeys(slot_shapes, cap)
+    bounds = dict.fromkeys(slot_shapes, 1)
+    for entry in job.adapters:
+        for name, m in entry.pruned.modules.items():
+            module = find_module(job.base_model, name)[0]
+            bounds[module] = min(cap, max(bounds[module], int(m.lora_A.shape[0])))
+    return bounds
+
+
+def method_inputs(slot_shapes: dict[str, tuple[int, int]], bounds: dict[str, int],
                   extras: dict[str, np.ndarray]) -> list[dict]:
-    """The program's tensor inputs after ``input_ids``/``attention_mask``, in order."""
+    """The program's tensor inputs after ``input_ids``/``attention_mask``, in order; a factor's
+    shape is at its slot's rank bound, its rank axis dynamic (1 to the bound)."""
     inputs = []
     for module, (n_in, n_out) in slot_shapes.items():
-        inputs.append({"name": f"{module}.lora_A", "role": "lora_A", "shape": [n_in, bound]})
-        inputs.append({"name": f"{module}.lora_B", "role": "lora_B", "shape": [bound, n_out]})
+        rank = {"rank_axis": "dynamic"} if bounds[module] > 1 else {}
+        inputs.append({"name": f"{module}.lora_A", "role": "lora_A", "shape": [n_in, bounds[module]], **rank})
+        inputs.append({"name": f"{module}.lora_B", "role": "lora_B", "shape": [bounds[module], n_out], **rank})
     inputs += [{"name": name, "role": "travelling", "shape": list(arr.shape)} for name, arr in extras.items()]
     return inputs
 
@@ -99,7 +119,7 @@ class ExecuTorchTarget(Target):
             config.update(rank_bound=None, inputs=[], base_tensors=None)
         else:
             decisions, inputs = self._swappable(job, out, max_batch, MAX_LENGTH, fingerprint)
-            config.update(rank_bound=job.profile.options["rank_bound"], inputs=inputs, base_tensors=BASE_TENSORS)
+            config.update(rank_bound=decisions["rank_bound"], inputs=inputs, base_tensors=BASE_TENSORS)
         (out / PROGRAM_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
         return {**decisions, "base_precision": job.profile.precision, "lora_precision": "float32", "backend": "xnnpack",
                 "dynamic_axes": {"batch": [1, max_batch], "seq": [2, MAX_LENGTH]}, "base_fingerprint": fingerprint}
@@ -122,7 +142,7 @@ class ExecuTorchTarget(Target):
         from ...base_slots import choose as choose_slots
         from ...merge import find_module
         from ...traced_graph import GraphModule, adapter_inputs, eager_attention, travelling_tensors
-        from .program import batched_slots, lower_to_pte
+        from .program import linear_slots, lower_to_pte
         from .tensor_data import write_tensor_data
 
         bound = job.profile.options["rank_bound"]
@@ -132,13 +152,14 @@ class ExecuTorchTarget(Target):
             raise LoradeployError(problems[0] + more)
         qualified = {name: find_module(job.base_model, name)[0] for e in job.adapters for name in e.pruned.modules}
         slot_shapes = choose_slots(job.base_model, [e.pruned for e in job.adapters], job.slots)
+        bounds = rank_bounds(job, slot_shapes)
         extras = travelling_tensors(job.base_model, [e.pruned for e in job.adapters], job.slots)
-        inputs = method_inputs(slot_shapes, bound, extras)
+        inputs = method_inputs(slot_shapes, bounds, extras)
         examples = [np.zeros(i["shape"], np.float32) for i in inputs if i["role"] != "travelling"] + list(extras.values())
         module = GraphModule(eager_attention(copy.deepcopy(job.base_model)), job.task, list(slot_shapes), list(extras))
-        batched_slots(module)
+        linear_slots(module)
         quantized = quantize_base(job, module)
-        summary = lower_to_pte(module, examples, max_batch, max_seq, out / PROGRAM_FILE)
+        summary = lower_to_pte(module, examples, max_batch, max_seq, out / PROGRAM_FILE, list(bounds.values()))
         meta = {"base_fingerprint": fingerprint, "rank_bound": bound}
         write_tensor_data(extras, out / BASE_TENSORS, {**meta, "adapter": ""})
         names = {i["name"] for i in inputs}
@@ -150,5 +171,6 @@ class ExecuTorchTarget(Target):
                                                   {**meta, "adapter": entry.name})
         return {"partition": summary, **quantized, "lora_slots_spec": job.slots, "lora_slots": len(slot_shapes),
                 "lora_slot_modules": {m: list(s) for m, s in slot_shapes.items()}, "rank_bound": bound,
-                "rank_dimension": f"padded to {bound} per module", "travelling_inputs": len(extras),
+                "rank_bounds": bounds, "fixed_rank_bound": job.profile.options["fixed_rank_bound"],
+                "rank_dimension": "dynamic per module, 1 to its rank bound", "travelling_inputs": len(extras),
                 "adapter_file_bytes": sizes}, inputs

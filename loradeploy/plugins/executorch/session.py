@@ -1,9 +1,10 @@
 """ExecuTorch plugin, runtime side: the one loader of ExecuTorch artifacts, through executorch's
 Python runtime (``executorch.runtime.Runtime``; XNNPACK registered). The program is loaded once
-and its ``forward`` method once; an adapter is its tensors read from its ``.ptd``, padded to the
-program's rank bound, held as the method's inputs: swapping adapters is feeding other tensors,
-never reloading the program. A method keeps its inputs and planned memory between calls, so calls
-are serialized. The writer is ``loradeploy.plugins.executorch.exporter``."""
+and its ``forward`` method once; an adapter is its tensors read from its ``.ptd``, held at their
+own rank (each slot's rank axis is dynamic up to its module's bound) as the method's inputs:
+swapping adapters is feeding other tensors, never reloading the program. A method keeps its
+inputs and planned memory between calls, so calls are serialized. The writer is
+``loradeploy.plugins.executorch.exporter``."""
 
 from __future__ import annotations
 
@@ -83,12 +84,12 @@ def set_threads(threads: int) -> None:
 
 
 def adapter_problems(tensors: dict[str, np.ndarray], meta: dict, config: dict) -> list[str]:
-    """What in an adapter's tensors does not fit the program's method inputs."""
+    """What in an adapter's tensors does not fit the program's method inputs: a LoRA factor's rank
+    above its module's bound (the input's shape), a module with one factor or factors of two ranks."""
     if meta.get("base_fingerprint") != config["base_fingerprint"]:
         return [f"it names base {meta.get('base_fingerprint')}, the program's is {config['base_fingerprint']}"]
-    bound = config["rank_bound"]
     specs = {i["name"]: i for i in config["inputs"]}
-    problems = []
+    problems, ranks = [], {}
     for name, arr in sorted(tensors.items()):
         spec = specs.get(name)
         if spec is None:
@@ -98,11 +99,19 @@ def adapter_problems(tensors: dict[str, np.ndarray], meta: dict, config: dict) -
                 problems.append(f"{name} is {list(arr.shape)}, the program takes {spec['shape']}")
         else:
             rank_axis, fixed_axis = (1, 0) if spec["role"] == "lora_A" else (0, 1)
-            module = name.rsplit(".", 1)[0]
-            if arr.ndim != 2 or arr.shape[fixed_axis] != spec["shape"][fixed_axis]:
+            module, bound = name.rsplit(".", 1)[0], spec["shape"][rank_axis]
+            if arr.ndim != 2 or arr.shape[fixed_axis] != spec["shape"][fixed_axis] or arr.shape[rank_axis] < 1:
                 problems.append(f"{name} is {list(arr.shape)}, the program takes {spec['shape']}")
-            elif arr.shape[rank_axis] > bound:
-                problems.append(f"module {module} has rank {arr.shape[rank_axis]}, above the program's rank bound {bound}")
+                continue
+            ranks.setdefault(module, {})[spec["role"]] = arr.shape[rank_axis]
+            if arr.shape[rank_axis] > bound:
+                problems.append(f"module {module} has rank {arr.shape[rank_axis]}, above the program's rank bound "
+                                f"{bound} for it")
+    for module, r in ranks.items():
+        if len(r) == 1:
+            problems.append(f"module {module} has {next(iter(r))} but not {({'lora_A', 'lora_B'} - set(r)).pop()}")
+        elif r["lora_A"] != r["lora_B"]:
+            problems.append(f"module {module}: its lora_A has rank {r['lora_A']}, its lora_B rank {r['lora_B']}")
     return problems
 
 
@@ -124,8 +133,8 @@ class ExecuTorchSession(HfTokenizer, Session):
             self._base_inputs = self._base_tensors(defaults)
 
     def _base_tensors(self, defaults: dict[str, np.ndarray]) -> list:
-        """The method's tensor inputs with no adapter: one shared zero tensor per slot shape,
-        the travelling tensors' defaults."""
+        """The method's tensor inputs with no adapter: one shared zero tensor per slot shape (at
+        rank 1 where the rank axis is dynamic), the travelling tensors' defaults."""
         import torch
 
         zeros: dict[tuple, object] = {}
@@ -134,13 +143,16 @@ class ExecuTorchSession(HfTokenizer, Session):
             if spec["role"] == "travelling":
                 out.append(torch.from_numpy(np.ascontiguousarray(defaults[spec["name"]], dtype=np.float32)))
             else:
-                out.append(zeros.setdefault(tuple(spec["shape"]), torch.zeros(spec["shape"], dtype=torch.float32)))
+                shape = list(spec["shape"])
+                if spec.get("rank_axis") == "dynamic":
+                    shape[1 if spec["role"] == "lora_A" else 0] = 1
+                out.append(zeros.setdefault(tuple(shape), torch.zeros(shape, dtype=torch.float32)))
         return out
 
     def _inputs_for(self, tensors: dict[str, np.ndarray]) -> list:
-        """The method's tensor inputs after the token ids: ``tensors`` padded to the rank bound;
-        where they have nothing, the base's (shared, never written: the method copies its inputs
-        into its planned memory)."""
+        """The method's tensor inputs after the token ids: ``tensors`` as they are (a factor at its
+        own rank; padded with zeros only where the rank axis is fixed); where they have nothing,
+        the base's (shared, never written: the method copies its inputs into its planned memory)."""
         import torch
 
         out = list(self._base_inputs)
@@ -148,9 +160,9 @@ class ExecuTorchSession(HfTokenizer, Session):
             arr = tensors.get(spec["name"])
             if arr is None:
                 continue
-            if spec["role"] == "travelling":
-                value = np.ascontiguousarray(arr, dtype=np.float32)
-            else:
+            value = np.ascontiguousarray(arr, dtype=np.float32)
+            fixed_rank = spec["role"] != "travelling" and spec.get("rank_axis") != "dynamic"
+            if fixed_rank and list(value.shape) != spec["shape"]:  # programs exported before per-module bounds
                 value = np.zeros(spec["shape"], np.float32)
                 value[:arr.shape[0], :arr.shape[1]] = arr
             out[i] = torch.from_numpy(value)

@@ -1,6 +1,7 @@
 """The ExecuTorch session: adapters swapped on one loaded program by feeding tensors (each
 answering like its fp32 PyTorch reference, from several threads at once), an adapter of another
-artifact of the base, and the bad inputs: a rank above the bound, another base, corrupt files."""
+artifact of the base (fixed rank bounds leave headroom for it), and the bad inputs: a rank above
+its module's bound, factors of two ranks, another base, corrupt files."""
 
 import dataclasses
 import shutil
@@ -84,15 +85,29 @@ def test_threads_swapping_adapters_each_get_their_adapters_answer(et_swappable, 
     assert len(calls) == 24 and not failures, failures
 
 
-def test_an_adapter_of_another_artifact_of_the_base_loads(et_swappable, et_eval, et_profile, references, tmp_path):
-    """increlora exported alone: sora's file from the two-adapter artifact loads into it."""
+def test_an_adapter_of_another_artifact_loads_into_fixed_bounds(et_swappable, et_eval, et_profile, references,
+                                                               tmp_path):
+    """increlora exported alone with fixed_rank_bound: every slot is bounded by rank_bound 16, so
+    sora's file from the two-adapter artifact loads (by default layer 0's intermediate dense
+    would be bounded by increlora's rank 7 there, and sora has rank 8)."""
+    import yaml
+
     from loradeploy import runtime
+    from loradeploy.plugins.executorch.tensor_data import read_tensor_data
 
     folder, _ = et_swappable
     texts, expected = references
+    module = "bert.encoder.layer.0.intermediate.dense"
+    ranks = {n: read_tensor_data(folder / "adapters" / f"{n}.ptd")[0][f"{module}.lora_A"].shape[1] for n in ADAPTERS}
+    assert ranks == {"sora": 8, "increlora": 7}
+    profile = yaml.safe_load(et_profile.read_text())
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text(yaml.safe_dump({**profile, "fixed_rank_bound": True}))
     other = tmp_path / "increlora-alone"
-    export_adapters("minilm", [AdapterSpec("increlora", EXAMPLE_ADAPTERS / "increlora")], et_profile, other,
-                    mode="swappable", eval_path=et_eval)
+    record = export_adapters("minilm", [AdapterSpec("increlora", EXAMPLE_ADAPTERS / "increlora")], fixed, other,
+                             mode="swappable", eval_path=et_eval)
+    assert record["decisions"]["fixed_rank_bound"] is True
+    assert set(record["decisions"]["rank_bounds"].values()) == {16} and len(record["decisions"]["rank_bounds"]) == 36
     with runtime.open(other, threads=1) as session:
         session.load_adapter("sora", folder / "adapters" / "sora.ptd")
         out = session.run(session.encode(texts), "sora").outputs
@@ -100,7 +115,9 @@ def test_an_adapter_of_another_artifact_of_the_base_loads(et_swappable, et_eval,
     assert np.abs(out - expected["sora"]).max() <= ATOL
 
 
-def test_rank_above_the_bound_and_another_base_are_refused_naming_them(et_swappable, tmp_path):
+def test_rank_above_its_modules_bound_and_another_base_are_refused_naming_them(et_swappable, tmp_path):
+    """layer 2's query is bounded by 7 (sora's rank there; increlora's is 1): rank 8 is refused,
+    naming the module and its bound, though 8 is below the profile's rank_bound 16."""
     import json
 
     from loradeploy import manifest as mf
@@ -113,20 +130,25 @@ def test_rank_above_the_bound_and_another_base_are_refused_naming_them(et_swappa
     config = json.loads((folder / "executorch.json").read_text())
     tensors, meta = read_tensor_data(folder / "adapters" / "sora.ptd")
     module = "bert.encoder.layer.2.attention.self.query"
-    wide = dict(tensors, **{f"{module}.lora_A": np.ones((384, 20), np.float32),
-                            f"{module}.lora_B": np.ones((20, 384), np.float32)})
+    assert {i["name"]: i["shape"] for i in config["inputs"]}[f"{module}.lora_A"] == [384, 7]
+    wide = dict(tensors, **{f"{module}.lora_A": np.ones((384, 8), np.float32),
+                            f"{module}.lora_B": np.ones((8, 384), np.float32)})
     assert adapter_problems(wide, meta, config) == [
-        f"module {module} has rank 20, above the program's rank bound 16"] * 2
+        f"module {module} has rank 8, above the program's rank bound 7 for it"] * 2
+    assert adapter_problems(dict(tensors, **{f"{module}.lora_B": np.ones((3, 384), np.float32)}), meta, config) == [
+        f"module {module}: its lora_A has rank 7, its lora_B rank 3"]
+    assert adapter_problems({k: v for k, v in tensors.items() if k != f"{module}.lora_B"}, meta, config) == [
+        f"module {module} has lora_A but not lora_B"]
     assert "names base" in adapter_problems(tensors, {**meta, "base_fingerprint": "0" * 64}, config)[0]
-    # the same through load_adapter: a copy of the artifact whose sora.ptd has rank 20 in one module
+    # the same through load_adapter: a copy of the artifact whose sora.ptd has rank 8 in that module
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
     fields = {k: v for k, v in meta.items() if k not in ("format", "format_version")}
     write_tensor_data(wide, copy / "adapters" / "sora.ptd", fields)
     mf.write(copy, dataclasses.replace(mf.read(copy), files=mf.file_entries(copy)))
     with runtime.open(copy, adapters=False, threads=1) as session:
-        with pytest.raises(BaseModelError, match=f"sora.ptd: .*module {module} has rank 20, above the program's "
-                                                 "rank bound 16"):
+        with pytest.raises(BaseModelError, match=f"sora.ptd: .*module {module} has rank 8, above the program's "
+                                                 "rank bound 7 for it"):
             session.load_adapter("sora", copy / "adapters" / "sora.ptd")
         assert session.adapters == ()
 
