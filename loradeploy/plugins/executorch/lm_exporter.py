@@ -79,7 +79,9 @@ def export_lm(job: ExportJob, out: Path, progress=None) -> dict:
         if problems:
             raise LoradeployError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
         shapes = _slot_shapes(job)
-        inputs = method_inputs(shapes, bound, {})
+        # the decoder's factors are static, padded to the bound (no dynamic rank axis)
+        inputs = [{k: v for k, v in i.items() if k != "rank_axis"}
+                  for i in method_inputs(shapes, dict.fromkeys(shapes, bound), {})]
         names = {i["name"] for i in inputs}  # an adapter tensor with no input (a trained norm) refused before lowering
         tensors = {e.name: adapter_inputs(e.pruned, _qualified(job, e), job.base_model, names, e.source, "program")
                    for e in job.adapters}
