@@ -170,7 +170,7 @@ class ExecuTorchSession(HfTokenizer, Session):
 
     def _check_tensors(self, path):
         """Read and check the adapter's ``.ptd``; its tensors are kept for :meth:`_load`, which
-        follows (executorch's deserializer parses the file through flatc: read it once)."""
+        follows (reading the file is most of a load: read it once)."""
         tensors, meta = read_tensor_data(path)
         refuse(path, "method inputs", adapter_problems(tensors, meta, self.config))
         self._checked.tensors = (Path(path), tensors)
