@@ -19,7 +19,7 @@ INPUTS = ("input_ids", "attention_mask")
 OUTPUT = {Task.SEQUENCE_CLASSIFICATION: "logits", Task.FEATURE_EXTRACTION: "sentence_embedding"}
 
 
-class _LoraSlot(torch.nn.Module):
+class LoraSlot(torch.nn.Module):
     """A linear layer plus a LoRA path whose factors are set per call (traced as inputs)."""
 
     def __init__(self, base: torch.nn.Module):
@@ -32,7 +32,8 @@ class _LoraSlot(torch.nn.Module):
         return self.base(x) + torch.matmul(torch.matmul(x, a), b)
 
 
-def _replace(model: torch.nn.Module, name: str, factory):
+def replace_module(model: torch.nn.Module, name: str, factory):
+    """The submodule ``name`` of ``model`` replaced by ``factory(it)``; the new module."""
     parent, _, child = name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     new = factory(getattr(owner, child))
@@ -47,12 +48,12 @@ class GraphModule(torch.nn.Module):
     def __init__(self, model, task: Task, slots: list[str], extras: list[str]):
         super().__init__()
         self.model, self.task, self.extras = model, task, extras
-        self.slots = [_replace(model, name, _LoraSlot) for name in slots]
+        self.slots = [replace_module(model, name, LoraSlot) for name in slots]
         self.owners = []
         for param in extras:  # any parameter (head, LayerNorm, embeddings): set per call, traced as an input
             module_name, _, kind = param.rpartition(".")
             owner = model.get_submodule(module_name)
-            if isinstance(owner, _LoraSlot):  # a bias trained beside LoRA (PEFT bias="lora_only"/"all")
+            if isinstance(owner, LoraSlot):  # a bias trained beside LoRA (PEFT bias="lora_only"/"all")
                 owner = owner.base
             if kind not in owner._parameters:
                 raise LoradeployError(f"tensor {param} travels with the adapter but is not a parameter of the base")

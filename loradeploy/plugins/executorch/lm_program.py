@@ -18,17 +18,13 @@ from pathlib import Path
 import torch
 
 from ...errors import LoradeployError
+from ...traced_graph import LoraSlot, replace_module
 
 
-class _LoraSlot(torch.nn.Module):
-    """A linear layer plus ``(x @ A) @ B`` with factors set per call (traced as method inputs), as
-    batched matmuls: XNNPACK's partitioner takes a bmm of two activations, not an mm whose weight
-    is an input (measured: 28 portable mm on the tiny Llama otherwise)."""
-
-    def __init__(self, base: torch.nn.Module):
-        super().__init__()
-        self.base = base
-        self.factors: tuple[torch.Tensor, torch.Tensor] | None = None
+class _BatchedLoraSlot(LoraSlot):
+    """The slot's two products as batched matmuls with the factors expanded over the batch:
+    XNNPACK's partitioner takes a bmm of two activations, not an mm whose weight is an input
+    (measured: 28 portable mm on the tiny Llama otherwise)."""
 
     def forward(self, x):
         a, b = self.factors
@@ -112,13 +108,7 @@ class KvCacheDecoder(torch.nn.Module):
         self.model = model
         self.norms = delegable_norms(model)
         self.gelus = explicit_tanh_gelus(model)
-        self.slots = []
-        for name in slots:
-            parent, _, child = name.rpartition(".")
-            owner = model.get_submodule(parent) if parent else model
-            slot = _LoraSlot(getattr(owner, child))
-            setattr(owner, child, slot)
-            self.slots.append(slot)
+        self.slots = [replace_module(model, name, _BatchedLoraSlot) for name in slots]
         config = model.config.get_text_config()
         self.cache = StaticCache(max_cache_len=max_cache, config=config)
         # every layer keeps the whole cache (a sliding-window layer's ring buffer has data-dependent
