@@ -33,17 +33,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-ADAPTER = REPO / "examples" / "adapters" / "sora-gemma"
-PROMPT = [2, 818, 5279, 529, 7001, 563, 506, 1902]  # "<bos>The capital of France is the first" (Gemma ids)
+sys.path.insert(0, str(REPO))
+from benchmarks.onnx_lm import ADAPTER, PROMPT, run_cli  # noqa: E402  the same Gemma adapter, prompt and CLI call
 EVAL_TEXTS = 8
-
-
-def _cli(*argv: str) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "loradeploy.cli", *argv], capture_output=True, text=True)
-    if proc.returncode not in (0, 1):  # 1: built, a budget failed (reported below from the manifest)
-        sys.exit(f"loradeploy {' '.join(argv[:1])} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return time.perf_counter() - t0
 
 
 def _quick(work: Path, name: str) -> Path:
@@ -83,12 +75,12 @@ def build(work: Path) -> dict:
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     adapter = f"sora-gemma={ADAPTER}"
     if not (work / "et" / "manifest.json").exists():
-        info["export_et_s"] = _cli("export", "--base", "gemma3-270m", "--adapter", adapter, "--target",
+        info["export_et_s"] = run_cli("export", "--base", "gemma3-270m", "--adapter", adapter, "--target",
                                    str(_quick(work, "executorch")), "--eval", str(ev), "-o", str(work / "et"),
                                    "--overwrite")
     for kind in ("f32", "f16"):
         if not (work / f"gguf-{kind}" / "manifest.json").exists():
-            info[f"export_gguf_{kind}_s"] = _cli("export", "--base", str(_retyped_gguf(work, kind)), "--adapter",
+            info[f"export_gguf_{kind}_s"] = run_cli("export", "--base", str(_retyped_gguf(work, kind)), "--adapter",
                                                  adapter, "--target", str(_quick(work, "gguf-cpu")), "--eval", str(ev),
                                                  "-o", str(work / f"gguf-{kind}"), "--overwrite")
     info_file.write_text(json.dumps(info, indent=1))

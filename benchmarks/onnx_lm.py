@@ -49,7 +49,8 @@ ADAPTER = REPO / "examples" / "adapters" / "sora-gemma"
 PROMPT = [2, 818, 5279, 529, 7001, 563, 506, 1902]  # "<bos>The capital of France is the first" (Gemma ids)
 
 
-def _cli(*argv: str, timed: bool = False) -> float:
+def run_cli(*argv: str) -> float:
+    """``loradeploy ARGV`` in a fresh process; its wall time in seconds (exit 1, a budget failed, is fine)."""
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "loradeploy.cli", *argv], capture_output=True, text=True)
     if proc.returncode not in (0, 1):  # 1: built, a budget failed (reported below from the manifest)
@@ -75,27 +76,27 @@ def build(work: Path) -> dict:
     info = json.loads(times.read_text()) if times.is_file() else {}
     for key, folder, profile in (("export_s", "swappable", "onnx-cpu-int4"), ("export_gguf_s", "gguf-blocks", "onnx-cpu-gguf")):
         if not (work / folder / "manifest.json").is_file():
-            info[key] = _cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
+            info[key] = run_cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
                              profile, "--mode", "swappable", "-o", str(work / folder), "--overwrite")
             times.write_text(json.dumps(info))
     if not (work / "merged" / "manifest.json").is_file():
-        _cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
+        run_cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
              str(_quick(work, "onnx-cpu-int4")), "--mode", "merged", "-o", str(work / "merged"), "--overwrite")
     if not (work / "adapter-slots" / "manifest.json").is_file():  # slots only where the adapter has modules
-        _cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
+        run_cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
              str(_quick(work, "onnx-cpu-int4")), "--mode", "swappable", "--slots", "adapters",
              "-o", str(work / "adapter-slots"), "--overwrite")
     hf = hf_folder(resolve_base("gemma3-270m"))
     if not (work / "no-lora" / "genai_config.json").is_file():
         onnx_lm.build_decoder(hf, work / "no-lora", "int4", work / "cache")
     if not (work / "genai-lora" / "genai_config.json").is_file():
-        _cli("prune", str(ADAPTER), "-o", str(work / "peft"), "--overwrite")
+        run_cli("prune", str(ADAPTER), "-o", str(work / "peft"), "--overwrite")
         # round to nearest, the builder's default: onnxruntime 1.32's k-quant cannot pack the zero
         # points of a rank-8 lora_B (one block per column over an odd count); same kernel and speed
         onnx_lm.build_decoder(hf, work / "genai-lora", "int4", work / "cache",
                               (f"adapter_path={work / 'peft'}", "algo_config=default"))
     if not (work / "gguf" / "manifest.json").is_file():
-        _cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
+        run_cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
              str(_quick(work, "gguf-cpu")), "-o", str(work / "gguf"), "--overwrite")
     return info
 
@@ -143,7 +144,7 @@ def norms_cost(work: Path, profile: str, rounds: int) -> int:
     graphs = {"norms": work / f"{profile}-norms", "blocks": work / f"{profile}-blocks"}
     for label, out in graphs.items():
         if not (out / "manifest.json").is_file():
-            _cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
+            run_cli("export", "--base", "gemma3-270m", "--adapter", f"sora-gemma={ADAPTER}", "--target",
                  str(_quick(work, profile)), "--mode", "swappable", "--eval", str(ev), "-o", str(out), "--overwrite",
                  *(["--slots", "blocks"] if label == "blocks" else []))
     sessions = {label: runtime.open(out, workers=1) for label, out in graphs.items()}
